@@ -1,0 +1,523 @@
+"""Configuration: a declarative TOML schema, its loader and its validator.
+
+The schema is a tree of frozen dataclasses. Each section is a dataclass whose fields are declared with
+:func:`setting` (a scalar key with its default, doc string and constraints) or :func:`section` (a nested
+sub-table, whose type is another section dataclass). :class:`Config` is the root; a new section is added by
+writing its dataclass and registering it as a :func:`section` field on :class:`Config`. One generic walker
+validates any mapping against that tree, so every key gets the same checks and messages, e.g.
+``runtime.threads: expected an integer from 1 to 64, got 0``. Every problem raises
+:class:`device.errors.ConfigError` with the dotted ``key_path`` and the ``source``.
+
+The file is found by :func:`resolve_path`: an explicit path (``--config PATH``), else the
+``FIELDNODE_CONFIG`` environment variable, else :data:`DEFAULT_PATH`. Only a missing file at the default
+path is allowed; it means "all defaults".
+
+Run ``python -m device.config`` to print the markdown reference of every key (see docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import socket
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from device.errors import ConfigError
+
+DEFAULT_PATH = "/etc/fieldnode/fieldnode.toml"
+ENV_VAR = "FIELDNODE_CONFIG"
+MACHINE_ID_PATH = "/etc/machine-id"
+DEFAULTS_SOURCE = "<defaults>"
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string"}
+_ID_RE = r"[A-Za-z0-9_-]{1,64}"
+
+
+def setting(
+    default: Any, doc: str, *, choices: tuple[str, ...] = (), minimum: float | None = None,
+    maximum: float | None = None, pattern: str | None = None, expect: str = "", allow_empty: bool = False,
+) -> Any:
+    """Declares one scalar key of a section.
+
+    Args:
+        default: The value used when the key is absent.
+        doc: One-line description, shown by :func:`describe` and the docs.
+        choices: If given, the value must be one of these.
+        minimum: Inclusive lower bound for numbers.
+        maximum: Inclusive upper bound for numbers.
+        pattern: Regular expression the whole string value must match.
+        expect: What a valid value looks like, for messages (required with ``pattern``).
+        allow_empty: With ``pattern``: the empty string is also accepted (it means "automatic").
+
+    Returns:
+        A dataclass field carrying the constraints in its metadata.
+    """
+    if pattern is not None and not expect:
+        raise ValueError("a pattern needs an 'expect' text for error messages")
+    meta = {"doc": doc, "choices": tuple(choices), "min": minimum, "max": maximum, "pattern": pattern,
+            "expect": expect, "allow_empty": allow_empty}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    """Declares a nested sub-table whose keys are the fields of the section dataclass ``cls``.
+
+    Args:
+        cls: A frozen dataclass built from :func:`setting` and :func:`section` fields.
+        doc: One-line description of the table.
+
+    Returns:
+        A dataclass field whose default is ``cls()``.
+    """
+    return field(default_factory=cls, metadata={"doc": doc, "section": True})
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """``[device]``: identity, storage and logging of this board."""
+
+    id: str = setting(
+        "", "Device id; empty derives it from /etc/machine-id (first 12 hex digits), else the hostname.",
+        pattern=_ID_RE, expect="1-64 characters from A-Z, a-z, 0-9, '_' and '-'", allow_empty=True,
+    )
+    state_dir: str = setting(
+        "/var/lib/fieldnode", "Directory for the agent's persistent state.",
+        pattern=r"(?s).*\S.*", expect="a non-empty directory path",
+    )
+    log_level: str = setting("info", "Minimum level of log messages.", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """``[runtime]``: the TFLite inference runtime and its worker process."""
+
+    backend: str = setting(
+        "auto", "Interpreter package; auto tries ai-edge-litert, then tflite-runtime.",
+        choices=("auto", "litert", "tflite"),
+    )
+    delegate: str = setting(
+        "auto", "Hardware delegate; auto lets the runtime pick one the board supports, else cpu.",
+        choices=("auto", "cpu", "edgetpu", "gpu"),
+    )
+    edgetpu_device: str = setting(
+        "", "Edge TPU to open; empty lets libedgetpu choose.",
+        pattern=r"(usb|pci)(:[0-9]+)?", expect="usb, usb:N, pci or pci:N", allow_empty=True,
+    )
+    gpu_delegate: str = setting(
+        "", "GPU delegate library path or name; empty tries the known GPU delegate library names."
+    )
+    isolation: str = setting(
+        "process", "Run the interpreter in a separate worker process, or inline in the agent.",
+        choices=("process", "inline"),
+    )
+    threads: int = setting(2, "Interpreter CPU threads.", minimum=1, maximum=64)
+    deadline_ms: int = setting(
+        5000, "How long one inference may take before the worker is killed.", minimum=1, maximum=600000
+    )
+    start_timeout_s: float = setting(
+        60.0, "How long a worker may take to load the model and warm up.", minimum=1, maximum=600
+    )
+    quarantine_after: int = setting(
+        3, "Consecutive worker crashes on one model file before it is quarantined.", minimum=1, maximum=100
+    )
+    warmup_runs: int = setting(2, "Inferences run on dummy input after loading a model.", minimum=0, maximum=100)
+    model: str = setting(
+        "", "Model directory containing model.json, or a single .tflite file; empty uses the bundled vibration model."
+    )
+    variant: str = setting(
+        "auto", "Model variant to load, or auto to let the runtime choose.",
+        pattern=r"(?s).*\S.*", expect="a variant name or 'auto'",
+    )
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``[demo]``: the demo inference loop."""
+
+    seconds: float = setting(30.0, "How long the demo loop runs.", minimum=0, maximum=86400)
+    interval_ms: int = setting(100, "Time between inferences in the demo loop.", minimum=1, maximum=60000)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Build it with :func:`load`, :func:`loads` or :func:`from_mapping`.
+
+    Attributes:
+        device: ``[device]`` section.
+        runtime: ``[runtime]`` section.
+        demo: ``[demo]`` section.
+        source: Where the values came from: a file path, ``<string>``, ``<mapping>`` or ``<defaults>``.
+            Not a configuration key; ignored when comparing configs.
+    """
+
+    device: DeviceConfig = section(DeviceConfig, "Identity, storage and logging.")
+    runtime: RuntimeConfig = section(RuntimeConfig, "Inference runtime.")
+    demo: DemoConfig = section(DemoConfig, "Demo loop.")
+    source: str = field(default=DEFAULTS_SOURCE, compare=False, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the effective values as a plain nested dict (``from_mapping(cfg.to_dict()) == cfg``)."""
+        return _to_dict(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """Returns a copy with some values replaced, validated exactly like a file.
+
+        Args:
+            overrides: Dotted key path to new value, e.g. ``{"runtime.threads": 1}``. A mapping value for a
+                section path (``{"runtime": {"threads": 1}}``) is merged into that section.
+
+        Returns:
+            The new config; its ``source`` is this config's source.
+
+        Raises:
+            ConfigError: An override names an unknown key or has an invalid value (source ``<overrides>``).
+        """
+        data = self.to_dict()
+        for key_path, value in overrides.items():
+            _set_path(data, str(key_path), value)
+        return dataclasses.replace(from_mapping(data, source="<overrides>"), source=self.source)
+
+
+# ------------------------------------------------------------------------------------------- walking
+
+
+def _schema_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    """The configuration keys of a section dataclass: name -> (field, resolved type)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _show(value: Any, typed: bool = False) -> str:
+    """Renders a given value for an error message, TOML-style."""
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = repr(value if len(value) <= 60 else value[:57] + "...")
+    else:
+        text = str(value)
+    if typed:
+        kind = _TYPE_NAMES.get(type(value), type(value).__name__)
+        text += f" ({kind})"
+    return text
+
+
+def _expected(meta: Mapping[str, Any], tp: Any) -> str:
+    """What a valid value of a field looks like, e.g. ``an integer from 1 to 64``."""
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    if meta.get("pattern"):
+        text = meta["expect"]
+        return f"'' or {text}" if meta.get("allow_empty") else text
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    base = "an integer" if tp is int else "a number"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{base} from {_num(lo)} to {_num(hi)}"
+    return f"{base} >= {_num(lo)}" if lo is not None else f"{base} <= {_num(hi)}" if hi is not None else base
+
+
+def _check_value(meta: Mapping[str, Any], tp: Any, value: Any, key_path: str, source: str) -> Any:
+    """Checks one scalar against its field's type and constraints; returns the normalised value."""
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"config field {key_path} has unsupported type {tp!r}")
+    if not ok:
+        raise ConfigError(f"expected {_expected(meta, tp)}, got {_show(value, typed=True)}", key_path, source)
+    if tp is float:
+        value = float(value)
+    lo, hi, choices, pattern = meta.get("min"), meta.get("max"), meta.get("choices"), meta.get("pattern")
+    if (
+        (choices and value not in choices)
+        or (lo is not None and value < lo)
+        or (hi is not None and value > hi)
+        or (pattern and not (meta.get("allow_empty") and value == "") and not re.fullmatch(pattern, value))
+    ):
+        raise ConfigError(f"expected {_expected(meta, tp)}, got {_show(value)}", key_path, source)
+    return value
+
+
+def _unknown_key(prefix: str, key: Any, value: Any, known: list[str], source: str) -> ConfigError:
+    key_path = _join(prefix, str(key))
+    what = "section" if isinstance(value, Mapping) else "key"
+    close = difflib.get_close_matches(str(key).lower(), known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{_join(prefix, close[0])}'?" if close else ""
+    where = f"in [{prefix}]" if prefix else "at top level"
+    return ConfigError(f"unknown {what}{hint} (known keys {where}: {', '.join(sorted(known))})", key_path, source)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    """Validates ``data`` against section dataclass ``cls`` and returns the instance."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a table, got {_show(data, typed=True)}", prefix, source)
+    schema = _schema_fields(cls)
+    for key, value in data.items():
+        if key not in schema:
+            raise _unknown_key(prefix, key, value, list(schema), source)
+    kwargs: dict[str, Any] = {}
+    for name, (f, tp) in schema.items():
+        if name not in data:
+            continue
+        key_path = _join(prefix, name)
+        if _is_section(tp):
+            kwargs[name] = _build(tp, data[name], key_path, source)
+        else:
+            kwargs[name] = _check_value(f.metadata, tp, data[name], key_path, source)
+    return cls(**kwargs)
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, (_f, tp) in _schema_fields(type(obj)).items():
+        value = getattr(obj, name)
+        out[name] = _to_dict(value) if _is_section(tp) else value
+    return out
+
+
+def _set_path(data: dict[str, Any], key_path: str, value: Any) -> None:
+    """Sets ``key_path`` in nested dict ``data``, merging mappings into existing sub-tables."""
+    parts = key_path.split(".")
+    if not all(parts):
+        raise ConfigError("expected a dotted key path like 'runtime.threads'", key_path, "<overrides>")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("is a value, not a table", ".".join(parts[: i + 1]), "<overrides>")
+        node = child
+    last = parts[-1]
+    if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+        for sub_key, sub_value in value.items():
+            _set_path(node[last], str(sub_key), sub_value)
+    else:
+        node[last] = dict(value) if isinstance(value, Mapping) else value
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    """Validates a nested mapping (as parsed from TOML) and builds the config.
+
+    Args:
+        data: Section name to table of keys; absent keys take their defaults.
+        source: Where the data came from, for error messages and ``Config.source``.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Unknown key, wrong type or out-of-range value; ``key_path`` is the dotted key.
+    """
+    cfg = _build(Config, data, "", source)
+    return dataclasses.replace(cfg, source=source)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Parses and validates TOML text.
+
+    Args:
+        text: The TOML document.
+        source: Name of the document for error messages and ``Config.source``.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Invalid TOML (with the parser's message) or an invalid value.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", source=source) from exc
+    return from_mapping(data, source=source)
+
+
+def resolve_path(path: str | None = None, environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
+    """Chooses the config file: ``path`` > ``$FIELDNODE_CONFIG`` > :data:`DEFAULT_PATH`.
+
+    Args:
+        path: Explicit path (the CLI's ``--config``), or None.
+        environ: Environment to read ``FIELDNODE_CONFIG`` from; defaults to ``os.environ``. An empty
+            value counts as unset.
+
+    Returns:
+        ``(path, explicit)``; ``explicit`` is False only for the default path, whose absence is allowed.
+    """
+    if path is not None:
+        return os.fspath(path), True
+    env = os.environ if environ is None else environ
+    from_env = env.get(ENV_VAR, "")
+    if from_env:
+        return from_env, True
+    return DEFAULT_PATH, False
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Finds, reads and validates the config file.
+
+    Args:
+        path: Explicit path (the CLI's ``--config``), or None to use ``$FIELDNODE_CONFIG`` or the default.
+        environ: Environment for ``FIELDNODE_CONFIG``; defaults to ``os.environ``.
+
+    Returns:
+        The validated config; all defaults (source ``<defaults>``) if the default path does not exist.
+
+    Raises:
+        ConfigError: An explicit file is missing, any file is unreadable, not UTF-8 or not valid TOML, or a
+            value is invalid. ``source`` is the file path.
+    """
+    resolved, explicit = resolve_path(path, environ)
+    try:
+        with open(resolved, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError as exc:
+        if not explicit:
+            return Config()
+        how = f"given by {ENV_VAR}" if path is None else "given with --config"
+        raise ConfigError(f"config file not found ({how})", source=resolved) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=resolved) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"invalid TOML: not UTF-8 ({exc.reason} at byte {exc.start})", source=resolved) from exc
+    return loads(text, source=resolved)
+
+
+# ------------------------------------------------------------------------------------ device identity
+
+
+def device_id(cfg: Config, machine_id_path: str = MACHINE_ID_PATH, hostname: str | None = None) -> str:
+    """Returns this device's id.
+
+    Args:
+        cfg: The configuration; ``device.id`` wins when set.
+        machine_id_path: File holding the systemd machine id (32 hex digits).
+        hostname: Hostname fallback; defaults to ``socket.gethostname()``.
+
+    Returns:
+        ``device.id`` if set, else the first 12 hex digits of the machine id if readable, else the hostname
+        with characters outside ``[A-Za-z0-9_-]`` replaced by ``-`` (truncated to 64; ``fieldnode`` if empty).
+    """
+    if cfg.device.id:
+        return cfg.device.id
+    try:
+        with open(machine_id_path, encoding="ascii") as fh:
+            machine_id = fh.read().strip().lower()
+    except (OSError, UnicodeDecodeError):
+        machine_id = ""
+    if re.fullmatch(r"[0-9a-f]{12,}", machine_id):
+        return machine_id[:12]
+    name = socket.gethostname() if hostname is None else hostname
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", name.strip())[:64]
+    return name or "fieldnode"
+
+
+# ------------------------------------------------------------------------------------- documentation
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """Yields (key path, type, field) of every scalar key; a table's own keys come before its sub-tables."""
+    schema = _schema_fields(cls)
+    for name, (f, tp) in schema.items():
+        if not _is_section(tp):
+            yield _join(prefix, name), tp, f
+    for name, (f, tp) in schema.items():
+        if _is_section(tp):
+            yield from _walk(tp, _join(prefix, name))
+
+
+def _type_text(meta: Mapping[str, Any], tp: Any) -> str:
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    if meta.get("pattern"):
+        text = f"string: {meta['expect']}"
+        return text + ", or empty" if meta.get("allow_empty") else text
+    text = {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None or hi is not None:
+        text += f" {_num(lo) if lo is not None else ''}..{_num(hi) if hi is not None else ''}"
+    return text
+
+
+def describe() -> list[tuple[str, str, object, str]]:
+    """Lists every configuration key from the schema.
+
+    Returns:
+        ``(key path, type/allowed values, default, doc)`` for each key, in schema order.
+    """
+    return [(path, _type_text(f.metadata, tp), f.default, f.metadata["doc"]) for path, tp, f in _walk(Config)]
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def render_markdown() -> str:
+    """Returns the markdown table of every key (the reference in docs/configuration.md)."""
+    lines = ["| Key | Type / allowed | Default | Description |", "| --- | --- | --- | --- |"]
+    for key_path, type_text, default, doc in describe():
+        cells = [f"`{key_path}`", type_text, f"`{_toml_literal(default)}`", doc]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_toml() -> str:
+    """Returns a TOML file with every key at its default, each preceded by its doc as a comment."""
+    out: list[str] = []
+    table = None
+    for key_path, type_text, default, doc in describe():
+        head, _, name = key_path.rpartition(".")
+        if head != table:
+            out.append(("\n" if out else "") + f"[{head}]")
+            table = head
+        out.append(f"# {doc} ({type_text})")
+        out.append(f"{name} = {_toml_literal(default)}")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

@@ -1,0 +1,164 @@
+"""Accelerator delegates: which to try, in what order, and with which model file.
+
+``delegate = auto`` tries the Edge TPU (only with a variant compiled for it), then the GPU delegate, then
+the CPU (where the interpreter applies XNNPACK by default). A delegate that fails to load never stops the
+agent: the failure becomes a warning whose reason is kept, and status, bench and diag show it. A model
+compiled for the Edge TPU is never loaded without one; its CPU variant is loaded instead.
+
+Planning (:func:`plan`) is pure and runs in the supervisor; opening (:func:`open_model`) loads the
+delegate libraries and the interpreter, so it runs where inference runs: in the worker process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from device.runtime.backends import Backend
+from device.runtime.errors import ModelInvalid
+from device.runtime.manifest import ModelManifest
+from device.runtime.model import Model
+
+DELEGATE_CHOICES = ("auto", "cpu", "edgetpu", "gpu")
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+GPU_LIBRARIES = ("libtensorflowlite_gpu_delegate.so",)
+
+
+class DelegateFallback(RuntimeWarning):
+    """A delegate could not be used and inference fell back to the next choice."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a variant: a delegate kind and the file to load with it."""
+
+    delegate: str  # "edgetpu", "gpu" or "cpu"
+    variant: str
+    path: str
+
+
+def resolve_variant(manifest: ModelManifest, requested: str, delegate: str) -> str:
+    """Turns ``requested`` (a variant name or ``auto``) into a variant name.
+
+    ``auto`` picks the model's Edge TPU variant when the delegate setting allows the Edge TPU, and the
+    manifest's default variant otherwise.
+    """
+    if requested != "auto":
+        manifest.variant(requested)  # raises ModelInvalid naming the variants there are
+        return requested
+    if delegate in ("auto", "edgetpu"):
+        for v in manifest.variants.values():
+            if v.requires == "edgetpu":
+                return v.name
+    return manifest.default_variant
+
+
+def plan(manifest: ModelManifest, variant: str, delegate: str) -> tuple[list[Candidate], list[str]]:
+    """Lists the (delegate, file) candidates to try in order for ``variant``, and notes on choices made.
+
+    Args:
+        manifest: the model.
+        variant: a variant name (not ``auto``).
+        delegate: ``auto``, ``cpu``, ``edgetpu`` or ``gpu``.
+
+    Returns:
+        The candidates, last one always on the CPU, and human-readable notes.
+    """
+    if delegate not in DELEGATE_CHOICES:
+        raise ValueError(f"delegate must be one of {', '.join(DELEGATE_CHOICES)}, got {delegate!r}")
+    v = manifest.variant(variant)
+    notes: list[str] = []
+    out: list[Candidate] = []
+    if v.requires == "edgetpu":
+        cpu = manifest.cpu_fallback(v.name)
+        if delegate in ("auto", "edgetpu"):
+            out.append(Candidate("edgetpu", v.name, v.path))
+        else:
+            notes.append(f"variant {v.name!r} is compiled for the Edge TPU and delegate={delegate!r}; "
+                         f"running its CPU variant {cpu.name!r}")
+        v = cpu
+    elif delegate == "edgetpu":
+        notes.append(f"variant {v.name!r} is not compiled for the Edge TPU; running it on the CPU")
+    if delegate in ("auto", "gpu"):
+        out.append(Candidate("gpu", v.name, v.path))
+    out.append(Candidate("cpu", v.name, v.path))
+    return out, notes
+
+
+@dataclass
+class Opened:
+    """The result of :func:`open_model`."""
+
+    model: Model
+    candidate: Candidate
+    delegate_name: str  # what actually runs: "edgetpu", "gpu", "xnnpack" or "cpu"
+    fallbacks: list  # reasons, one per candidate that could not be used
+
+
+def open_model(backend: Backend, candidates: Sequence[Candidate], threads: int, warmup_runs: int,
+               edgetpu_device: str = "", gpu_library: str = "",
+               on_try: Callable[[Candidate], None] | None = None) -> Opened:
+    """Loads the first candidate that works, falling back with a warning for each that does not.
+
+    Args:
+        on_try: called with each candidate just before its file is opened (the worker reports it, so a crash
+            while loading is blamed on the right file).
+
+    Raises:
+        ModelInvalid: the CPU candidate's file itself is not a usable model.
+    """
+    fallbacks: list[str] = []
+    for cand in candidates:
+        delegates = []
+        if cand.delegate == "edgetpu":
+            options = {"device": edgetpu_device} if edgetpu_device else {}
+            d, why = _load(backend, (EDGETPU_LIBRARY,), options)
+            if d is None:
+                fallbacks.append(_fallback("edgetpu", why))
+                continue
+            delegates.append(d)
+        elif cand.delegate == "gpu":
+            d, why = _load(backend, (gpu_library,) if gpu_library else GPU_LIBRARIES, {})
+            if d is None:
+                fallbacks.append(_fallback("gpu", why))
+                continue
+            delegates.append(d)
+        if on_try is not None:
+            on_try(cand)
+        try:
+            model = Model(cand.path, backend, threads=threads, delegates=delegates, warmup_runs=warmup_runs)
+        except ModelInvalid as exc:
+            if cand.delegate == "cpu":
+                raise
+            fallbacks.append(_fallback(cand.delegate, f"the model did not run with it: {exc}"))
+            continue
+        name = cand.delegate
+        if name == "cpu" and model.delegated:
+            name = "xnnpack"
+        return Opened(model, cand, name, fallbacks)
+    raise ModelInvalid("no candidate to load (the plan must end with a CPU candidate)")
+
+
+def _load(backend: Backend, libraries: Sequence[str], options: dict):
+    why = ""
+    for lib in libraries:
+        try:
+            # Open the library ourselves first: a missing one then costs nothing, and the backend's Delegate
+            # (whose destructor trips over a half-built object) is only made for a library that exists.
+            ctypes.CDLL(lib)
+        except OSError as exc:
+            why = " ".join(str(exc).split())
+            continue
+        try:
+            return backend.load_delegate(lib, options), ""
+        except (ValueError, RuntimeError, OSError) as exc:
+            why = f"{lib}: {' '.join(str(exc).split())}"
+    return None, why
+
+
+def _fallback(kind: str, why: str) -> str:
+    reason = f"{kind} delegate unavailable: {why}"
+    warnings.warn(reason, DelegateFallback, stacklevel=3)
+    return reason

@@ -1,0 +1,332 @@
+"""The supervisor side of process isolation: spawn, feed, watch, kill and restart the inference worker.
+
+Inputs and outputs travel through one ``multiprocessing.shared_memory`` block laid out by
+:func:`device.runtime.worker.layout`; the control path is a 16-byte frame each way on a socket pair.
+
+Failure handling:
+
+- the worker dies (signal or exit) while loading or serving: the request fails with
+  :class:`WorkerCrashed`, the crash is counted against the model file, and the next request starts a fresh
+  worker;
+- the worker does not answer within ``deadline_s``: it is SIGKILLed, the request fails with
+  :class:`WorkerTimeout`, and the hang counts like a crash;
+- after ``Quarantine.threshold`` consecutive failures on one file, the file is quarantined
+  (:class:`ModelQuarantined`) and never loaded again until an operator releases it or the file changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from typing import Sequence
+
+from device.runtime import errors as E
+from device.runtime.engine import InferResult, check_input_count
+from device.runtime.histogram import LatencyHistogram
+from device.runtime.quarantine import Quarantine
+from device.runtime.tensors import TensorSpec, write_input
+from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
+                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, layout)
+
+log = logging.getLogger(__name__)
+
+_FAILED_CODES = {cls.code: cls for cls in (E.ModelInvalid, E.BackendUnavailable, E.InputInvalid,
+                                           E.ModelQuarantined)}
+
+
+def _worker_env() -> dict:
+    """The worker's environment: ours, with this package's parent directory first on PYTHONPATH."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``killed by signal SIGSEGV`` / ``exited with status 1`` / ``is still running``."""
+    if returncode is None:
+        return "did not exit"
+    if returncode < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class ProcessEngine:
+    """Serves one model variant from an isolated worker process.
+
+    Args:
+        spec: what the worker loads.
+        quarantine: crash accounting shared by every engine of a runtime.
+        deadline_s: how long one inference may take before the worker is killed.
+        start_timeout_s: how long the worker may take to load and warm up.
+    """
+
+    isolation = "process"
+
+    def __init__(self, spec: WorkerSpec, quarantine: Quarantine | None = None, deadline_s: float = 5.0,
+                 start_timeout_s: float = 60.0) -> None:
+        self.spec = spec
+        self.quarantine = quarantine or Quarantine()
+        self.deadline_s = deadline_s
+        self.start_timeout_s = start_timeout_s
+        self._lock = threading.Lock()
+        self._proc = None
+        self._conn = None
+        self._fd = -1
+        self._poller = None
+        self._shm = None
+        self._shm_layout: tuple | None = None
+        self._shm_in: list = []
+        self._shm_out: list = []
+        self._scratch: list = []
+        self._seq = 0
+        self._closed = False
+        self._suspect = False  # the loaded file has crashed before: a success should reset its count
+        self.info: dict = {}
+        self.inputs: tuple = ()
+        self.outputs: tuple = ()
+        self.invoke_histogram = LatencyHistogram()
+        self.requests = self.crashes = self.timeouts = self.restarts = 0
+        self.last_error: str | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawns the worker and waits until its model is loaded and warm.
+
+        Raises:
+            ModelInvalid: the model file was refused cleanly by the worker.
+            ModelQuarantined: every candidate file is quarantined, or this start quarantined one.
+            WorkerCrashed: the worker died while loading.
+            WorkerTimeout: loading took longer than ``start_timeout_s``.
+        """
+        with self._lock:
+            if self._closed:
+                raise E.RuntimeClosed("engine is closed")
+            if self._proc is None:
+                self._spawn()
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id, or None when no worker is running."""
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self) -> None:
+        """Stops the worker (politely, then SIGKILL) and frees the shared memory."""
+        with self._lock:
+            self._closed = True
+            if self._proc is not None:
+                try:
+                    os.write(self._fd, FRAME.pack(OP_STOP, 0, 0))
+                except OSError:
+                    pass
+                try:
+                    self._proc.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._teardown()
+            if self._shm is not None:
+                self._shm_in = self._shm_out = []
+                self._shm.close()
+                try:
+                    self._shm.unlink()
+                except FileNotFoundError:
+                    pass
+                self._shm = None
+
+    # ----- the request path ------------------------------------------------------------------------------
+
+    def infer(self, values: Sequence) -> InferResult:
+        """Runs one inference in the worker.
+
+        Args:
+            values: one array per input tensor, in its dtype, or float for a quantized tensor.
+
+        Raises:
+            InputInvalid: wrong count, shape or dtype (the worker is not involved).
+            WorkerCrashed, WorkerTimeout, ModelQuarantined: see the module docstring.
+            InferenceFailed: the interpreter reported an error (the worker stays up).
+        """
+        with self._lock:
+            if self._closed:
+                raise E.RuntimeClosed("engine is closed")
+            if self._proc is None:
+                self.restarts += 1
+                self._spawn()
+            check_input_count(values, self.inputs)
+            for spec, dest, scratch, v in zip(self.inputs, self._shm_in, self._scratch, values):
+                write_input(spec, v, dest, scratch)
+            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+            t0 = time.perf_counter_ns()
+            try:
+                os.write(self._fd, FRAME.pack(OP_INFER, seq, 0))
+            except OSError:
+                self._crashed("before the request reached it")
+            if not self._poller.poll(self._deadline_ms):
+                self._hung()
+            try:
+                frame = os.read(self._fd, FRAME.size)
+            except OSError:
+                frame = b""
+            if len(frame) != FRAME.size:
+                self._crashed("during inference")
+            status, rseq, ns = FRAME.unpack(frame)
+            if status == ST_ERROR:
+                text = self._conn.recv_bytes().decode(errors="replace")
+                raise E.InferenceFailed(f"the interpreter failed: {text}")
+            outs = [a.copy() for a in self._shm_out]
+            latency = time.perf_counter_ns() - t0
+            self.requests += 1
+            self.invoke_histogram.record(ns)
+            if self._suspect:
+                self._suspect = False
+                self.quarantine.succeeded(self.info["path"])
+            return InferResult(outs, ns, latency)
+
+    # ----- internals -------------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        q = self.quarantine
+        cands = [c for c in self.spec.candidates if not q.is_quarantined(c.path)]
+        if not cands:
+            q.check(self.spec.candidates[-1].path)
+        skipped = [f"{c.delegate} candidate {os.path.basename(c.path)} is quarantined"
+                   for c in self.spec.candidates if c not in cands]
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "device.runtime.worker", str(child.fileno())],
+                                    pass_fds=(child.fileno(),), env=_worker_env(), stdin=subprocess.DEVNULL,
+                                    close_fds=True)
+        finally:
+            child.close()
+        parent = Connection(parent.detach())
+        parent.send_bytes(replace(self.spec, candidates=tuple(cands)).to_json())
+        self._proc, self._conn, self._fd = proc, parent, parent.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        loading = cands[0].path
+        end = time.monotonic() + self.start_timeout_s
+        while True:
+            msg = self._recv_start(end, loading)
+            tag, body = msg[:1], msg[1:]
+            if tag == MSG_LOADING:
+                loading = body.decode()
+            elif tag == MSG_FAILED:
+                err = json.loads(body)
+                try:
+                    self._proc.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                self._teardown()
+                raise _FAILED_CODES.get(err.get("code"), E.RuntimeFault)(err.get("message", "worker failed"))
+            elif tag == MSG_READY:
+                break
+        info = json.loads(body)
+        info["fallbacks"] = skipped + info["fallbacks"]
+        inputs = tuple(TensorSpec.from_dict(d) for d in info["inputs"])
+        outputs = tuple(TensorSpec.from_dict(d) for d in info["outputs"])
+        self._ensure_shm(inputs, outputs)
+        self._conn.send_bytes(MSG_ATTACH + self._shm.name.encode())
+        if self._recv_start(end, loading) != MSG_ATTACHED:
+            self._crashed("while attaching shared memory")
+        self.info, self.inputs, self.outputs = info, inputs, outputs
+        self._suspect = q.crashes(info["path"]) > 0
+        for fb in info["fallbacks"]:
+            log.warning("%s", fb)
+
+    @property
+    def _deadline_ms(self) -> int:
+        return max(1, int(self.deadline_s * 1000))
+
+    def _recv_start(self, end: float, loading: str) -> bytes:
+        remaining = end - time.monotonic()
+        if remaining <= 0 or not self._conn.poll(remaining):
+            self._kill()
+            self.timeouts += 1
+            self._fail(loading, f"did not finish loading {os.path.basename(loading)} within "
+                                f"{self.start_timeout_s:g} s and was killed", E.WorkerTimeout)
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError):
+            proc = self._proc
+            self._teardown()
+            self._fail(loading, f"(pid {proc.pid}) {describe_exit(proc.returncode)} while loading "
+                                f"{os.path.basename(loading)}", E.WorkerCrashed)
+
+    def _crashed(self, when: str):
+        proc = self._proc
+        self._teardown()
+        self._fail(self.info.get("path", ""), f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on "
+                                              f"{self._what()}; the request failed, and the next one restarts "
+                                              f"the worker", E.WorkerCrashed)
+
+    def _hung(self):
+        pid = self._proc.pid
+        self._kill()
+        self.timeouts += 1
+        self._fail(self.info.get("path", ""), f"(pid {pid}) gave no answer within {self._deadline_ms} ms on "
+                                              f"{self._what()} and was killed; the next request restarts it",
+                   E.WorkerTimeout)
+
+    def _what(self) -> str:
+        return f"variant {self.info.get('variant')!r} ({os.path.basename(self.info.get('path', ''))})"
+
+    def _fail(self, path: str, text: str, cls):
+        self.crashes += cls is E.WorkerCrashed
+        message = f"inference worker {text}"
+        self.last_error = message
+        log.error("%s", message)
+        if path and self.quarantine.crashed(path, message):
+            raise E.ModelQuarantined(f"{message}; model file {path} is now quarantined after "
+                                     f"{self.quarantine.threshold} consecutive failures")
+        raise cls(message)
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Reaps the worker (killing it if needed) and closes the socket; keeps the shared memory."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5.0)
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._fd, self._poller = None, -1, None
+
+    def _ensure_shm(self, inputs, outputs) -> None:
+        from multiprocessing import shared_memory
+
+        specs = list(inputs) + list(outputs)
+        offsets, size = layout(specs)
+        key = tuple((s.shape, s.dtype) for s in specs)
+        if self._shm is None or self._shm_layout != key:
+            if self._shm is not None:
+                self._shm_in = self._shm_out = []
+                self._shm.close()
+                self._shm.unlink()
+            self._shm = shared_memory.SharedMemory(create=True, size=size)
+            self._shm_layout = key
+        arrays = arrays_in(self._shm.buf, specs, offsets)
+        self._shm_in, self._shm_out = arrays[: len(inputs)], arrays[len(inputs):]
+        import numpy as np
+
+        self._scratch = [np.empty(s.shape, np.float32) if s.quantized else None for s in inputs]
