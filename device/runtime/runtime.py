@@ -121,6 +121,17 @@ class Runtime:
 
     def infer(self, *values: Any) -> InferResult:
         """Runs one inference on the active variant; see :meth:`ProcessEngine.infer` for the errors."""
+        return self._serve(values)[0]
+
+    def predict(self, *values: Any) -> Prediction:
+        """Infers and classifies: dequantized scores of the first output and its top label."""
+        r, engine = self._serve(values)
+        scores = dequantize(engine.outputs[0], r.outputs[0]).reshape(-1)
+        i = int(np.argmax(scores))
+        labels = self.manifest.labels
+        return Prediction(r, engine.info.get("variant"), scores, labels[i] if i < len(labels) else str(i), i)
+
+    def _serve(self, values: Sequence) -> tuple:
         with self._lock:
             engine = self._engine
             if engine is None:
@@ -132,18 +143,7 @@ class Runtime:
                 self._event_for(exc, engine)
                 raise
         self.latency.record(r.latency_ns)
-        return r
-
-    def predict(self, *values: Any) -> Prediction:
-        """Infers and classifies: dequantized scores of the first output and its top label."""
-        with self._lock:
-            variant = self._engine.info.get("variant") if self._engine else None
-            out_spec = self._engine.outputs[0] if self._engine else None
-        r = self.infer(*values)
-        scores = dequantize(out_spec, r.outputs[0]).reshape(-1)
-        i = int(np.argmax(scores))
-        labels = self.manifest.labels
-        return Prediction(r, variant, scores, labels[i] if i < len(labels) else str(i), i)
+        return r, engine
 
     # ----- hot swaps -------------------------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""``fieldnode``: the one console entry point, with subcommands.
+
+Every subcommand takes ``--config PATH`` (else ``FIELDNODE_CONFIG``, else /etc/fieldnode/fieldnode.toml).
+Subcommands register themselves in :data:`COMMANDS` so later tools (``run``, ``diag``, ``send``...) add
+one entry each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from device import __version__
+from device.errors import FieldnodeError
+
+# name -> (help, add_arguments(parser), run(args) -> exit code)
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def command(name: str, help: str):
+    """Registers a subcommand: decorate ``run(args)``; set ``run.arguments = fn(parser)`` to add options."""
+
+    def deco(run):
+        COMMANDS[name] = (help, getattr(run, "arguments", lambda p: None), run)
+        return run
+
+    return deco
+
+
+def load_config(args):
+    from device import config
+
+    return config.load(getattr(args, "config", None))
+
+
+def _version_args(p):
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _version(args) -> int:
+    from device.runtime.backends import load_backend
+
+    info = {"fieldnode": __version__, "python": sys.version.split()[0]}
+    try:
+        b = load_backend(load_config(args).runtime.backend)
+        info["backend"], info["backend_version"] = b.name, b.version
+    except FieldnodeError as exc:
+        info["backend"], info["backend_error"] = None, str(exc)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+_version.arguments = _version_args
+command("version", "show the agent, Python and interpreter backend versions")(_version)
+
+
+def _config_args(p):
+    p.add_argument("action", nargs="?", default="show", choices=("show", "check", "defaults", "keys"),
+                   help="show the effective config (JSON), check it, print a file of defaults, or list keys")
+
+
+def _config(args) -> int:
+    from device import config
+
+    if args.action == "defaults":
+        print(config.render_toml())
+        return 0
+    if args.action == "keys":
+        print(config.render_markdown())
+        return 0
+    cfg = load_config(args)
+    if args.action == "check":
+        print(f"{cfg.source}: ok")
+        return 0
+    print(json.dumps({"source": cfg.source, **cfg.to_dict()}, indent=2))
+    return 0
+
+
+_config.arguments = _config_args
+command("config", "show, check or list the configuration")(_config)
+
+
+def _lazy(module: str, name: str, help: str) -> None:
+    """Registers a subcommand implemented in another module, imported only when used."""
+
+    def run(args):
+        import importlib
+
+        return importlib.import_module(module).run(args)
+
+    def arguments(p):
+        import importlib
+
+        importlib.import_module(module).add_arguments(p)
+
+    run.arguments = arguments
+    command(name, help)(run)
+
+
+_lazy("tools.bench", "bench", "benchmark a model against the bare interpreter (like benchmark_model)")
+_lazy("device.demo", "demo", "run inference on the virtual board's simulated vibration sensor")
+_lazy("device.selftest", "selftest", "check every variant of a model against its shipped test vectors")
+
+
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    # Subcommands repeat the global options with SUPPRESS defaults, so `fieldnode --config X bench` and
+    # `fieldnode bench --config X` both work and neither erases the other.
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", help="config file (default: $FIELDNODE_CONFIG, then "
+                                                         "/etc/fieldnode/fieldnode.toml)", **d)
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug messages", **d)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fieldnode", parents=[_common(False)],
+                                     description="fieldnode: the sensor-board agent and its tools")
+    parser.add_argument("--version", action="version", version=f"fieldnode {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[_common(True)])
+        add_args(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the CLI; returns the exit code (2 for usage and configuration errors, 1 for other failures)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except FieldnodeError as exc:
+        print(f"fieldnode {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2 if exc.code == "config_invalid" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

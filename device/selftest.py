@@ -1,0 +1,90 @@
+"""``fieldnode selftest``: run each variant of a model on its shipped test vectors.
+
+The vectors (``testvectors`` in model.json, an ``.npz`` with ``inputs``, ``labels`` and ``expected_<variant>``
+raw outputs) were produced by the model maker. A variant passes when every output is within ``--tolerance``
+quantization steps of the expected one and the top class matches. It is what a technician runs after an
+install and what the update installer runs before switching to a new model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from device.runtime.errors import ModelInvalid
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: config runtime.model, else bundled)")
+    p.add_argument("--isolation", choices=("process", "inline"), default=None, help="default: config")
+    p.add_argument("--tolerance", type=int, default=1, help="allowed difference in quantization steps (default 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def load_vectors(path: str) -> dict:
+    """Loads a test-vector file, refusing anything but plain arrays.
+
+    Raises:
+        ModelInvalid: the file is missing, not an npz, or lacks ``inputs``.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ModelInvalid(f"test vectors {path}: cannot read: {exc}") from exc
+    if "inputs" not in data:
+        raise ModelInvalid(f"test vectors {path}: no 'inputs' array")
+    return data
+
+
+def check_variant(runtime, vectors: dict, variant: str, tolerance: int = 1) -> dict:
+    """Runs ``vectors`` through ``runtime`` (already on ``variant``); returns a result dict."""
+    expected = vectors.get(f"expected_{variant}")
+    if expected is None:
+        return {"variant": variant, "ok": False, "error": f"no expected_{variant} in the test vectors"}
+    worst, top_ok = 0, True
+    for x, want in zip(vectors["inputs"], expected):
+        got = runtime.infer(x).outputs[0].reshape(want.shape)
+        worst = max(worst, int(np.max(np.abs(got.astype(np.int32) - want.astype(np.int32)))))
+        top_ok &= int(np.argmax(got)) == int(np.argmax(want))
+    return {"variant": variant, "ok": worst <= tolerance and top_ok, "max_diff_steps": worst,
+            "top_class_match": top_ok, "vectors": int(len(expected))}
+
+
+def run(args) -> int:
+    from device.cli import load_config
+    from device.runtime.manifest import bundled_model_dir, load_manifest
+    from device.runtime.runtime import Runtime, RuntimeSettings
+
+    cfg = load_config(args)
+    settings = RuntimeSettings.from_config(cfg.runtime)
+    if args.isolation:
+        settings = RuntimeSettings(**{**settings.__dict__, "isolation": args.isolation})
+    manifest = load_manifest(args.model or cfg.runtime.model or bundled_model_dir())
+    if not manifest.testvectors:
+        raise ModelInvalid(f"model {manifest.name!r} ships no test vectors")
+    vectors = load_vectors(manifest.testvectors)
+    results = []
+    rt = Runtime(settings, manifest=manifest)
+    cpu_variants = [v.name for v in manifest.variants.values() if not v.requires]
+    try:
+        rt.start()
+        for name in cpu_variants:
+            if rt.variant != name:
+                rt.set_variant(name)
+            results.append(check_variant(rt, vectors, name, args.tolerance))
+        st = rt.status()
+    finally:
+        rt.close()
+    ok = all(r["ok"] for r in results)
+    report = {"model": manifest.name, "version": manifest.version, "backend": st["backend"],
+              "backend_version": st["backend_version"], "delegate": st["delegate"], "ok": ok, "variants": results}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"model {manifest.name} {manifest.version} on {st['backend']} {st['backend_version']} / {st['delegate']}")
+        for r in results:
+            print(f"  {r['variant']:<8} {'PASS' if r['ok'] else 'FAIL'}  "
+                  + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ('variant', 'ok')))
+    return 0 if ok else 1
