@@ -165,6 +165,25 @@ def test_close_stops_the_worker_and_frees_shared_memory(settings, vibration):
         rt.infer(np.zeros((256, 3), np.float32))
 
 
+def test_worker_started_from_a_thread_outlives_that_thread(settings, vibration):
+    # Hot swaps run in background threads; the worker must not die when the thread that started it ends.
+    rt = Runtime(settings(isolation="process"), manifest=vibration)
+    t = threading.Thread(target=rt.start)
+    t.start()
+    t.join()
+    try:
+        pid = rt.worker_pid
+        t = threading.Thread(target=rt.set_variant, args=("lite",))
+        t.start()
+        t.join()
+        time.sleep(0.2)  # give a wrongly delivered parent-death signal time to land
+        assert rt.worker_pid != pid and alive(rt.worker_pid)
+        assert rt.predict(np.zeros((256, 3), np.float32)).variant == "lite"
+        assert rt.status()["crashes"] == 0
+    finally:
+        rt.close()
+
+
 def test_worker_dies_with_a_killed_agent(backend, tmp_path):
     # An agent SIGKILLed by the OOM killer or a watchdog must not leave an orphan worker holding the model.
     script = textwrap.dedent(f"""

@@ -1,0 +1,72 @@
+"""The fieldnode command end to end, as a technician runs it (a real subprocess each time)."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import EXPECTED_BACKEND, ROOT
+
+
+def fieldnode(*args, timeout=180):
+    cmd = [sys.executable, "-m", "device.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def backend_args():
+    return ["--backend", EXPECTED_BACKEND] if EXPECTED_BACKEND != "auto" else []
+
+
+def test_bench_json_is_one_object_with_every_figure(vibration):
+    r = fieldnode("bench", vibration.root, "--variant", "lite", "--runs", "30", "--warmup", "3",
+                  "--threads", "1", "--json", *backend_args())
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # exactly one JSON document on stdout, progress goes to stderr
+    for key in ("backend", "delegate", "isolation", "threads", "init_ms", "first_ms", "p50_ms", "p95_ms",
+                "p99_ms", "rss_mb", "raw_p50_ms", "overhead_ratio"):
+        assert key in report, key
+    assert report["isolation"] == "process" and report["threads"] == 1 and report["variant"] == "lite"
+    assert report["identical"] is True
+    assert 0 < report["raw_p50_ms"] and 0 < report["p50_ms"] <= report["p99_ms"]
+    assert report["overhead_ratio"] == round(report["p50_ms"] / report["raw_p50_ms"], 4)
+    assert report["rss_mb"] > 0
+    if EXPECTED_BACKEND != "auto":
+        assert report["backend"] == EXPECTED_BACKEND
+
+
+def test_bench_refuses_a_malformed_model_with_its_name(tmp_path):
+    bad = tmp_path / "broken.tflite"
+    bad.write_bytes(b"\x00" * 100)
+    r = fieldnode("bench", str(bad), "--json", *backend_args())
+    assert r.returncode == 1 and r.stdout == ""
+    assert "model_invalid" in r.stderr and "broken.tflite" in r.stderr and "not a TFLite model" in r.stderr
+
+
+def test_selftest_passes_every_shipped_variant():
+    r = fieldnode("selftest", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is True and {v["variant"] for v in report["variants"]} == {"full", "lite"}
+    assert all(v["top_class_match"] and v["max_diff_steps"] <= 1 for v in report["variants"])
+
+
+def test_demo_runs_real_inference_and_hot_swaps(tmp_path):
+    cfg = tmp_path / "fieldnode.toml"
+    cfg.write_text(f'[runtime]\nbackend = "{EXPECTED_BACKEND}"\n[demo]\ninterval_ms = 20\n')
+    r = fieldnode("demo", "--config", str(cfg), "--seconds", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    ticks = [ln for ln in lines if ln.startswith("t=")]
+    assert len(ticks) >= 3
+    assert "variant=full" in ticks[0] and "variant=lite" in ticks[-1]
+    assert any(ln.startswith("event variant_changed") for ln in lines)
+    done = lines[-1]
+    assert done.startswith("done: ") and " 0 failures" in done
+    assert int(done.split()[1]) > 50  # results
+
+
+def test_config_error_exits_2_naming_the_key(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[runtime]\nisolation = \"container\"\n")
+    r = fieldnode("demo", "--config", str(cfg), "--seconds", "1")
+    assert r.returncode == 2
+    assert "runtime.isolation" in r.stderr and "container" in r.stderr
