@@ -37,7 +37,7 @@ from device.runtime.histogram import LatencyHistogram
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
-                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, layout)
+                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, await_frame, layout)
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class ProcessEngine:
         self._seq = 0
         self._closed = False
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
-        self._expected_ns = 0  # moving average of the worker's invoke time
-        self.spin_max_ns = 1_000_000  # poll-spin for replies only when invokes take less than this
+        self._expected_ns = 0  # moving average of the request's round trip, for paced waiting
         self.info: dict = {}
         self.inputs: tuple = ()
         self.outputs: tuple = ()
@@ -231,7 +230,7 @@ class ProcessEngine:
             latency = time.perf_counter_ns() - t0
             self.requests += 1
             self.invoke_histogram.record(ns)
-            self._expected_ns = ns if not self._expected_ns else (self._expected_ns * 7 + ns) >> 3
+            self._expected_ns = latency if not self._expected_ns else (self._expected_ns * 7 + latency) >> 3
             if self._suspect:
                 self._suspect = False
                 self.quarantine.succeeded(self.info["path"])
@@ -240,38 +239,11 @@ class ProcessEngine:
     # ----- internals -------------------------------------------------------------------------------------
 
     def _await_reply(self, t0: int) -> bytes:
-        """Waits for the worker's 16-byte reply; b"" when the worker is gone. Kills it at the deadline.
-
-        For short inferences it first polls the non-blocking socket for a little longer than the expected
-        invoke time: sleeping and being woken costs tens of microseconds on small boards and VMs, which is
-        a large share of a sub-millisecond inference. Long inferences block at once, leaving the CPU to the
-        interpreter's threads.
-        """
-        fd, size, clock = self._fd, FRAME.size, time.perf_counter_ns
-        expected = self._expected_ns
-        if 0 < expected <= self.spin_max_ns:
-            end = t0 + expected + (expected >> 1) + 50_000
-            while True:
-                try:
-                    frame = os.read(fd, size)
-                    break
-                except BlockingIOError:
-                    if clock() >= end:
-                        frame = None
-                        break
-                except OSError:
-                    return b""
-            if frame is not None:
-                return self._complete(frame)
-        remaining_ms = self._deadline_ms - (clock() - t0) // 1_000_000
-        if remaining_ms <= 0 or not self._poller.poll(remaining_ms):
+        """Waits for the worker's reply (b"" when the worker is gone); kills the worker at the deadline."""
+        frame = await_frame(self._fd, FRAME.size, t0, self._expected_ns, self.deadline_s)
+        if frame is None:
             self._hung()
-        try:
-            return self._complete(os.read(fd, size))
-        except BlockingIOError:  # woken without data: treat like a silent worker at its deadline
-            self._hung()
-        except OSError:
-            return b""
+        return self._complete(frame)
 
     def _complete(self, frame: bytes) -> bytes:
         # A 16-byte write arrives whole in practice; finish a split one rather than misread it.
