@@ -16,6 +16,7 @@ import numpy as np
 
 from device.runtime.backends import Backend
 from device.runtime.errors import InferenceFailed, InputInvalid, ModelInvalid
+from device.runtime.flatbuf import verify_model_bytes
 from device.runtime.histogram import LatencyHistogram
 from device.runtime.tensors import TensorSpec, dequantize, write_input
 
@@ -35,18 +36,20 @@ def check_model_file(path: str) -> int:
     """
     try:
         size = os.path.getsize(path)
+        if size > MAX_MODEL_BYTES:
+            raise ModelInvalid(f"model file {path}: {size} bytes exceeds the {MAX_MODEL_BYTES} byte limit")
         with open(path, "rb") as f:
-            head = f.read(8)
+            data = f.read()
     except OSError as exc:
         raise ModelInvalid(f"model file {path}: cannot read: {exc.strerror or exc}") from exc
+    size, head = len(data), data[:8]
     if size < 8:
         raise ModelInvalid(f"model file {path}: {size} bytes is too small for a TFLite flatbuffer")
-    if size > MAX_MODEL_BYTES:
-        raise ModelInvalid(f"model file {path}: {size} bytes exceeds the {MAX_MODEL_BYTES} byte limit")
     if head[4:8] != TFLITE_IDENTIFIER:
         raise ModelInvalid(
             f"model file {path}: not a TFLite model (file identifier {head[4:8]!r}, expected {TFLITE_IDENTIFIER!r})"
         )
+    verify_model_bytes(data, path)
     return size
 
 

@@ -58,6 +58,22 @@ def test_process_results_equal_inline_and_worker_is_a_separate_process(settings,
         assert st["isolation"] == "process" and st["requests"] == 2 and st["invoke"]["count"] == 1
 
 
+def test_process_isolation_is_bit_identical_to_the_bare_interpreter_for_every_shipped_model(settings, backend,
+                                                                                            single_model):
+    from tests.runtime.test_model import random_input, shipped_model_files
+    from device.runtime.manifest import bundled_model_dir, load_manifest
+
+    for path in shipped_model_files(load_manifest(bundled_model_dir())):
+        with Runtime(settings(isolation="process", warmup_runs=0), manifest=single_model(path)) as rt:
+            spec = rt._engine.inputs[0]
+            bare = backend.Interpreter(model_path=path, num_threads=2)
+            bare.allocate_tensors()
+            x = random_input(spec, seed=5)
+            bare.set_tensor(spec.index, x)
+            bare.invoke()
+            assert np.array_equal(rt.infer(x).outputs[0], bare.get_tensor(rt._engine.outputs[0].index)), path
+
+
 def test_crashing_model_fails_cleanly_then_is_quarantined(settings, single_model):
     good = open(str(TEST_MODELS / "mobilenet_v2_0.35_96_int8.tflite"), "rb").read()
     manifest = single_model(make_crashing_model(good), "crashy.tflite")
