@@ -1,8 +1,11 @@
 """``fieldnode selftest``: run each variant of a model on its shipped test vectors.
 
 The vectors (``testvectors`` in model.json, an ``.npz`` with ``inputs``, ``labels`` and ``expected_<variant>``
-raw outputs) were produced by the model maker. A variant passes when every output is within ``--tolerance``
-quantization steps of the expected one and the top class matches. It is what a technician runs after an
+raw outputs) were produced by the model maker with XNNPACK kernels. A variant passes when every output is within
+``--tolerance`` quantization steps of the expected one and the top class matches. The default, 2 steps, is
+what separates kernels that round differently (tflite-runtime 2.14 runs int8 on its reference kernels and
+differs by up to 2 steps on the full vibration model; LiteRT with XNNPACK matches exactly) from a broken
+install or a wrong model, which miss by far more. It is what a technician runs after an
 install and what the update installer runs before switching to a new model.
 """
 
@@ -18,7 +21,7 @@ from device.runtime.errors import ModelInvalid
 def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model directory (default: config runtime.model, else bundled)")
     p.add_argument("--isolation", choices=("process", "inline"), default=None, help="default: config")
-    p.add_argument("--tolerance", type=int, default=1, help="allowed difference in quantization steps (default 1)")
+    p.add_argument("--tolerance", type=int, default=2, help="allowed difference in quantization steps (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -38,7 +41,7 @@ def load_vectors(path: str) -> dict:
     return data
 
 
-def check_variant(runtime, vectors: dict, variant: str, tolerance: int = 1) -> dict:
+def check_variant(runtime, vectors: dict, variant: str, tolerance: int = 2) -> dict:
     """Runs ``vectors`` through ``runtime`` (already on ``variant``); returns a result dict."""
     expected = vectors.get(f"expected_{variant}")
     if expected is None:
