@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 
 from device.runtime.errors import InputInvalid, RuntimeClosed
 from device.runtime.histogram import LatencyHistogram
@@ -37,14 +36,10 @@ class InferResult:
     latency_ns: int
 
 
-class InlineEngine:
-    """Runs the interpreter inside the agent process: no isolation, no IPC.
+class EngineBase:
+    """State and bookkeeping shared by both engines."""
 
-    Meant for benchmarks and trusted models on boards too small for a second process; a model that crashes
-    the interpreter takes the agent with it.
-    """
-
-    isolation = "inline"
+    isolation = ""
 
     def __init__(self, spec: WorkerSpec, quarantine: Quarantine | None = None) -> None:
         self.spec = spec
@@ -55,17 +50,35 @@ class InlineEngine:
         self.invoke_histogram = LatencyHistogram()
         self.requests = self.crashes = self.timeouts = self.restarts = 0
         self.last_error: str | None = None
-        self._model = None
         self._lock = threading.Lock()
         self._closed = False
+
+    def usable_candidates(self) -> list:
+        """The spec's candidates minus quarantined files; raises ModelQuarantined when none is left."""
+        cands = [c for c in self.spec.candidates if not self.quarantine.is_quarantined(c.path)]
+        if not cands:
+            self.quarantine.check(self.spec.candidates[-1].path)
+        return cands
+
+
+class InlineEngine(EngineBase):
+    """Runs the interpreter inside the agent process: no isolation, no IPC.
+
+    Meant for benchmarks and trusted models on boards too small for a second process; a model that crashes
+    the interpreter takes the agent with it.
+    """
+
+    isolation = "inline"
+
+    def __init__(self, spec: WorkerSpec, quarantine: Quarantine | None = None) -> None:
+        super().__init__(spec, quarantine)
+        self._model = None
 
     def start(self) -> None:
         from device.runtime.backends import load_backend
         from device.runtime.delegates import open_model
 
-        cands = [c for c in self.spec.candidates if not self.quarantine.is_quarantined(c.path)]
-        if not cands:
-            self.quarantine.check(self.spec.candidates[-1].path)
+        cands = self.usable_candidates()
         backend = load_backend(self.spec.backend)
         opened = open_model(backend, cands, self.spec.threads, self.spec.warmup_runs, self.spec.edgetpu_device,
                             self.spec.gpu_library)
@@ -106,8 +119,3 @@ class InlineEngine:
 def check_input_count(values: Sequence, inputs: Sequence) -> None:
     if len(values) != len(inputs):
         raise InputInvalid(f"model takes {len(inputs)} input(s), got {len(values)}")
-
-
-def zeros_for(inputs) -> list[np.ndarray]:
-    """One zero-filled array per input spec (for warm-up and tests)."""
-    return [np.zeros(s.shape, s.np_dtype) for s in inputs]

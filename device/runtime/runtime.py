@@ -12,9 +12,7 @@ callback, which the agent forwards to the link's ``events`` topic.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 

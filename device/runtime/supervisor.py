@@ -32,8 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Sequence
 
 from device.runtime import errors as E
-from device.runtime.engine import InferResult, check_input_count
-from device.runtime.histogram import LatencyHistogram
+from device.runtime.engine import EngineBase, InferResult, check_input_count
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
@@ -105,7 +104,7 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-class ProcessEngine:
+class ProcessEngine(EngineBase):
     """Serves one model variant from an isolated worker process.
 
     Args:
@@ -119,11 +118,9 @@ class ProcessEngine:
 
     def __init__(self, spec: WorkerSpec, quarantine: Quarantine | None = None, deadline_s: float = 5.0,
                  start_timeout_s: float = 60.0) -> None:
-        self.spec = spec
-        self.quarantine = quarantine or Quarantine()
+        super().__init__(spec, quarantine)
         self.deadline_s = deadline_s
         self.start_timeout_s = start_timeout_s
-        self._lock = threading.Lock()
         self._proc = None
         self._conn = None
         self._fd = -1
@@ -134,15 +131,8 @@ class ProcessEngine:
         self._shm_out: list = []
         self._scratch: list = []
         self._seq = 0
-        self._closed = False
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
         self._expected_ns = 0  # moving average of the request's round trip, for paced waiting
-        self.info: dict = {}
-        self.inputs: tuple = ()
-        self.outputs: tuple = ()
-        self.invoke_histogram = LatencyHistogram()
-        self.requests = self.crashes = self.timeouts = self.restarts = 0
-        self.last_error: str | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
@@ -258,9 +248,7 @@ class ProcessEngine:
 
     def _spawn(self) -> None:
         q = self.quarantine
-        cands = [c for c in self.spec.candidates if not q.is_quarantined(c.path)]
-        if not cands:
-            q.check(self.spec.candidates[-1].path)
+        cands = self.usable_candidates()
         skipped = [f"{c.delegate} candidate {os.path.basename(c.path)} is quarantined"
                    for c in self.spec.candidates if c not in cands]
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
