@@ -122,9 +122,13 @@ class Runtime:
         return self._serve(values)[0]
 
     def predict(self, *values: Any) -> Prediction:
-        """Infers and classifies: dequantized scores of the first output and its top label."""
+        """Infers and classifies: the first output's scores (probabilities when the manifest says the model
+        outputs logits) and its top label."""
         r, engine = self._serve(values)
         scores = dequantize(engine.outputs[0], r.outputs[0]).reshape(-1)
+        if self.manifest.meta.get("output") == "logits":  # report probabilities, not raw logits
+            e = np.exp(scores - scores.max())
+            scores = e / e.sum()
         i = int(np.argmax(scores))
         labels = self.manifest.labels
         return Prediction(r, engine.info.get("variant"), scores, labels[i] if i < len(labels) else str(i), i)

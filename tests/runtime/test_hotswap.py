@@ -26,6 +26,7 @@ def test_hot_swaps_under_continuous_load_drop_nothing(settings, vibration):
             try:
                 started = time.monotonic()
                 p = rt.predict(windows[i % len(windows)])
+                assert abs(float(p.scores.sum()) - 1.0) < 1e-4 and 0.0 <= p.score <= 1.0  # logits -> probabilities
                 log.append((started, time.monotonic(), p.variant))
             except Exception as exc:  # noqa: BLE001 - any failure is the defect under test
                 errors.append(exc)
