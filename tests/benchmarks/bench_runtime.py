@@ -2,7 +2,9 @@
 
 Prints one JSON line. Targets (issue "Foundation"): in process isolation, 2 threads, ai-edge-litert,
 ``overhead_ratio <= 1.05`` on MobileNetV2 1.0/224 int8 and ``p50 - raw p50 <= 60 us`` on 0.35/96 int8;
-outputs bit-identical. Run with ``make bench`` (or directly with the venv's python).
+outputs bit-identical. Each model is benchmarked in three trials (a fresh worker each), every trial
+alternating the two measurements request by request; the trial with the median overhead is reported, with
+the spread of all three. Run with ``make bench``.
 """
 
 from __future__ import annotations
@@ -17,22 +19,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from tools.bench import run_bench  # noqa: E402
 
 MODELS = os.path.join(os.path.dirname(HERE), "models")
+KEEP = ("p50_ms", "p95_ms", "p99_ms", "raw_p50_ms", "raw_p95_ms", "overhead_ratio", "overhead_us", "identical",
+        "init_ms", "first_ms", "rss_mb", "agent_rss_mb", "delegate", "runs")
+
+
+def trials(name: str, runs: int, warmup: int, n: int = 3) -> dict:
+    results = [run_bench(os.path.join(MODELS, name), runs=runs, warmup=warmup, threads=2, isolation="process",
+                         delegate="auto", backend="litert") for _ in range(n)]
+    results.sort(key=lambda r: r["overhead_us"])
+    median = dict(results[len(results) // 2])
+    out = {k: median[k] for k in KEEP}
+    out["overhead_us_trials"] = [r["overhead_us"] for r in results]
+    out["overhead_ratio_trials"] = sorted(r["overhead_ratio"] for r in results)
+    out["identical"] = all(r["identical"] for r in results)
+    out["backend"] = f"{median['backend']} {median['backend_version']}"
+    return out
 
 
 def main() -> int:
-    big = run_bench(os.path.join(MODELS, "mobilenet_v2_1.0_224_int8.tflite"), runs=300, warmup=30, threads=2,
-                    isolation="process", delegate="auto", backend="litert")
-    small = run_bench(os.path.join(MODELS, "mobilenet_v2_0.35_96_int8.tflite"), runs=2000, warmup=200,
-                      threads=2, isolation="process", delegate="auto", backend="litert")
-    keep = ("p50_ms", "p95_ms", "p99_ms", "raw_p50_ms", "raw_p95_ms", "overhead_ratio", "overhead_us", "identical",
-            "init_ms", "first_ms", "rss_mb", "agent_rss_mb", "delegate", "runs")
+    big = trials("mobilenet_v2_1.0_224_int8.tflite", runs=300, warmup=30)
+    small = trials("mobilenet_v2_0.35_96_int8.tflite", runs=2000, warmup=200)
     out = {
         "bench": "runtime",
-        "backend": f"{big['backend']} {big['backend_version']}",
+        "backend": big.pop("backend"),
         "isolation": "process",
         "threads": 2,
-        "mobilenet_v2_1.0_224_int8": {k: big[k] for k in keep},
-        "mobilenet_v2_0.35_96_int8": {k: small[k] for k in keep},
+        "mobilenet_v2_1.0_224_int8": big,
+        "mobilenet_v2_0.35_96_int8": {k: v for k, v in small.items() if k != "backend"},
         "target_ratio_1.0_224": 1.05,
         "target_overhead_us_0.35_96": 60,
         "met": big["overhead_ratio"] <= 1.05 and small["overhead_us"] <= 60 and big["identical"] and small["identical"],
