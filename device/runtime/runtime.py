@@ -96,8 +96,10 @@ class Runtime:
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the engine for the configured variant (load and warm-up)."""
+        """Starts the engine for the configured variant (load and warm-up); a no-op when running."""
         with self._swap_lock:
+            if self._engine is not None:
+                return
             engine = self._make_engine(self._requested_variant, self._threads)
             with self._lock:
                 self._engine = engine
@@ -189,8 +191,9 @@ class Runtime:
             engine = ProcessEngine(spec, self.quarantine, s.deadline_ms / 1000.0, s.start_timeout_s)
         try:
             engine.start()
-        except E.InferenceFailed as exc:
-            self._event_for(exc, engine)
+        except Exception as exc:
+            if isinstance(exc, E.InferenceFailed):
+                self._event_for(exc, engine)
             engine.close()
             raise
         for fb in engine.info.get("fallbacks", []):

@@ -36,7 +36,8 @@ from device.runtime.engine import EngineBase, InferResult, check_input_count
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
-                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, await_frame, layout)
+                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, await_frame, ewma,
+                                   layout)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ _LAUNCHER = _Launcher()
 
 
 def describe_exit(returncode: int | None) -> str:
-    """``killed by signal SIGSEGV`` / ``exited with status 1`` / ``is still running``."""
+    """``was killed by signal SIGSEGV`` / ``exited with status 1`` / ``did not exit``."""
     if returncode is None:
         return "did not exit"
     if returncode < 0:
@@ -220,7 +221,7 @@ class ProcessEngine(EngineBase):
             latency = time.perf_counter_ns() - t0
             self.requests += 1
             self.invoke_histogram.record(ns)
-            self._expected_ns = latency if not self._expected_ns else (self._expected_ns * 7 + latency) >> 3
+            self._expected_ns = ewma(self._expected_ns, latency)
             if self._suspect:
                 self._suspect = False
                 self.quarantine.succeeded(self.info["path"])
@@ -287,7 +288,7 @@ class ProcessEngine(EngineBase):
         self._ensure_shm(inputs, outputs)
         self._conn.send_bytes(MSG_ATTACH + self._shm.name.encode())
         if self._recv_start(end, loading) != MSG_ATTACHED:
-            self._crashed("while attaching shared memory")
+            self._crashed("while attaching shared memory", info["path"])
         os.set_blocking(self._fd, False)  # from here on the request path reads it directly
         self._expected_ns = 0
         self.info, self.inputs, self.outputs = info, inputs, outputs
@@ -314,10 +315,10 @@ class ProcessEngine(EngineBase):
             self._fail(loading, f"(pid {proc.pid}) {describe_exit(proc.returncode)} while loading "
                                 f"{os.path.basename(loading)}", E.WorkerCrashed)
 
-    def _crashed(self, when: str):
+    def _crashed(self, when: str, path: str | None = None):
         proc = self._proc
         self._teardown()
-        self._fail(self.info.get("path", ""), f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on "
+        self._fail(path or self.info.get("path", ""), f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on "
                                               f"{self._what()}; the request failed, and the next one restarts "
                                               f"the worker", E.WorkerCrashed)
 

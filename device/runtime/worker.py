@@ -192,6 +192,11 @@ PRE_WAKE_NS = 250_000  # wake this long before a frame is due: covers timer slac
 PACED_MAX_NS = 5_000_000  # only pace waits shorter than this; longer ones simply block
 
 
+def ewma(average: int, sample: int) -> int:
+    """The moving average (weight 1/8) both ends use to predict when the next frame is due."""
+    return sample if not average else (average * 7 + sample) >> 3
+
+
 def await_frame(fd: int, size: int, start: int, expected_ns: int, block_s: float | None) -> bytes | None:
     """Reads one frame from the non-blocking socket ``fd``, being awake when it is due.
 
@@ -263,7 +268,7 @@ def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns) -> None:
         replied = clock()
         frame = await_frame(fd, size, replied, gap, None)
         waited = clock() - replied
-        gap = waited if not gap else (gap * 7 + waited) >> 3
+        gap = ewma(gap, waited)
         if not frame or len(frame) != size:
             return  # the supervisor is gone (EOF) or spoke out of turn: either way, stop
         op, seq, _ = unpack(frame)

@@ -168,6 +168,14 @@ def test_bad_input_is_refused_before_the_worker_and_does_not_disturb_it(settings
         assert rt.worker_pid == pid and rt.status()["crashes"] == 0
 
 
+def test_start_twice_keeps_one_worker(settings, vibration):
+    with Runtime(settings(isolation="process"), manifest=vibration) as rt:
+        pid = rt.worker_pid
+        rt.start()  # must neither replace nor leak the running worker
+        assert rt.worker_pid == pid and alive(pid)
+        assert rt.infer(np.zeros((256, 3), np.float32)).outputs[0].shape == (1, 4)
+
+
 def test_close_stops_the_worker_and_frees_shared_memory(settings, vibration):
     rt = Runtime(settings(isolation="process"), manifest=vibration)
     rt.start()
