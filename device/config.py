@@ -32,7 +32,10 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from device.configschema import section, setting
 from device.errors import ConfigError
+from drivers.config import DriversConfig
+from power.config import PowerConfig
 
 DEFAULT_PATH = "/etc/fieldnode/fieldnode.toml"
 ENV_VAR = "FIELDNODE_CONFIG"
@@ -41,45 +44,6 @@ DEFAULTS_SOURCE = "<defaults>"
 
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string"}
 _ID_RE = r"[A-Za-z0-9_-]{1,64}"
-
-
-def setting(
-    default: Any, doc: str, *, choices: tuple[str, ...] = (), minimum: float | None = None,
-    maximum: float | None = None, pattern: str | None = None, expect: str = "", allow_empty: bool = False,
-) -> Any:
-    """Declares one scalar key of a section.
-
-    Args:
-        default: The value used when the key is absent.
-        doc: One-line description, shown by :func:`describe` and the docs.
-        choices: If given, the value must be one of these.
-        minimum: Inclusive lower bound for numbers.
-        maximum: Inclusive upper bound for numbers.
-        pattern: Regular expression the whole string value must match.
-        expect: What a valid value looks like, for messages (required with ``pattern``).
-        allow_empty: With ``pattern``: the empty string is also accepted (it means "automatic").
-
-    Returns:
-        A dataclass field carrying the constraints in its metadata.
-    """
-    if pattern is not None and not expect:
-        raise ValueError("a pattern needs an 'expect' text for error messages")
-    meta = {"doc": doc, "choices": tuple(choices), "min": minimum, "max": maximum, "pattern": pattern,
-            "expect": expect, "allow_empty": allow_empty}
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, doc: str) -> Any:
-    """Declares a nested sub-table whose keys are the fields of the section dataclass ``cls``.
-
-    Args:
-        cls: A frozen dataclass built from :func:`setting` and :func:`section` fields.
-        doc: One-line description of the table.
-
-    Returns:
-        A dataclass field whose default is ``cls()``.
-    """
-    return field(default_factory=cls, metadata={"doc": doc, "section": True})
 
 
 # --------------------------------------------------------------------------------------------- schema
@@ -159,6 +123,8 @@ class Config:
         device: ``[device]`` section.
         runtime: ``[runtime]`` section.
         demo: ``[demo]`` section.
+        drivers: ``[drivers]`` section.
+        power: ``[power]`` section.
         source: Where the values came from: a file path, ``<string>``, ``<mapping>`` or ``<defaults>``.
             Not a configuration key; ignored when comparing configs.
     """
@@ -166,6 +132,8 @@ class Config:
     device: DeviceConfig = section(DeviceConfig, "Identity, storage and logging.")
     runtime: RuntimeConfig = section(RuntimeConfig, "Inference runtime.")
     demo: DemoConfig = section(DemoConfig, "Demo loop.")
+    drivers: DriversConfig = section(DriversConfig, "Hardware access.")
+    power: PowerConfig = section(PowerConfig, "Power governor.")
     source: str = field(default=DEFAULTS_SOURCE, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
