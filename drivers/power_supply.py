@@ -1,0 +1,240 @@
+"""Power supplies from ``/sys/class/power_supply``: is the board on a battery, and how full is it?
+
+Workflow: :func:`read_supplies` reads every ``sys/class/power_supply/*`` directory into a frozen
+:class:`Supply`; :func:`read_power` picks the one battery and the one external supply that matter and
+returns them as a :class:`PowerState`, whose properties answer the governor's questions (charging? on
+external power? battery percentage?).
+
+Units are converted from the kernel's µV, µA and µW. Boards expose very different subsets (a laptop has
+``BAT0`` and ``AC``; a UPS HAT's fuel gauge is a lone ``Battery``; a bare Pi has nothing), so a missing
+node means "unknown" (``None``), and so does a value that cannot be parsed or is impossible. Reading
+never raises.
+
+Sign of the current: the kernel ABI says ``current_now`` is negative while a battery discharges and
+positive while it charges, but many drivers (the ACPI battery on laptops, several fuel gauges) report
+the magnitude only. :attr:`Supply.current_a` keeps the raw sign of the driver; use the battery ``status``
+for the direction. Power is a magnitude.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from drivers.errors import SysfsError
+from drivers.sysfs import Sysfs
+
+log = logging.getLogger(__name__)
+
+POWER_SUPPLY_DIR = "sys/class/power_supply"
+
+BATTERY_TYPE = "Battery"
+# External supply types, most to least preferred: mains, then the USB flavours, then the rest.
+EXTERNAL_TYPES = (
+    "Mains",
+    "USB", "USB_PD", "USB_C", "USB_PD_DRP", "USB_DCP", "USB_CDP", "USB_ACA", "USB_HVDCP", "USB_HVDCP_3",
+    "USB_TYPE_C", "USB_FLOAT", "Wireless", "BrickID",
+)
+
+CHARGING_STATUSES = ("Charging", "Full")
+DISCHARGING_STATUS = "Discharging"
+
+
+@dataclass(frozen=True)
+class Supply:
+    """A snapshot of one power supply.
+
+    Attributes:
+        name: The directory name (``BAT0``, ``AC``, ``bq27441-0``...).
+        type: The ``type`` node (``Battery``, ``Mains``, ``USB``...), or ``None``.
+        online: Whether an external supply delivers power (``online`` != 0), or ``None``.
+        status: The ``status`` text (``Charging``, ``Discharging``, ``Not charging``, ``Full``,
+            ``Unknown``), or ``None``.
+        capacity_pct: State of charge, 0-100, or ``None``.
+        voltage_v: ``voltage_now`` in volts, or ``None``.
+        current_a: ``current_now`` in amperes with the driver's raw sign (see the module docstring), or
+            ``None``.
+        power_w: ``power_now`` in watts (magnitude), else ``|voltage_v * current_a|``, or ``None``.
+        scope: The ``scope`` node (``System`` or ``Device``), or ``None``; ``Device`` marks the battery
+            of a peripheral (a wireless mouse), not of the board.
+        present: The ``present`` node (``False`` for an empty battery slot), or ``None``.
+    """
+
+    name: str
+    type: str | None
+    online: bool | None = None
+    status: str | None = None
+    capacity_pct: float | None = None
+    voltage_v: float | None = None
+    current_a: float | None = None
+    power_w: float | None = None
+    scope: str | None = None
+    present: bool | None = None
+
+
+@dataclass(frozen=True)
+class PowerState:
+    """The battery and the external supply that describe the board's power.
+
+    Attributes:
+        battery: The board's battery, or ``None`` when it has none (or none is visible).
+        external: The external supply, or ``None`` when none is visible.
+    """
+
+    battery: Supply | None = None
+    external: Supply | None = None
+
+    @property
+    def charging(self) -> bool | None:
+        """``True`` when the battery says Charging/Full or the external supply is online; ``False`` when
+        the battery discharges or the external supply is offline; ``None`` when nothing tells."""
+        status = self.battery.status if self.battery else None
+        online = self.external.online if self.external else None
+        if status in CHARGING_STATUSES or online is True:
+            return True
+        if status in (DISCHARGING_STATUS, "Not charging") or online is False:
+            return False
+        return None
+
+    @property
+    def on_external_power(self) -> bool | None:
+        """Whether external power is present: the external supply's ``online``, else what the battery
+        status implies (Charging/Full: yes, Discharging: no), else ``None``."""
+        if self.external is not None and self.external.online is not None:
+            return self.external.online
+        status = self.battery.status if self.battery else None
+        if status in CHARGING_STATUSES:
+            return True
+        if status == DISCHARGING_STATUS:
+            return False
+        return None  # "Not charging" happens both on AC (charge inhibited) and off it
+
+    @property
+    def battery_pct(self) -> float | None:
+        """The battery's state of charge in percent, or ``None``."""
+        return self.battery.capacity_pct if self.battery else None
+
+
+def _read_text(fs: Sysfs, rel: str) -> str | None:
+    # Fuel gauges on I2C answer EIO when the bus hiccups; that reading is unknown, the rest still counts.
+    try:
+        text = fs.read_text(rel)
+    except SysfsError as exc:
+        log.debug("power supply node unreadable, treated as unknown: %s", exc)
+        return None
+    return text or None
+
+
+def _read_int(fs: Sysfs, rel: str) -> int | None:
+    text = _read_text(fs, rel)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        log.debug("%s holds %r, expected an integer; treated as unknown", rel, text)
+        return None
+
+
+def _read_flag(fs: Sysfs, rel: str) -> bool | None:
+    value = _read_int(fs, rel)
+    # online is 0 offline, 1 online fixed, 2 online programmable (USB PD); negative is nonsense
+    return None if value is None or value < 0 else value != 0
+
+
+def read_supply(fs: Sysfs, name: str) -> Supply:
+    """Reads one supply directory.
+
+    Args:
+        fs: The sysfs root.
+        name: The directory name under ``sys/class/power_supply``.
+
+    Returns:
+        The supply, with ``None`` for every missing or unparseable reading.
+    """
+    base = f"{POWER_SUPPLY_DIR}/{name}"
+    capacity = _read_int(fs, f"{base}/capacity")
+    if capacity is not None and not 0 <= capacity <= 100:
+        log.debug("%s/capacity is %d, outside 0..100; treated as unknown", base, capacity)
+        capacity = None
+    microvolts = _read_int(fs, f"{base}/voltage_now")
+    if microvolts is not None and microvolts < 0:
+        log.debug("%s/voltage_now is %d, negative; treated as unknown", base, microvolts)
+        microvolts = None
+    microamps = _read_int(fs, f"{base}/current_now")
+    microwatts = _read_int(fs, f"{base}/power_now")
+    voltage = microvolts / 1e6 if microvolts is not None else None
+    current = microamps / 1e6 if microamps is not None else None
+    if microwatts is not None:
+        power = abs(microwatts) / 1e6
+    elif voltage is not None and current is not None:
+        power = abs(voltage * current)
+    else:
+        power = None
+    return Supply(
+        name=name,
+        type=_read_text(fs, f"{base}/type"),
+        online=_read_flag(fs, f"{base}/online"),
+        status=_read_text(fs, f"{base}/status"),
+        capacity_pct=float(capacity) if capacity is not None else None,
+        voltage_v=voltage,
+        current_a=current,
+        power_w=power,
+        scope=_read_text(fs, f"{base}/scope"),
+        present=_read_flag(fs, f"{base}/present"),
+    )
+
+
+def read_supplies(fs: Sysfs) -> tuple[Supply, ...]:
+    """Reads every supply under ``sys/class/power_supply``, in natural order.
+
+    Args:
+        fs: The sysfs root.
+
+    Returns:
+        All supplies (empty when the board has no power_supply class).
+    """
+    return tuple(read_supply(fs, os.path.basename(rel)) for rel in fs.glob(f"{POWER_SUPPLY_DIR}/*"))
+
+
+def _pick_battery(supplies: tuple[Supply, ...]) -> Supply | None:
+    batteries = [
+        s for s in supplies
+        if s.type == BATTERY_TYPE
+        and s.scope != "Device"  # a peripheral's battery says nothing about the board
+        and s.present is not False  # an empty battery slot
+    ]
+    with_capacity = [s for s in batteries if s.capacity_pct is not None]
+    if with_capacity:
+        return with_capacity[0]
+    return batteries[0] if batteries else None
+
+
+def _pick_external(supplies: tuple[Supply, ...]) -> Supply | None:
+    # An online supply beats an offline one of a better type (a laptop on USB-C with its AC jack empty);
+    # unknown sits between, because it may be delivering.
+    online_rank = {True: 0, None: 1, False: 2}
+    candidates = [
+        (online_rank[s.online], EXTERNAL_TYPES.index(s.type), order, s)
+        for order, s in enumerate(supplies)
+        if s.type in EXTERNAL_TYPES
+    ]
+    return min(candidates, key=lambda c: c[:3])[3] if candidates else None
+
+
+def read_power(fs: Sysfs) -> PowerState:
+    """Reads the board's power state.
+
+    The battery is the supply of type ``Battery`` (ignoring peripherals' batteries and empty slots); of
+    several, the first in natural order that reports a capacity. The external supply is of type
+    ``Mains``, then the USB types (:data:`EXTERNAL_TYPES`), preferring one that is online.
+
+    Args:
+        fs: The sysfs root.
+
+    Returns:
+        The :class:`PowerState`; its members are ``None`` when the board shows no such supply.
+    """
+    supplies = read_supplies(fs)
+    return PowerState(battery=_pick_battery(supplies), external=_pick_external(supplies))
