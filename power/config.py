@@ -50,9 +50,10 @@ def _level(name: str, temp_: float, battery_: float, freq_: float, threads_: int
     return Level
 
 
-BalancedLevel = _level("balanced", 77.0, 50.0, 80.0, 0, "default", 0, 30.0, "a little slower and cooler.")
-SaverLevel = _level("saver", 79.0, 25.0, 60.0, 2, "cheapest", 100, 60.0, "the cheap variant, duty-cycled.")
-CriticalLevel = _level("critical", 81.0, 10.0, 40.0, 1, "cheapest", 1000, 300.0, "keep the board alive.")
+BalancedLevel = _level("balanced", 78.0, 50.0, 80.0, 0, "cheapest", 0, 30.0,
+                       "the cheap variant at full duty, a little slower and cooler.")
+SaverLevel = _level("saver", 80.0, 25.0, 60.0, 2, "cheapest", 100, 60.0, "the cheap variant, duty-cycled.")
+CriticalLevel = _level("critical", 83.0, 10.0, 40.0, 1, "cheapest", 1000, 300.0, "keep the board alive.")
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,9 @@ class PowerConfig:
     battery_hysteresis_pct: float = setting(5.0, "How far above its entry charge a level is left.",
                                             minimum=0, maximum=50)
     thermal_target_c: float = setting(
-        75.0, "The thermal trim lowers the frequency cap one step at a time to keep the predicted "
+        77.0, "The thermal trim lowers the frequency cap one step at a time to keep the predicted "
               "temperature under this.", minimum=20, maximum=150)
-    trim_hysteresis_c: float = setting(3.0, "The trim gives a step back once this far under the target.",
+    trim_hysteresis_c: float = setting(1.0, "The trim gives a step back once this far under the target.",
                                        minimum=0, maximum=50)
     trim_dwell_s: float = setting(20.0, "Minimum time between two trim steps back up.", minimum=0, maximum=86400)
     performance: PerformanceLevel = section(PerformanceLevel, "The performance level.")

@@ -1,0 +1,149 @@
+"""The governor's policy: which level a snapshot calls for, with hysteresis.
+
+A level past ``performance`` is *called for* when any of its conditions holds:
+
+* the SoC temperature, or its prediction ``predict_s`` ahead along the current slope, is at or above the
+  level's ``enter_temp_c`` (so the governor acts before a limit is crossed, not after);
+* the battery is at or below the level's ``enter_battery_pct`` and the board is not charging;
+* (``balanced`` only) the Raspberry Pi firmware reports it is throttling or under-voltage right now.
+
+Hysteresis: a level that is already active (or one below a more severe active level) is only left when the
+temperature is ``temp_hysteresis_c`` under its threshold and the battery ``battery_hysteresis_pct`` above
+it. Unknown readings are no evidence: a board without a battery never enters a level for its battery.
+The dwell time and overrides are the governor's business (:mod:`power.governor`); this module is pure.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from device.errors import ConfigError
+from power.config import PowerConfig
+from power.snapshot import PowerSnapshot
+
+
+class Level(enum.IntEnum):
+    """Governor levels, from least to most restrictive."""
+
+    PERFORMANCE = 0
+    BALANCED = 1
+    SAVER = 2
+    CRITICAL = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, name: str) -> Level:
+        """The level called ``name`` (case-insensitive).
+
+        Raises:
+            ValueError: Unknown name; the message lists the levels.
+        """
+        try:
+            return cls[str(name).upper()]
+        except KeyError:
+            raise ValueError(f"unknown level {name!r}; expected one of "
+                             f"{', '.join(level.label for level in cls)}") from None
+
+
+@dataclass(frozen=True)
+class LevelSpec:
+    """What one level allows, and when it is entered (no thresholds for ``performance``)."""
+
+    level: Level
+    enter_temp_c: float | None
+    enter_battery_pct: float | None
+    freq_pct: float
+    threads: int  # 0 = one per CPU
+    variant: str  # "default", "cheapest" or a variant name
+    interval_ms: int
+    telemetry_s: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build it with :meth:`from_config`."""
+
+    levels: tuple[LevelSpec, ...]
+    step_s: float = 5.0
+    dwell_s: float = 60.0
+    predict_s: float = 30.0
+    slope_window_s: float = 30.0
+    temp_hysteresis_c: float = 3.0
+    battery_hysteresis_pct: float = 5.0
+    thermal_target_c: float = 77.0
+    trim_hysteresis_c: float = 1.0
+    trim_dwell_s: float = 20.0
+
+    @classmethod
+    def from_config(cls, pc: PowerConfig | None = None) -> Policy:
+        """Builds the policy from ``[power]`` and checks the rules no single key can check.
+
+        Raises:
+            ConfigError: Thresholds do not grow more severe level by level, or the thermal target is not
+                below the first temperature threshold; the message names the keys.
+        """
+        pc = pc or PowerConfig()
+        perf = pc.performance
+        specs = [LevelSpec(Level.PERFORMANCE, None, None, perf.freq_pct, perf.threads, perf.variant,
+                           perf.interval_ms, perf.telemetry_s)]
+        for level in (Level.BALANCED, Level.SAVER, Level.CRITICAL):
+            s = getattr(pc, level.label)
+            specs.append(LevelSpec(level, s.enter_temp_c, s.enter_battery_pct, s.freq_pct, s.threads,
+                                   s.variant, s.interval_ms, s.telemetry_s))
+        for prev, cur in zip(specs[1:], specs[2:]):
+            a, b = prev.level.label, cur.level.label
+            if cur.enter_temp_c <= prev.enter_temp_c:
+                raise ConfigError(f"must be above power.{a}.enter_temp_c ({prev.enter_temp_c:g}), got "
+                                  f"{cur.enter_temp_c:g}", f"power.{b}.enter_temp_c")
+            if cur.enter_battery_pct >= prev.enter_battery_pct:
+                raise ConfigError(f"must be below power.{a}.enter_battery_pct ({prev.enter_battery_pct:g}), got "
+                                  f"{cur.enter_battery_pct:g}", f"power.{b}.enter_battery_pct")
+        first = specs[1].enter_temp_c
+        if pc.thermal_target_c >= first:
+            raise ConfigError(f"must be below power.balanced.enter_temp_c ({first:g}) so the trim acts before "
+                              f"the levels do, got {pc.thermal_target_c:g}", "power.thermal_target_c")
+        return cls(tuple(specs), pc.step_s, pc.dwell_s, pc.predict_s, pc.slope_window_s, pc.temp_hysteresis_c,
+                   pc.battery_hysteresis_pct, pc.thermal_target_c, pc.trim_hysteresis_c, pc.trim_dwell_s)
+
+    def spec(self, level: Level) -> LevelSpec:
+        return self.levels[int(level)]
+
+    def called_for(self, snap: PowerSnapshot, current: Level) -> tuple[Level, str]:
+        """The most restrictive level ``snap`` calls for, and why.
+
+        Args:
+            snap: The board's state.
+            current: The level in force, for hysteresis.
+
+        Returns:
+            ``(level, reason)``; the reason is one human line naming the reading and the threshold.
+        """
+        found, reason = Level.PERFORMANCE, "nominal"
+        predicted = snap.predicted_temp_c(self.predict_s)
+        discharging = snap.battery_pct is not None and snap.charging is not True
+        for spec in self.levels[1:]:
+            held = spec.level <= current
+            why = None
+            if snap.temp_c is not None:
+                limit = spec.enter_temp_c - (self.temp_hysteresis_c if held else 0.0)
+                if snap.temp_c >= limit:
+                    why = f"temperature {snap.temp_c:.1f} C >= {limit:g} C"
+                elif predicted is not None and predicted >= limit:
+                    why = (f"temperature {snap.temp_c:.1f} C rising {60 * (snap.temp_slope_c_per_s or 0):.2f} C/min, "
+                           f"{predicted:.1f} C within {self.predict_s:g} s >= {limit:g} C")
+            if why is None and discharging:
+                limit = spec.enter_battery_pct + (self.battery_hysteresis_pct if held else 0.0)
+                if snap.battery_pct <= limit:
+                    why = f"battery {snap.battery_pct:.0f}% <= {limit:g}% and not charging"
+            if why is not None:
+                found, reason = spec.level, why
+        if found < Level.BALANCED and snap.throttle is not None:
+            if snap.throttle.throttled or snap.throttle.soft_temp_limit or snap.throttle.freq_capped:
+                found, reason = Level.BALANCED, f"firmware throttling ({snap.throttle.describe()})"
+            elif snap.throttle.under_voltage:
+                found, reason = Level.BALANCED, "under-voltage reported by the firmware"
+        return found, reason

@@ -1,0 +1,295 @@
+"""The governor's policy and timing rules, on snapshots (no board): hysteresis, dwell, slope, overrides,
+unknown readings, and the config rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from device import config
+from device.errors import ConfigError
+from drivers.sim.clock import SimClock
+from drivers.throttle import ThrottleFlags
+from power.governor import Governor
+from power.policy import Level, Policy
+from power.snapshot import PowerSnapshot, temperature_slope
+
+POLICY = Policy.from_config()  # defaults: balanced 78 C / 50 %, saver 80 C / 25 %, critical 83 C / 10 %
+RPI4 = tuple(range(600000, 1500001, 100000))
+
+
+def snap(**kw) -> PowerSnapshot:
+    kw.setdefault("t", 0.0)
+    return PowerSnapshot(**kw)
+
+
+# ----------------------------------------------------------------------------------------- called_for
+
+
+def test_nominal_board_calls_for_performance():
+    assert POLICY.called_for(snap(temp_c=50.0, temp_slope_c_per_s=0.0, battery_pct=90.0, charging=False),
+                             Level.PERFORMANCE) == (Level.PERFORMANCE, "nominal")
+
+
+@pytest.mark.parametrize("temp, level", [(77.9, Level.PERFORMANCE), (78.0, Level.BALANCED), (80.0, Level.SAVER),
+                                         (83.0, Level.CRITICAL), (95.0, Level.CRITICAL)])
+def test_temperature_thresholds(temp, level):
+    called, why = POLICY.called_for(snap(temp_c=temp, temp_slope_c_per_s=0.0), Level.PERFORMANCE)
+    assert called == level
+    if level != Level.PERFORMANCE:
+        assert f"temperature {temp:.1f} C" in why
+
+
+@pytest.mark.parametrize("pct, level", [(51, Level.PERFORMANCE), (50, Level.BALANCED), (25, Level.SAVER),
+                                        (10, Level.CRITICAL), (0, Level.CRITICAL)])
+def test_battery_thresholds_when_discharging(pct, level):
+    called, why = POLICY.called_for(snap(battery_pct=float(pct), charging=False), Level.PERFORMANCE)
+    assert called == level
+    if level != Level.PERFORMANCE:
+        assert "battery" in why and "not charging" in why
+
+
+def test_low_battery_is_ignored_while_charging():
+    assert POLICY.called_for(snap(battery_pct=3.0, charging=True), Level.CRITICAL)[0] == Level.PERFORMANCE
+
+
+def test_unknown_charging_state_counts_as_discharging():
+    assert POLICY.called_for(snap(battery_pct=20.0, charging=None), Level.PERFORMANCE)[0] == Level.SAVER
+
+
+def test_unknown_readings_are_no_evidence():
+    assert POLICY.called_for(snap(), Level.PERFORMANCE) == (Level.PERFORMANCE, "nominal")
+    # ...and an unknown temperature does not hide a low battery, nor the reverse
+    assert POLICY.called_for(snap(battery_pct=8.0, charging=False), Level.PERFORMANCE)[0] == Level.CRITICAL
+    assert POLICY.called_for(snap(temp_c=81.0), Level.PERFORMANCE)[0] == Level.SAVER
+
+
+def test_slope_prediction_acts_before_the_threshold():
+    # 75 C rising 6 C/min: 78 C within 30 s, so balanced now although 75 < 78
+    called, why = POLICY.called_for(snap(temp_c=75.0, temp_slope_c_per_s=0.1), Level.PERFORMANCE)
+    assert called == Level.BALANCED
+    assert "rising" in why and "within 30 s" in why
+    # the same temperature, steady or falling, calls for nothing
+    assert POLICY.called_for(snap(temp_c=75.0, temp_slope_c_per_s=0.0), Level.PERFORMANCE)[0] == Level.PERFORMANCE
+    assert POLICY.called_for(snap(temp_c=75.0, temp_slope_c_per_s=-0.5), Level.PERFORMANCE)[0] == Level.PERFORMANCE
+
+
+def test_predicted_temperature_never_below_the_reading():
+    s = snap(temp_c=70.0, temp_slope_c_per_s=-1.0)
+    assert s.predicted_temp_c(30) == 70.0
+    assert snap(temp_c=70.0, temp_slope_c_per_s=0.2).predicted_temp_c(30) == pytest.approx(76.0)
+    assert snap().predicted_temp_c(30) is None
+
+
+def test_temperature_hysteresis_holds_an_active_level():
+    # 76 C is under balanced's 78 C, but within the 3 C hysteresis of the active balanced level
+    s = snap(temp_c=76.0, temp_slope_c_per_s=0.0)
+    assert POLICY.called_for(s, Level.PERFORMANCE)[0] == Level.PERFORMANCE
+    assert POLICY.called_for(s, Level.BALANCED)[0] == Level.BALANCED
+    assert POLICY.called_for(snap(temp_c=74.9, temp_slope_c_per_s=0.0), Level.BALANCED)[0] == Level.PERFORMANCE
+
+
+def test_battery_hysteresis_holds_an_active_level():
+    s = snap(battery_pct=28.0, charging=False)  # above saver's 25 %, inside its 5 % hysteresis
+    assert POLICY.called_for(s, Level.BALANCED)[0] == Level.BALANCED
+    assert POLICY.called_for(s, Level.SAVER)[0] == Level.SAVER
+    assert POLICY.called_for(snap(battery_pct=30.5, charging=False), Level.SAVER)[0] == Level.BALANCED
+
+
+def test_firmware_throttling_and_under_voltage_call_for_balanced():
+    called, why = POLICY.called_for(snap(temp_c=60.0, throttle=ThrottleFlags(0x80008)), Level.PERFORMANCE)
+    assert called == Level.BALANCED and "firmware throttling" in why
+    called, why = POLICY.called_for(snap(throttle=ThrottleFlags(0x1)), Level.PERFORMANCE)
+    assert called == Level.BALANCED and "under-voltage" in why
+    # bits that only say "has occurred since boot" are history, not a reason
+    assert POLICY.called_for(snap(throttle=ThrottleFlags(0x50000)), Level.PERFORMANCE)[0] == Level.PERFORMANCE
+
+
+def test_temperature_slope_is_a_least_squares_fit():
+    assert temperature_slope([]) is None
+    assert temperature_slope([(0.0, 50.0)]) is None
+    assert temperature_slope([(1.0, 50.0), (1.0, 52.0)]) is None
+    assert temperature_slope([(0.0, 50.0), (10.0, 51.0), (20.0, 52.0)]) == pytest.approx(0.1)
+    assert temperature_slope([(0.0, 50.0), (10.0, 52.0), (20.0, 50.0)]) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------------------- config rules
+
+
+def test_policy_from_config_reads_every_level():
+    cfg = config.loads("[power]\ndwell_s = 10\n[power.saver]\nthreads = 3\nvariant = 'lite'\n")
+    p = Policy.from_config(cfg.power)
+    assert p.dwell_s == 10.0
+    assert p.spec(Level.SAVER).threads == 3 and p.spec(Level.SAVER).variant == "lite"
+    assert p.spec(Level.PERFORMANCE).enter_temp_c is None
+
+
+@pytest.mark.parametrize("toml, key", [
+    ("[power.saver]\nenter_temp_c = 70\n", "power.saver.enter_temp_c"),
+    ("[power.critical]\nenter_temp_c = 80\n", "power.critical.enter_temp_c"),
+    ("[power.saver]\nenter_battery_pct = 60\n", "power.saver.enter_battery_pct"),
+    ("[power]\nthermal_target_c = 78\n", "power.thermal_target_c"),
+])
+def test_policy_refuses_thresholds_out_of_order(toml, key):
+    with pytest.raises(ConfigError) as e:
+        Policy.from_config(config.loads(toml).power)
+    assert e.value.key_path == key
+    assert key in str(e.value)
+
+
+def test_level_parse():
+    assert Level.parse("Saver") is Level.SAVER
+    with pytest.raises(ValueError, match="unknown level 'turbo'; expected one of performance, balanced"):
+        Level.parse("turbo")
+
+
+# ------------------------------------------------------------------------------- governor timing rules
+
+
+class Board:
+    """A scripted snapshot source: tests set what the next read returns."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.temp_c: float | None = 50.0
+        self.slope = 0.0
+        self.battery: float | None = None
+        self.charging: bool | None = None
+
+    def read(self) -> PowerSnapshot:
+        return PowerSnapshot(t=self.clock.monotonic(), temp_c=self.temp_c, temp_slope_c_per_s=self.slope,
+                             battery_pct=self.battery, charging=self.charging)
+
+
+@pytest.fixture
+def rig():
+    clock = SimClock()
+    board = Board(clock)
+    events = []
+    gov = Governor(POLICY, board.read, frequencies_khz=RPI4, cpus=4, clock=clock,
+                   on_event=lambda kind, data: events.append((clock.monotonic(), kind, data)))
+    return clock, board, gov, events
+
+
+def test_escalation_is_immediate_and_relaxation_waits_the_dwell(rig):
+    clock, board, gov, events = rig
+    assert gov.step().level == Level.PERFORMANCE
+    board.battery, board.charging = 40.0, False
+    clock.advance(5)
+    plan = gov.step()
+    assert plan.level == Level.BALANCED and "battery 40%" in plan.reason
+    assert events[-1][1:] == ("governor_level", {"from": "performance", "to": "balanced",
+                                                 "reason": plan.reason, "override": False})
+    board.charging = True  # plugged in: the board calls for performance again
+    for _ in range(11):  # 55 s < 60 s dwell
+        clock.advance(5)
+        plan = gov.step()
+        assert plan.level == Level.BALANCED
+        assert "holding balanced for the dwell time" in plan.reason
+    clock.advance(5)
+    assert gov.step().level == Level.PERFORMANCE
+    assert [e[2]["to"] for e in events if e[1] == "governor_level"] == ["balanced", "performance"]
+
+
+def test_relaxation_jumps_straight_to_the_called_level(rig):
+    clock, board, gov, events = rig
+    board.battery, board.charging = 5.0, False
+    gov.step()
+    assert gov.level == Level.CRITICAL
+    board.charging = True
+    clock.advance(POLICY.dwell_s)
+    assert gov.step().level == Level.PERFORMANCE  # not critical -> saver -> balanced -> performance
+    assert len([e for e in events if e[1] == "governor_level"]) == 2
+
+
+def test_plan_follows_the_level_spec(rig):
+    clock, board, gov, _ = rig
+    board.battery, board.charging = 20.0, False
+    plan = gov.step()
+    spec = POLICY.spec(Level.SAVER)
+    assert plan.level == Level.SAVER
+    assert plan.cpu_max_khz == 900000  # 60 % of 1.5 GHz
+    assert (plan.threads, plan.variant, plan.interval_ms, plan.telemetry_s) == (
+        spec.threads, spec.variant, spec.interval_ms, spec.telemetry_s)
+    board.battery = 90.0
+    clock.advance(60)
+    plan = gov.step()
+    assert (plan.cpu_max_khz, plan.threads) == (1500000, 4)  # threads = 0 means one per CPU
+
+
+def test_thermal_trim_steps_down_then_back_up(rig):
+    clock, board, gov, _ = rig
+    board.temp_c, board.slope = 76.0, 0.05  # predicted 77.5 >= 77 target
+    caps = []
+    for _ in range(3):
+        clock.advance(5)
+        caps.append(gov.step().cpu_max_khz)
+    assert caps == [1400000, 1300000, 1200000]
+    assert gov.level == Level.PERFORMANCE  # the trim acts, the level does not move
+    board.temp_c, board.slope = 76.5, 0.0  # under the target, but within its 1 C hysteresis: hold
+    clock.advance(60)
+    assert gov.step().cpu_max_khz == 1200000
+    board.temp_c = 74.0
+    ups = []
+    for _ in range(8):  # one step back up per trim_dwell_s (20 s), steps every 5 s
+        clock.advance(5)
+        ups.append(gov.step().cpu_max_khz)
+    assert ups == [1300000, 1300000, 1300000, 1300000, 1400000, 1400000, 1400000, 1400000]
+    assert gov.plan.trim_steps == 1
+
+
+def test_unknown_temperature_keeps_the_trim(rig):
+    clock, board, gov, _ = rig
+    board.temp_c, board.slope = 79.0, 0.0
+    clock.advance(5)
+    gov.step()
+    trimmed = gov.plan.trim_steps
+    assert trimmed == 1
+    board.temp_c = None
+    clock.advance(120)
+    assert gov.step().trim_steps == trimmed
+
+
+def test_override_forces_a_level_until_its_ttl(rig):
+    clock, board, gov, events = rig
+    plan = gov.override("saver", 120, by="op-key-1")
+    assert plan.level == Level.SAVER and plan.override and plan.override_remaining_s == 120
+    clock.advance(60)
+    plan = gov.step()
+    assert plan.level == Level.SAVER and "override by op-key-1" in plan.reason
+    assert gov.status()["override"] == {"level": "saver", "by": "op-key-1", "remaining_s": 60.0}
+    clock.advance(60)
+    plan = gov.step()
+    assert plan.level == Level.PERFORMANCE and not plan.override
+    kinds = [e[1] for e in events]
+    assert kinds == ["governor_override", "governor_level", "governor_override_expired", "governor_level"]
+
+
+def test_override_can_be_cleared_and_refuses_bad_arguments(rig):
+    clock, board, gov, events = rig
+    gov.override(Level.CRITICAL, 600)
+    assert gov.clear_override().level == Level.PERFORMANCE
+    assert "governor_override_cleared" in [e[1] for e in events]
+    with pytest.raises(ValueError, match="unknown level"):
+        gov.override("max", 10)
+    for ttl in (0, -5, True, "60", 10 ** 9):
+        with pytest.raises(ValueError, match="ttl_s must be a number of seconds"):
+            gov.override("saver", ttl)
+
+
+def test_a_broken_event_listener_does_not_stop_the_governor():
+    clock = SimClock()
+    board = Board(clock)
+
+    def boom(kind, data):
+        raise RuntimeError("listener bug")
+
+    gov = Governor(POLICY, board.read, frequencies_khz=RPI4, cpus=4, clock=clock, on_event=boom)
+    board.temp_c = 90.0
+    assert gov.step().level == Level.CRITICAL
+
+
+def test_no_cpufreq_table_means_no_frequency_cap():
+    clock = SimClock()
+    gov = Governor(POLICY, Board(clock).read, frequencies_khz=(), cpus=2, clock=clock)
+    plan = gov.step()
+    assert plan.cpu_max_khz is None and plan.threads == 2
