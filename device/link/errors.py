@@ -1,0 +1,94 @@
+"""Errors of the MQTT link, the spool and signed command envelopes: one family under FieldnodeError.
+
+paho-mqtt return codes and exceptions, sqlite3 errors and cryptography's ``InvalidSignature`` are turned
+into these at the boundary. Each class has a stable ``code``, which command replies carry in
+``error.code``.
+"""
+
+from __future__ import annotations
+
+from device.errors import FieldnodeError
+
+
+class LinkError(FieldnodeError):
+    """Base of every link error."""
+
+    code = "link_error"
+
+
+class BrokerUrlError(LinkError):
+    """The broker URL is malformed (scheme, host, port) or its TLS files are missing."""
+
+    code = "broker_url_invalid"
+
+
+class ConnectError(LinkError):
+    """The broker could not be reached or refused the connection."""
+
+    code = "connect_failed"
+
+
+class PublishError(LinkError):
+    """A publish was refused by paho (not connected, queue full, payload too large)."""
+
+    code = "publish_failed"
+
+
+class SpoolError(LinkError):
+    """The on-disk spool failed (disk full, I/O error)."""
+
+    code = "spool_error"
+
+
+class SpoolCorrupt(SpoolError):
+    """The spool file is not a valid database; it was moved aside and a fresh one started."""
+
+    code = "spool_corrupt"
+
+
+class EnvelopeError(LinkError):
+    """A signed command envelope was refused."""
+
+    code = "envelope_invalid"
+
+
+class EnvelopeMalformed(EnvelopeError):
+    """A field of the envelope is missing or has the wrong type."""
+
+    code = "envelope_malformed"
+
+
+class UnknownKey(EnvelopeError):
+    """The envelope names a key that is not in the trust directory."""
+
+    code = "unknown_key"
+
+
+class BadSignature(EnvelopeError):
+    """The signature does not verify over the canonical envelope."""
+
+    code = "bad_signature"
+
+
+class EnvelopeExpired(EnvelopeError):
+    """The envelope's ``expires`` time has passed."""
+
+    code = "expired"
+
+
+class EnvelopeTooLong(EnvelopeError):
+    """The envelope's ``expires`` is further ahead than the agent accepts (it would bloat the nonce cache)."""
+
+    code = "expiry_too_far"
+
+
+class EnvelopeReplayed(EnvelopeError):
+    """The envelope's nonce was already used by that key."""
+
+    code = "replayed"
+
+
+class WrongTarget(EnvelopeError):
+    """The envelope was signed for another device or another command."""
+
+    code = "wrong_target"
