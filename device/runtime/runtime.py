@@ -165,6 +165,32 @@ class Runtime:
         self._swap(self._requested_variant, threads)
         self._threads = threads
 
+    def reconfigure(self, variant: str | None = None, threads: int | None = None) -> bool:
+        """Applies a new variant and/or thread count in one hot swap (what the power governor's plan asks).
+
+        Args:
+            variant: A variant name or ``auto``; None keeps the requested one.
+            threads: Interpreter threads; None keeps the current count.
+
+        Returns:
+            True when a swap happened, False when nothing changed.
+
+        Raises:
+            ValueError: Bad thread count. ModelInvalid: unknown variant.
+        """
+        want_variant = self._requested_variant if variant is None else variant
+        want_threads = self._threads if threads is None else threads
+        if not isinstance(want_threads, int) or isinstance(want_threads, bool) or not 1 <= want_threads <= 64:
+            raise ValueError(f"threads must be an integer from 1 to 64, got {want_threads!r}")
+        resolved = resolve_variant(self.manifest, want_variant, self.settings.delegate)
+        current = resolve_variant(self.manifest, self._requested_variant, self.settings.delegate)
+        if resolved == current and want_threads == self._threads and self._engine is not None:
+            self._requested_variant = want_variant
+            return False
+        self._swap(want_variant, want_threads)
+        self._requested_variant, self._threads = want_variant, want_threads
+        return True
+
     def _swap(self, variant: str, threads: int) -> None:
         with self._swap_lock:
             old_variant = self.variant

@@ -1,0 +1,88 @@
+"""Applies the power governor's :class:`power.governor.Plan` to the board and the runtime.
+
+The governor only decides; this is the agent's side of the loop. For each plan it:
+
+* caps every cpufreq policy at ``plan.cpu_max_khz`` through :class:`drivers.cpufreq.CpuFreq` (a refused write
+  is reported once with its remedy by CpuFreq, and the other knobs are still applied);
+* resolves the plan's variant (``default``: what the runtime picks by itself; ``cheapest``: the lowest-cost
+  variant this board can run; or a name) and its thread count, and hot-swaps the runtime in one swap when
+  either changed (no request is dropped, see :meth:`device.runtime.runtime.Runtime.reconfigure`);
+* returns the inference interval and telemetry period for the agent's loops.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from device.errors import FieldnodeError
+from drivers.cpufreq import CpuFreq
+from drivers.errors import SysfsError
+
+log = logging.getLogger(__name__)
+
+
+class PlanApplier:
+    """Turns plans into writes and hot swaps.
+
+    Args:
+        cpufreq: The board's cpufreq, or None when the agent must not touch the CPU frequency.
+        runtime: The agent's :class:`device.runtime.runtime.Runtime`, or None (no model to adjust).
+        on_event: ``on_event(kind, data)`` for problems applying a plan.
+    """
+
+    def __init__(self, cpufreq: CpuFreq | None, runtime=None, on_event: Callable[[str, dict], None] | None = None):
+        self.cpufreq = cpufreq
+        self.runtime = runtime
+        self._on_event = on_event
+        self._warned: set[str] = set()
+        self.applied: dict = {}
+
+    def resolve_variant(self, name: str) -> str:
+        """The runtime variant (or ``auto``) a plan's variant name stands for on this board."""
+        manifest = self.runtime.manifest
+        if name == "default":
+            return "auto"
+        if name == "cheapest":
+            accel = (self.runtime.status().get("delegate") or "") == "edgetpu"
+            usable = [v for v in manifest.variants.values() if v.requires is None or accel]
+            return min(usable, key=lambda v: (v.cost, v.name)).name if usable else "auto"
+        if name in manifest.variants:
+            return name
+        self._problem(f"variant:{name}", f"the plan asks for variant {name!r}, which model {manifest.name} does not "
+                                         f"have ({', '.join(manifest.variants)}); using its default")
+        return "auto"
+
+    def apply(self, plan) -> dict:
+        """Applies ``plan``; never raises for a board or model that cannot do what it asks.
+
+        Returns:
+            What is in force: ``cpu_max_khz`` (per policy, as written), ``variant``, ``threads``,
+            ``interval_ms``, ``telemetry_s`` and ``swapped``.
+        """
+        out = {"interval_ms": plan.interval_ms, "telemetry_s": plan.telemetry_s, "swapped": False}
+        if self.cpufreq is not None and plan.cpu_max_khz is not None:
+            try:
+                out["cpu_max_khz"] = self.cpufreq.set_max_khz(plan.cpu_max_khz)
+            except (SysfsError, ValueError) as exc:
+                self._problem("cpufreq", f"cannot cap the CPU frequency: {exc}")
+            if self.cpufreq.permission_problem:
+                out["cpufreq_problem"] = self.cpufreq.permission_problem
+        if self.runtime is not None:
+            variant = self.resolve_variant(plan.variant)
+            try:
+                out["swapped"] = self.runtime.reconfigure(variant=variant, threads=plan.threads)
+            except (FieldnodeError, ValueError) as exc:
+                self._problem(f"swap:{variant}:{plan.threads}", f"cannot switch to variant {variant} with "
+                                                                f"{plan.threads} threads: {exc}")
+            out["variant"], out["threads"] = self.runtime.variant, self.runtime.status()["threads"]
+        self.applied = out
+        return out
+
+    def _problem(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning("%s", message)
+        if self._on_event is not None:
+            self._on_event("plan_problem", {"message": message})
