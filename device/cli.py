@@ -107,6 +107,7 @@ def _lazy(module: str, name: str, help: str) -> None:
 _lazy("tools.bench", "bench", "benchmark a model against the bare interpreter (like benchmark_model)")
 _lazy("device.demo", "demo", "run inference on the virtual board's simulated vibration sensor")
 _lazy("device.selftest", "selftest", "check every variant of a model against its shipped test vectors")
+_lazy("power.cli", "power", "the power governor: read this board's state, or simulate a policy on a virtual board")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
@@ -118,6 +119,11 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
                                                          "/etc/fieldnode/fieldnode.toml)", **d)
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages", **d)
     return common
+
+
+def subcommand_parents() -> list[argparse.ArgumentParser]:
+    """Parents for a nested sub-subcommand parser, so ``fieldnode power status --config X`` works too."""
+    return [_common(True)]
 
 
 def build_parser() -> argparse.ArgumentParser:

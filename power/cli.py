@@ -1,0 +1,147 @@
+"""``fieldnode power``: the governor for technicians and operators, offline.
+
+* ``fieldnode power status`` reads this board (or ``--root DIR``, or a fresh virtual board with ``--sim
+  PROFILE``) through the same drivers the agent uses, and prints the snapshot, the cpufreq policies, the
+  throttle flags and which level the configured policy calls for, with its reason.
+* ``fieldnode power simulate`` runs the configured policy in closed loop on a virtual board profile
+  (hours of board time in seconds), against the static-maximum plan, so a policy can be tried before it is
+  flashed onto a fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+from drivers.sim.profiles import PROFILES
+
+SCENARIOS = {
+    "hot": dict(hours=2.0, ambient_c=40.0),
+    "battery": dict(hours=24.0, ambient_c=20.0, battery_mah=5000.0, mains=False, dt=2.0, record_every_s=30.0),
+    "plug": dict(hours=0.5, ambient_c=25.0, battery_mah=5000.0, soc_pct=9.0, mains=False, plug_at_s=60.0),
+}
+
+
+def add_arguments(p) -> None:
+    from device.cli import subcommand_parents
+
+    sub = p.add_subparsers(dest="power_command", metavar="{status,simulate}")
+    sub.required = True
+    st = sub.add_parser("status", help="read the board's power and thermal state and the level it calls for",
+                        parents=subcommand_parents())
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--root", help="sysfs root to read (default: drivers.sysfs_root, else /)")
+    where.add_argument("--sim", choices=sorted(PROFILES), help="read a fresh virtual board of this profile")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    sim = sub.add_parser("simulate", help="run the configured policy on a virtual board, against static maximum",
+                         parents=subcommand_parents())
+    sim.add_argument("--profile", choices=sorted(PROFILES), default="rpi4")
+    sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="hot")
+    sim.add_argument("--hours", type=float, help="simulated duration (default: the scenario's)")
+    sim.add_argument("--ambient", type=float, help="ambient temperature in C (default: the scenario's)")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    from device.cli import load_config
+    from power.policy import Policy
+
+    cfg = load_config(args)
+    policy = Policy.from_config(cfg.power)
+    if args.power_command == "status":
+        return _status(args, cfg, policy)
+    return _simulate(args, policy)
+
+
+def _status(args, cfg, policy) -> int:
+    from drivers import thermal, throttle
+    from drivers.cpufreq import CpuFreq
+    from drivers.sysfs import Sysfs, resolve_root
+    from power.governor import Governor
+    from power.snapshot import BoardReader
+
+    tmp = None
+    if args.sim:
+        from drivers.sim.board import VirtualBoard
+
+        tmp = tempfile.TemporaryDirectory(prefix="fieldnode-board-")
+        fs = VirtualBoard(tmp.name, args.sim).fs
+    else:
+        fs = Sysfs(args.root or resolve_root(cfg.drivers.sysfs_root))
+        if not os.path.isdir(fs.root):
+            print(f"fieldnode power status: sysfs root {fs.root} is not a directory", file=sys.stderr)
+            return 2
+    try:
+        policies = CpuFreq(fs).policies()
+        snap = BoardReader(fs).read()
+        freqs = policies[0].frequencies_khz if policies else ()
+        gov = Governor(policy, lambda: snap, frequencies_khz=freqs)
+        plan = gov.step()
+        out = {
+            "root": fs.root, "snapshot": snap.to_dict(),
+            "thermal_zones": [{"zone": z.name, "type": z.type, "temp_c": z.temp_c} for z in thermal.read_zones(fs)],
+            "throttle": None if snap.throttle is None else snap.throttle.describe(),
+            "cpufreq": [{"policy": p.name, "cpus": list(p.cpus), "min_khz": p.min_khz, "max_khz": p.max_khz,
+                         "scaling_max_khz": p.scaling_max_khz, "cur_khz": p.cur_khz, "governor": p.governor}
+                        for p in policies],
+            "level": plan.level.label, "reason": plan.reason, "plan": plan.to_dict(),
+        }
+        if fs.root == "/":
+            mode = throttle.read_nvpmodel()
+            out["nvpmodel"] = None if mode is None else {"id": mode.id, "name": mode.name}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    s = out["snapshot"]
+    print(f"sysfs root: {out['root']}")
+    print(f"temperature: {_v(s['temp_c'], ' C')} ({s['temp_source'] or 'no thermal zone'})")
+    print(f"battery: {_v(s['battery_pct'], ' %')}, charging {_v(s['charging'])}, external power "
+          f"{_v(s['on_external_power'])}")
+    print(f"firmware throttle: {out['throttle'] or 'not reported on this board'}")
+    for p in out["cpufreq"]:
+        print(f"cpufreq {p['policy']} (cpus {p['cpus']}): {p['min_khz'] // 1000}-{p['max_khz'] // 1000} MHz, cap "
+              f"{_v(p['scaling_max_khz'])} kHz, now {_v(p['cur_khz'])} kHz, governor {p['governor']}")
+    if not out["cpufreq"]:
+        print("cpufreq: no policies (the governor will not cap the CPU)")
+    if out.get("nvpmodel"):
+        print(f"nvpmodel: {out['nvpmodel']['name']} ({out['nvpmodel']['id']})")
+    print(f"policy calls for: {out['level']} ({out['reason']})")
+    return 0
+
+
+def _v(value, unit: str = "") -> str:
+    return "unknown" if value is None else f"{value}{unit}"
+
+
+def _simulate(args, policy) -> int:
+    from drivers.sim.profiles import get_profile
+    from power.simulate import StaticPlan, simulate
+
+    kw = dict(SCENARIOS[args.scenario])
+    if args.hours is not None:
+        kw["hours"] = args.hours
+    if args.ambient is not None:
+        kw["ambient_c"] = args.ambient
+    profile = get_profile(args.profile)
+    governed = simulate(policy, profile=args.profile, name="governed", **kw)
+    static = simulate(StaticPlan(profile.max_khz, profile.cpus), profile=args.profile, name="static maximum", **kw)
+    out = {"profile": args.profile, "scenario": args.scenario, **{k: v for k, v in kw.items() if k != "dt"},
+           "governed": governed.summary(), "static_max": static.summary(),
+           "levels": [(round(t), d["to"], d["reason"]) for t, kind, d in governed.events if kind == "governor_level"]}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{args.profile}, scenario {args.scenario}: " + ", ".join(f"{k} {v}" for k, v in kw.items() if k != "dt"))
+    for tr in (governed, static):
+        s = tr.summary()
+        print(f"  {s['name']:<15} max {s['max_temp_c']:.1f} C, {s['inferences']} inferences "
+              f"({100 * s['cheap_share']:.0f}% cheap variant), ran {s['runtime_h']:.2f} h"
+              f"{', battery died' if s['died'] else ''}{', firmware throttled' if s['firmware_throttled'] else ''}")
+    for t, to, why in out["levels"]:
+        print(f"  t={t:>6d} s -> {to}: {why}")
+    return 0

@@ -1,0 +1,45 @@
+"""``fieldnode power``: status on a virtual board and on a bad root, and a short simulation."""
+
+from __future__ import annotations
+
+import json
+
+from device.cli import main
+
+
+def test_status_reads_a_virtual_board(capsys):
+    assert main(["power", "status", "--sim", "rpi5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["snapshot"]["temp_source"] == "cpu-thermal" and out["snapshot"]["temp_c"] > 20
+    assert out["cpufreq"][0]["max_khz"] == 2400000
+    assert out["throttle"] == "no throttling"
+    assert out["level"] == "performance" and out["plan"]["cpu_max_khz"] == 2400000
+
+
+def test_status_reads_a_given_root_and_says_what_the_policy_calls_for(tmp_path, capsys):
+    from drivers.sim.board import VirtualBoard
+
+    VirtualBoard(str(tmp_path), "rpi4", battery_mah=2000, soc_pct=20, mains=False)
+    assert main(["power", "status", "--root", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "battery: 20.0 %, charging False" in text
+    assert "policy calls for: saver (battery 20% <= 25% and not charging)" in text
+
+
+def test_status_refuses_a_missing_root(tmp_path, capsys):
+    assert main(["power", "status", "--root", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_status_refuses_an_invalid_policy(tmp_path, capsys):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text("[power.saver]\nenter_temp_c = 60\n")
+    assert main(["power", "status", "--sim", "rpi4", "--config", str(cfg)]) == 2
+    assert "power.saver.enter_temp_c: must be above power.balanced.enter_temp_c" in capsys.readouterr().err
+
+
+def test_simulate_prints_the_governed_and_static_runs(capsys):
+    assert main(["power", "simulate", "--scenario", "hot", "--hours", "0.5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["governed"]["max_temp_c"] < 80 <= out["static_max"]["max_temp_c"]
+    assert out["static_max"]["firmware_throttled"] and not out["governed"]["firmware_throttled"]
