@@ -112,7 +112,6 @@ class DemoConfig:
     """``[demo]``: the demo inference loop."""
 
     seconds: float = setting(30.0, "How long the demo loop runs.", minimum=0, maximum=86400)
-    interval_ms: int = setting(100, "Time between inferences in the demo loop.", minimum=1, maximum=60000)
 
 
 @dataclass(frozen=True)

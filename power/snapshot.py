@@ -67,9 +67,13 @@ def _round(value, digits):
     return None if value is None else round(value, digits)
 
 
-def temperature_slope(samples: Sequence[tuple[float, float]]) -> float | None:
-    """Least-squares slope (degrees per second) of ``(t, temp)`` samples; None with fewer than two times."""
-    if len(samples) < 2:
+def temperature_slope(samples: Sequence[tuple[float, float]], min_span_s: float = 0.0) -> float | None:
+    """Least-squares slope (degrees per second) of ``(t, temp)`` samples.
+
+    None with fewer than two samples or when they span less than ``min_span_s``: two readings a moment apart
+    across one sensor update would otherwise make a step look like an enormous slope.
+    """
+    if len(samples) < 2 or samples[-1][0] - samples[0][0] < min_span_s:
         return None
     n = len(samples)
     mt = sum(t for t, _ in samples) / n
@@ -106,7 +110,8 @@ class BoardReader:
         supplies = power_supply.read_power(self.fs)
         battery = supplies.battery
         return PowerSnapshot(
-            t=now, temp_c=temp, temp_slope_c_per_s=temperature_slope(self._history) if temp is not None else None,
+            t=now, temp_c=temp,
+            temp_slope_c_per_s=temperature_slope(self._history, self.slope_window_s / 3) if temp is not None else None,
             battery_pct=supplies.battery_pct, charging=supplies.charging,
             on_external_power=supplies.on_external_power,
             power_w=None if battery is None else battery.power_w,

@@ -42,3 +42,31 @@ class SimClock:
         with self._lock:
             self._now += seconds
             return self._now
+
+
+class ScaledClock:
+    """Real time, sped up: ``factor`` simulated seconds pass per real second (for live demos).
+
+    ``sleep`` waits the real time that corresponds to the simulated duration, so a governor stepping every
+    5 simulated seconds at ``factor=60`` steps every 83 ms.
+    """
+
+    def __init__(self, factor: float, epoch: float = EPOCH):
+        import time
+
+        if factor <= 0:
+            raise ValueError(f"a clock speed factor must be positive, got {factor!r}")
+        self._time = time
+        self.factor = float(factor)
+        self._real0 = time.monotonic()
+        self._epoch = float(epoch)
+
+    def monotonic(self) -> float:
+        return (self._time.monotonic() - self._real0) * self.factor
+
+    def time(self) -> float:
+        return self._epoch + self.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            self._time.sleep(seconds / self.factor)

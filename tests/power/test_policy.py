@@ -110,6 +110,9 @@ def test_temperature_slope_is_a_least_squares_fit():
     assert temperature_slope([(1.0, 50.0), (1.0, 52.0)]) is None
     assert temperature_slope([(0.0, 50.0), (10.0, 51.0), (20.0, 52.0)]) == pytest.approx(0.1)
     assert temperature_slope([(0.0, 50.0), (10.0, 52.0), (20.0, 50.0)]) == pytest.approx(0.0)
+    # a sensor step seen by two readings a moment apart is not a slope
+    assert temperature_slope([(0.0, 50.0), (0.2, 53.0)], min_span_s=10.0) is None
+    assert temperature_slope([(0.0, 50.0), (10.0, 53.0)], min_span_s=10.0) == pytest.approx(0.3)
 
 
 # ------------------------------------------------------------------------------------- config rules
