@@ -5,7 +5,9 @@ A level past ``performance`` is *called for* when any of its conditions holds:
 * the SoC temperature, or its prediction ``predict_s`` ahead along the current slope, is at or above the
   level's ``enter_temp_c`` (so the governor acts before a limit is crossed, not after);
 * the battery is at or below the level's ``enter_battery_pct`` and the board is not charging;
-* (``balanced`` only) the Raspberry Pi firmware reports it is throttling or under-voltage right now.
+* (``balanced`` only) the Raspberry Pi firmware reports it is throttling or under-voltage right now;
+* (``critical`` only) the board's power-good / low-battery input line signals trouble (a UPS HAT's
+  low-battery output fires when the cell is nearly empty, whatever the fuel gauge says).
 
 Hysteresis: a level that is already active (or one below a more severe active level) is only left when the
 temperature is ``temp_hysteresis_c`` under its threshold and the battery ``battery_hysteresis_pct`` above
@@ -141,6 +143,8 @@ class Policy:
                     why = f"battery {snap.battery_pct:.0f}% <= {limit:g}% and not charging"
             if why is not None:
                 found, reason = spec.level, why
+        if snap.power_good is False and found < Level.CRITICAL:
+            found, reason = Level.CRITICAL, "the power-good input signals a power problem (low battery)"
         if found < Level.BALANCED and snap.throttle is not None:
             if snap.throttle.throttled or snap.throttle.soft_temp_limit or snap.throttle.freq_capped:
                 found, reason = Level.BALANCED, f"firmware throttling ({snap.throttle.describe()})"

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+import logging
+from typing import Callable, Sequence
 
 from device.clock import SYSTEM_CLOCK
 from drivers import power_supply, thermal, throttle
 from drivers.sysfs import Sysfs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class PowerSnapshot:
         power_w: Power drawn from the battery when known.
         throttle: Raspberry Pi firmware throttle flags, or None off a Pi.
         temp_source: The thermal zone type the temperature came from.
+        power_good: The power-good / low-battery input line (False: it signals trouble), or None without one.
     """
 
     t: float
@@ -43,6 +47,7 @@ class PowerSnapshot:
     power_w: float | None = None
     throttle: throttle.ThrottleFlags | None = None
     temp_source: str | None = None
+    power_good: bool | None = None
 
     def predicted_temp_c(self, horizon_s: float) -> float | None:
         """The temperature ``horizon_s`` ahead if the current slope holds (only ever above the reading when
@@ -59,7 +64,7 @@ class PowerSnapshot:
             "battery_pct": _round(self.battery_pct, 1), "charging": self.charging,
             "on_external_power": self.on_external_power, "power_w": _round(self.power_w, 3),
             "throttle": None if self.throttle is None else list(self.throttle.active),
-            "temp_source": self.temp_source,
+            "temp_source": self.temp_source, "power_good": self.power_good,
         }
 
 
@@ -91,10 +96,14 @@ class BoardReader:
         fs: The sysfs root to read.
         clock: Time source for the snapshot time and the slope history.
         slope_window_s: How much temperature history the slope is fitted over.
+        power_good: Reads the power-good / low-battery input (``drivers.inputs.PowerGoodInput.power_good``),
+            or None when the board has none.
     """
 
-    def __init__(self, fs: Sysfs, clock=SYSTEM_CLOCK, slope_window_s: float = 30.0):
+    def __init__(self, fs: Sysfs, clock=SYSTEM_CLOCK, slope_window_s: float = 30.0,
+                 power_good: Callable[[], bool] | None = None):
         self.fs = fs
+        self._power_good = power_good
         self.clock = clock
         self.slope_window_s = slope_window_s
         self._history: deque[tuple[float, float]] = deque()
@@ -115,5 +124,14 @@ class BoardReader:
             battery_pct=supplies.battery_pct, charging=supplies.charging,
             on_external_power=supplies.on_external_power,
             power_w=None if battery is None else battery.power_w,
-            throttle=throttle.read_throttled(self.fs), temp_source=source,
+            throttle=throttle.read_throttled(self.fs), temp_source=source, power_good=self._read_power_good(),
         )
+
+    def _read_power_good(self) -> bool | None:
+        if self._power_good is None:
+            return None
+        try:
+            return bool(self._power_good())
+        except Exception as exc:  # a GPIO read failing is "unknown", never a dead governor
+            log.warning("power-good input unreadable: %s", exc)
+            return None

@@ -81,3 +81,23 @@ def test_a_board_without_readable_sensors_stays_at_performance(tmp_path):
         plan = gov.step()
     assert plan.level == Level.PERFORMANCE and plan.cpu_max_khz is None
     assert gov.snapshot.temp_c is None and gov.snapshot.battery_pct is None and gov.snapshot.throttle is None
+
+
+def test_the_power_good_line_reaches_the_governor_through_gpio(tmp_path):
+    """A UPS HAT's low-battery output on a GPIO line (sim backend): the governor goes critical at once."""
+    from drivers.inputs import PowerGoodInput
+    from drivers.sim.gpio import SimPinFactory
+
+    clock = SimClock()
+    board = VirtualBoard(str(tmp_path), "rpi4", clock=clock)
+    pins = SimPinFactory(clock=clock)
+    pins.drive_high(17)
+    line = PowerGoodInput(pins.input(17), active_low=True)
+    reader = BoardReader(board.fs, clock=clock, power_good=lambda: line.power_good)
+    gov = Governor(POLICY, reader.read, frequencies_khz=board.profile.frequencies_khz, cpus=4, clock=clock)
+    board.advance(5)
+    assert gov.step().level == Level.PERFORMANCE and gov.snapshot.power_good is True
+    pins.drive_low(17)
+    board.advance(5)
+    plan = gov.step()
+    assert plan.level == Level.CRITICAL and "power-good input" in plan.reason

@@ -104,6 +104,13 @@ def test_firmware_throttling_and_under_voltage_call_for_balanced():
     assert POLICY.called_for(snap(throttle=ThrottleFlags(0x50000)), Level.PERFORMANCE)[0] == Level.PERFORMANCE
 
 
+def test_power_good_input_signalling_trouble_calls_for_critical():
+    called, why = POLICY.called_for(snap(temp_c=50.0, battery_pct=80.0, charging=False, power_good=False),
+                                    Level.PERFORMANCE)
+    assert called == Level.CRITICAL and "power-good input" in why
+    assert POLICY.called_for(snap(power_good=True), Level.PERFORMANCE)[0] == Level.PERFORMANCE
+
+
 def test_temperature_slope_is_a_least_squares_fit():
     assert temperature_slope([]) is None
     assert temperature_slope([(0.0, 50.0)]) is None
