@@ -115,13 +115,13 @@ class _Demo:
                  f"{', '.join(self.rt.manifest.variants)}; virtual {b.profile.name} at {b.ambient_c:g} C ambient, "
                  f"{'battery %.0f%%' % b.soc if b.soc is not None else 'mains'}, board time x{self.board_clock.factor:g}; "
                  f"sensor on {self.mcu.port}; {seconds:g} s")
+        b.start(period_s=max(0.005, min(0.05, 1.0 / self.board_clock.factor)))  # ~1 board second a step
         self.rt.start()
         st = self.rt.status()
         self.out(f"backend {st['backend']} {st['backend_version']}, delegate {st['delegate']}, isolation "
                  f"{st['isolation']}, threads {st['threads']}, variant {st['variant']}")
         for fb in st["delegate_fallbacks"]:
             self.out(f"  fallback: {fb}")
-        b.start(period_s=max(0.005, min(0.05, 1.0 / self.board_clock.factor)))  # ~1 board second a step
         self.mcu.start()
         self.sensor.start()
         self._gov_thread = threading.Thread(target=self._govern, name="demo-governor", daemon=True)

@@ -111,7 +111,12 @@ def plot(name: str, traces: list[Trace], path: str, soc: bool = False) -> None:
         hours = [t / 3600 for t in tr.t]
         style = "-" if tr.name == "governed" else "--"
         axes[0].plot(hours, tr.temp_c, style, label=tr.name, linewidth=1)
-        axes[1].plot(hours, tr.freq_mhz, style, label=tr.name, linewidth=1)
+        # Both the trim and the firmware's own throttle toggle between two table steps every few
+        # seconds: a one-minute mean shows the frequency each actually sustains.
+        k = max(1, int(round(60.0 / (tr.t[1] - tr.t[0])))) if len(tr.t) > 1 else 1
+        freq = [sum(tr.freq_mhz[max(0, i - k + 1):i + 1]) / len(tr.freq_mhz[max(0, i - k + 1):i + 1])
+                for i in range(len(tr.freq_mhz))]
+        axes[1].plot(hours, freq, style, label=tr.name, linewidth=1)
         if tr.name == "governed":
             axes[2].step(hours, tr.level, where="post", linewidth=1)
         if soc:
@@ -119,7 +124,7 @@ def plot(name: str, traces: list[Trace], path: str, soc: bool = False) -> None:
     axes[0].axhline(SOFT_LIMIT_C, color="red", linewidth=0.8, linestyle=":", label="soft throttle")
     axes[0].set_ylabel("SoC temp (C)")
     axes[0].legend(fontsize=7, loc="lower right")
-    axes[1].set_ylabel("CPU (MHz)")
+    axes[1].set_ylabel("CPU MHz (1-min mean)")
     axes[2].set_ylabel("level")
     axes[2].set_yticks([int(lv) for lv in Level], [lv.label for lv in Level])
     axes[2].invert_yaxis()
