@@ -108,6 +108,7 @@ _lazy("tools.bench", "bench", "benchmark a model against the bare interpreter (l
 _lazy("device.demo", "demo", "run inference on the virtual board's simulated vibration sensor")
 _lazy("device.selftest", "selftest", "check every variant of a model against its shipped test vectors")
 _lazy("power.cli", "power", "the power governor: read this board's state, or simulate a policy on a virtual board")
+_lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, sign")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:

@@ -92,3 +92,9 @@ class WrongTarget(EnvelopeError):
     """The envelope was signed for another device or another command."""
 
     code = "wrong_target"
+
+
+class KeyFileError(EnvelopeError):
+    """A signing or trust key file is unreadable, not PEM, or not an Ed25519 key of the expected kind."""
+
+    code = "key_file_invalid"
