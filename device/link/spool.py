@@ -1,0 +1,484 @@
+"""The durable on-disk spool: every result, event and telemetry record is written here before it is published.
+
+Workflow: producers call :meth:`Spool.put`, which only appends to an in-memory pending batch and returns the
+message id. A background thread (:meth:`Spool.start`) calls :meth:`Spool.flush` every ``commit_interval_s``;
+a flush writes the whole batch, the pending acks (DELETE) and the budget enforcement in ONE SQLite
+transaction. The MQTT publisher reads committed messages in id order with :meth:`Spool.batch`, publishes them
+at QoS 1 and calls :meth:`Spool.ack` on PUBACK; acked rows go away at the next commit.
+
+Ids are unique and strictly increasing, across restarts and even across a spool reset:
+``id = max(last_id + 1, int(clock.time() * 1e6))``. ``last_id`` is persisted in the ``meta`` table in the same
+transaction as the rows, so a clock that steps backwards (no RTC, NTP correction) cannot reuse an id, and the
+clock floor keeps a fresh spool (after corruption) above the ids the broker has already seen.
+
+What survives what:
+
+* The file is SQLite in WAL mode with ``synchronous=FULL``: a COMMIT returns only after the WAL is fsynced,
+  so a committed transaction survives a process crash AND a power cut (if the storage honours fsync; cheap SD
+  cards that lie about flushes void every software guarantee). Transactions are atomic and commit in id
+  order: after a crash the spool holds a prefix of the batches, never half a batch, so no message is missing
+  between two committed ones.
+* The loss window is the pending batch: messages put since the last commit (at most ~``commit_interval_s``
+  plus one commit's duration) live only in memory and are lost on a crash or power cut. ``durable_id`` tells
+  which ids are safe. A SIGKILL loses the same window; it cannot tear a commit.
+* Group commit keeps the fsync count at one per interval (FULL costs an fsync per commit, about 6k commits/s
+  at best, so one per message would not keep up).
+* A file that is not a database, fails ``PRAGMA quick_check`` or raises a corruption error is moved aside
+  (with its -wal/-shm) to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>`` and a fresh spool starts; the agent keeps
+  running and ``on_event("spool_corrupt", ...)`` reports it. Environmental errors (permissions, disk full,
+  I/O errors, a locked file) are NOT corruption: they raise :class:`SpoolError` and the file stays put.
+
+The budget counts payload bytes of committed rows (not the file size: freed pages are reused, the file does
+not shrink). When it is exceeded, telemetry goes first, then results, then events, oldest first; rows older
+than ``max_age_s`` go whatever their kind. Drops are counted per kind in ``meta`` and survive restarts until
+:meth:`Spool.pop_dropped` hands them to the link. ``created`` is wall time: a board without an RTC that stamps
+messages before its clock is set may see them expire early (their ids stay ordered thanks to the floor).
+
+The commit thread needs the GIL for every statement it runs, so a commit is a few multi-row statements, not a
+statement per row: a CPU-bound Python thread would otherwise stretch each GIL hand-over to the switch interval.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from device.clock import SYSTEM_CLOCK
+from device.link import spooldb
+from device.link.errors import SpoolCorrupt, SpoolError
+
+log = logging.getLogger(__name__)
+
+
+class Kind(enum.IntEnum):
+    """What a message is; the value is its drop priority (lowest is dropped first when over budget)."""
+
+    TELEMETRY = 0
+    RESULT = 1
+    EVENT = 2
+
+
+_KIND_NAMES = {k: k.name.lower() for k in Kind}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A committed message as the publisher sees it. ``created`` is wall-clock seconds from the spool's clock."""
+
+    id: int
+    kind: Kind
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
+
+
+class Spool:
+    """A durable, ordered, budgeted message queue in one SQLite file.
+
+    Args:
+        path: The database file; its directory is created.
+        clock: Wall time for ids and ``created`` (:data:`device.clock.SYSTEM_CLOCK` by default).
+        commit_interval_s: Period of the background group commit (> 0).
+        max_bytes: Budget of committed payload bytes (> 0); a single payload may not exceed it.
+        max_age_s: Committed messages older than this are dropped (> 0).
+        on_event: ``callable(kind: str, data: dict)`` for ``spool_corrupt`` and ``spool_error``; it may be
+            called from the commit thread.
+
+    Raises:
+        ValueError: A parameter is out of range.
+        SpoolError: The file cannot be opened (permissions, disk, locked); corruption is recovered instead.
+    """
+
+    def __init__(self, path: str, *, clock=SYSTEM_CLOCK, commit_interval_s: float = 0.05,
+                 max_bytes: int = 64 * 1024 * 1024, max_age_s: float = 7 * 86400,
+                 on_event: Callable[[str, dict], None] | None = None) -> None:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path must be a non-empty str, got {path!r}")
+        for name, v, types in (("commit_interval_s", commit_interval_s, (int, float)), ("max_bytes", max_bytes, int),
+                               ("max_age_s", max_age_s, (int, float))):
+            if isinstance(v, bool) or not isinstance(v, types) or not v > 0:
+                raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        self.path = os.path.abspath(path)
+        self._clock = clock
+        self._interval = float(commit_interval_s)
+        self._max_bytes = max_bytes
+        self._max_age = float(max_age_s)
+        self._on_event = on_event
+        # _lock guards the in-memory state that put()/ack() touch and must never wait for I/O;
+        # _db_lock serialises every use of the connection (a commit holds it across its fsync).
+        self._lock = threading.Lock()
+        self._db_lock = threading.RLock()
+        self._pending: list[tuple] = []
+        self._pending_bytes = 0
+        self._acks: set[int] = set()
+        self._dropped = {k: 0 for k in Kind}
+        self._dropped_dirty = False
+        self._count = {k: 0 for k in Kind}
+        self._bytes = {k: 0 for k in Kind}
+        self._oldest: float | None = None
+        self._resync = False
+        self._last_id = 0
+        self._durable_id = 0
+        self._commits = 0
+        self._last_commit_ms = 0.0
+        self._corrupt_recoveries = 0
+        self._closed = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._db: sqlite3.Connection | None = None
+        self._open()
+
+    @property
+    def durable_id(self) -> int:
+        """The highest id known committed (0 for none): every message up to it survives a crash."""
+        return self._durable_id
+
+    # -- producer side -------------------------------------------------------------------------------
+
+    def put(self, kind: Kind, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queues a message for the next commit; no I/O happens on the caller's thread.
+
+        Args:
+            kind: The message's :class:`Kind` (its drop priority).
+            topic: The MQTT topic: a non-empty str without wildcards or NUL.
+            payload: The bytes to publish, at most ``max_bytes`` long.
+            qos: MQTT QoS 0, 1 or 2.
+            retain: The MQTT retain flag.
+
+        Returns:
+            The message id, unique and greater than every id assigned before (also across restarts).
+
+        Raises:
+            ValueError: A field is malformed; the message names it.
+            SpoolError: The spool is closed.
+        """
+        if not isinstance(kind, Kind):
+            raise ValueError(f"kind must be a Kind, got {kind!r}")
+        if not isinstance(topic, str) or not topic:
+            raise ValueError(f"topic must be a non-empty str, got {topic!r}")
+        if "+" in topic or "#" in topic or "\x00" in topic:
+            raise ValueError(f"topic must not contain wildcards (+, #) or NUL, got {topic!r}")
+        try:
+            encoded = len(topic.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(f"topic must be valid UTF-8, got {topic!r}") from e
+        if encoded > 65535:
+            raise ValueError(f"topic is {encoded} bytes long, MQTT allows 65535")
+        if not isinstance(payload, bytes):
+            raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
+        if len(payload) > self._max_bytes:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds the spool budget of {self._max_bytes}")
+        if isinstance(qos, bool) or qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        if not isinstance(retain, bool):
+            raise ValueError(f"retain must be a bool, got {retain!r}")
+        with self._lock:
+            if self._closed:
+                raise SpoolError(f"spool {self.path} is closed")
+            now = self._clock.time()
+            mid = max(self._last_id + 1, int(now * 1e6))
+            self._last_id = mid
+            self._pending.append((mid, int(kind), topic, payload, qos, int(retain), now, len(payload)))
+            self._pending_bytes += len(payload)
+        return mid
+
+    # -- publisher side ------------------------------------------------------------------------------
+
+    def batch(self, after_id: int, limit: int) -> list[Message]:
+        """Returns committed messages with ``id > after_id`` in id order, skipping ids acked but not yet deleted.
+
+        Args:
+            after_id: The highest id the caller already has (0 for all).
+            limit: Maximum number of messages (>= 0).
+
+        Returns:
+            Up to ``limit`` messages, oldest id first.
+
+        Raises:
+            ValueError: ``after_id`` or ``limit`` is not an int, or ``limit`` is negative.
+            SpoolError: The read failed (SpoolCorrupt if the file turned out corrupt; it was replaced).
+        """
+        for name, v in (("after_id", after_id), ("limit", limit)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        if limit == 0:
+            return []
+        with self._lock:
+            acked = {i for i in self._acks if i > after_id}
+        with self._db_lock:
+            self._check_open()
+            try:
+                rows = self._db.execute(
+                    "SELECT id, kind, topic, payload, qos, retain, created FROM messages"
+                    " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(acked))).fetchall()
+            except (sqlite3.Error, spooldb.Corrupt) as e:
+                self._fail(e, "read from")
+        out = [Message(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], bool(r[5]), r[6]) for r in rows
+               if r[0] not in acked]
+        return out[:limit]
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """Marks messages as delivered; they are deleted at the next commit. Unknown ids are ignored.
+
+        Args:
+            ids: Message ids the broker acknowledged.
+
+        Raises:
+            ValueError: An id is not an int.
+        """
+        got = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ValueError(f"ack ids must be ints, got {i!r}")
+            got.append(i)
+        with self._lock:
+            self._acks.update(got)
+
+    def pop_dropped(self) -> dict[str, int]:
+        """Returns the drop counters per kind and resets them (durably at the next commit).
+
+        Returns:
+            ``{"telemetry": n, "result": n, "event": n}``.
+        """
+        with self._db_lock, self._lock:  # not while a commit is writing the old values
+            out = {_KIND_NAMES[k]: n for k, n in self._dropped.items()}
+            self._dropped = {k: 0 for k in Kind}
+            self._dropped_dirty = True
+        return out
+
+    # -- commit --------------------------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Commits the pending batch, the pending acks and the budget in one transaction.
+
+        Returns:
+            The number of messages committed.
+
+        Raises:
+            SpoolError: The write failed (disk full, I/O error, closed); the batch and acks are kept for the
+                next flush. SpoolCorrupt if the file turned out corrupt: it was replaced by a fresh one.
+        """
+        with self._db_lock:
+            self._check_open()
+            with self._lock:
+                rows, self._pending, self._pending_bytes = self._pending, [], 0
+                acks, self._acks = self._acks, set()
+                dirty, self._dropped_dirty = self._dropped_dirty, False
+            if not (rows or acks or dirty or self._maintenance_due()):
+                return 0
+            t0 = time.perf_counter()
+            try:
+                self._commit(rows, acks)
+            except (sqlite3.Error, spooldb.Corrupt) as e:
+                with self._lock:
+                    self._pending[:0] = rows
+                    self._pending_bytes += sum(r[7] for r in rows)
+                    self._acks |= acks
+                    self._dropped_dirty = self._dropped_dirty or dirty
+                    self._trim_pending_locked()
+                self._resync = True  # a failed COMMIT leaves our running totals in doubt
+                self._fail(e, "write to")
+            self._commits += 1
+            self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
+            return len(rows)
+
+    def _maintenance_due(self) -> bool:
+        if sum(self._bytes.values()) > self._max_bytes or self._resync:
+            return True
+        return self._oldest is not None and self._oldest < self._clock.time() - self._max_age
+
+    def _commit(self, rows: list[tuple], acks: set[int]) -> None:
+        done = spooldb.commit(self._db, rows, acks, counts=self._count, sizes=self._bytes, dropped=self._dropped,
+                              cutoff=self._clock.time() - self._max_age, max_bytes=self._max_bytes,
+                              recount=self._resync)
+        # Only now is it durable: publish the new state.
+        self._durable_id = max(self._durable_id, done.last_id)
+        self._count, self._bytes, self._oldest, self._resync = done.counts, done.sizes, done.oldest, False
+        with self._lock:
+            # pop_dropped cannot run during a commit (it takes _db_lock), so these are the values we wrote.
+            self._dropped = done.dropped
+
+    def _trim_pending_locked(self) -> None:
+        # While commits fail (disk full) the batch grows in RAM; hold it to the same budget and priority.
+        excess = self._pending_bytes - self._max_bytes
+        for kind in Kind:
+            if excess <= 0:
+                return
+            keep = []
+            for r in self._pending:
+                if excess > 0 and r[1] == kind:
+                    excess -= r[7]
+                    self._pending_bytes -= r[7]
+                    self._dropped[kind] += 1
+                    self._dropped_dirty = True
+                else:
+                    keep.append(r)
+            self._pending = keep
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the background group-commit thread (idempotent).
+
+        Raises:
+            SpoolError: The spool is closed.
+        """
+        with self._db_lock:
+            self._check_open()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self._interval):
+            try:
+                self.flush()
+            except Exception as e:  # the commit thread must outlive any single failure
+                if not failing:
+                    log.warning("spool commit failed, will retry: %s", e)
+                    self._emit("spool_error", {"error": str(e), "path": self.path})
+                failing = True
+            else:
+                if failing:
+                    log.info("spool commits resumed on %s", self.path)
+                failing = False
+
+    def close(self) -> None:
+        """Stops the commit thread, flushes what is pending and closes the file (idempotent).
+
+        Raises:
+            SpoolError: The final flush failed; the pending messages are lost.
+        """
+        if self._closed:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._db_lock:
+            if self._closed:
+                return
+            try:
+                self.flush()
+            finally:
+                with self._lock:
+                    self._closed = True
+                try:
+                    if self._db is not None:
+                        self._db.close()
+                except sqlite3.Error as e:
+                    log.warning("closing spool %s: %s", self.path, e)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """A snapshot for status and diag.
+
+        Returns:
+            A dict: messages, bytes, oldest_age_s, by_kind, bytes_by_kind, dropped, pending, pending_bytes,
+            commits, last_commit_ms, durable_id, corrupt_recoveries, path.
+        """
+        with self._lock:
+            pending, pending_bytes = len(self._pending), self._pending_bytes
+            dropped = {_KIND_NAMES[k]: n for k, n in self._dropped.items()}
+        oldest = self._oldest
+        return {
+            "messages": sum(self._count.values()),
+            "bytes": sum(self._bytes.values()),
+            "oldest_age_s": 0.0 if oldest is None else max(0.0, self._clock.time() - oldest),
+            "by_kind": {_KIND_NAMES[k]: n for k, n in self._count.items()},
+            "bytes_by_kind": {_KIND_NAMES[k]: n for k, n in self._bytes.items()},
+            "dropped": dropped,
+            "pending": pending,
+            "pending_bytes": pending_bytes,
+            "commits": self._commits,
+            "last_commit_ms": self._last_commit_ms,
+            "durable_id": self._durable_id,
+            "corrupt_recoveries": self._corrupt_recoveries,
+            "path": self.path,
+        }
+
+    # -- open, recovery, errors ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolError(f"spool {self.path} is closed")
+        if self._db is None:
+            raise SpoolError(f"spool {self.path} has no open file: starting a fresh one failed")
+
+    def _open(self) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"cannot create the spool directory for {self.path}: {e}") from e
+        try:
+            self._connect()
+        except (sqlite3.Error, spooldb.Corrupt) as e:
+            if not spooldb.is_corruption(e):
+                raise SpoolError(f"cannot open spool {self.path}: {e}") from e
+            self._recover(e)
+
+    def _connect(self) -> None:
+        self._db = None
+        self._db, st = spooldb.open_file(self.path, tuple(Kind))
+        self._count, self._bytes, self._oldest = st.counts, st.sizes, st.oldest
+        self._durable_id = max(self._durable_id, st.last_id)
+        with self._lock:
+            # max(): after a runtime recovery the ids already handed out still bound the next one.
+            self._last_id = max(self._last_id, st.last_id)
+            for k in Kind:
+                self._dropped[k] += st.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
+
+    def _recover(self, err: BaseException) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass  # it is corrupt; closing is best effort
+            self._db = None
+        try:
+            target = spooldb.move_aside(self.path, self._clock.time())
+        except OSError as e:
+            raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
+        log.error("spool %s is corrupt (%s); moved to %s, starting a fresh spool", self.path, err, target)
+        self._corrupt_recoveries += 1
+        self._resync = False
+        self._emit("spool_corrupt", {"moved_to": target, "error": str(err), "path": self.path})
+        try:
+            self._connect()
+            with self._lock:
+                floor = self._last_id
+            if floor:
+                # Persist the id floor now: the fresh file must never hand out ids below what was published.
+                self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_id', ?)", (floor,))
+        except (sqlite3.Error, spooldb.Corrupt) as e:
+            raise SpoolError(f"cannot start a fresh spool at {self.path}: {e}") from e
+
+    def _fail(self, err: BaseException, what: str) -> None:
+        """Raises the SpoolError for ``err``; a corrupt file is first moved aside and replaced."""
+        if spooldb.is_corruption(err):
+            self._recover(err)
+            raise SpoolCorrupt(f"spool {self.path} was corrupt ({err}); moved aside, a fresh spool started") from err
+        raise SpoolError(f"cannot {what} spool {self.path}: {err}") from err
+
+    def _emit(self, kind: str, data: dict) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(kind, data)
+        except Exception:  # a broken listener must not break the spool
+            log.exception("spool event listener failed on %s", kind)
