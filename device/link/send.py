@@ -1,0 +1,499 @@
+"""``fieldnode send``: the operator side of the command channel (technicians' laptops, scripts, tests).
+
+1. :func:`build_request` checks the input and makes the payload: ``{"request_id", "args"}``, or the signed
+   envelope (:func:`device.link.envelope.sign_envelope`) plus ``request_id``.
+2. :func:`send` subscribes to the reply topic (waiting for the SUBACK), publishes to ``<prefix>/cmd/<CMD>`` at
+   QoS 1 and waits. MQTT 5: Response Topic ``<prefix>/reply/<client id>`` and Correlation Data = request id,
+   which the reply carries back. MQTT 3.1.1: the first reply on ``<prefix>/reply`` with our ``request_id``.
+3. :func:`run` prints ``ok: <result>`` or ``error <code>: <message>`` (the reply JSON with ``--json``).
+
+Exit codes: 0 ok reply, 1 error (or malformed) reply, 2 bad input, 3 no reply within ``--timeout``, 4 could
+not connect (unreachable; TLS, authentication, publish or subscription refused), all within ``--timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import secrets
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device.link import envelope
+from device.link.errors import BrokerUrlError, ConnectError, EnvelopeError, LinkError, PublishError
+from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_TIMEOUT, EXIT_CONNECT = 0, 1, 2, 3, 4
+TOPIC_ROOT = "fieldnode/v1"
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+KEEPALIVE_S = 30
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")  # what the agent's dispatcher accepts
+
+
+# Errors of this module only (the family lives in device.link.errors; these may move there).
+class BadInput(LinkError):
+    """The command, its arguments, the device id, prefix or request id cannot be sent as given."""
+    code = "bad_input"
+
+
+class SubscribeError(LinkError):
+    """The broker refused the subscription to the reply topic."""
+    code = "subscribe_failed"
+
+
+class NoReply(LinkError):
+    """No reply arrived within the timeout."""
+    code = "no_reply"
+
+
+class ReplyMalformed(LinkError):
+    """The reply to this request is not the JSON object the contract describes."""
+    code = "reply_malformed"
+
+
+@dataclass(frozen=True)
+class Request:
+    """A command ready to publish.
+
+    Attributes:
+        topic: The command topic, ``<prefix>/cmd/<CMD>``.
+        payload: The JSON object to publish.
+        request_id: The id the reply must carry (JSON field and MQTT 5 Correlation Data).
+        prefix: The device's topic prefix.
+    """
+
+    topic: str
+    payload: dict
+    request_id: str
+    prefix: str
+
+
+def build_request(device: str, cmd: str, args: dict, *, prefix: str | None = None, request_id: str | None = None,
+                  private_key=None, ttl_s: float = 60.0) -> Request:
+    """Checks the input and builds the request.
+
+    Args:
+        device: The target device id (one topic level).
+        cmd: The command name (one topic level).
+        args: The command's arguments.
+        prefix: Topic prefix; default ``fieldnode/v1/<device>``.
+        request_id: Default ``send-<12 hex digits>``.
+        private_key: An Ed25519 private key to sign with, or None for an unsigned request.
+        ttl_s: Lifetime of a signed envelope.
+
+    Returns:
+        The request.
+
+    Raises:
+        BadInput: A device id, command or prefix with MQTT wildcards, '/' where one level is expected, or
+            empty levels; args not a JSON object or not representable as JSON; a bad request id.
+        EnvelopeError: Signing refused the input (e.g. ttl_s).
+    """
+    _check_topic("device id", device, one_level=True)
+    _check_topic("command", cmd, one_level=True)
+    prefix = f"{TOPIC_ROOT}/{device}" if prefix is None else prefix
+    _check_topic("--prefix", prefix, one_level=False)
+    if not isinstance(args, dict):
+        raise BadInput(f"--args: expected a JSON object like '{{\"variant\": \"lite\"}}', got {type(args).__name__}")
+    rid = f"send-{secrets.token_hex(6)}" if request_id is None else request_id
+    if not isinstance(rid, str) or not _REQUEST_ID_RE.match(rid):
+        raise BadInput(f"--request-id {rid!r}: expected 1-64 characters from A-Z, a-z, 0-9, '.', '_', ':', '-'")
+    if private_key is None:
+        payload = {"request_id": rid, "args": args}
+    else:
+        payload = envelope.sign_envelope(private_key, device=device, cmd=cmd, args=args, ttl_s=ttl_s)
+        payload["request_id"] = rid
+    _encode(payload)  # fail here, as bad input, rather than half-way through sending
+    return Request(topic=f"{prefix}/cmd/{cmd}", payload=payload, request_id=rid, prefix=prefix)
+
+
+def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protocol: int = mqtt.MQTTv5,
+         timeout_s: float = 10.0, username: str | None = None, password: bytes | None = None) -> dict:
+    """Publishes one request and waits for its reply, all within ``timeout_s``.
+
+    Args:
+        url: The broker.
+        request: From :func:`build_request`.
+        tls: TLS files for ``mqtts://`` (checked with :func:`check_tls` first).
+        protocol: ``mqtt.MQTTv5`` or ``mqtt.MQTTv311``.
+        timeout_s: Overall time limit: connect, subscribe, publish and reply. (Only a host name lookup that
+            hangs in the system resolver can take longer.)
+        username: MQTT username, or None.
+        password: MQTT password, or None.
+
+    Returns:
+        The reply: a JSON object with ``ok`` and ``result`` or ``error``.
+
+    Raises:
+        BrokerUrlError: TLS files do not fit the URL or cannot be loaded.
+        ConnectError: Unreachable, TLS or authentication refused, or the connection dropped.
+        SubscribeError: The broker refused the reply subscription.
+        PublishError: paho or (MQTT 5) the broker refused the publish.
+        NoReply: Nothing came back in time.
+        ReplyMalformed: The reply to this request broke the contract.
+    """
+    check_tls(url, tls)
+    session = _Session(url, request, protocol, timeout_s)
+    if url.tls:
+        apply_tls(session.client, tls)
+    if username is not None:
+        session.client.username_pw_set(username, password)
+    try:
+        session.connect(missing_cert=url.tls and not tls.cert)
+        session.subscribe()
+        return session.exchange()
+    finally:
+        session.close()
+
+
+class _Session:
+    """One request and its reply over one connection: paho's thread records into it, the caller waits.
+
+    Callbacks only record and notify; each catches everything, because an exception would end paho's thread
+    and leave the caller waiting for the timeout.
+    """
+
+    def __init__(self, url: BrokerUrl, request: Request, protocol: int, timeout_s: float) -> None:
+        self.url, self.request, self.timeout_s = url, request, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.v5 = protocol == mqtt.MQTTv5
+        # At most 23 characters, the length every MQTT 3.1.1 broker must accept; random, so two operators (or
+        # a rerun while the old session lingers) never take over each other's connection or reply topic.
+        client_id = f"fn-send-{secrets.token_hex(6)}"
+        self.reply_topic = f"{request.prefix}/reply/{client_id}" if self.v5 else f"{request.prefix}/reply"
+        # reconnect_on_failure=False: a refused or dropped connection is an answer, not something to retry.
+        self.cond = threading.Condition()
+        self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                                      reconnect_on_failure=False, **({} if self.v5 else {"clean_session": True}))
+        guard = self._guard  # VERSION2 signatures: (client, userdata, flags|mid, reason code(s), properties)
+        c.on_connect = guard(lambda _c, _u, _f, rc, _p: self._record("connack", rc))
+        c.on_disconnect = guard(lambda _c, _u, _f, rc, _p: self._record("dropped", rc))
+        c.on_subscribe = guard(lambda _c, _u, mid, rcs, _p: self._record("subacks", list(rcs), mid))
+        c.on_publish = guard(lambda _c, _u, mid, rc, _p: self._record("pubacks", rc, mid))
+        c.on_message, c.on_log = guard(self._on_message), guard(self._on_log)
+        self.loop_started = False
+        self.connack = self.dropped = None
+        self.subacks: dict[int, list] = {}
+        self.pubacks: dict[int, Any] = {}
+        self.reply: dict | None = None
+        self.malformed: str | None = None
+        self.callback_error: str | None = None
+        self.first_error: str | None = None
+
+    def connect(self, *, missing_cert: bool) -> None:
+        url = self.url
+        try:
+            self.client.connect_timeout = max(self.deadline - time.monotonic(), 0.01)  # TCP connect and TLS
+            self.client.connect(url.host, url.port, KEEPALIVE_S, **({"clean_start": True} if self.v5 else {}))
+        except (OSError, ValueError) as exc:  # ssl.SSLError, refused, timed out, unresolvable
+            raise ConnectError(f"could not connect to {url}: {_reason(exc)}") from exc
+        self.client.loop_start()
+        self.loop_started = True
+        self._wait(lambda: self.connack is not None or self.dropped is not None)
+        if self.connack is None and self.dropped is not None:
+            # mosquitto checks a client certificate after a TLS 1.3 handshake, so a refused (or missing)
+            # certificate shows here, as a drop before the CONNACK, with the detail in paho's error log.
+            hint = "; no client certificate was given, the broker may require one" if missing_cert else ""
+            raise ConnectError(f"could not connect to {url}: disconnected before CONNACK ({self._drop()}){hint}")
+        if self.connack is None:
+            raise ConnectError(f"could not connect to {url}: no CONNACK within {self.timeout_s:g} s")
+        if self.connack.is_failure:
+            raise ConnectError(f"could not connect to {url}: the broker refused the connection ({self.connack})")
+
+    def subscribe(self) -> None:
+        topic = self.reply_topic
+        try:
+            rc, mid = self.client.subscribe(topic, qos=1)
+        except ValueError as exc:
+            raise SubscribeError(f"subscribe to {topic}: {exc}") from exc
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise SubscribeError(f"subscribe to {topic}: {mqtt.error_string(rc)}")
+        self._wait(lambda: mid in self.subacks or self.dropped is not None)
+        if mid not in self.subacks:
+            if self.dropped is not None:
+                raise ConnectError(f"connection to {self.url} lost while subscribing ({self._drop()})")
+            raise NoReply(f"no reply within {self.timeout_s:g} s: the broker did not acknowledge the "
+                          f"subscription to {topic}")
+        failed = [rc for rc in self.subacks[mid] if rc.is_failure]
+        if failed:
+            raise SubscribeError(f"the broker refused the subscription to {topic} ({failed[0]})")
+
+    def exchange(self) -> dict:
+        request, props = self.request, None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = request.request_id.encode("ascii")
+            # Once the sender has given up, the command must not run later when an offline board reconnects.
+            props.MessageExpiryInterval = max(1, math.ceil(self.timeout_s))
+        try:
+            info = self.client.publish(request.topic, _encode(request.payload), qos=1, properties=props)
+        except (ValueError, TypeError) as exc:
+            raise PublishError(f"publish to {request.topic}: {exc}") from exc
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise PublishError(f"publish to {request.topic}: {mqtt.error_string(info.rc)}")
+
+        def refused() -> bool:
+            return getattr(self.pubacks.get(info.mid), "is_failure", False)
+
+        self._wait(lambda: self.reply is not None or self.malformed is not None or self.dropped is not None
+                   or self.callback_error is not None or refused())
+        if self.reply is not None:
+            return self.reply
+        if self.malformed is not None:
+            raise ReplyMalformed(f"malformed reply on {self.reply_topic}: {self.malformed}")
+        if self.callback_error is not None:
+            raise LinkError(f"internal error while waiting for the reply: {self.callback_error}")
+        if refused():
+            raise PublishError(f"the broker refused the publish to {request.topic} ({self.pubacks[info.mid]})")
+        if self.dropped is not None:
+            raise ConnectError(f"connection to {self.url} lost while waiting for the reply ({self._drop()})")
+        raise NoReply(f"no reply within {self.timeout_s:g} s on {self.reply_topic} (is the board online, and "
+                      f"does it take commands on {request.topic}?)")
+
+    def close(self) -> None:
+        self.client.disconnect()  # sends DISCONNECT if connected; either way the network thread ends
+        if self.loop_started:
+            self.client.loop_stop()
+
+    def _wait(self, predicate: Callable[[], object]) -> None:
+        with self.cond:
+            self.cond.wait_for(predicate, max(self.deadline - time.monotonic(), 0))
+
+    def _drop(self) -> str:
+        return f"{self.dropped}" + (f"; {self.first_error}" if self.first_error else "")
+
+    def _guard(self, fn: Callable) -> Callable:
+        def callback(*args):
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - see the class docstring
+                log.exception("send: error in a paho callback")
+                with self.cond:
+                    self.callback_error = self.callback_error or repr(exc)
+                    self.cond.notify_all()
+        return callback
+
+    def _record(self, name: str, value: object, key: int | None = None) -> None:
+        with self.cond:
+            if key is None:
+                setattr(self, name, value)
+            else:
+                getattr(self, name)[key] = value
+            self.cond.notify_all()
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        log.debug("paho: %s", buf)
+        if level == mqtt.MQTT_LOG_ERR:
+            with self.cond:  # the first error is the cause; later ones are paho noticing the dead socket
+                self.first_error = self.first_error or buf
+
+    def _on_message(self, client, userdata, message) -> None:
+        # A retained message predates this request; with a reused --request-id it could look like our reply.
+        if message.retain or message.topic != self.reply_topic:
+            return
+        rid = self.request.request_id
+        if self.v5 and getattr(message.properties, "CorrelationData", None) != rid.encode("ascii"):
+            log.debug("send: ignored a reply for another request on %s", message.topic)
+            return
+        try:
+            doc = json.loads(bytes(message.payload).decode("utf-8"), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            doc, problem = None, f"not JSON ({exc})"
+        else:
+            problem = _reply_problem(doc)
+        if not self.v5 and (not isinstance(doc, dict) or doc.get("request_id") != rid):
+            log.debug("send: ignored a reply for another request on %s", message.topic)  # a shared topic
+            return
+        with self.cond:
+            if self.reply is None and self.malformed is None:  # the first answer counts
+                if problem is None:
+                    self.reply = doc
+                else:
+                    self.malformed = f"{problem}: {_preview(message.payload)}"
+                self.cond.notify_all()
+
+
+def _reply_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, got {type(doc).__name__}"
+    if not isinstance(doc.get("ok"), bool):
+        return "'ok' is missing or not true/false"
+    if not doc["ok"]:
+        err = doc.get("error")
+        if not isinstance(err, dict) or not isinstance(err.get("code"), str) or not isinstance(err.get("message"), str):
+            return "an error reply without an 'error' object of 'code' and 'message' strings"
+    return None
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Adds the ``send`` options.
+
+    Args:
+        p: The parser of the ``send`` subcommand.
+    """
+    p.add_argument("cmd", metavar="CMD", help="the command name, e.g. status")
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    p.add_argument("--device", required=True, metavar="ID", help="the target device id")
+    p.add_argument("--args", default="{}", metavar="JSON", help="the command's arguments, a JSON object (default {})")
+    p.add_argument("--sign", metavar="KEY", help="sign the command with this operator key (NAME.key)")
+    p.add_argument("--ttl", type=_positive, default=60.0, metavar="S",
+                   help="lifetime of a signed command in seconds (default 60)")
+    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+                   help="give up after S seconds, connecting included (default 10)")
+    p.add_argument("--json", action="store_true", help="print the reply as one JSON line")
+    p.add_argument("--ca", default="", metavar="FILE", help="CA certificate of the broker (mqtts://)")
+    p.add_argument("--cert", default="", metavar="FILE", help="client certificate (the operator's identity)")
+    p.add_argument("--key", default="", metavar="FILE", help="the client certificate's private key")
+    p.add_argument("--username", metavar="U", help="MQTT username")
+    p.add_argument("--password-file", metavar="F", help="file holding the MQTT password (never on the command line)")
+    p.add_argument("--mqtt", choices=tuple(PROTOCOLS), default="5", help="protocol version (default 5)")
+    p.add_argument("--prefix", metavar="P", help="topic prefix (default fieldnode/v1/<device>)")
+    p.add_argument("--request-id", metavar="ID", help="request id (default send-<12 hex digits>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Sends one command and prints the reply; problems go to stderr as one line.
+
+    Args:
+        args: The parsed ``send`` arguments.
+
+    Returns:
+        0 ok reply, 1 error or malformed reply, 2 bad input, 3 no reply in time, 4 could not connect or the
+        broker refused the subscription or publish.
+    """
+    try:
+        url = parse_broker_url(args.broker)
+        tls = TlsFiles(args.ca or "", args.cert or "", args.key or "")
+        check_tls(url, tls)
+        username, password = _credentials(args, url)
+        private_key = envelope.load_private_key(args.sign) if args.sign else None
+        request = build_request(args.device, args.cmd, _parse_args(args.args), prefix=args.prefix,
+                                request_id=args.request_id, private_key=private_key, ttl_s=args.ttl)
+    except (BadInput, BrokerUrlError, EnvelopeError) as exc:
+        return _fail(exc, EXIT_USAGE)
+    try:
+        reply = send(url, request, tls=tls, protocol=PROTOCOLS[args.mqtt], timeout_s=args.timeout,
+                     username=username, password=password)
+    except BrokerUrlError as exc:  # apply_tls: files that read fine but do not load (key mismatch)
+        return _fail(exc, EXIT_USAGE)
+    except NoReply as exc:
+        return _fail(exc, EXIT_TIMEOUT)
+    except (ConnectError, SubscribeError, PublishError) as exc:
+        return _fail(exc, EXIT_CONNECT)
+    except LinkError as exc:  # ReplyMalformed, or an internal error
+        return _fail(exc, EXIT_ERROR_REPLY)
+    if args.json:
+        print(json.dumps(reply))
+    elif reply["ok"]:
+        # ensure_ascii: a reply is input from a board; escaping keeps control sequences out of the terminal.
+        print("ok: " + json.dumps(reply.get("result"), indent=2, ensure_ascii=True))
+    else:
+        err = reply["error"]
+        print(f"error {_printable(err['code'])}: {_printable(err['message'])}")
+    return EXIT_OK if reply["ok"] else EXIT_ERROR_REPLY
+
+
+def _fail(exc: Exception, code: int) -> int:
+    print(f"fieldnode send: {exc}", file=sys.stderr)
+    return code
+
+
+def _parse_args(text: str) -> dict:
+    try:
+        return json.loads(text, parse_constant=_no_constant)  # build_request checks that it is an object
+    except (ValueError, RecursionError) as exc:
+        raise BadInput(f"--args: not valid JSON ({exc})") from exc
+
+
+def _credentials(args: argparse.Namespace, url: BrokerUrl) -> tuple[str | None, bytes | None]:
+    if args.password_file and args.username is None:
+        raise BadInput("--password-file needs --username")
+    if args.username is not None:
+        _utf8("--username", args.username)
+    if not args.password_file:
+        return args.username, None
+    try:
+        with open(args.password_file, "rb") as fh:
+            password = fh.read(64 * 1024)
+    except OSError as exc:
+        raise BadInput(f"--password-file {args.password_file}: cannot read it ({exc.strerror or exc})") from exc
+    # Editors end the file with a newline; it is not part of the password.
+    password = password[:-2] if password.endswith(b"\r\n") else password.removesuffix(b"\n")
+    if not url.tls:
+        print(f"fieldnode send: warning: the password goes unencrypted over {url}; use mqtts://", file=sys.stderr)
+    return args.username, password
+
+
+def _check_topic(what: str, value: object, *, one_level: bool) -> None:
+    """A topic level (device id, command) or a prefix: no wildcards, no empty level, not a '$' topic, UTF-8."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"{what} {value!r}: expected a non-empty name")
+    bad = sorted(set(value) & set("+#\x00" + ("/" if one_level else "")))
+    if bad:
+        raise BadInput(f"{what} {value!r}: must not contain {', '.join(map(repr, bad))} (MQTT wildcards and "
+                         f"level separators)")
+    if "" in value.split("/"):
+        raise BadInput(f"{what} {value!r}: has an empty level ('//', or '/' at either end)")
+    if not one_level and value.startswith("$"):
+        raise BadInput(f"{what} {value!r}: topics starting with '$' are reserved for the broker")
+    _utf8(what, value)
+
+
+def _utf8(what: str, value: str) -> None:
+    try:
+        value.encode("utf-8")  # argv holds undecodable bytes as lone surrogates
+    except UnicodeEncodeError as exc:
+        raise BadInput(f"{what} {value!r}: not valid UTF-8 ({exc.reason})") from exc
+
+
+def _encode(payload: dict) -> bytes:
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise BadInput(f"--args: not representable as JSON ({exc})") from exc
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _preview(payload: bytes, limit: int = 200) -> str:
+    text = bytes(payload[:limit]).decode("utf-8", "replace")
+    return _printable(text) + ("..." if len(payload) > limit else "")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, ssl.SSLError):  # SSL's text has the detail
+        return exc.strerror
+    return str(exc) or type(exc).__name__
