@@ -98,3 +98,61 @@ class KeyFileError(EnvelopeError):
     """A signing or trust key file is unreadable, not PEM, or not an Ed25519 key of the expected kind."""
 
     code = "key_file_invalid"
+
+
+class CommandError(LinkError):
+    """The command dispatcher refused a request before (or instead of) running its handler."""
+
+    code = "command_refused"
+
+
+class PayloadTooLarge(CommandError):
+    """The command payload is larger than the dispatcher accepts (checked before parsing)."""
+
+    code = "payload_too_large"
+
+
+class UnknownCommand(CommandError):
+    """No command of that name is registered."""
+
+    code = "unknown_command"
+
+
+class BadJson(CommandError):
+    """The payload is not UTF-8, not JSON, or not a JSON object."""
+
+    code = "bad_json"
+
+
+class BadRequest(CommandError):
+    """The request object is malformed: a bad ``request_id``, an unknown field, ``args`` not an object."""
+
+    code = "bad_request"
+
+
+class RateLimited(CommandError):
+    """Too many commands: the token bucket is empty; ``retry_after_s`` says when one is available."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class Unauthorized(CommandError):
+    """A privileged command came without a signed envelope, or no verifier is configured."""
+
+    code = "unauthorized"
+
+
+class BadArgs(CommandError):
+    """A command argument is missing, unknown, of the wrong type, out of range or not one of the choices."""
+
+    code = "bad_args"
+
+
+class CommandCrashed(CommandError):
+    """A handler (or the dispatcher) failed unexpectedly; the log has the traceback, the reply only the type."""
+
+    code = "internal"

@@ -1,0 +1,534 @@
+"""The command registry and the transport-free dispatcher behind ``<prefix>/cmd/<name>``.
+
+The agent registers each command (:class:`Registry`) with its handler, its arguments (:class:`Arg`) and
+whether it is privileged. The MQTT link takes ``<name>`` from the topic, calls :meth:`Dispatcher.handle` with
+the raw payload and publishes the :class:`Reply` body. ``handle`` never raises; it stops at the first failure:
+
+1. size (``payload_too_large``, before parsing); 2. known command (``unknown_command``); 3. a UTF-8 JSON
+object (``bad_json``); 4. ``request_id`` and fields (``bad_request``); 5. de-duplication: a ``request_id``
+seen within the window gets the cached reply byte for byte, runs nothing and uses no rate token; 6. the token
+bucket (``rate_limited``); 7. privilege: a payload with ``sig`` is a signed envelope for
+:meth:`Verifier.verify`, a privileged command without one is ``unauthorized``; 8. arguments (``bad_args``);
+9. the handler. Replies: ``{"ok": true, "cmd", "request_id", "result"}`` or ``{"ok": false, "cmd",
+"request_id", "error": {"code", "message"}}`` (plus ``retry_after_s`` for ``rate_limited``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable
+
+from device.clock import SYSTEM_CLOCK
+from device.errors import FieldnodeError
+from device.link.errors import (BadArgs, BadJson, BadRequest, BadSignature, CommandCrashed, CommandError,
+                                EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed, EnvelopeTooLong,
+                                PayloadTooLarge, RateLimited, Unauthorized, UnknownCommand, UnknownKey, WrongTarget)
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
+ARG_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
+REQUEST_FIELDS = ("request_id", "args")
+_ENVELOPE_ONLY = ("cmd", "device", "nonce", "expires", "key")  # with these but no "sig": a half-built envelope
+_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object", list: "array"}
+
+Handler = Callable[[dict, "CallContext"], Any]
+
+# The dispatcher's own reply codes (ErrorCode.BAD_JSON == "bad_json"); a handler's FieldnodeError adds its own.
+ErrorCode = Enum("ErrorCode", [(c.code.upper(), c.code) for c in (
+    PayloadTooLarge, UnknownCommand, BadJson, BadRequest, RateLimited, EnvelopeMalformed, WrongTarget, UnknownKey,
+    BadSignature, EnvelopeExpired, EnvelopeTooLong, EnvelopeReplayed, Unauthorized, BadArgs, CommandCrashed)],
+    type=str, module=__name__)
+
+# A retry of these may succeed, so their replies are never served from the de-duplication cache.
+RETRIABLE_CODES = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.INTERNAL.value})
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One command argument: its JSON type and constraints, checked strictly like the config.
+
+    A boolean is not an integer; an integer is accepted (and passed on as a float) where only a number is
+    expected. ``minimum``/``maximum`` (inclusive) apply to numbers, ``choices`` to any value.
+
+    Raises:
+        ValueError: At definition: a bad name, an unsupported type (bool, int, float, str, dict, list), bounds
+            without a numeric type, a required argument with a default, or a choice or default that is invalid.
+    """
+
+    name: str
+    type: type | tuple[type, ...]
+    required: bool = False
+    default: Any = None
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if not isinstance(self.name, str) or not ARG_NAME_RE.match(self.name):
+            raise ValueError(f"argument name {self.name!r}: expected [A-Za-z_][A-Za-z0-9_]{{0,63}}")
+        if not self.types or any(not isinstance(t, type) or t not in _TYPES for t in self.types):
+            raise ValueError(f"argument {self.name!r}: type must be bool, int, float, str, dict, list or a tuple "
+                             f"of them, got {self.type!r}")
+        if (self.minimum is not None or self.maximum is not None) and not {int, float} & set(self.types):
+            raise ValueError(f"argument {self.name!r}: minimum/maximum need an int or float type")
+        if self.required and self.default is not None:
+            raise ValueError(f"argument {self.name!r}: a required argument cannot have a default")
+        bad = [c for c in self.choices if self._normalize(c) is None]
+        bad += [self.default] if self.default is not None and self.problem(self.default) else []
+        if bad:
+            raise ValueError(f"argument {self.name!r}: choice or default {bad[0]!r} is not {self.expected()}")
+        object.__setattr__(self, "default", self._normalize(self.default))  # 1 -> 1.0 for a float argument
+
+    @property
+    def types(self) -> tuple[type, ...]:
+        """The accepted types as a tuple."""
+        return self.type if isinstance(self.type, tuple) else (self.type,)
+
+    def expected(self) -> str:
+        """What a valid value looks like, e.g. ``an integer from 1 to 64`` or ``one of 'full', 'lite'``."""
+        if self.choices:
+            return "one of " + ", ".join(_show(c, typed=False) for c in self.choices)
+        text = " or ".join(("an " if _TYPES[t][0] in "aeiou" else "a ") + _TYPES[t] for t in self.types)
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and hi is not None:
+            return f"{text} from {_num(lo)} to {_num(hi)}"
+        return f"{text} >= {_num(lo)}" if lo is not None else f"{text} <= {_num(hi)}" if hi is not None else text
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not valid for this argument (for a message), or None when it is."""
+        v = self._normalize(value)
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if v is None or (number and ((self.minimum is not None and v < self.minimum)
+                                     or (self.maximum is not None and v > self.maximum))) \
+                or (self.choices and not any(v == c and isinstance(c, bool) == isinstance(v, bool)
+                                             for c in self.choices)):
+            return f"expected {self.expected()}, got {_show(value)}"
+        return None
+
+    def describe(self) -> dict:
+        """A JSON-able description (``fieldnode send --help`` and the docs show it)."""
+        return {**dataclasses.asdict(self), "type": " or ".join(_TYPES[t] for t in self.types),
+                "choices": list(self.choices)}
+
+    def _normalize(self, value: Any) -> Any:
+        """``value`` as passed to the handler when its type is accepted, else None."""
+        for t in self.types:
+            if t is bool or not isinstance(value, bool):  # a boolean is only ever a boolean
+                if t is float and isinstance(value, int) and int not in self.types:
+                    try:
+                        return float(value)
+                    except OverflowError:  # a JSON integer with hundreds of digits
+                        return None
+                if isinstance(value, t) and (t is not float or math.isfinite(value)):
+                    return value
+        return None
+
+
+def check_args(specs: tuple[Arg, ...], given: dict) -> dict:
+    """The arguments a handler gets: ``given`` checked against ``specs``, defaults filled in.
+
+    Raises:
+        BadArgs: An unknown argument, a missing required one, or an invalid value; the message names it.
+    """
+    known = {a.name: a for a in specs}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        hint = f"known: {', '.join(known)}" if known else "this command takes no arguments"
+        raise BadArgs(f"unknown argument(s) {_listed(unknown)}; {hint}")
+    out = {}
+    for a in specs:
+        if a.name in given:
+            why = a.problem(given[a.name])
+            if why is not None:
+                raise BadArgs(f"argument '{a.name}': {why}")
+            out[a.name] = a._normalize(given[a.name])
+        elif a.required:
+            raise BadArgs(f"missing required argument '{a.name}' ({a.expected()})")
+        elif a.default is not None:
+            out[a.name] = copy.deepcopy(a.default)  # a handler mutating a list default must not change it
+    return out
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a handler knows about the request besides its arguments."""
+
+    cmd: str
+    request_id: str | None
+    signer: str | None  # the key name (trust file name) of a verified envelope, else None
+    received_at: float  # wall-clock seconds when the dispatcher got the payload
+
+
+@dataclass(frozen=True)
+class Command:
+    """A registered command."""
+
+    name: str
+    handler: Handler
+    args: tuple[Arg, ...]
+    privileged: bool
+    doc: str
+
+
+class Registry:
+    """The commands a board answers; the agent registers them at start (it starts empty)."""
+
+    def __init__(self) -> None:
+        self._commands: dict[str, Command] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, handler: Handler, *, args: tuple[Arg, ...] = (), privileged: bool = False,
+                 doc: str = "") -> Command:
+        """Registers a command.
+
+        Args:
+            name: ``[a-z][a-z0-9_.-]{0,63}``, e.g. ``update.install``; the last level of the command topic.
+            handler: ``handler(args, ctx) -> JSON-able result``; it may raise a :class:`FieldnodeError` (its
+                code goes into the reply) or ValueError/TypeError (``bad_args``).
+            args: The accepted arguments; anything else is refused before the handler runs.
+            privileged: Whether a signed envelope is required.
+            doc: One line for help output; default the first line of the handler's docstring.
+
+        Returns:
+            The registered command.
+
+        Raises:
+            ValueError: A bad or duplicate name, a handler that is not callable, args that are not unique Args.
+        """
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"command name {name!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
+        if not callable(handler):
+            raise ValueError(f"command {name!r}: handler {handler!r} is not callable")
+        args = tuple(args)
+        if not all(isinstance(a, Arg) for a in args) or len({a.name for a in args}) != len(args):
+            raise ValueError(f"command {name!r}: args must be Arg instances with unique names")
+        doc = doc or (handler.__doc__ or "").strip().split("\n", 1)[0]
+        command = Command(name, handler, args, bool(privileged), doc)
+        with self._lock:
+            if name in self._commands:
+                raise ValueError(f"command {name!r} is already registered")
+            self._commands[name] = command
+        return command
+
+    def command(self, name: str, **kw: Any) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`register`; returns the function unchanged."""
+        def decorate(handler: Handler) -> Handler:
+            self.register(name, handler, **kw)
+            return handler
+        return decorate
+
+    def get(self, name: Any) -> Command | None:
+        """The command called ``name``, or None."""
+        return self._commands.get(name) if isinstance(name, str) else None
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._commands)
+
+    def describe(self) -> list[dict]:
+        """Every command as JSON-able ``{name, privileged, doc, args: [...]}``, sorted by name."""
+        return [{"name": c.name, "privileged": c.privileged, "doc": c.doc, "args": [a.describe() for a in c.args]}
+                for c in (self._commands[n] for n in self.names())]
+
+
+def register_builtin(registry: Registry, *, version: str, clock=SYSTEM_CLOCK) -> None:
+    """Registers the commands every agent has: ``ping`` (unprivileged, no arguments).
+
+    Args:
+        registry: Where to register them.
+        version: The agent version ``ping`` reports.
+        clock: Source of the wall-clock ``time`` in the reply.
+    """
+    def ping(args: dict, ctx: CallContext) -> dict:
+        """Liveness check: answers with the board's time and agent version."""
+        return {"pong": True, "time": clock.time(), "version": version}
+
+    registry.register("ping", ping)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the link publishes: ``body`` (compact UTF-8 JSON) and a summary for logs and tests."""
+
+    cmd: str
+    request_id: str | None
+    body: bytes
+    ok: bool
+    code: str | None  # None on success
+    cached: bool = False  # served from the de-duplication cache
+
+
+class Dispatcher:
+    """Checks, de-duplicates, rate-limits, verifies and runs commands; thread-safe, never raises.
+
+    Handlers run on the calling thread. Concurrent requests with the same ``request_id`` (and command) run the
+    handler once: the later ones wait for the first and get its reply from the cache.
+
+    Args:
+        registry: The commands.
+        verifier: Checks signed envelopes; None refuses every envelope and every privileged command.
+        clock: ``monotonic()`` for the cache window and the token bucket, ``time()`` for ``received_at``.
+        max_payload: Largest payload in bytes.
+        dedupe_window_s: How long a reply is served again for its ``request_id`` (0 disables).
+        dedupe_max: Most cached replies; the oldest is evicted first.
+        rate_burst: Token bucket size: commands accepted back to back.
+        rate_per_s: Tokens added per second.
+
+    Raises:
+        ValueError: A limit is out of range.
+    """
+
+    def __init__(self, registry: Registry, *, verifier=None, clock=SYSTEM_CLOCK, max_payload: int = 16384,
+                 dedupe_window_s: float = 300, dedupe_max: int = 1024, rate_burst: int = 20,
+                 rate_per_s: float = 5.0) -> None:
+        if not (max_payload > 0 and dedupe_window_s >= 0 and dedupe_max >= 0 and rate_burst >= 1
+                and rate_per_s > 0):
+            raise ValueError("need max_payload > 0, dedupe_window_s >= 0, dedupe_max >= 0, rate_burst >= 1, "
+                             "rate_per_s > 0")
+        self.registry, self.verifier, self.max_payload = registry, verifier, max_payload
+        self.dedupe_window_s, self.dedupe_max = dedupe_window_s, dedupe_max
+        self.rate_burst, self.rate_per_s = rate_burst, rate_per_s
+        self._clock = clock
+        self._cond = threading.Condition()  # guards everything below
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Reply]] = OrderedDict()
+        self._inflight: set[tuple[str, str]] = set()
+        self._waiting = 0  # threads waiting for an in-flight duplicate (tests wait for it)
+        self._tokens, self._refilled_at = float(rate_burst), clock.monotonic()
+        self._counters = {"requests": 0, "ok": 0, "duplicates": 0, **{c.value: 0 for c in ErrorCode}}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """``requests`` = ``ok`` + ``duplicates`` + the count of each error code (zeros included)."""
+        with self._cond:
+            return dict(self._counters)
+
+    def handle(self, name: str, payload: bytes) -> Reply:
+        """Runs one command request; never raises.
+
+        Args:
+            name: The command name, from the topic.
+            payload: The raw message payload.
+
+        Returns:
+            The reply to publish.
+        """
+        try:
+            return self._handle(name, payload)
+        except Exception as exc:  # a dispatcher bug must not take the link's command thread down
+            log.exception("command %r: dispatcher failed", name)
+            return self._finish(_name(name), None, _error(CommandCrashed(f"dispatcher failed: {type(exc).__name__} "
+                                                                         f"(see the board's log)")))
+
+    def _handle(self, name: str, payload: bytes) -> Reply:
+        received_at = self._clock.time()
+        with self._cond:
+            self._counters["requests"] += 1
+        # bytes(None) or bytes("text") is a caller bug: its TypeError becomes "internal" in handle().
+        cmd_name, raw, request_id = _name(name), bytes(payload), None
+        try:
+            if len(raw) > self.max_payload:
+                raise PayloadTooLarge(f"payload is {len(raw)} bytes; commands accept at most {self.max_payload}")
+            command = self.registry.get(name)
+            if command is None:
+                known = ", ".join(self.registry.names()) or "none"
+                raise UnknownCommand(f"unknown command {_show(name, typed=False)}; known: {known}")
+            obj = _parse(raw)
+            request_id = _request_id(obj)
+            if "sig" not in obj:
+                _check_fields(obj)
+        except CommandError as exc:  # decided by the payload alone: recomputed on a retry, never cached
+            return self._finish(cmd_name, request_id, _error(exc))
+        if request_id is None:
+            return self._finish(cmd_name, None, self._execute(command, obj, None, received_at))
+        key = (cmd_name, request_id)
+        hit = self._claim(key)
+        if hit is not None:
+            return hit
+        reply = None
+        try:
+            reply = self._finish(cmd_name, request_id, self._execute(command, obj, request_id, received_at))
+            return reply
+        finally:
+            with self._cond:
+                if reply is not None and reply.code not in RETRIABLE_CODES and self.dedupe_max > 0:
+                    self._cache[key] = (self._clock.monotonic(), reply)
+                    while len(self._cache) > self.dedupe_max:
+                        self._cache.popitem(last=False)
+                self._inflight.discard(key)
+                self._cond.notify_all()
+
+    def _claim(self, key: tuple[str, str]) -> Reply | None:
+        """The cached reply for ``key``; else marks it in flight (after waiting for another thread's run)."""
+        with self._cond:
+            while True:
+                now = self._clock.monotonic()
+                # Insertion order is time order, so expired entries are all at the front.
+                while self._cache and next(iter(self._cache.values()))[0] <= now - self.dedupe_window_s:
+                    self._cache.popitem(last=False)
+                if key in self._cache:
+                    self._counters["duplicates"] += 1
+                    return dataclasses.replace(self._cache[key][1], cached=True)
+                if key not in self._inflight:
+                    self._inflight.add(key)
+                    return None
+                self._waiting += 1
+                self._cond.wait()
+                self._waiting -= 1
+
+    def _execute(self, command: Command, obj: dict, request_id: str | None, received_at: float) -> tuple:
+        """Steps 6-9; returns ``(None, result)`` or ``(code, error dict)``."""
+        try:
+            self._take_token()
+            args, signer = self._authorize(command, obj)
+            args = check_args(command.args, args)
+        except (CommandError, EnvelopeError) as exc:
+            return _error(exc)
+        ctx = CallContext(cmd=command.name, request_id=request_id, signer=signer, received_at=received_at)
+        if signer is not None:
+            log.info("command %s (request %s) signed by %s", command.name, request_id, signer)
+        try:
+            result = command.handler(args, ctx)
+        except FieldnodeError as exc:
+            return _error(exc)
+        except (ValueError, TypeError) as exc:  # the handler's own argument checks
+            return _error(BadArgs(_short(exc)))
+        except (Exception, SystemExit) as exc:  # a handler calling sys.exit() must not stop the command thread
+            log.exception("command %s (request %s) failed", command.name, request_id)
+            return _error(CommandCrashed(f"command '{command.name}' failed: {type(exc).__name__} "
+                                         f"(see the board's log)"))
+        try:
+            _encode(result)
+        except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug, so "internal" like a crash
+            log.error("command %s returned a result that is not JSON: %s", command.name, _short(exc))
+            return _error(CommandCrashed(f"command '{command.name}' returned a result that is not JSON "
+                                         f"({type(exc).__name__})"))
+        return None, result
+
+    def _take_token(self) -> None:
+        with self._cond:
+            now = self._clock.monotonic()
+            self._tokens = min(float(self.rate_burst), self._tokens + (now - self._refilled_at) * self.rate_per_s)
+            self._refilled_at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            wait = math.ceil((1 - self._tokens) / self.rate_per_s * 1000) / 1000
+        raise RateLimited(f"more than {self.rate_burst} commands in a burst (refill {self.rate_per_s:g}/s); "
+                          f"retry in {wait:g} s", retry_after_s=wait)
+
+    def _authorize(self, command: Command, obj: dict) -> tuple[dict, str | None]:
+        """``(args, signer)``: the envelope's verified args and key name, or the plain request's args."""
+        if "sig" not in obj:
+            if command.privileged:
+                raise Unauthorized(f"command '{command.name}' is privileged and needs a signed envelope "
+                                   f"(docs/signing.md)")
+            return obj.get("args", {}), None
+        if self.verifier is None:
+            raise Unauthorized(f"command '{command.name}' needs a signed envelope that this board can verify, "
+                               f"but no verifier (trust store) is configured")
+        verified = self.verifier.verify(obj, command.name)
+        return verified.args, verified.key_name or verified.key_id
+
+    def _finish(self, cmd: str, request_id: str | None, outcome: tuple) -> Reply:
+        """Builds the reply body and counts it."""
+        code, value = outcome
+        doc = {"ok": code is None, "cmd": cmd, "request_id": request_id, "result" if code is None else "error": value}
+        with self._cond:
+            self._counters[code or "ok"] = self._counters.get(code or "ok", 0) + 1
+        return Reply(cmd=cmd, request_id=request_id, body=_encode(doc), ok=code is None, code=code)
+
+
+def _parse(raw: bytes) -> dict:
+    """The payload as a JSON object; BadJson names what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJson(f"payload is not UTF-8 (invalid byte at offset {exc.start})") from exc
+    if not text.strip():
+        raise BadJson("payload is empty; expected a JSON object")
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError as exc:
+        raise BadJson("payload is not valid JSON (nested too deeply)") from exc
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer with too many digits
+        raise BadJson(f"payload is not valid JSON ({_short(exc)})") from exc
+    if not isinstance(obj, dict):
+        raise BadJson(f"payload is {_show(obj)}, expected a JSON object")
+    return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _request_id(obj: dict) -> str | None:
+    rid = obj.get("request_id")
+    if "request_id" in obj and (not isinstance(rid, str) or not REQUEST_ID_RE.match(rid)):
+        raise BadRequest(f"request_id: expected 1-64 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-', "
+                         f"got {_show(rid)}")
+    return rid
+
+
+def _check_fields(obj: dict) -> None:
+    unknown = [k for k in obj if k not in REQUEST_FIELDS]
+    if unknown:
+        hint = "; a signed envelope also needs 'sig'" if any(k in _ENVELOPE_ONLY for k in unknown) else ""
+        raise BadRequest(f"unknown field(s) {_listed(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
+    if "args" in obj and not isinstance(obj["args"], dict):
+        raise BadRequest(f"args: expected a JSON object, got {_show(obj['args'])}")
+
+
+def _error(exc: FieldnodeError) -> tuple:
+    code = exc.code if isinstance(exc.code, str) and exc.code else "error"
+    err: dict = {"code": code, "message": _short(exc, 500)}
+    if isinstance(exc, RateLimited):
+        err["retry_after_s"] = exc.retry_after_s
+    return code, err
+
+
+def _encode(doc: Any) -> bytes:
+    """Compact JSON as UTF-8; escaped ASCII when a string holds a lone surrogate (JSON allows the escape)."""
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+def _show(value: Any, typed: bool = True) -> str:
+    """A value from the network for a message: JSON-ish, bounded, never recursing into containers."""
+    if value is None or isinstance(value, (dict, list)):
+        return "null" if value is None else "an object" if isinstance(value, dict) else "an array"
+    r = json.dumps(value) if isinstance(value, bool) else repr(value)
+    r = r if len(r) <= 40 else r[:37] + "..."
+    return f"{r} ({_TYPES.get(type(value), type(value).__name__)})" if typed else r
+
+
+def _listed(keys: list) -> str:
+    return ", ".join(_show(k, typed=False) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+
+def _name(name: Any) -> str:
+    return name if isinstance(name, str) else repr(name)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
