@@ -37,6 +37,7 @@ class PlanApplier:
         self._on_event = on_event
         self._warned: set[str] = set()
         self.applied: dict = {}
+        self.pinned_variant: str | None = None  # set by the operator's `variant` command; None: the plan decides
 
     def resolve_variant(self, name: str) -> str:
         """The runtime variant (or ``auto``) a plan's variant name stands for on this board."""
@@ -69,7 +70,7 @@ class PlanApplier:
             if self.cpufreq.permission_problem:
                 out["cpufreq_problem"] = self.cpufreq.permission_problem
         if self.runtime is not None:
-            variant = self.resolve_variant(plan.variant)
+            variant = self.pinned_variant or self.resolve_variant(plan.variant)
             try:
                 out["swapped"] = self.runtime.reconfigure(variant=variant, threads=plan.threads)
             except (FieldnodeError, ValueError) as exc:

@@ -34,6 +34,7 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from device.configschema import section, setting
 from device.errors import ConfigError
+from device.link.config import LinkConfig
 from drivers.config import DriversConfig
 from power.config import PowerConfig
 
@@ -124,6 +125,7 @@ class Config:
         demo: ``[demo]`` section.
         drivers: ``[drivers]`` section.
         power: ``[power]`` section.
+        link: ``[link]`` section.
         source: Where the values came from: a file path, ``<string>``, ``<mapping>`` or ``<defaults>``.
             Not a configuration key; ignored when comparing configs.
     """
@@ -133,6 +135,7 @@ class Config:
     demo: DemoConfig = section(DemoConfig, "Demo loop.")
     drivers: DriversConfig = section(DriversConfig, "Hardware access.")
     power: PowerConfig = section(PowerConfig, "Power governor.")
+    link: LinkConfig = section(LinkConfig, "MQTT link, spool and commands.")
     source: str = field(default=DEFAULTS_SOURCE, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

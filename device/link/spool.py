@@ -143,13 +143,16 @@ class Spool:
 
     # -- producer side -------------------------------------------------------------------------------
 
-    def put(self, kind: Kind, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+    def put(self, kind: Kind, topic: str, payload: bytes | Callable[[int], bytes], qos: int = 1,
+            retain: bool = False) -> int:
         """Queues a message for the next commit; no I/O happens on the caller's thread.
 
         Args:
             kind: The message's :class:`Kind` (its drop priority).
             topic: The MQTT topic: a non-empty str without wildcards or NUL.
-            payload: The bytes to publish, at most ``max_bytes`` long.
+            payload: The bytes to publish, at most ``max_bytes`` long; or ``make(id) -> bytes``, called with the
+                message's id under the spool's lock, so a payload can carry its own id (results do, so
+                consumers can order and de-duplicate them).
             qos: MQTT QoS 0, 1 or 2.
             retain: The MQTT retain flag.
 
@@ -172,10 +175,9 @@ class Spool:
             raise ValueError(f"topic must be valid UTF-8, got {topic!r}") from e
         if encoded > 65535:
             raise ValueError(f"topic is {encoded} bytes long, MQTT allows 65535")
-        if not isinstance(payload, bytes):
-            raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
-        if len(payload) > self._max_bytes:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds the spool budget of {self._max_bytes}")
+        build = payload if callable(payload) else None
+        if build is None:
+            self._check_payload(payload)
         if isinstance(qos, bool) or qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         if not isinstance(retain, bool):
@@ -185,10 +187,19 @@ class Spool:
                 raise SpoolError(f"spool {self.path} is closed")
             now = self._clock.time()
             mid = max(self._last_id + 1, int(now * 1e6))
+            if build is not None:
+                payload = build(mid)
+                self._check_payload(payload)
             self._last_id = mid
             self._pending.append((mid, int(kind), topic, payload, qos, int(retain), now, len(payload)))
             self._pending_bytes += len(payload)
         return mid
+
+    def _check_payload(self, payload: object) -> None:
+        if not isinstance(payload, bytes):
+            raise ValueError(f"payload must be bytes, got {type(payload).__name__}")
+        if len(payload) > self._max_bytes:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds the spool budget of {self._max_bytes}")
 
     # -- publisher side ------------------------------------------------------------------------------
 

@@ -404,7 +404,7 @@ def test_to_dict_round_trip():
 
 def test_to_dict_has_no_source_and_all_sections():
     data = Config().to_dict()
-    assert set(data) == {"device", "runtime", "demo", "drivers", "power"}
+    assert set(data) == {"device", "runtime", "demo", "drivers", "power", "link"}
     assert "source" not in data
 
 
@@ -424,7 +424,7 @@ def test_describe_lists_every_key():
                 yield path
 
     assert sorted(described) == sorted(leaves(Config().to_dict()))
-    assert len(described) == len(set(described)) == 67
+    assert len(described) == len(set(described)) == 89
     by_path = {path: (type_text, default, doc) for path, type_text, default, doc in rows}
     assert by_path["runtime.threads"][:2] == ("integer 1..64", 2)
     assert by_path["runtime.delegate"][0] == "one of auto, cpu, edgetpu, gpu"

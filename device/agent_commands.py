@@ -1,0 +1,95 @@
+"""The agent's MQTT commands (the first set; the update and daemon issues add ``update.*``, ``diag``,
+``restart`` to the same registry).
+
+| command | privileged | args | does |
+| --- | --- | --- | --- |
+| ``ping`` | no | - | liveness: version and time |
+| ``status`` | no | - | runtime, governor, sensor, link, spool |
+| ``infer`` | no | - | classifies the latest complete sensor window now |
+| ``config.get`` | no | ``key`` (dotted, optional) | the effective configuration, or one key |
+| ``variant`` | yes | ``variant`` (a name, or ``auto``) | pins the model variant; ``auto`` hands it back to the governor |
+| ``governor`` | yes | ``level`` (a level, or ``auto``), ``ttl_s`` | overrides the power level for a while; ``auto`` ends it |
+"""
+
+from __future__ import annotations
+
+from device import __version__
+from device.errors import FieldnodeError
+from device.link.commands import Arg, CallContext, Registry, register_builtin
+
+
+class CommandFailed(FieldnodeError):
+    """A command could not do what it was asked (the reply carries this code)."""
+
+    code = "command_failed"
+
+
+class NoWindow(FieldnodeError):
+    """No complete sensor window yet (the sensor is starting, stale or disconnected)."""
+
+    code = "no_window"
+
+
+def build_registry(agent) -> Registry:
+    """The registry of ``agent``'s commands."""
+    reg = Registry()
+    register_builtin(reg, version=__version__, clock=agent.clock)
+
+    def status(args: dict, ctx: CallContext):
+        return agent.status()
+
+    def infer(args: dict, ctx: CallContext):
+        window = agent.sensor.latest_window(max_age_s=10.0)
+        if window is None:
+            raise NoWindow(f"no complete sensor window in the last 10 s (sensor {agent.sensor.health().state.value})")
+        return agent.infer_once(window)
+
+    def config_get(args: dict, ctx: CallContext):
+        data = agent.cfg.to_dict()
+        key = args.get("key")
+        if not key:
+            return data
+        node = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"no configuration key {key!r}")
+            node = node[part]
+        return {key: node}
+
+    def variant(args: dict, ctx: CallContext):
+        name = args["variant"]
+        manifest = agent.runtime.manifest
+        if name != "auto" and name not in manifest.variants:
+            raise ValueError(f"variant must be 'auto' or one of {', '.join(manifest.variants)}, got {name!r}")
+        agent.applier.pinned_variant = None if name == "auto" else name
+        applied = agent.applier.apply(agent.governor.plan)
+        agent.event("variant_set", {"variant": name, "by": ctx.signer})
+        return {"variant": agent.runtime.variant, "pinned": agent.applier.pinned_variant, "applied": applied}
+
+    def governor(args: dict, ctx: CallContext):
+        level = args["level"]
+        try:
+            if level == "auto":
+                plan = agent.governor.clear_override(by=ctx.signer or "operator")
+            else:
+                plan = agent.governor.override(level, args["ttl_s"], by=ctx.signer or "operator")
+        except ValueError as exc:
+            raise CommandFailed(str(exc)) from exc
+        agent.applier.apply(plan)
+        return agent.governor.status()
+
+    reg.register("status", status, doc="runtime, governor, sensor, link and spool status")
+    reg.register("infer", infer, doc="classify the latest sensor window now")
+    reg.register("config.get", config_get, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),
+                 doc="the effective configuration, or one key")
+    reg.register("variant", variant, privileged=True,
+                 args=(Arg("variant", str, required=True, doc="a variant name, or auto"),),
+                 doc="pin the model variant (auto: the governor chooses)")
+    reg.register("governor", governor, privileged=True,
+                 args=(Arg("level", str, required=True,
+                           choices=("auto", "performance", "balanced", "saver", "critical"),
+                           doc="the level to force, or auto to end an override"),
+                       Arg("ttl_s", (int, float), default=3600, minimum=1, maximum=7 * 86400,
+                           doc="how long the override lasts")),
+                 doc="override the power governor's level for ttl_s seconds")
+    return reg

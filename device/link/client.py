@@ -1,0 +1,388 @@
+"""The MQTT link: the spool's messages out, commands in, the board's state retained.
+
+Threads and ownership:
+
+* **The network thread** (ours, not paho's ``loop_start``) owns the paho client. Every paho call happens on
+  it, so no paho state is shared between threads. It connects, runs ``client.loop()``, publishes the
+  spool's committed messages in id order with at most ``inflight`` unacknowledged, publishes command
+  replies, and on PUBACK acknowledges the message to the spool, which deletes it at its next commit.
+* **Reconnects**: when the connection drops (or never comes up), the client is discarded and a fresh one
+  is made after an exponential backoff with jitter, capped at ``backoff_max_s``. A fresh client per
+  connection avoids paho's own reconnect path (paho #785: no reconnect after a long outage with
+  ``loop_start``) and its in-memory resend queue (lost on a process death anyway): the spool is the only
+  queue, and after every connect the link replays it from the start. A message whose PUBACK was lost is
+  therefore published twice; consumers drop duplicates by the message ``id``. No topic aliases are used
+  (paho #893).
+* **The command thread** runs the :class:`device.link.commands.Dispatcher` on each command message (a
+  slow command never stalls the network) and hands the reply back to the network thread.
+* **Producers** (the agent's loops) call :meth:`Link.publish_result` / ``publish_event`` /
+  ``publish_telemetry``: a spool ``put``, no I/O on their thread. Nothing is published before it is
+  committed to disk.
+
+State topic: ``online`` (retained) after each connect, with the birth information; ``offline`` on a clean
+:meth:`Link.stop`; ``lost`` is the last will the broker publishes when the board vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device.clock import SYSTEM_CLOCK
+from device.link.errors import ConnectError
+from device.link.spool import Kind, Spool
+from device.link.topics import Topics, default_prefix
+from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[str, dict], None]
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str).encode()
+
+
+class Link:
+    """One board's MQTT connection.
+
+    Args:
+        broker: Broker URL (``mqtt://`` or ``mqtts://``).
+        device_id: This board's id (also the MQTT client id).
+        spool: The durable spool; the link publishes what it holds and acknowledges it.
+        prefix: Topic prefix; empty means ``fieldnode/v1/<device_id>``.
+        protocol: ``"5"`` or ``"3.1.1"``.
+        tls: CA, client certificate and key for ``mqtts``.
+        username: Optional username.
+        password: Optional password.
+        keepalive_s: MQTT keepalive.
+        backoff: ``(min, max)`` reconnect delay in seconds.
+        inflight: Most QoS 1 messages awaiting PUBACK.
+        dispatcher: Runs commands; None ignores ``cmd/`` messages.
+        birth: Returns the ``online`` state payload's extra fields (version, models, backend...).
+        clock: Time source (timestamps; waits use events).
+        on_event: ``on_event(kind, data)`` for link events (connected, disconnected, refused publishes).
+        rng: Random source for the backoff jitter.
+    """
+
+    def __init__(self, broker: str, device_id: str, spool: Spool, *, prefix: str = "", protocol: str = "5",
+                 tls: TlsFiles = TlsFiles(), username: str = "", password: str = "", keepalive_s: int = 30,
+                 backoff: tuple[float, float] = (0.5, 60.0), inflight: int = 64, dispatcher=None,
+                 birth: Callable[[], dict] | None = None, clock=SYSTEM_CLOCK, on_event: EventSink | None = None,
+                 rng: random.Random | None = None):
+        self.url = parse_broker_url(broker)
+        check_tls(self.url, tls)
+        if protocol not in ("5", "3.1.1"):
+            raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+        self.device_id = device_id
+        self.topics = Topics(prefix or default_prefix(device_id))
+        self.spool = spool
+        self.protocol = protocol
+        self.tls = tls
+        self.username, self.password = username, password
+        self.keepalive_s = keepalive_s
+        self.backoff_min, self.backoff_max = backoff
+        self.inflight_limit = inflight
+        self.dispatcher = dispatcher
+        self._birth = birth or (lambda: {})
+        self.clock = clock
+        self._on_event = on_event
+        self._rng = rng or random.Random()
+        self._client: mqtt.Client | None = None
+        self._connected = False
+        self._lost: str | None = None
+        self._inflight: dict[int, int] = {}  # paho mid -> spool id
+        self._cursor = 0
+        self._replies: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue(maxsize=256)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._connected_event = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._failures = 0
+        self.counters = {"connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "acked": 0,
+                         "refused": 0, "replies": 0, "commands": 0, "commands_dropped": 0}
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self._refused_topics: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------ producers
+
+    def publish_result(self, model: str, result: dict) -> int:
+        """Spools a result on ``results/<model>``; its payload carries the message ``id``. Returns the id."""
+        topic = self.topics.results(model)
+        return self.spool.put(Kind.RESULT, topic, lambda mid: _json({"id": mid, **result}))
+
+    def publish_event(self, kind: str, data: dict) -> int:
+        """Spools an event (governor changes, update progress, faults) on ``events``."""
+        return self.spool.put(Kind.EVENT, self.topics.events,
+                              lambda mid: _json({"id": mid, "kind": kind, "time": self.clock.time(), **data}))
+
+    def publish_telemetry(self, data: dict) -> int:
+        """Spools a telemetry summary (dropped first when the spool is over budget)."""
+        return self.spool.put(Kind.TELEMETRY, self.topics.telemetry,
+                              lambda mid: _json({"id": mid, "time": self.clock.time(), **data}))
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Starts the network and command threads (connecting in the background)."""
+        if self._threads:
+            return
+        self._stop.clear()
+        for target, name in ((self._run, "link-net"), (self._serve_commands, "link-cmd")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publishes ``offline`` (retained), disconnects cleanly (no last will) and joins the threads."""
+        if not self._threads:
+            return
+        self._stop_timeout = timeout
+        self._stop.set()
+        self._wake.set()
+        self._commands.put(None)
+        for t in self._threads:
+            t.join(timeout + 5.0)
+        self._threads = []
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected_event.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def status(self) -> dict:
+        return {"broker": str(self.url), "protocol": self.protocol, "prefix": self.topics.prefix,
+                "connected": self._connected, "connected_since": self.connected_since,
+                "last_error": self.last_error, "inflight": len(self._inflight), **self.counters,
+                "commands": self.dispatcher.counters if self.dispatcher is not None else None}
+
+    # ------------------------------------------------------------------------------------ network thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._client is None and not self._connect():
+                    self._backoff_wait()
+                    continue
+                rc = self._client.loop(timeout=0.005 if self._connected else 0.05)
+                if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._lost is None:
+                    self._lost = f"network loop: {mqtt.error_string(rc)}"
+                if self._lost is not None:
+                    self._drop_client(self._lost)
+                    self._backoff_wait()
+                    continue
+                if self._connected:
+                    self._pump()
+            except Exception as exc:  # never let the network thread die: record, drop, retry
+                log.exception("link network thread error")
+                self._drop_client(f"{type(exc).__name__}: {exc}")
+                self._backoff_wait()
+        self._shutdown()
+
+    def _new_client(self) -> mqtt.Client:
+        v5 = self.protocol == "5"
+        kw = {} if v5 else {"clean_session": True}
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id,
+                        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **kw)
+        c.on_connect = self._cb_connect
+        c.on_disconnect = self._cb_disconnect
+        c.on_publish = self._cb_publish
+        c.on_message = self._cb_message
+        c.max_inflight_messages_set(self.inflight_limit)
+        c.will_set(self.topics.state, _json({"state": "lost", "device": self.device_id}), qos=1, retain=True)
+        if self.username:
+            c.username_pw_set(self.username, self.password or None)
+        if self.url.tls:
+            apply_tls(c, self.tls)
+        return c
+
+    def _connect(self) -> bool:
+        self._lost = None
+        try:
+            c = self._new_client()
+            kw = {"clean_start": True} if self.protocol == "5" else {}
+            c.connect(self.url.host, self.url.port, keepalive=self.keepalive_s, **kw)
+        except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ValueError from paho
+            err = ConnectError(f"cannot connect to {self.url}: {type(exc).__name__}: {exc}")
+            self._note_failure(str(err))
+            return False
+        self._client = c
+        return True
+
+    def _note_failure(self, reason: str) -> None:
+        self.counters["connect_failures"] += 1
+        self._failures += 1
+        if reason != self.last_error:
+            log.warning("link: %s", reason)
+        self.last_error = reason
+
+    def _backoff_wait(self) -> None:
+        delay = min(self.backoff_max, self.backoff_min * (2 ** min(self._failures - 1, 30)))
+        self._wake.wait(delay / 2 + self._rng.random() * delay / 2)  # "equal jitter": between d/2 and d
+        self._wake.clear()
+
+    def _drop_client(self, reason: str) -> None:
+        c, self._client = self._client, None
+        was = self._connected
+        self._connected = False
+        self._connected_event.clear()
+        self._inflight.clear()
+        if c is not None:
+            try:
+                c.socket() and c.socket().close()
+            except Exception:  # already closed
+                pass
+        if was:
+            self.counters["disconnects"] += 1
+            self._failures = 1
+            self.connected_since = None
+            self._emit("link_disconnected", {"reason": reason})
+            log.warning("link: disconnected: %s", reason)
+        else:
+            self._note_failure(reason)
+
+    def _pump(self) -> None:
+        c = self._client
+        while True:
+            try:
+                topic, payload, props = self._replies.get_nowait()
+            except queue.Empty:
+                break
+            c.publish(topic, payload, qos=1, properties=props)
+            self.counters["replies"] += 1
+        room = self.inflight_limit - len(self._inflight)
+        if room <= 0:
+            return
+        for m in self.spool.batch(self._cursor, room):
+            info = c.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+            if info.rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._lost = f"publish refused by the client: {mqtt.error_string(info.rc)}"
+                return
+            self._cursor = m.id
+            self.counters["published"] += 1
+            if m.qos == 0:
+                self.spool.ack([m.id])
+            else:
+                self._inflight[info.mid] = m.id
+
+    def _shutdown(self) -> None:
+        c = self._client
+        if c is None:
+            return
+        if self._connected:
+            info = c.publish(self.topics.state, _json({"state": "offline", "device": self.device_id,
+                                                       "time": self.clock.time()}), qos=1, retain=True)
+            deadline = self.clock.monotonic() + getattr(self, "_stop_timeout", 5.0)
+            while not info.is_published() and self._lost is None and self.clock.monotonic() < deadline:
+                c.loop(timeout=0.05)
+            c.disconnect()
+            for _ in range(5):
+                if c.loop(timeout=0.05) != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+        self._client = None
+        self._connected = False
+
+    # ---------------------------------------------------------------------- paho callbacks (net thread)
+
+    def _cb_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        try:
+            if reason_code.is_failure:
+                self._lost = f"connection refused by the broker: {reason_code}"
+                return
+            self._connected = True
+            self._cursor = 0  # replay the spool from the start: anything unacknowledged goes again
+            self._inflight.clear()
+            self.counters["connects"] += 1
+            self.connected_since = self.clock.time()
+            self.last_error = None
+            self._failures = 0
+            client.subscribe(self.topics.cmd_filter, qos=1)
+            birth = {"state": "online", "device": self.device_id, "time": self.clock.time(), **self._birth()}
+            client.publish(self.topics.state, _json(birth), qos=1, retain=True)
+            dropped = self.spool.pop_dropped()
+            if any(dropped.values()):
+                self.publish_event("spool_dropped", {"dropped": dropped})
+            self._emit("link_connected", {"broker": str(self.url), "connects": self.counters["connects"]})
+            self._connected_event.set()
+        except Exception:
+            log.exception("link on_connect failed")
+            self._lost = "on_connect failed"
+
+    def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._lost is None:
+            self._lost = f"disconnected: {reason_code}"
+
+    def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        try:
+            sid = self._inflight.pop(mid, None)
+            if sid is None:
+                return  # a reply or the state message
+            if reason_code is not None and getattr(reason_code, "is_failure", False):
+                self.counters["refused"] += 1  # the broker will never take it (ACL): retrying would block the queue
+                self._emit_refused(sid, str(reason_code))
+            else:
+                self.counters["acked"] += 1
+            self.spool.ack([sid])
+        except Exception:
+            log.exception("link on_publish failed")
+
+    def _emit_refused(self, sid: int, reason: str) -> None:
+        if reason not in self._refused_topics:
+            self._refused_topics.add(reason)
+            log.warning("link: the broker refused message %d: %s (check its ACL)", sid, reason)
+
+    def _cb_message(self, client, userdata, msg) -> None:
+        try:
+            name = self.topics.command_name(msg.topic)
+            if name is None or self.dispatcher is None:
+                return
+            props = getattr(msg, "properties", None)
+            response = getattr(props, "ResponseTopic", None) if props is not None else None
+            correlation = getattr(props, "CorrelationData", None) if props is not None else None
+            self._commands.put_nowait((name, bytes(msg.payload), response, correlation))
+            self.counters["commands"] += 1
+        except queue.Full:
+            self.counters["commands_dropped"] += 1
+        except Exception:
+            log.exception("link on_message failed")
+
+    # ------------------------------------------------------------------------------------- command thread
+
+    def _serve_commands(self) -> None:
+        while True:
+            item = self._commands.get()
+            if item is None:
+                return
+            name, payload, response, correlation = item
+            try:
+                reply = self.dispatcher.handle(name, payload)
+            except Exception:  # the dispatcher never raises; this is the last line of defence
+                log.exception("command dispatcher failed")
+                continue
+            props = None
+            if self.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)
+                if correlation is not None:
+                    props.CorrelationData = correlation
+            topic = response if (self.protocol == "5" and response) else self.topics.reply
+            self._replies.put((topic, reply.body, props))
+            self._wake.set()
+
+    def _emit(self, kind: str, data: dict) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, data)
+            except Exception:
+                log.exception("link event listener failed on %s", kind)

@@ -1,0 +1,45 @@
+"""``[link]``: the MQTT link, its durable spool, and command intake."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from device.configschema import setting
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """``[link]``: the MQTT link."""
+
+    broker: str = setting(
+        "", "Broker URL: mqtt://host:1883 or mqtts://host:8883 (mutual TLS); empty runs without a link.")
+    protocol: str = setting("5", "MQTT protocol version.", choices=("5", "3.1.1"))
+    prefix: str = setting("", "Topic prefix; empty means fieldnode/v1/<device id>.")
+    ca_file: str = setting("", "CA certificate (PEM) that signed the broker's certificate; required for mqtts.")
+    cert_file: str = setting("", "This board's client certificate (PEM), for mutual TLS.")
+    key_file: str = setting("", "This board's client key (PEM), for mutual TLS.")
+    username: str = setting("", "Username; empty sends none (with mutual TLS the certificate is the identity).")
+    password_file: str = setting("", "File holding the password (never the password itself in the config).")
+    keepalive_s: int = setting(30, "MQTT keepalive.", minimum=5, maximum=3600)
+    backoff_min_s: float = setting(0.5, "First reconnect delay; doubles per failure, with jitter.",
+                                   minimum=0.05, maximum=600)
+    backoff_max_s: float = setting(60.0, "Reconnect delay cap.", minimum=0.1, maximum=3600)
+    inflight: int = setting(64, "QoS 1 messages published and not yet acknowledged, at most.", minimum=1,
+                            maximum=65535)
+    spool_commit_ms: int = setting(
+        50, "Group commit period: the most results a power cut can lose.", minimum=1, maximum=10000)
+    spool_max_mb: float = setting(64.0, "Spool budget; past it telemetry, then the oldest results, are dropped.",
+                                  minimum=0.1, maximum=65536)
+    spool_max_age_h: float = setting(168.0, "Messages older than this are dropped.", minimum=0.01, maximum=87600)
+    trust_dir: str = setting("/etc/fieldnode/trust", "Operator public keys (*.pub) allowed to sign privileged "
+                                                     "commands.", pattern=r"(?s).*\S.*", expect="a directory path")
+    envelope_max_ttl_s: float = setting(600.0, "Signed envelopes may expire at most this far ahead.",
+                                        minimum=1, maximum=86400)
+    envelope_skew_s: float = setting(30.0, "Clock skew allowed when checking envelope expiry.", minimum=0,
+                                     maximum=3600)
+    max_payload_kb: float = setting(16.0, "Largest command payload accepted.", minimum=0.5, maximum=1024)
+    commands_burst: int = setting(20, "Commands accepted in a burst (rate limit).", minimum=1, maximum=10000)
+    commands_per_s: float = setting(5.0, "Sustained commands per second (rate limit).", minimum=0.01,
+                                    maximum=10000)
+    dedupe_window_s: float = setting(300.0, "A repeated request_id within this window gets the cached reply.",
+                                     minimum=0, maximum=86400)

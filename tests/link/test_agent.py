@@ -1,0 +1,350 @@
+"""The whole agent against a real mosquitto: every command path over MQTT (request/response with MQTT 5
+properties and the 3.1.1 reply topic), signed envelopes (good, replayed, expired), the malformed cases, the
+last will of a SIGKILLed agent, and a SIGKILLed agent restarted after an outage delivering every spooled
+result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device import config
+from device.agent import Agent
+from device.link.envelope import sign_envelope
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEV = "dev-a"
+PREFIX = f"fieldnode/v1/{DEV}"
+
+
+def write_config(tmp_path, broker, **link) -> str:
+    trust = tmp_path / "trust"
+    trust.mkdir(exist_ok=True)
+    lines = [
+        "[device]", f'id = "{DEV}"', f'state_dir = "{tmp_path / "state"}"',
+        "[runtime]", 'isolation = "inline"', 'delegate = "cpu"',
+        "[drivers]", 'virtual_board = "rpi4"',
+        "[power]", "step_s = 0.5",
+        "[link]", f'broker = "{broker.url}"', f'trust_dir = "{trust}"', "backoff_min_s = 0.05",
+        "backoff_max_s = 0.5", "spool_commit_ms = 20",
+    ] + [f"{k} = {json.dumps(v)}" for k, v in link.items()]
+    path = tmp_path / "fieldnode.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def operator_key(tmp_path):
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "trust").mkdir(exist_ok=True)
+    (tmp_path / "trust" / "operator.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key
+
+
+@pytest.fixture
+def agent(tmp_path, broker, operator_key):
+    cfg = config.load(write_config(tmp_path, broker))
+    a = Agent(cfg)
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    assert a.link.wait_connected(30)
+    yield a
+    a.stop()
+    t.join(30)
+
+
+class Operator:
+    """An operator's client: MQTT 5 request/response, or 3.1.1 with the reply topic."""
+
+    def __init__(self, broker, protocol=mqtt.MQTTv5):
+        self.v5 = protocol == mqtt.MQTTv5
+        self.replies: dict[str, dict] = {}
+        self.cond = threading.Condition()
+        self.id = f"op-{uuid.uuid4().hex[:8]}"
+        self.reply_topic = f"{PREFIX}/reply/{self.id}" if self.v5 else f"{PREFIX}/reply"
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.id, protocol=protocol)
+        self.c.on_message = self._msg
+        done = threading.Event()
+        self.c.on_subscribe = lambda *a: done.set()
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+        self.c.subscribe(self.reply_topic, qos=1)
+        assert done.wait(10)
+
+    def _msg(self, c, u, m):
+        body = json.loads(m.payload)
+        key = body.get("request_id")
+        if self.v5 and m.properties is not None and getattr(m.properties, "CorrelationData", None):
+            key = m.properties.CorrelationData.decode()
+        with self.cond:
+            self.replies[key] = body
+            self.cond.notify_all()
+
+    def send(self, cmd: str, payload, rid: str | None = None, timeout: float = 20.0) -> dict:
+        rid = rid or uuid.uuid4().hex[:12]
+        if isinstance(payload, dict):
+            payload = json.dumps({"request_id": rid, **payload}).encode()
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = self.reply_topic
+            props.CorrelationData = rid.encode()
+        with self.cond:
+            self.replies.pop(rid, None)
+        self.c.publish(f"{PREFIX}/cmd/{cmd}", payload, qos=1, properties=props)
+        with self.cond:
+            assert self.cond.wait_for(lambda: rid in self.replies, timeout), f"no reply to {cmd}"
+            return self.replies[rid]
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def operator(broker):
+    op = Operator(broker)
+    yield op
+    op.close()
+
+
+def signed(key, cmd, args, ttl=60, **kw):
+    return sign_envelope(key, device=DEV, cmd=cmd, args=args, ttl_s=ttl, **kw)
+
+
+def test_unprivileged_commands(agent, operator):
+    r = operator.send("ping", {})
+    assert r["ok"] and r["result"]["pong"] is True
+    r = operator.send("status", {})
+    assert r["ok"] and r["result"]["device"] == DEV and r["result"]["link"]["connected"]
+    assert r["result"]["runtime"]["model"] == "vibration"
+    r = operator.send("config.get", {"args": {"key": "runtime.isolation"}})
+    assert r == {"ok": True, "cmd": "config.get", "request_id": r["request_id"], "result": {"runtime.isolation": "inline"}}
+    assert agent.sensor.wait_until(lambda h: h.windows >= 1, timeout=30)
+    r = operator.send("infer", {})
+    assert r["ok"] and r["result"]["label"] in ("normal", "imbalance", "bearing_fault", "loose_mount")
+    assert isinstance(r["result"]["id"], int)
+
+
+def test_privileged_commands_need_a_good_envelope(agent, operator, operator_key):
+    r = operator.send("variant", {"args": {"variant": "lite"}})
+    assert not r["ok"] and r["error"]["code"] == "unauthorized"
+    env = signed(operator_key, "variant", {"variant": "lite"})
+    r = operator.send("variant", env)
+    assert r["ok"] and r["result"]["variant"] == "lite" and r["result"]["pinned"] == "lite"
+    assert agent.runtime.variant == "lite"
+    # the same envelope again, as a new request: replayed
+    r = operator.send("variant", env)
+    assert not r["ok"] and r["error"]["code"] == "replayed"
+    # expired
+    past = signed(operator_key, "variant", {"variant": "full"}, ttl=1)
+    past["expires"] -= 3600
+    r = operator.send("variant", past)
+    assert not r["ok"] and r["error"]["code"] in ("bad_signature", "expired")  # tampered expiry breaks the sig
+    from drivers.sim.clock import SimClock
+
+    old = SimClock(epoch=time.time() - 3600)
+    r = operator.send("variant", signed(operator_key, "variant", {"variant": "full"}, ttl=60, clock=old))
+    assert not r["ok"] and r["error"]["code"] == "expired"
+    # an envelope for another command or another board
+    r = operator.send("variant", signed(operator_key, "governor", {"level": "saver"}))
+    assert not r["ok"] and r["error"]["code"] == "wrong_target"
+    other = sign_envelope(operator_key, device="dev-b", cmd="variant", args={"variant": "full"})
+    assert operator.send("variant", other)["error"]["code"] == "wrong_target"
+    # governor override through MQTT, then back to auto
+    r = operator.send("governor", signed(operator_key, "governor", {"level": "saver", "ttl_s": 600}))
+    assert r["ok"] and r["result"]["level"] == "saver" and r["result"]["override"]["level"] == "saver"
+    r = operator.send("governor", signed(operator_key, "governor", {"level": "auto"}))
+    assert r["ok"] and "override" not in r["result"]
+    refused = agent.dispatcher.counters
+    assert refused.get("replayed", 0) >= 1 and refused.get("wrong_target", 0) >= 2
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"\xff\xfe not utf-8", "bad_json"),
+    (b"{not json", "bad_json"),
+    (b"[1, 2]", "bad_json"),
+    (b'{"request_id": 5}', "bad_request"),
+    (b'{"request_id": "a", "args": [1]}', "bad_request"),
+    (b'{"request_id": "a", "color": "red"}', "bad_request"),
+    (b'{"args": {"key": 7}}', "bad_args"),
+    (b'{"args": {"nope": 1}}', "bad_args"),
+    (b"x" * 17000, "payload_too_large"),
+])
+def test_malformed_commands_get_error_replies_and_the_agent_goes_on(agent, operator, payload, code):
+    rid = uuid.uuid4().hex[:12]
+    r = operator.send("config.get", payload, rid=rid)  # MQTT 5: correlated by CorrelationData
+    assert r["ok"] is False and r["error"]["code"] == code and r["error"]["message"]
+    assert operator.send("ping", {})["ok"]  # still alive
+
+
+def test_unknown_command_and_duplicates(agent, operator):
+    r = operator.send("reboot.now", {})
+    assert r["error"]["code"] == "unknown_command"
+    first = operator.send("infer", {}, rid="dup-1")
+    results = agent.results
+    again = operator.send("infer", {}, rid="dup-1")
+    assert again == first and agent.results == results  # cached reply, not run twice
+
+
+def test_mqtt_311_replies_go_to_the_reply_topic_with_the_request_id(agent, broker):
+    op = Operator(broker, protocol=mqtt.MQTTv311)
+    try:
+        r = op.send("ping", {}, rid="v311-1")
+        assert r["ok"] and r["request_id"] == "v311-1"
+    finally:
+        op.close()
+
+
+# ------------------------------------------------------------------------------- the agent as a process
+
+
+def spawn_agent(cfg_path: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "device.cli", "run", "--config", cfg_path], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(pred, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_last_will_of_a_killed_agent_and_clean_offline(tmp_path, broker, mqtt_client, operator_key):
+    watcher = mqtt_client(broker)
+    watcher.subscribe(f"{PREFIX}/state")
+    proc = spawn_agent(write_config(tmp_path, broker, keepalive_s=5))
+    try:
+        wait_for(lambda: any(json.loads(m.payload)["state"] == "online" for m in watcher.messages()), what="online")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        # mosquitto publishes the will when it notices the dead socket (the kernel closes it at once)
+        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "lost", what="lost")
+        proc = spawn_agent(write_config(tmp_path, broker))
+        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "online", what="online again")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", what="offline")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_agent_killed_while_offline_delivers_every_spooled_result_after_restart(tmp_path, broker, mqtt_client):
+    results = mqtt_client(broker, client_id="results-watcher")
+    results.subscribe(f"{PREFIX}/results/#")
+    cfg = write_config(tmp_path, broker)
+    proc = spawn_agent(cfg)
+    try:
+        wait_for(lambda: len(results.messages()) >= 3, what="results before the outage")
+        broker.stop()
+        spool_path = str(tmp_path / "state" / "spool" / "spool.db")
+
+        def spooled():
+            # a read-only second reader of the WAL database: what is committed right now
+            db = sqlite3.connect(f"file:{spool_path}?mode=ro", uri=True)
+            try:
+                return [row[0] for row in db.execute("SELECT id FROM messages WHERE kind = 1 ORDER BY id")]
+            except sqlite3.OperationalError:
+                return []
+            finally:
+                db.close()
+
+        wait_for(lambda: len(spooled()) >= 8, what="results spooled while offline")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        must_arrive = spooled()  # everything committed before the kill
+        broker.restart()
+        results.wait_connected(2)
+        results.subscribe(f"{PREFIX}/results/#")
+        proc = spawn_agent(cfg)
+        got = wait_for(lambda: (lambda ids: ids if set(must_arrive) <= ids else None)(
+            {json.loads(m.payload)["id"] for m in results.messages()}), what="every spooled result")
+        assert set(must_arrive) <= got
+        ids = [json.loads(m.payload)["id"] for m in results.messages()]
+        firsts = list(dict.fromkeys(ids))
+        assert firsts == sorted(firsts)  # in order
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_corrupt_spool_is_moved_aside_and_the_agent_runs(tmp_path, broker, mqtt_client, operator_key):
+    spool_dir = tmp_path / "state" / "spool"
+    spool_dir.mkdir(parents=True)
+    (spool_dir / "spool.db").write_bytes(b"this is not a database" * 100)
+    watcher = mqtt_client(broker)
+    watcher.subscribe(f"{PREFIX}/events")
+    cfg = config.load(write_config(tmp_path, broker))
+    a = Agent(cfg)
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    try:
+        assert a.link.wait_connected(30)
+        evs = [json.loads(m.payload) for m in watcher.wait_for_messages(1)]
+        wait_for(lambda: any(e["kind"] == "spool_corrupt" for e in
+                             [json.loads(m.payload) for m in watcher.messages()]), what="spool_corrupt event")
+        assert a.spool.stats()["corrupt_recoveries"] == 1
+        assert [p for p in os.listdir(spool_dir) if ".corrupt-" in p]
+        assert evs is not None and a.sensor.wait_until(lambda h: h.windows >= 1, timeout=30)
+        wait_for(lambda: a.results >= 1, what="a result on the fresh spool")
+    finally:
+        a.stop()
+        t.join(30)
+
+
+@pytest.mark.parametrize("broker_url, words", [
+    ("http://127.0.0.1:1883", "scheme"),
+    ("mqtt://127.0.0.1:99999", "port"),
+    ("mqtts://127.0.0.1:8883", "ca"),
+])
+def test_a_bad_broker_url_is_a_config_error_naming_the_key(tmp_path, broker_url, words):
+    from device.errors import ConfigError
+
+    class Fake:
+        url = broker_url
+
+    cfg = config.load(write_config(tmp_path, Fake))
+    with pytest.raises(ConfigError) as e:
+        Agent(cfg)
+    assert e.value.key_path == "link.broker" and words in str(e.value).lower()
+
+
+def test_fieldnode_send_talks_to_the_agent(agent, broker, operator_key, tmp_path, capsys):
+    from device.cli import main
+
+    assert main(["send", "--broker", broker.url, "--device", DEV, "ping", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["result"]["pong"] is True
+    key = tmp_path / "ops.key"
+    key.write_bytes(operator_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    rc = main(["send", "--broker", broker.url, "--device", DEV, "governor", "--args",
+               '{"level": "critical", "ttl_s": 120}', "--sign", str(key), "--json"])
+    reply = json.loads(capsys.readouterr().out)
+    assert rc == 0 and reply["result"]["level"] == "critical"
+    assert agent.governor.level.label == "critical"
+    # unsigned: refused, exit 1
+    assert main(["send", "--broker", broker.url, "--device", DEV, "governor", "--args", '{"level": "auto"}']) == 1
+    assert "unauthorized" in capsys.readouterr().out
