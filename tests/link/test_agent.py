@@ -348,3 +348,27 @@ def test_fieldnode_send_talks_to_the_agent(agent, broker, operator_key, tmp_path
     # unsigned: refused, exit 1
     assert main(["send", "--broker", broker.url, "--device", DEV, "governor", "--args", '{"level": "auto"}']) == 1
     assert "unauthorized" in capsys.readouterr().out
+
+
+def test_telemetry_and_events_are_published(tmp_path, broker, mqtt_client, operator_key):
+    path = write_config(tmp_path, broker)
+    with open(path, "a") as f:
+        f.write("[power.performance]\ntelemetry_s = 1\n")
+    watcher = mqtt_client(broker)
+    watcher.subscribe(f"{PREFIX}/#")
+    a = Agent(config.load(path))
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    try:
+        tel = json.loads(watcher.wait_for_messages(1, timeout=30, topic=f"{PREFIX}/telemetry")[0].payload)
+        assert tel["governor"]["level"] == "performance" and tel["power"]["temp_source"] == "cpu-thermal"
+        assert set(tel) >= {"id", "time", "power", "governor", "latency", "results", "sensor", "spool"}
+        a.governor.override("saver", 60, by="test")
+        wait_for(lambda: any(json.loads(m.payload)["kind"] == "governor_level"
+                             for m in watcher.messages(f"{PREFIX}/events")), what="a governor_level event")
+        ev = next(json.loads(m.payload) for m in watcher.messages(f"{PREFIX}/events")
+                  if json.loads(m.payload)["kind"] == "governor_level")
+        assert ev["to"] == "saver" and ev["override"] is True and isinstance(ev["id"], int)
+    finally:
+        a.stop()
+        t.join(30)
