@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device.link import envelope
 from device.link.errors import EnvelopeError
+from device.link.send import positive_seconds
 
 TRUST_DIR = envelope.DEFAULT_TRUST_DIR
 DEFAULT_MAX_TTL_S = 600  # the boards' default limit (Verifier.max_ttl_s)
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cmd", required=True, metavar="CMD", help="the command name, e.g. variant")
     s.add_argument("--args", default="{}", metavar="JSON", help="the command's arguments, a JSON object "
                                                                 "(default: {})")
-    s.add_argument("--ttl", type=_ttl, default=60.0, metavar="S", help="seconds until it expires (default 60)")
+    s.add_argument("--ttl", type=positive_seconds, default=60.0, metavar="S", help="seconds until it expires (default 60)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,11 +186,3 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
         os.close(dfd)
 
 
-def _ttl(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value

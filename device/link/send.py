@@ -353,9 +353,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, metavar="ID", help="the target device id")
     p.add_argument("--args", default="{}", metavar="JSON", help="the command's arguments, a JSON object (default {})")
     p.add_argument("--sign", metavar="KEY", help="sign the command with this operator key (NAME.key)")
-    p.add_argument("--ttl", type=_positive, default=60.0, metavar="S",
+    p.add_argument("--ttl", type=positive_seconds, default=60.0, metavar="S",
                    help="lifetime of a signed command in seconds (default 60)")
-    p.add_argument("--timeout", type=_positive, default=10.0, metavar="S",
+    p.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="S",
                    help="give up after S seconds, connecting included (default 10)")
     p.add_argument("--json", action="store_true", help="print the reply as one JSON line")
     p.add_argument("--ca", default="", metavar="FILE", help="CA certificate of the broker (mqtts://)")
@@ -474,7 +474,8 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _positive(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """argparse type for a positive, finite number of seconds (also used by ``fieldnode keys sign --ttl``)."""
     try:
         value = float(text)
     except ValueError:
