@@ -25,6 +25,7 @@ State topic: ``online`` (retained) after each connect, with the birth informatio
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -45,6 +46,7 @@ from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict], None]
+_READ_AHEAD = 512  # spool messages fetched per read
 
 
 def _json(obj) -> bytes:
@@ -100,7 +102,9 @@ class Link:
         self._connected = False
         self._lost: str | None = None
         self._inflight: dict[int, int] = {}  # paho mid -> spool id
-        self._cursor = 0
+        self._cursor = 0  # highest spool id fetched for publishing
+        self._ahead: collections.deque = collections.deque()  # fetched, not yet published
+        self._acked: list[int] = []  # PUBACKed this loop iteration; handed to the spool in one call
         self._replies: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue(maxsize=256)
         self._stop = threading.Event()
@@ -177,6 +181,9 @@ class Link:
                     self._backoff_wait()
                     continue
                 rc = self._client.loop(timeout=0.005 if self._connected else 0.05)
+                if self._acked:  # PUBACKs that arrived in this loop, even if the connection then dropped
+                    self.spool.ack(self._acked)
+                    self._acked = []
                 if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._lost is None:
                     self._lost = f"network loop: {mqtt.error_string(rc)}"
                 if self._lost is not None:
@@ -239,6 +246,7 @@ class Link:
         self._connected = False
         self._connected_event.clear()
         self._inflight.clear()
+        self._ahead.clear()
         if c is not None:
             try:
                 c.socket() and c.socket().close()
@@ -265,20 +273,32 @@ class Link:
         room = self.inflight_limit - len(self._inflight)
         if room <= 0:
             return
-        for m in self.spool.batch(self._cursor, room):
+        if not self._ahead:
+            # Fetch well ahead of the window: a read waits while the spool commits (an fsync), so fewer,
+            # larger reads keep the pipe full.
+            fetched = self.spool.batch(self._cursor, max(room, _READ_AHEAD))
+            if fetched:
+                self._cursor = fetched[-1].id
+                self._ahead.extend(fetched)
+        while room > 0 and self._ahead:
+            m = self._ahead[0]
             info = c.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
             if info.rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._lost = f"publish refused by the client: {mqtt.error_string(info.rc)}"
                 return
-            self._cursor = m.id
+            self._ahead.popleft()
+            room -= 1
             self.counters["published"] += 1
             if m.qos == 0:
-                self.spool.ack([m.id])
+                self._acked.append(m.id)
             else:
                 self._inflight[info.mid] = m.id
 
     def _shutdown(self) -> None:
         c = self._client
+        if self._acked:
+            self.spool.ack(self._acked)
+            self._acked = []
         if c is None:
             return
         if self._connected:
@@ -304,6 +324,7 @@ class Link:
             self._connected = True
             self._cursor = 0  # replay the spool from the start: anything unacknowledged goes again
             self._inflight.clear()
+            self._ahead.clear()
             self.counters["connects"] += 1
             self.connected_since = self.clock.time()
             self.last_error = None
@@ -334,7 +355,7 @@ class Link:
                 self._emit_refused(sid, str(reason_code))
             else:
                 self.counters["acked"] += 1
-            self.spool.ack([sid])
+            self._acked.append(sid)
         except Exception:
             log.exception("link on_publish failed")
 
