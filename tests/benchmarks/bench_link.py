@@ -6,13 +6,14 @@ One JSON line (issue "MQTT link"):
   commit to SQLite (WAL, synchronous=FULL), publish at QoS 1 with the in-flight window, PUBACK, delete at
   the next commit; timed from the first put until the spool is empty.
 * ``raw_rate`` – a bare paho QoS 1 publish loop of the same payloads, same window, same loopback mosquitto.
-* ``ratio = rate / raw_rate`` (target >= 0.6 on the 2-core build machine).
+* ``ratio``: the median over five alternating pairs of ``rate / raw_rate`` (target >= 0.6 on the 2-core
+  build machine); ``rate`` and ``raw_rate`` are the medians of their trials.
 * ``replay_rate`` – results per second drained after an outage (the broker stopped while the results were
   spooled, then restarted), from the reconnect until the spool is empty.
 * ``spool_rss_mb`` – how much a fresh process's RSS grows to open a spool and commit an outage's backlog
   of ``N`` results into it (SQLite and its page cache included).
 
-Each figure is the median of three trials. Run with ``make bench``.
+Run with ``make bench``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tests.link.broker import Broker  # noqa: E402
 
 N = 20000
 WINDOW = 64
+PAIRS = 5
 RESULT = {"model": "vibration", "variant": "full", "label": "bearing_fault", "score": 0.98731,
           "scores": {"normal": 0.00412, "imbalance": 0.00311, "bearing_fault": 0.98731, "loose_mount": 0.00546},
           "latency_ms": 0.412}
@@ -151,7 +153,7 @@ def main() -> int:
                         extra_config=("max_queued_messages 0", "max_inflight_messages 0")).start()
         try:
             raws, links, replays, rss = [], [], [], []
-            for _ in range(3):  # alternate, so drift in the VM hits both alike
+            for _ in range(PAIRS):  # alternate, so drift in the VM hits both alike; one ratio per pair
                 raws.append(raw_paho(broker, payloads))
                 links.append(through_link(broker, tmp, N))
             for _ in range(3):
@@ -160,13 +162,16 @@ def main() -> int:
         finally:
             broker.stop()
     raw, rate = statistics.median(raws), statistics.median(links)
+    ratios = sorted(x / y for x, y in zip(links, raws))
+    ratio = statistics.median(ratios)
     print(json.dumps({
         "bench": "link", "results": N, "payload_bytes": len(payloads[0]), "inflight": WINDOW,
-        "rate": round(rate), "raw_rate": round(raw), "ratio": round(rate / raw, 3),
+        "rate": round(rate), "raw_rate": round(raw), "ratio": round(ratio, 3),
+        "ratio_pairs": [round(x, 3) for x in ratios],
         "rate_trials": [round(x) for x in links], "raw_rate_trials": [round(x) for x in raws],
         "replay_rate": round(statistics.median(replays)), "replay_trials": [round(x) for x in replays],
         "spool_rss_mb": round(statistics.median(rss), 1), "target_ratio": 0.6,
-        "met": rate / raw >= 0.6,
+        "met": ratio >= 0.6,
     }))
     return 0
 
