@@ -79,6 +79,9 @@ class Agent:
         if not url or d.virtual_board:
             from drivers.sim.mcu import SimulatedMcu
 
+            if not d.virtual_board:
+                log.warning("drivers.sensor_url is empty: reading the simulated sensor MCU (set it to the "
+                            "sensor's port, e.g. /dev/ttyAMA0, on a real board)")
             self.mcu = SimulatedMcu(seed=7, link_dir=os.path.join(self.state_dir, "board"))
             url = self.mcu.port
         self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s)
