@@ -24,6 +24,7 @@ install.
 from __future__ import annotations
 
 import abc
+import threading
 import enum
 import logging
 import math
@@ -256,8 +257,9 @@ class InputLine(_Line):
 class PinFactory(abc.ABC):
     """Hands out GPIO lines of one backend.
 
-    A backend must override :meth:`output`, :meth:`input` and :meth:`close`, set the class attribute
-    ``name``, and call ``super().__init__()``. It may override :meth:`describe` (call the base and add its
+    A backend must override :meth:`output` and :meth:`input` (registering each line it hands out in
+    ``self._lines`` under ``self._lock``), set the class attribute ``name``, and call ``super().__init__()``.
+    :meth:`close` releases every registered line. It may override :meth:`describe` (call the base and add its
     own keys: chip label and path, library version). Pins are BCM numbers, which are the line offsets on the
     header chip; use :func:`check_pin` and :func:`check_pull` on the arguments.
 
@@ -270,6 +272,8 @@ class PinFactory(abc.ABC):
 
     def __init__(self) -> None:
         self.fallbacks: list[str] = []
+        self._lock = threading.RLock()
+        self._lines: dict[int, Any] = {}
 
     @abc.abstractmethod
     def output(self, pin: int, initial: bool = False) -> OutputLine:
@@ -287,9 +291,12 @@ class PinFactory(abc.ABC):
             GpioError: The pin or pull is invalid, the pin is in use or could not be requested.
         """
 
-    @abc.abstractmethod
     def close(self) -> None:
         """Releases every line this factory handed out."""
+        with self._lock:
+            lines = list(self._lines.values())
+        for line in lines:
+            line.close()
 
     def describe(self) -> dict[str, Any]:
         """What status and diag show: backend name, chip, library version and fallback reasons."""

@@ -218,8 +218,6 @@ class LibgpiodFactory(PinFactory):
         self.clock = clock
         self.path, self.label = find_chip(self._gpiod, chip_label, dev_dir)
         self.version = str(getattr(self._gpiod, "__version__", "unknown"))
-        self._lock = threading.Lock()
-        self._lines: dict[int, LibgpiodOutputLine | LibgpiodInputLine] = {}
 
     def _request(self, pin: int, settings: Any, action: str) -> Any:
         try:
@@ -255,12 +253,6 @@ class LibgpiodFactory(PinFactory):
             inp = LibgpiodInputLine(self, pin, request)
             self._lines[pin] = inp
         return inp
-
-    def close(self) -> None:
-        with self._lock:
-            lines = list(self._lines.values())
-        for line in lines:
-            line.close()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

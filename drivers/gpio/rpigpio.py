@@ -184,8 +184,6 @@ class RPiGpioFactory(PinFactory):
         # rpi-lgpio installs the same module name; it imports lgpio, which the original never does.
         self.library = "rpi-lgpio" if "lgpio" in sys.modules else "RPi.GPIO"
         self.version = str(getattr(self.gpio, "VERSION", "unknown"))
-        self._lock = threading.Lock()
-        self._lines: dict[int, RPiGpioOutputLine | RPiGpioInputLine] = {}
         try:
             self.gpio.setwarnings(False)  # its "channel already in use" warnings go to stderr, not to us
             self.gpio.setmode(self.gpio.BCM)
@@ -230,12 +228,6 @@ class RPiGpioFactory(PinFactory):
                 line.edge_mode = "polling"
             self._lines[pin] = line
         return line
-
-    def close(self) -> None:
-        with self._lock:
-            lines = list(self._lines.values())
-        for line in lines:
-            line.close()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -112,8 +112,6 @@ class SimPinFactory(PinFactory):
             raise GpioError(f"step_s must be > 0 seconds, got {step_s!r}")
         self.clock = clock
         self.step_s = float(step_s)
-        self._lock = threading.RLock()
-        self._lines: dict[int, SimOutputLine | SimInputLine] = {}
         self._states: dict[int, list[tuple[float, bool]]] = {}
         self._levels: dict[int, bool] = {}
 
@@ -144,13 +142,6 @@ class SimPinFactory(PinFactory):
             line = SimInputLine(self, pin, pull)
             self._lines[pin] = line
         return line
-
-    def close(self) -> None:
-        """Releases every line; recorded states are kept for inspection."""
-        with self._lock:
-            lines = list(self._lines.values())
-        for line in lines:
-            line.close()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
