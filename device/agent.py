@@ -66,6 +66,7 @@ class Agent:
         self.results = 0
         self.failures = 0
         self.last_result: dict | None = None
+        self.last_trigger: dict | None = None
         self.board = self.mcu = None
         d = cfg.drivers
         if d.virtual_board:
@@ -85,10 +86,22 @@ class Agent:
             self.mcu = SimulatedMcu(seed=7, link_dir=os.path.join(self.state_dir, "board"))
             url = self.mcu.port
         self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s)
+        from device.hardware import BoardIO
+        from drivers.accel import discover
+
+        try:
+            self.io = BoardIO(d, on_trigger=self._on_trigger, clock=clock)
+        except Exception:
+            if self.mcu is not None:
+                self.mcu.close()
+            raise
+        self.accelerators = discover(fs)
+        self._started = False
         self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event)
         self.policy = Policy.from_config(cfg.power)
         policies = CpuFreq(fs).policies()
-        self.reader = BoardReader(fs, slope_window_s=self.policy.slope_window_s)
+        self.reader = BoardReader(fs, slope_window_s=self.policy.slope_window_s,
+                                  power_good=self.io.read_power_good if self.io.power_good is not None else None)
         self.governor = Governor(self.policy, self.reader.read,
                                  frequencies_khz=policies[0].frequencies_khz if policies else (),
                                  on_event=self.event)
@@ -150,13 +163,14 @@ class Agent:
         return {"version": __version__, "boot_id": _boot_id(),
                 "models": {m.name: {"version": m.version, "variants": list(m.variants)}},
                 "variant": st["variant"], "backend": st["backend"], "backend_version": st["backend_version"],
-                "delegate": st["delegate"], "level": self.governor.level.label}
+                "delegate": st["delegate"], "level": self.governor.level.label,
+                "accelerators": self.accelerators.summary()}
 
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
         log.info("event %s: %s", kind, data)
         if self.link is None:
-            if len(self._early) < 100:
+            if self.cfg.link.broker and len(self._early) < 100:
                 self._early.append((kind, data))
         else:
             try:
@@ -172,7 +186,8 @@ class Agent:
                 "sensor": self.sensor.health().to_dict(),
                 "link": self.link.status() if self.link is not None else None,
                 "spool": self.spool.stats() if self.spool is not None else None,
-                "trust_problems": getattr(self, "trust", None) and self.trust.problems}
+                "trust_problems": getattr(self, "trust", None) and self.trust.problems,
+                "hardware": self.io.describe(), "accelerators": self.accelerators.summary()}
 
     def telemetry(self) -> dict:
         snap = self.governor.snapshot
@@ -202,11 +217,31 @@ class Agent:
         self.last_result = result
         return result
 
+    def _on_trigger(self, stamp: float) -> None:
+        """The wake/trigger input fired (a PIR, a button): classify the latest window now."""
+        window = self.sensor.latest_window(max_age_s=5.0)
+        result = self.infer_once(window) if window is not None else None
+        self.last_trigger = {"at": stamp, "result": result}
+        self.event("trigger", {"at": stamp, "result_id": None if result is None else result.get("id"),
+                               "label": None if result is None else result["label"]})
+
+    def _update_led(self) -> None:
+        from drivers.sensor import SensorState
+        from power.policy import Level
+
+        st = self.runtime.status()
+        self.io.update(started=self._started,
+                       broker_ok=None if self.link is None else self.link.connected,
+                       sensor_ok=self.sensor.health().state in (SensorState.OK, SensorState.STARTING),
+                       runtime_ok=not st["quarantined"],
+                       critical=self.governor.level == Level.CRITICAL)
+
     def _govern(self) -> None:
         while not self._stop.is_set():
             try:
                 plan = self.governor.step()
                 self.applier.apply(plan)
+                self._update_led()
             except Exception:  # the governor must never take the agent down
                 log.exception("governor step failed")
             self._stop.wait(self.policy.step_s)
@@ -223,7 +258,9 @@ class Agent:
         """Starts everything but the inference loop (which :meth:`run` runs on the caller's thread)."""
         if self.board is not None:
             self.board.start(period_s=0.5)
+        self.io.start()
         self.runtime.start()
+        self._started = True
         if self.spool is not None:
             self.spool.start()
         if self.link is not None:
@@ -276,6 +313,7 @@ class Agent:
         if self.spool is not None:
             self.spool.close()
         self.runtime.close()
+        self.io.close()
         if self.board is not None:
             self.board.stop()
 

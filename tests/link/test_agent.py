@@ -196,10 +196,14 @@ def test_malformed_commands_get_error_replies_and_the_agent_goes_on(agent, opera
 def test_unknown_command_and_duplicates(agent, operator):
     r = operator.send("reboot.now", {})
     assert r["error"]["code"] == "unknown_command"
+    assert agent.sensor.wait_until(lambda h: h.windows >= 1, timeout=30)
     first = operator.send("infer", {}, rid="dup-1")
-    results = agent.results
+    assert first["ok"], first
+    dups = agent.dispatcher.counters["duplicates"]
     again = operator.send("infer", {}, rid="dup-1")
-    assert again == first and agent.results == results  # cached reply, not run twice
+    # the cached reply: a second run would have made a result with a new id
+    assert again == first and again["result"]["id"] == first["result"]["id"]
+    assert agent.dispatcher.counters["duplicates"] == dups + 1
 
 
 def test_mqtt_311_replies_go_to_the_reply_topic_with_the_request_id(agent, broker):
