@@ -27,7 +27,8 @@ class LinkConfig:
     inflight: int = setting(64, "QoS 1 messages published and not yet acknowledged, at most.", minimum=1,
                             maximum=65535)
     spool_commit_ms: int = setting(
-        50, "Group commit period: the most results a power cut can lose.", minimum=1, maximum=10000)
+        50, "Spool commits start as soon as a result arrives (group commit); acknowledged messages are deleted "
+            "at least this often.", minimum=1, maximum=10000)
     spool_max_mb: float = setting(64.0, "Spool budget; past it telemetry, then the oldest results, are dropped.",
                                   minimum=0.1, maximum=65536)
     spool_max_age_h: float = setting(168.0, "Messages older than this are dropped.", minimum=0.01, maximum=87600)

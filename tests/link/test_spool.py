@@ -383,3 +383,22 @@ def test_writer_that_finishes_closes_with_everything_durable(tmp_path):
     with Spool(path) as s:
         msgs = all_messages(s)
     assert [int(m.payload) for m in msgs] == list(range(50)) and last == f"done {msgs[-1].id}"
+
+
+def test_a_put_wakes_the_commit_thread_at_once(tmp_path):
+    """Group commit starts on the first put, not at the next interval (here an hour away); acks alone wait."""
+    s = Spool(str(tmp_path / "eager.db"), commit_interval_s=3600)
+    s.start()
+    try:
+        mid = s.put(Kind.RESULT, "fieldnode/v1/x/results/m", b"r")
+        for _ in range(3000):
+            if s.durable_id >= mid:
+                break
+            threading.Event().wait(0.01)
+        assert s.durable_id >= mid
+        commits = s.stats()["commits"]
+        s.ack([mid])
+        threading.Event().wait(0.2)
+        assert s.stats()["commits"] == commits and s.stats()["messages"] == 1  # the delete waits for a put or the interval
+    finally:
+        s.close()
