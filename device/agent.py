@@ -42,7 +42,9 @@ class Agent:
 
     def __init__(self, cfg: config.Config, clock=SYSTEM_CLOCK):
         from device.applier import PlanApplier
+        from device.hardware import BoardIO
         from device.runtime.runtime import Runtime, RuntimeSettings
+        from drivers.accel import discover
         from drivers.cpufreq import CpuFreq
         from drivers.sensor import SerialSensor
         from drivers.sysfs import Sysfs, resolve_root
@@ -52,6 +54,7 @@ class Agent:
 
         self.cfg = cfg
         self.clock = clock
+        self.policy = Policy.from_config(cfg.power)  # cross-key checks first, before anything is opened
         self.device_id = config.device_id(cfg)
         self.state_dir = cfg.device.state_dir
         try:
@@ -86,9 +89,6 @@ class Agent:
             self.mcu = SimulatedMcu(seed=7, link_dir=os.path.join(self.state_dir, "board"))
             url = self.mcu.port
         self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s)
-        from device.hardware import BoardIO
-        from drivers.accel import discover
-
         try:
             self.io = BoardIO(d, on_trigger=self._on_trigger, clock=clock)
         except Exception:
@@ -98,7 +98,6 @@ class Agent:
         self.accelerators = discover(fs)
         self._started = False
         self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event)
-        self.policy = Policy.from_config(cfg.power)
         policies = CpuFreq(fs).policies()
         self.reader = BoardReader(fs, slope_window_s=self.policy.slope_window_s,
                                   power_good=self.io.read_power_good if self.io.power_good is not None else None)
@@ -106,11 +105,12 @@ class Agent:
                                  frequencies_khz=policies[0].frequencies_khz if policies else (),
                                  on_event=self.event)
         self.applier = PlanApplier(CpuFreq(fs), self.runtime, on_event=self.event)
-        self.link = self.spool = self.dispatcher = None
+        self.spool = self.dispatcher = None
         if cfg.link.broker:
             try:
                 self._make_link()
             except Exception:
+                self.io.close()
                 if self.mcu is not None:
                     self.mcu.close()
                 raise
