@@ -337,7 +337,11 @@ def run(args) -> int:
     from device.cli import load_config
 
     cfg = load_config(args)
+    if not getattr(args, "verbose", False):  # -v wins; otherwise the configured level
+        logging.getLogger().setLevel(cfg.device.log_level.upper())
     agent = Agent(cfg)
+    log.info("fieldnode %s: device %s, state %s, link %s", __version__, agent.device_id, agent.state_dir,
+             cfg.link.broker or "off")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     return agent.run(args.seconds)
