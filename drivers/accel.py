@@ -24,7 +24,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.errors import DriverError
 from drivers.sysfs import Sysfs, resolve_root
 
 USB_DEVICES = "sys/bus/usb/devices"
@@ -190,10 +189,7 @@ class Accelerators:
 
 def _read(fs: Sysfs, rel: str) -> str | None:
     # Discovery never raises: a node that errors (EIO from a flaky driver) is as unknown as an absent one.
-    try:
-        text = fs.read_text(rel)
-    except (DriverError, OSError, ValueError):
-        return None
+    text = fs.read_optional(rel)
     if text is None:
         return None
     text = text.replace("\x00", " ").strip()  # device-tree strings end with a NUL byte

@@ -106,42 +106,27 @@ class CpuFreq:
         """The remedy message once a write was refused for lack of permission, else ``None``."""
         return self._permission_problem
 
-    def _read_int(self, rel: str) -> int | None:
-        # Optional readings: an unreadable node is unknown, like an absent one.
-        try:
-            return self._fs.read_int(rel)
-        except SysfsError as exc:
-            self._log.debug("cpufreq node unreadable, treated as unknown: %s", exc)
-            return None
-
-    def _read_text(self, rel: str) -> str | None:
-        try:
-            return self._fs.read_text(rel) or None
-        except SysfsError as exc:
-            self._log.debug("cpufreq node unreadable, treated as unknown: %s", exc)
-            return None
-
     def _read_policy(self, rel: str) -> CpufreqPolicy | None:
         name = os.path.basename(rel)
-        min_khz = self._read_int(f"{rel}/cpuinfo_min_freq")
-        max_khz = self._read_int(f"{rel}/cpuinfo_max_freq")
+        min_khz = self._fs.read_optional_int(f"{rel}/cpuinfo_min_freq")
+        max_khz = self._fs.read_optional_int(f"{rel}/cpuinfo_max_freq")
         if min_khz is None or max_khz is None or not 0 < min_khz <= max_khz:
             # Without the hardware range no cap can be snapped safely: leave the policy alone.
             self._log.debug("%s: cpuinfo min/max %r/%r unusable; policy skipped", rel, min_khz, max_khz)
             return None
-        cpus = (_parse_cpus(self._read_text(f"{rel}/affected_cpus"))
-                or _parse_cpus(self._read_text(f"{rel}/related_cpus"))
+        cpus = (_parse_cpus(self._fs.read_optional(f"{rel}/affected_cpus"))
+                or _parse_cpus(self._fs.read_optional(f"{rel}/related_cpus"))
                 or (int(_POLICY_RE.fullmatch(name).group(1)),))  # policyN is named after its first CPU
-        table = _parse_table(self._read_text(f"{rel}/scaling_available_frequencies"))
+        table = _parse_table(self._fs.read_optional(f"{rel}/scaling_available_frequencies"))
         return CpufreqPolicy(
             name=name,
             cpus=cpus,
             frequencies_khz=table or ((min_khz, max_khz) if min_khz < max_khz else (min_khz,)),
             min_khz=min_khz,
             max_khz=max_khz,
-            scaling_max_khz=self._read_int(f"{rel}/scaling_max_freq"),
-            cur_khz=self._read_int(f"{rel}/scaling_cur_freq"),
-            governor=self._read_text(f"{rel}/scaling_governor"),
+            scaling_max_khz=self._fs.read_optional_int(f"{rel}/scaling_max_freq"),
+            cur_khz=self._fs.read_optional_int(f"{rel}/scaling_cur_freq"),
+            governor=self._fs.read_optional(f"{rel}/scaling_governor"),
             discrete=table is not None,
         )
 

@@ -22,7 +22,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from drivers.errors import SysfsError
 from drivers.sysfs import Sysfs
 
 log = logging.getLogger(__name__)
@@ -116,29 +115,8 @@ class PowerState:
         return self.battery.capacity_pct if self.battery else None
 
 
-def _read_text(fs: Sysfs, rel: str) -> str | None:
-    # Fuel gauges on I2C answer EIO when the bus hiccups; that reading is unknown, the rest still counts.
-    try:
-        text = fs.read_text(rel)
-    except SysfsError as exc:
-        log.debug("power supply node unreadable, treated as unknown: %s", exc)
-        return None
-    return text or None
-
-
-def _read_int(fs: Sysfs, rel: str) -> int | None:
-    text = _read_text(fs, rel)
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        log.debug("%s holds %r, expected an integer; treated as unknown", rel, text)
-        return None
-
-
 def _read_flag(fs: Sysfs, rel: str) -> bool | None:
-    value = _read_int(fs, rel)
+    value = fs.read_optional_int(rel)
     # online is 0 offline, 1 online fixed, 2 online programmable (USB PD); negative is nonsense
     return None if value is None or value < 0 else value != 0
 
@@ -154,16 +132,16 @@ def read_supply(fs: Sysfs, name: str) -> Supply:
         The supply, with ``None`` for every missing or unparseable reading.
     """
     base = f"{POWER_SUPPLY_DIR}/{name}"
-    capacity = _read_int(fs, f"{base}/capacity")
+    capacity = fs.read_optional_int(f"{base}/capacity")
     if capacity is not None and not 0 <= capacity <= 100:
         log.debug("%s/capacity is %d, outside 0..100; treated as unknown", base, capacity)
         capacity = None
-    microvolts = _read_int(fs, f"{base}/voltage_now")
+    microvolts = fs.read_optional_int(f"{base}/voltage_now")
     if microvolts is not None and microvolts < 0:
         log.debug("%s/voltage_now is %d, negative; treated as unknown", base, microvolts)
         microvolts = None
-    microamps = _read_int(fs, f"{base}/current_now")
-    microwatts = _read_int(fs, f"{base}/power_now")
+    microamps = fs.read_optional_int(f"{base}/current_now")
+    microwatts = fs.read_optional_int(f"{base}/power_now")
     voltage = microvolts / 1e6 if microvolts is not None else None
     current = microamps / 1e6 if microamps is not None else None
     if microwatts is not None:
@@ -174,14 +152,14 @@ def read_supply(fs: Sysfs, name: str) -> Supply:
         power = None
     return Supply(
         name=name,
-        type=_read_text(fs, f"{base}/type"),
+        type=fs.read_optional(f"{base}/type"),
         online=_read_flag(fs, f"{base}/online"),
-        status=_read_text(fs, f"{base}/status"),
+        status=fs.read_optional(f"{base}/status"),
         capacity_pct=float(capacity) if capacity is not None else None,
         voltage_v=voltage,
         current_a=current,
         power_w=power,
-        scope=_read_text(fs, f"{base}/scope"),
+        scope=fs.read_optional(f"{base}/scope"),
         present=_read_flag(fs, f"{base}/present"),
     )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import glob as _glob
+import logging
 import os
 import re
 from typing import Mapping
@@ -20,6 +21,8 @@ from typing import Mapping
 from drivers.errors import SysfsError, SysfsPermissionError
 
 ENV_ROOT = "FIELDNODE_SYSFS_ROOT"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_root(configured: str = "", environ: Mapping[str, str] | None = None) -> str:
@@ -84,6 +87,28 @@ class Sysfs:
         try:
             return int(text, 0)
         except ValueError:
+            return None
+
+    def read_optional(self, rel: str) -> str | None:
+        """Like :meth:`read_text` for readings that may be missing: a node that cannot be read (EIO from a
+        fuel gauge on a flaky I2C bus, a sensor driver failing) is unknown too, and an empty one is ``None``.
+        One bad node must never hide the others from the governor."""
+        try:
+            text = self.read_text(rel)
+        except SysfsError as exc:
+            log.debug("sysfs node unreadable, treated as unknown: %s", exc)
+            return None
+        return text or None
+
+    def read_optional_int(self, rel: str) -> int | None:
+        """:meth:`read_optional` as an integer (decimal, or hex with ``0x``); ``None`` when not a number."""
+        text = self.read_optional(rel)
+        if text is None:
+            return None
+        try:
+            return int(text, 16) if text[:2].lower() == "0x" else int(text)  # "050" is decimal, not an error
+        except ValueError:
+            log.debug("%s holds %r, expected an integer; treated as unknown", rel, text)
             return None
 
     def write_text(self, rel: str, value: object) -> None:

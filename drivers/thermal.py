@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from drivers.errors import SysfsError
 from drivers.sysfs import Sysfs
 
 log = logging.getLogger(__name__)
@@ -92,20 +91,9 @@ class ThermalZone:
         return min(temps) if temps else None
 
 
-def _read_text(fs: Sysfs, rel: str) -> str | None:
-    # A zone whose driver fails (EIO from a sensor on a flaky bus) is unknown, not fatal: the governor
-    # must still get the other zones.
-    try:
-        text = fs.read_text(rel)
-    except SysfsError as exc:
-        log.debug("thermal node unreadable, treated as unknown: %s", exc)
-        return None
-    return text or None
-
-
 def _millideg(fs: Sysfs, rel: str) -> float | None:
     """A millidegree node as °C, or ``None`` when absent, not an integer or not believable."""
-    text = _read_text(fs, rel)
+    text = fs.read_optional(rel)
     if text is None:
         return None
     try:
@@ -131,7 +119,7 @@ def _read_trips(fs: Sysfs, zone_rel: str) -> tuple[TripPoint, ...]:
         temp = _millideg(fs, rel)
         if temp is None:
             continue  # disabled trips read as absurd values on some drivers
-        kind = _read_text(fs, f"{zone_rel}/trip_point_{index}_type") or "unknown"
+        kind = fs.read_optional(f"{zone_rel}/trip_point_{index}_type") or "unknown"
         trips.append(TripPoint(index, temp, kind))
     return tuple(sorted(trips, key=lambda t: t.index))
 
@@ -153,7 +141,7 @@ def read_zones(fs: Sysfs) -> tuple[ThermalZone, ...]:
             continue
         zones.append(ThermalZone(
             name=name,
-            type=_read_text(fs, f"{rel}/type"),
+            type=fs.read_optional(f"{rel}/type"),
             temp_c=_millideg(fs, f"{rel}/temp"),
             trips=_read_trips(fs, rel),
         ))

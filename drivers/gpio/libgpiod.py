@@ -133,11 +133,7 @@ class LibgpiodOutputLine(OutputLine):
             self._value = value
 
     def _release(self) -> None:
-        self._factory._forget(self)
-        try:
-            self._request.release()
-        except Exception:  # a request the kernel already dropped: nothing left to give back
-            pass
+        _release_request(self)
 
 
 class LibgpiodInputLine(InputLine):
@@ -189,11 +185,16 @@ class LibgpiodInputLine(InputLine):
         return events
 
     def _release(self) -> None:
-        self._factory._forget(self)
-        try:
-            self._request.release()
-        except Exception:  # a request the kernel already dropped: nothing left to give back
-            pass
+        _release_request(self)
+
+
+def _release_request(line) -> None:
+    """Gives a line's request back to the kernel and forgets the line (both line kinds)."""
+    line._factory._forget(line)
+    try:
+        line._request.release()
+    except Exception:  # a request the kernel already dropped: nothing left to give back
+        pass
 
 
 class LibgpiodFactory(PinFactory):

@@ -127,6 +127,23 @@ def test_read_text_io_error_raises_naming_the_node(tmp_path, mocker):
     assert isinstance(info.value.__cause__, OSError)
 
 
+def test_read_optional_treats_an_unreadable_node_as_unknown(tmp_path, mocker):
+    write(tmp_path, {"capacity": 55, "status": "Charging", "empty": ""})
+    fs = Sysfs(str(tmp_path))
+    assert fs.read_optional("status") == "Charging"
+    assert fs.read_optional("empty") is None and fs.read_optional("absent") is None
+    _fail_open_for(mocker, "capacity", OSError(errno.EIO, "Input/output error"))
+    assert fs.read_optional("capacity") is None  # read_text raises here (see above); the reading is unknown
+    assert fs.read_optional_int("capacity") is None
+
+
+def test_read_optional_int_is_decimal_unless_0x(tmp_path):
+    write(tmp_path, {"lead": "050", "hex": "0x1f", "neg": -3, "junk": "abc"})
+    fs = Sysfs(str(tmp_path))
+    assert (fs.read_optional_int("lead"), fs.read_optional_int("hex"), fs.read_optional_int("neg")) == (50, 31, -3)
+    assert fs.read_optional_int("junk") is None and fs.read_optional_int("absent") is None
+
+
 def test_read_int_decimal_hex_and_negative(tmp_path):
     write(tmp_path, {"dec": 48686, "hex": "0x50005", "neg": -420000})
     fs = Sysfs(str(tmp_path))

@@ -242,9 +242,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), clients=(*DEVICE_IDS, OPERATOR_ID))
 
 
-def _run_broker(tmp_path_factory: pytest.TempPathFactory, mode: str, pki: Pki | None) -> Iterator[Broker]:
+def run_broker(tmp_path_factory: pytest.TempPathFactory, mode: str, pki: Pki | None, *, workdir=None,
+               extra_config=()) -> Iterator[Broker]:
+    """Starts a broker for a fixture and always stops it (kill() if a clean stop hangs)."""
     try:
-        broker = Broker(tmp_path_factory.mktemp(f"broker-{mode}"), mode, pki=pki)
+        broker = Broker(workdir or tmp_path_factory.mktemp(f"broker-{mode}"), mode, pki=pki,
+                        extra_config=extra_config)
     except BrokerNotFound as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -261,20 +264,20 @@ def _run_broker(tmp_path_factory: pytest.TempPathFactory, mode: str, pki: Pki | 
 @pytest.fixture
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A plain (anonymous, no TLS) mosquitto on ``broker.url`` == ``mqtt://127.0.0.1:PORT``."""
-    yield from _run_broker(tmp_path_factory, "plain", None)
+    yield from run_broker(tmp_path_factory, "plain", None)
 
 
 @pytest.fixture
 def tls_broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Broker]:
     """mosquitto over TLS that requires a client certificate from ``pki``; its CN is the username."""
-    yield from _run_broker(tmp_path_factory, "tls", pki)
+    yield from run_broker(tmp_path_factory, "tls", pki)
 
 
 @pytest.fixture
 def acl_broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Broker]:
     """Like ``tls_broker`` plus the ACL: identity X may only use ``fieldnode/v1/X/#``; ``operator`` all of
     ``fieldnode/v1/#``."""
-    yield from _run_broker(tmp_path_factory, "acl", pki)
+    yield from run_broker(tmp_path_factory, "acl", pki)
 
 
 @pytest.fixture

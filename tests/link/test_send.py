@@ -21,6 +21,7 @@ from device.link import send
 from device.link.envelope import TrustStore, Verifier
 from device.link.errors import EnvelopeError
 from tests.link.broker import Broker, free_port
+from tests.link.conftest import run_broker
 
 PREFIX = "fieldnode/v1/dev-a"
 PROTOCOLS = pytest.mark.parametrize("protocol", ["5", "3.1.1"], ids=["mqtt5", "mqtt311"])
@@ -399,15 +400,8 @@ def password_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker
     passwd = workdir / "passwd"
     subprocess.run([tool, "-c", "-b", str(passwd), "ops", "s3cret"], check=True, capture_output=True)
     passwd.chmod(0o600)
-    broker = Broker(workdir, "plain", extra_config=[f"password_file {passwd}"])
-    try:
-        broker.start()
-        yield broker
-    finally:
-        try:
-            broker.stop()
-        finally:
-            broker.kill()
+    yield from run_broker(tmp_path_factory, "plain", None, workdir=workdir,
+                          extra_config=[f"password_file {passwd}"])
 
 
 @PROTOCOLS

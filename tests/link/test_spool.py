@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -19,20 +18,10 @@ from device.link.spool import Kind, Message, Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spool_writer.py")
-T, R, E = Kind.TELEMETRY, Kind.RESULT, Kind.EVENT
+from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
 ZERO = {"telemetry": 0, "result": 0, "event": 0}
 
 
-def wait_until(pred, timeout: float = 10.0) -> None:
-    """Polls ``pred`` (a generous limit only to fail instead of hanging; nothing asserts on durations)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
-
-
-def all_messages(spool: Spool) -> list[Message]:
-    return spool.batch(0, 1_000_000)
 
 
 @pytest.fixture

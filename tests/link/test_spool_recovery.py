@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 
 import pytest
 
 from device.link import spooldb
 from device.link.errors import SpoolCorrupt, SpoolError
-from device.link.spool import Kind, Message, Spool
+from device.link.spool import Spool
 from drivers.sim.clock import EPOCH, SimClock
 
-T, R, E = Kind.TELEMETRY, Kind.RESULT, Kind.EVENT
+from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
 
 
-def wait_until(pred, timeout: float = 10.0) -> None:
-    """Polls ``pred`` (a generous limit only to fail instead of hanging; nothing asserts on durations)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
-
-
-def all_messages(spool: Spool) -> list[Message]:
-    return spool.batch(0, 1_000_000)
 
 
 def make_real_spool(path: str, n: int = 2000) -> bytes:

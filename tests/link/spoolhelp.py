@@ -1,0 +1,21 @@
+"""Helpers shared by the spool tests."""
+
+from __future__ import annotations
+
+import time
+
+from device.link.spool import Kind, Message, Spool
+
+T, R, E = Kind.TELEMETRY, Kind.RESULT, Kind.EVENT
+
+
+def wait_until(pred, timeout: float = 10.0) -> None:
+    """Polls ``pred`` (a generous limit only to fail instead of hanging; nothing asserts on durations)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.002)
+
+
+def all_messages(spool: Spool) -> list[Message]:
+    return spool.batch(0, 1_000_000)
