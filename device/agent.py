@@ -38,9 +38,13 @@ class Agent:
     Args:
         cfg: The validated configuration.
         clock: Time source for the loops.
+        board: A virtual board to run on instead of the one ``drivers.virtual_board`` would make (the demo
+            passes one whose clock runs faster than real time); its clock paces the governor.
+        on_event: Also called with every event (the demo prints them).
+        on_result: Called with every result (the demo scores them against the simulated truth).
     """
 
-    def __init__(self, cfg: config.Config, clock=SYSTEM_CLOCK):
+    def __init__(self, cfg: config.Config, clock=SYSTEM_CLOCK, *, board=None, on_event=None, on_result=None):
         from device.applier import PlanApplier
         from device.hardware import BoardIO
         from device.runtime.runtime import Runtime, RuntimeSettings
@@ -70,23 +74,27 @@ class Agent:
         self.failures = 0
         self.last_result: dict | None = None
         self.last_trigger: dict | None = None
-        self.board = self.mcu = None
+        self._on_event, self._on_result = on_event, on_result
+        self.board, self.mcu = board, None
         d = cfg.drivers
-        if d.virtual_board:
+        if self.board is None and d.virtual_board:
             from drivers.sim.board import VirtualBoard
 
             self.board = VirtualBoard(os.path.join(self.state_dir, "board"), d.virtual_board, ambient_c=25.0)
-            fs = self.board.fs
-        else:
-            fs = Sysfs(resolve_root(d.sysfs_root))
+        fs = self.board.fs if self.board is not None else Sysfs(resolve_root(d.sysfs_root))
+        # The governor runs on the board's time (a virtual board's clock may run faster than real time).
+        self.board_clock = self.board.clock if self.board is not None else SYSTEM_CLOCK
         url = d.sensor_url
-        if not url or d.virtual_board:
+        if not url or self.board is not None:
             from drivers.sim.mcu import SimulatedMcu
+            from drivers.sim.signal import VibrationSource, schedule
 
-            if not d.virtual_board:
+            if self.board is None:
                 log.warning("drivers.sensor_url is empty: reading the simulated sensor MCU (set it to the "
                             "sensor's port, e.g. /dev/ttyAMA0, on a real board)")
-            self.mcu = SimulatedMcu(seed=7, link_dir=os.path.join(self.state_dir, "board"))
+            source = VibrationSource(seed=7)  # the simulated machine changes state every 6-12 s
+            source.follow(schedule(7, 86400.0, segment_s=(6.0, 12.0)))
+            self.mcu = SimulatedMcu(source, link_dir=os.path.join(self.state_dir, "board"))
             url = self.mcu.port
         self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s)
         try:
@@ -99,11 +107,11 @@ class Agent:
         self._started = False
         self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event)
         policies = CpuFreq(fs).policies()
-        self.reader = BoardReader(fs, slope_window_s=self.policy.slope_window_s,
+        self.reader = BoardReader(fs, clock=self.board_clock, slope_window_s=self.policy.slope_window_s,
                                   power_good=self.io.read_power_good if self.io.power_good is not None else None)
         self.governor = Governor(self.policy, self.reader.read,
                                  frequencies_khz=policies[0].frequencies_khz if policies else (),
-                                 on_event=self.event)
+                                 clock=self.board_clock, on_event=self.event)
         self.applier = PlanApplier(CpuFreq(fs), self.runtime, on_event=self.event)
         self.spool = self.dispatcher = None
         if cfg.link.broker:
@@ -169,6 +177,8 @@ class Agent:
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
         log.info("event %s: %s", kind, data)
+        if self._on_event is not None:
+            self._on_event(kind, data)
         if self.link is None:
             if self.cfg.link.broker and len(self._early) < 100:
                 self._early.append((kind, data))
@@ -215,6 +225,8 @@ class Agent:
             result["id"] = self.link.publish_result(m.name, result)
         self.results += 1
         self.last_result = result
+        if self._on_result is not None:
+            self._on_result(result)
         return result
 
     def _on_trigger(self, stamp: float) -> None:
@@ -237,14 +249,25 @@ class Agent:
                        critical=self.governor.level == Level.CRITICAL)
 
     def _govern(self) -> None:
+        speed = getattr(self.board_clock, "factor", 1.0)
         while not self._stop.is_set():
             try:
                 plan = self.governor.step()
-                self.applier.apply(plan)
+                applied = self.applier.apply(plan)
+                if self.board is not None:
+                    self._load_board(plan, applied)
                 self._update_led()
             except Exception:  # the governor must never take the agent down
                 log.exception("governor step failed")
-            self._stop.wait(self.policy.step_s)
+            self._stop.wait(self.policy.step_s / speed)
+
+    def _load_board(self, plan, applied: dict) -> None:
+        """A virtual board's simulated workload follows the plan: the board's physics need a load heavier than
+        one small model to react to (threads up to the board's cores, the variant's cost, the duty cycle)."""
+        m = self.runtime.manifest
+        variant = m.variants.get(applied.get("variant") or m.default_variant)
+        cores = self.board.profile.cpus if plan.threads >= (os.cpu_count() or 1) else plan.threads
+        self.board.set_demand(cores, variant.cost if variant else 1.0, plan.interval_ms / 1000.0)
 
     def _telemetry(self) -> None:
         while not self._stop.wait(self.governor.plan.telemetry_s):
@@ -257,7 +280,8 @@ class Agent:
     def start(self) -> None:
         """Starts everything but the inference loop (which :meth:`run` runs on the caller's thread)."""
         if self.board is not None:
-            self.board.start(period_s=0.5)
+            speed = getattr(self.board_clock, "factor", 1.0)
+            self.board.start(period_s=max(0.005, min(0.05, 1.0 / speed)))  # about one board second a step
         self.io.start()
         self.runtime.start()
         self._started = True
