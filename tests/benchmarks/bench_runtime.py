@@ -3,8 +3,8 @@
 Prints one JSON line. Targets (issue "Foundation"): in process isolation, 2 threads, ai-edge-litert,
 ``overhead_ratio <= 1.05`` on MobileNetV2 1.0/224 int8 and ``p50 - raw p50 <= 60 us`` on 0.35/96 int8;
 outputs bit-identical. Each model is benchmarked in three trials (a fresh worker each), every trial
-alternating the two measurements request by request; the trial with the median overhead is reported, with
-the spread of all three. Run with ``make bench``.
+alternating the two measurements in blocks of ten inferences (``tools.bench.BLOCK``); the trial with the
+median overhead is reported, with the spread of all three. Run with ``make bench``.
 """
 
 from __future__ import annotations
