@@ -27,6 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--isolation", choices=("process", "inline"), default=None, help="default: config")
     p.add_argument("--delegate", choices=("auto", "cpu", "edgetpu", "gpu"), default=None, help="default: config")
     p.add_argument("--backend", choices=("auto", "litert", "tflite"), default=None, help="default: config")
+    p.add_argument("--pace-ms", type=_non_negative_float, default=0.0,
+                   help="idle this long before each inference, as at a sensor's pace (default 0: back to back)")
     p.add_argument("--no-raw", action="store_true", help="skip the bare-interpreter comparison")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
@@ -43,6 +45,13 @@ def _non_negative(v: str) -> int:
     if n < 0:
         raise ValueError(v)
     return n
+
+
+def _non_negative_float(v: str) -> float:
+    x = float(v)
+    if not 0 <= x <= 60_000:  # also refuses nan and inf
+        raise ValueError(v)
+    return x
 
 
 def rss_mb(pid: int | None = None) -> float | None:
@@ -64,7 +73,7 @@ def _pcts(samples_ns) -> tuple:
 
 def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 20, threads: int = 2,
               isolation: str = "process", delegate: str = "auto", backend: str = "auto", raw: bool = True,
-              progress=None) -> dict:
+              pace_ms: float = 0.0, progress=None) -> dict:
     """Benchmarks ``model`` and returns the report as a dict (see the module docstring)."""
     from device.runtime.backends import load_backend
     from device.runtime.manifest import load_manifest
@@ -110,8 +119,12 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
         ours, theirs = [], []
         clock = time.perf_counter_ns
 
+        pace_s = pace_ms / 1000.0
+
         def bare_block(n: int) -> None:
             for _ in range(n):
+                if pace_s:
+                    time.sleep(pace_s)
                 t = clock(); bare.invoke(); theirs.append(clock() - t)  # noqa: E702
 
         # Alternate in blocks of BLOCK inferences, each side back to back as benchmark_model runs it, and
@@ -126,6 +139,8 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
             if bare_first:
                 bare_block(n)
             for _ in range(n):
+                if pace_s:
+                    time.sleep(pace_s)
                 t = clock()
                 rt.infer(*inputs)
                 ours.append(clock() - t)
@@ -154,6 +169,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
             "isolation": isolation,
             "threads": threads,
             "runs": runs,
+            "pace_ms": pace_ms,
             "init_ms": round(init_ms, 3),
             "first_ms": round(first_ms, 3),
             "p50_ms": p50,
@@ -185,6 +201,7 @@ def run(args) -> int:
         args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
         threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
         delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
+        pace_ms=args.pace_ms,
         progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
     )
     if args.json:

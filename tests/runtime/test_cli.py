@@ -92,3 +92,15 @@ def test_config_error_exits_2_naming_the_key(tmp_path):
     r = fieldnode("demo", "--config", str(cfg), "--seconds", "1")
     assert r.returncode == 2
     assert "runtime.isolation" in r.stderr and "container" in r.stderr
+
+
+def test_bench_paced_reports_its_pace_and_refuses_a_bad_one(vibration):
+    r = fieldnode("bench", vibration.root, "--variant", "lite", "--runs", "20", "--warmup", "2",
+                  "--pace-ms", "2", "--json", *backend_args())
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["pace_ms"] == 2.0 and report["identical"] is True and report["p50_ms"] > 0
+    for bad in ("-1", "inf", "nan", "soon"):
+        r = fieldnode("bench", vibration.root, "--pace-ms", bad, "--json")
+        assert r.returncode == 2 and r.stdout == "", bad
+        assert "--pace-ms" in r.stderr and bad in r.stderr, r.stderr
