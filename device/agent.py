@@ -105,7 +105,8 @@ class Agent:
             raise
         self.accelerators = discover(fs)
         self._started = False
-        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event)
+        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event,
+                               quarantine_path=os.path.join(self.state_dir, "quarantine.json"))
         policies = CpuFreq(fs).policies()
         self.reader = BoardReader(fs, clock=self.board_clock, slope_window_s=self.policy.slope_window_s,
                                   power_good=self.io.read_power_good if self.io.power_good is not None else None)

@@ -9,13 +9,19 @@
 | ``config.get`` | no | ``key`` (dotted, optional) | the effective configuration, or one key |
 | ``variant`` | yes | ``variant`` (a name, or ``auto``) | pins the model variant; ``auto`` hands it back to the governor |
 | ``governor`` | yes | ``level`` (a level, or ``auto``), ``ttl_s`` | overrides the power level for a while; ``auto`` ends it |
+| ``quarantine.release`` | yes | ``sha256`` (as ``status`` lists it) | lifts a model file's quarantine |
 """
 
 from __future__ import annotations
 
+import re
+
 from device import __version__
 from device.errors import FieldnodeError
 from device.link.commands import Arg, CallContext, Registry, register_builtin
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CommandFailed(FieldnodeError):
@@ -78,6 +84,14 @@ def build_registry(agent) -> Registry:
         agent.applier.apply(plan)
         return agent.governor.status()
 
+    def quarantine_release(args: dict, ctx: CallContext):
+        sha = args["sha256"]
+        if not _SHA256.fullmatch(sha):
+            raise ValueError(f"sha256 must be 64 lowercase hex characters, got {sha[:80]!r}")
+        if not agent.runtime.release_quarantine(sha, by=ctx.signer):
+            raise CommandFailed(f"no quarantined model file has the digest {sha}")
+        return {"released": sha, "quarantined": agent.runtime.status()["quarantined"]}
+
     reg.register("status", status, doc="runtime, governor, sensor, link and spool status")
     reg.register("infer", infer, doc="classify the latest sensor window now")
     reg.register("config.get", config_get, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),
@@ -92,4 +106,7 @@ def build_registry(agent) -> Registry:
                        Arg("ttl_s", (int, float), default=3600, minimum=1, maximum=7 * 86400,
                            doc="how long the override lasts")),
                  doc="override the power governor's level for ttl_s seconds")
+    reg.register("quarantine.release", quarantine_release, privileged=True,
+                 args=(Arg("sha256", str, required=True, doc="the model file's digest, as status lists it"),),
+                 doc="lift a model file's quarantine; the next start or variant swap may load it again")
     return reg

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import math
@@ -21,7 +20,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +31,7 @@ from device.clock import SYSTEM_CLOCK
 from device.link.errors import (BadSignature, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
                                 EnvelopeTooLong, KeyFileError, UnknownKey, WrongTarget)
 from device.link.keyfile import _parse_key, _read_key_file, key_id, load_private_key, load_public_key  # noqa: F401
+from device.statefile import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +306,7 @@ class Verifier:
             return
         doc = {"format": _NONCE_FILE_FORMAT, "nonces": [[k, n, e] for (k, n), e in sorted(self._nonces.items())]}
         try:
-            _write_atomic(self.nonce_path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+            write_atomic(self.nonce_path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
         except OSError as exc:
             # Accept anyway: the nonce is in memory, so replays are refused until the agent restarts, while
             # refusing every command on a full disk would lock operators out of the fix. Logged once.
@@ -329,12 +328,7 @@ class Verifier:
             self._load_problem(f"nonce file {path}: cannot read it ({_short(exc)}); starting with no nonces")
             return
         except ValueError as exc:
-            aside = f"{path}.corrupt-{int(self._clock.time())}"
-            try:
-                os.replace(path, aside)
-                moved = f"moved to {aside}"
-            except OSError as mexc:
-                moved = f"could not move it aside ({_short(mexc)})"
+            moved = set_aside(path, self._clock.time())
             self._load_problem(f"nonce file {path}: corrupt ({exc}); {moved}; starting with no nonces")
             return
         self._nonces = {(k, n): e for k, n, e in entries}
@@ -343,28 +337,6 @@ class Verifier:
     def _load_problem(self, message: str) -> None:
         self._load_problems.append(message)
         log.warning("envelope: %s", message)
-
-
-def _write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same directory, write, fsync, ``os.replace``, fsync the directory (raises OSError)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)  # makes the rename itself durable
-    finally:
-        os.close(dfd)
 
 
 def _parse_nonce_file(raw: bytes) -> list[tuple[str, str, float]]:

@@ -2,17 +2,42 @@
 
 A file is identified by its content (SHA-256), so a replaced file starts clean and a renamed copy of a bad
 file stays quarantined. A success resets the file's count.
+
+With a ``path``, the state survives agent restarts and reboots: it is loaded when the :class:`Quarantine` is
+made and rewritten (atomically: temporary file, fsync, rename, directory fsync) after every change. Changes
+are rare (a worker crash, the first success of a file that had crashed, an operator's release), so no write
+ever happens on the per-request path. The file is a small JSON object::
+
+    {"version": 1,
+     "entries": [{"path": "...", "sha256": "<64 hex>", "crashes": 3, "reason": "...", "since": 1712345678.5}],
+     "counts": {"<64 hex>": 2}}
+
+``entries`` are the quarantined files; ``counts`` the consecutive crashes per file digest. A file that
+cannot be parsed is moved aside to ``<path>.corrupt-<unix seconds>`` for a technician and the quarantine
+starts empty; an unreadable or unwritable file is logged and the quarantine carries on in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import math
 import os
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from device.runtime.errors import ModelQuarantined
+from device.statefile import set_aside, short_error, write_atomic
+
+log = logging.getLogger(__name__)
+
+FILE_VERSION = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_ENTRY_FIELDS = ("path", "sha256", "crashes", "reason", "since")
 
 
 @dataclass(frozen=True)
@@ -31,18 +56,27 @@ class Quarantine:
 
     Args:
         threshold: consecutive crashes (or hangs) that quarantine a file.
-        wall: returns wall-clock seconds, for the entry's timestamp.
+        wall: returns wall-clock seconds, for the entry's timestamp and the name of a corrupt file moved aside.
+        path: the JSON file that keeps the state across restarts; None keeps it in memory only. Its
+            directory is created when missing.
+
+    Raises:
+        ValueError: ``threshold`` is below 1. A bad or unreadable state file never raises: it is logged.
     """
 
-    def __init__(self, threshold: int = 3, wall=time.time) -> None:
+    def __init__(self, threshold: int = 3, wall=time.time, path: str | None = None) -> None:
         if threshold < 1:
             raise ValueError("threshold must be >= 1")
         self.threshold = threshold
+        self.path = path
         self._wall = wall
         self._counts: dict[str, int] = {}
         self._entries: dict[str, QuarantineEntry] = {}
         self._digests: dict[tuple, str] = {}
+        self._write_errors: set[str] = set()  # each distinct write failure is logged once
         self._lock = threading.Lock()
+        if path is not None:
+            self._load()
 
     def digest(self, path: str) -> str:
         """SHA-256 of the file, cached by (path, size, mtime)."""
@@ -84,10 +118,11 @@ class Quarantine:
         with self._lock:
             n = self._counts.get(d, 0) + 1
             self._counts[d] = n
-            if n >= self.threshold and d not in self._entries:
+            quarantined = n >= self.threshold and d not in self._entries
+            if quarantined:
                 self._entries[d] = QuarantineEntry(path, d, n, reason, self._wall())
-                return True
-        return False
+            self._save()
+        return quarantined
 
     def succeeded(self, path: str) -> None:
         """Resets the crash count of ``path`` after it served a request."""
@@ -96,7 +131,8 @@ class Quarantine:
         except OSError:
             return
         with self._lock:
-            self._counts.pop(d, None)
+            if self._counts.pop(d, None) is not None:
+                self._save()
 
     def crashes(self, path: str) -> int:
         try:
@@ -111,5 +147,127 @@ class Quarantine:
     def release(self, sha256: str) -> bool:
         """Lifts the quarantine of one file (an operator's decision); returns whether it was quarantined."""
         with self._lock:
-            self._counts.pop(sha256, None)
-            return self._entries.pop(sha256, None) is not None
+            counted = self._counts.pop(sha256, None) is not None
+            released = self._entries.pop(sha256, None) is not None
+            if counted or released:
+                self._save()
+            return released
+
+    # ----- the state file --------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        path = self.path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("quarantine file %s: cannot read it (%s); starting with an empty quarantine", path,
+                        short_error(exc))
+            return
+        try:
+            entries, counts = parse_state(raw)
+        except ValueError as exc:
+            moved = set_aside(path, self._wall())
+            log.warning("quarantine file %s: corrupt (%s); %s; starting with an empty quarantine", path, exc,
+                        moved)
+            return
+        self._entries = {e.sha256: e for e in entries}
+        self._counts = counts
+        if entries:
+            log.info("quarantine file %s: %d model file(s) stay quarantined: %s", path, len(entries),
+                     ", ".join(f"{os.path.basename(e.path)} ({e.sha256[:12]})" for e in entries))
+
+    def _save(self) -> None:
+        """Writes the state (the caller holds ``_lock``); a failure is logged once per distinct error."""
+        if self.path is None:
+            return
+        doc = {"version": FILE_VERSION,
+               "entries": [asdict(e) for e in sorted(self._entries.values(), key=lambda e: (e.since, e.sha256))],
+               "counts": dict(sorted(self._counts.items()))}
+        try:
+            write_atomic(self.path, (json.dumps(doc, indent=1) + "\n").encode("utf-8"))
+        except OSError as exc:
+            text = short_error(exc)
+            if text not in self._write_errors:
+                self._write_errors.add(text)
+                log.warning("quarantine file %s: cannot write it (%s); the quarantine is kept in memory only "
+                            "until the file can be written", self.path, text)
+
+
+def parse_state(raw: bytes) -> tuple[list[QuarantineEntry], dict[str, int]]:
+    """The entries and crash counts of a quarantine file's bytes.
+
+    Args:
+        raw: the file's content.
+
+    Raises:
+        ValueError: the content is not a version-1 quarantine file; the message says exactly what is wrong.
+    """
+    try:
+        doc = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ValueError("not JSON: nested too deeply") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected a JSON object, got {_kind(doc)}")
+    if "version" not in doc:
+        raise ValueError("no 'version' field")
+    if type(doc["version"]) is not int or doc["version"] != FILE_VERSION:
+        raise ValueError(f"version is {_show(doc['version'])}, this agent reads version {FILE_VERSION}")
+    for key, kind in (("entries", list), ("counts", dict)):
+        if key not in doc:
+            raise ValueError(f"no '{key}' field")
+        if not isinstance(doc[key], kind):
+            raise ValueError(f"'{key}': expected a JSON {'array' if kind is list else 'object'}, "
+                             f"got {_kind(doc[key])}")
+    entries: list[QuarantineEntry] = []
+    seen: set[str] = set()
+    for i, e in enumerate(doc["entries"]):
+        where = f"entries[{i}]"
+        if not isinstance(e, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {_kind(e)}")
+        missing = [f for f in _ENTRY_FIELDS if f not in e]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        for f in ("path", "reason"):
+            if not isinstance(e[f], str):
+                raise ValueError(f"{where}.{f}: expected a string, got {_show(e[f])}")
+        _check_sha256(e["sha256"], f"{where}.sha256")
+        _check_count(e["crashes"], f"{where}.crashes")
+        since = e["since"]
+        if type(since) not in (int, float) or not math.isfinite(since):
+            raise ValueError(f"{where}.since: expected a finite number (Unix seconds), got {_show(since)}")
+        if e["sha256"] in seen:
+            raise ValueError(f"{where}.sha256: {e['sha256']} is quarantined twice")
+        seen.add(e["sha256"])
+        entries.append(QuarantineEntry(e["path"], e["sha256"], e["crashes"], e["reason"], float(since)))
+    counts: dict[str, int] = {}
+    for sha, n in doc["counts"].items():
+        _check_sha256(sha, "counts key")
+        _check_count(n, f"counts[{sha[:12]}...]")
+        if n:
+            counts[sha] = n
+    return entries, counts
+
+
+def _check_sha256(value: Any, where: str) -> None:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"{where}: expected a SHA-256 digest (64 lowercase hex characters), got {_show(value)}")
+
+
+def _check_count(value: Any, where: str) -> None:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{where}: expected a non-negative integer, got {_show(value)}")
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _kind(value)
+    return text if len(text) <= 80 else text[:77] + "..."

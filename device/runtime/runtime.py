@@ -5,8 +5,8 @@ worker by default) for the active variant, and serves :meth:`Runtime.infer`. Swi
 count is a hot swap: the new engine loads and warms up while the old one keeps serving, then takes over
 between two requests, so no request is dropped or fails.
 
-Events (worker crash, timeout, quarantine, delegate fallback, variant change) go to the ``on_event``
-callback, which the agent forwards to the link's ``events`` topic.
+Events (worker crash, timeout, quarantine and its release, delegate fallback, variant change) go to the
+``on_event`` callback, which the agent forwards to the link's ``events`` topic.
 """
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ class Runtime:
         settings: runtime settings.
         manifest: the model; loaded from ``settings.model`` (or the bundled model) when None.
         on_event: ``callable(kind: str, data: dict)`` for faults and changes.
+        quarantine_path: the JSON file that keeps the model quarantine across restarts (the agent puts it in
+            its state directory); None keeps it in memory only.
     """
 
     def __init__(self, settings: RuntimeSettings | None = None, manifest: ModelManifest | None = None,
-                 on_event: Callable[[str, dict], None] | None = None) -> None:
+                 on_event: Callable[[str, dict], None] | None = None, *,
+                 quarantine_path: str | None = None) -> None:
         self.settings = s = settings or RuntimeSettings()
         self.manifest = manifest or load_manifest(s.model or bundled_model_dir())
-        self.quarantine = Quarantine(s.quarantine_after)
+        self.quarantine = Quarantine(s.quarantine_after, path=quarantine_path)
         self.latency = LatencyHistogram()
         self._on_event = on_event
         self._lock = threading.Lock()  # held for a whole request: one request at a time, swaps between them
@@ -225,6 +228,25 @@ class Runtime:
         for fb in engine.info.get("fallbacks", []):
             self._emit("delegate_fallback", {"reason": fb})
         return engine
+
+    # ----- quarantine ------------------------------------------------------------------------------------
+
+    def release_quarantine(self, sha256: str, by: str | None = None) -> bool:
+        """Lifts the quarantine of one model file (an operator's decision, by the digest that :meth:`status`
+        lists); the next start or swap may load it again. Emits ``quarantine_released`` when it was
+        quarantined.
+
+        Args:
+            sha256: the file's SHA-256, as in ``status()["quarantined"]``.
+            by: who asked (the signing key's id), for the event.
+
+        Returns:
+            True when the file was quarantined and is released now, False when it was not quarantined.
+        """
+        released = self.quarantine.release(sha256)
+        if released:
+            self._emit("quarantine_released", {"sha256": sha256, "by": by})
+        return released
 
     # ----- status ----------------------------------------------------------------------------------------
 

@@ -376,3 +376,36 @@ def test_telemetry_and_events_are_published(tmp_path, broker, mqtt_client, opera
     finally:
         a.stop()
         t.join(30)
+
+
+def test_quarantine_survives_a_restart_and_a_signed_command_releases_it(tmp_path, broker, operator_key):
+    import hashlib
+
+    bad = tmp_path / "bad_model.tflite"
+    bad.write_bytes(b"TFL3 stands in for a model that crashed its worker three times")
+    sha = hashlib.sha256(bad.read_bytes()).hexdigest()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "quarantine.json").write_text(json.dumps({"version": 1, "counts": {}, "entries": [
+        {"path": str(bad), "sha256": sha, "crashes": 3, "reason": "worker was killed by signal SIGSEGV",
+         "since": 1764288000.0}]}))
+    a = Agent(config.load(write_config(tmp_path, broker)))
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    op = Operator(broker)
+    try:
+        assert a.link.wait_connected(30)
+        listed = op.send("status", {"args": {}})["result"]["runtime"]["quarantined"]
+        assert [q["sha256"] for q in listed] == [sha] and listed[0]["crashes"] == 3
+        assert op.send("quarantine.release", {"args": {"sha256": sha}})["error"]["code"] == "unauthorized"
+        assert op.send("quarantine.release", signed(operator_key, "quarantine.release",
+                                                    {"sha256": "BAD"}))["error"]["code"] == "bad_args"
+        r = op.send("quarantine.release", signed(operator_key, "quarantine.release", {"sha256": sha}))
+        assert r["ok"] and r["result"] == {"released": sha, "quarantined": []}
+        assert json.loads((state / "quarantine.json").read_text())["entries"] == []
+        again = op.send("quarantine.release", signed(operator_key, "quarantine.release", {"sha256": sha}))
+        assert again["error"]["code"] == "command_failed" and sha in again["error"]["message"]
+    finally:
+        op.close()
+        a.stop()
+        t.join(30)

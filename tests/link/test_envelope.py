@@ -421,7 +421,7 @@ def test_corrupt_nonce_file_is_moved_aside(trust_dir, clock, nonce_path, sign, c
     v = Verifier(TrustStore(str(trust_dir)), device_id=DEVICE, clock=clock, nonce_path=nonce_path)
     aside = f"{nonce_path}.corrupt-{int(EPOCH)}"
     assert v.pending_nonces == 0
-    assert len(v.problems) == 1 and nonce_path in v.problems[0] and f"moved to {aside}" in v.problems[0]
+    assert len(v.problems) == 1 and nonce_path in v.problems[0] and f"moved it to {aside}" in v.problems[0]
     assert re.search(reason, v.problems[0]), v.problems
     with open(aside, "rb") as fh:
         assert fh.read() == content

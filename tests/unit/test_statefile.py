@@ -1,0 +1,44 @@
+"""State files: atomic replacement and setting a corrupt file aside, on real files."""
+
+import os
+import stat
+
+from device.statefile import set_aside, short_error, write_atomic
+
+
+def test_write_atomic_creates_the_directory_and_replaces_whole(tmp_path):
+    path = tmp_path / "deep" / "state.json"
+    write_atomic(str(path), b"one")
+    write_atomic(str(path), b"two")
+    assert path.read_bytes() == b"two"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert os.listdir(path.parent) == ["state.json"]  # no temporary file left behind
+
+
+def test_write_atomic_failure_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_bytes(b"old")
+    target_dir = tmp_path / "state.json.d"
+    target_dir.mkdir()
+    (target_dir / "x").write_bytes(b"")
+    try:
+        write_atomic(str(target_dir), b"new")  # os.replace onto a non-empty directory fails
+    except OSError:
+        pass
+    else:
+        raise AssertionError("replacing a non-empty directory should fail")
+    assert path.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["state.json", "state.json.d"]
+
+
+def test_set_aside_keeps_the_file_under_a_corrupt_name(tmp_path):
+    path = tmp_path / "q.json"
+    path.write_bytes(b"{")
+    assert set_aside(str(path), 1700000000.9) == f"moved it to {path}.corrupt-1700000000"
+    assert not path.exists() and (tmp_path / "q.json.corrupt-1700000000").read_bytes() == b"{"
+    assert set_aside(str(path), 1.0).startswith("could not move it aside (No such file")
+
+
+def test_short_error_prefers_the_os_text_and_cuts_long_messages():
+    assert short_error(FileNotFoundError(2, "No such file or directory", "/x")) == "No such file or directory"
+    assert len(short_error(ValueError("x" * 500))) == 120
