@@ -182,12 +182,25 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     in_fns = model.input_fns
     out_fns = model.output_fns
     conn.send_bytes(MSG_ATTACHED)
-    _serve(conn.fileno(), conn, model, shm_in, shm_out, in_fns, out_fns)
+    _serve(conn.fileno(), conn, model, shm_in, shm_out, in_fns, out_fns, poll_window_ns(_usable_cpus()))
     del shm_in, shm_out, shared
     shm.close()
 
 
 SPIN_NS = 300_000  # after each reply, poll this long for the next request before going to sleep
+
+
+def poll_window_ns(cpus: int) -> int:
+    """How long the worker polls after a reply: ``SPIN_NS``, or 0 with a single CPU, where polling would
+    only keep the agent from handling the reply it is waiting for."""
+    return SPIN_NS if cpus > 1 else 0
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def next_frame(fd: int, size: int, spin_ns: int = SPIN_NS) -> bytes:
@@ -220,14 +233,14 @@ def next_frame(fd: int, size: int, spin_ns: int = SPIN_NS) -> bytes:
         os.set_blocking(fd, False)
 
 
-def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns) -> None:
+def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns, spin_ns: int = SPIN_NS) -> None:
     """The request loop: wait for a frame (:func:`next_frame`), copy inputs into the interpreter, invoke,
     copy outputs back."""
     write, unpack, pack = os.write, FRAME.unpack, FRAME.pack
     size = FRAME.size
     os.set_blocking(fd, False)
     while True:
-        frame = next_frame(fd, size)
+        frame = next_frame(fd, size, spin_ns)
         if not frame or len(frame) != size:
             return  # the supervisor is gone (EOF) or spoke out of turn: either way, stop
         op, seq, _ = unpack(frame)

@@ -2,6 +2,9 @@
 
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -9,7 +12,8 @@ import numpy as np
 import pytest
 
 from device.runtime.runtime import Runtime
-from device.runtime.worker import FRAME, OP_INFER, next_frame
+from device.runtime.worker import FRAME, OP_INFER, SPIN_NS, next_frame, poll_window_ns
+from tests.conftest import EXPECTED_BACKEND, ROOT
 from tests.runtime.test_isolation import cpu_ticks
 
 pytestmark = pytest.mark.runtime
@@ -60,3 +64,31 @@ def test_an_idle_worker_sleeps_and_still_serves_the_next_request(settings, vibra
         # Clock ticks are 10 ms; a worker still polling would burn ~100 of them in that second.
         assert idle_ticks <= 5, f"idle worker used {idle_ticks} ticks of CPU in 1 s"
         assert np.array_equal(rt.infer(x).outputs[0], first)
+
+
+def test_a_single_cpu_worker_does_not_poll():
+    assert poll_window_ns(1) == 0
+    assert poll_window_ns(2) == poll_window_ns(64) == SPIN_NS
+
+
+def test_an_agent_on_one_cpu_gets_its_replies(tmp_path):
+    # The whole runtime in a process allowed one CPU: the worker inherits it and must not poll.
+    script = textwrap.dedent("""
+        import os, numpy as np
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from device.runtime.runtime import Runtime, RuntimeSettings
+        from device.runtime.worker import _usable_cpus
+        s = RuntimeSettings(backend=os.environ.get("B", "auto"), delegate="cpu", isolation="process")
+        x = np.random.default_rng(1).normal(0, 1, (256, 3)).astype(np.float32)
+        with Runtime(s) as rt:
+            outs = [rt.infer(x).outputs[0] for _ in range(20)]
+            with open(f"/proc/{rt.worker_pid}/status") as f:
+                allowed = [l for l in f if l.startswith("Cpus_allowed_list")][0].split()[1]
+        assert all(np.array_equal(o, outs[0]) for o in outs)
+        print(_usable_cpus(), allowed)
+    """)
+    env = dict(os.environ, B=EXPECTED_BACKEND, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cpus, allowed = r.stdout.split()
+    assert cpus == "1" and "," not in allowed and "-" not in allowed  # the worker had one CPU too
