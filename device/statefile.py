@@ -12,8 +12,8 @@ import tempfile
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replaces ``path`` with ``data``: a temporary file in the same directory, written, flushed and fsynced,
-    then ``os.replace``; then the directory is fsynced (best effort) so the rename itself is durable.
+    """Replaces ``path`` with ``data``: a synced temporary file in the same directory (:func:`write_temp`),
+    ``os.replace``, then the directory fsynced (best effort) so the rename itself is durable.
 
     Args:
         path: the file to write; its directory is created when missing.
@@ -23,8 +23,27 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     Raises:
         OSError: the directory or the file cannot be written.
     """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = write_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_temp(path: str, data: bytes, mode: int = 0o600) -> str:
+    """Writes ``data`` to a new temporary file beside ``path``, with ``mode``, flushed and fsynced.
+
+    Returns:
+        The temporary file's path; the caller renames or links it into place (and unlinks it on failure).
+
+    Raises:
+        OSError: the file cannot be created or written (nothing is left behind then).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -32,18 +51,23 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def fsync_dir(directory: str) -> None:
+    """Fsyncs ``directory`` so a rename or link in it survives a power cut; best effort, as some
+    filesystems cannot fsync a directory (the file's data is on disk already)."""
     try:
         dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(dfd)
-    except OSError:  # some filesystems cannot fsync a directory; the data itself is on disk already
+    except OSError:
         pass
     finally:
         os.close(dfd)

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from device.link import envelope
 from device.link.errors import EnvelopeError
 from device.link.send import positive_seconds
+from device.statefile import fsync_dir, write_temp
 
 TRUST_DIR = envelope.DEFAULT_TRUST_DIR
 DEFAULT_MAX_TTL_S = 600  # the boards' default limit (Verifier.max_ttl_s)
@@ -158,14 +158,8 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
     (on filesystems without hard links, such as FAT on a USB stick: a check, then a rename), then fsync the
     directory.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = write_temp(path, data, mode)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -179,10 +173,6 @@ def _write_new(path: str, data: bytes, mode: int) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-    dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
