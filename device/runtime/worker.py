@@ -206,8 +206,8 @@ def _usable_cpus() -> int:
 def next_frame(fd: int, size: int, spin_ns: int = SPIN_NS) -> bytes:
     """Reads the next request frame from the non-blocking socket ``fd``.
 
-    Polls for ``spin_ns`` first, then blocks. Waking a sleeping process costs 20-40 µs on a small VM
-    whose CPUs halt when idle (a few µs on a board), twice a request; a caller that sends requests back to
+    Polls for ``spin_ns`` first, then blocks. Waking a sleeping process costs 20-40 µs on the 2-core build
+    VM, whose idle CPUs halt (not yet measured on a board), twice a request; a caller that sends requests back to
     back (a backlog of windows, a benchmark) finds the worker still polling and pays about 2 µs instead.
     The poll is bounded: an idle agent's worker sleeps 300 µs after its last request.
 
