@@ -29,6 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("auto", "litert", "tflite"), default=None, help="default: config")
     p.add_argument("--pace-ms", type=_non_negative_float, default=0.0,
                    help="idle this long before each inference, as at a sensor's pace (default 0: back to back)")
+    p.add_argument("--stages", action="store_true",
+                   help="also report where a request's time goes, stage by stage (process isolation)")
     p.add_argument("--no-raw", action="store_true", help="skip the bare-interpreter comparison")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
@@ -73,7 +75,7 @@ def _pcts(samples_ns) -> tuple:
 
 def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 20, threads: int = 2,
               isolation: str = "process", delegate: str = "auto", backend: str = "auto", raw: bool = True,
-              pace_ms: float = 0.0, progress=None) -> dict:
+              pace_ms: float = 0.0, stages: bool = False, progress=None) -> dict:
     """Benchmarks ``model`` and returns the report as a dict (see the module docstring)."""
     from device.runtime.backends import load_backend
     from device.runtime.manifest import load_manifest
@@ -116,7 +118,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
             if bare is not None:
                 bare.invoke()
 
-        ours, theirs = [], []
+        ours, theirs, staged = [], [], []
         clock = time.perf_counter_ns
 
         pace_s = pace_ms / 1000.0
@@ -144,6 +146,8 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
                 t = clock()
                 rt.infer(*inputs)
                 ours.append(clock() - t)
+                if stages:
+                    staged.append(eng.last_stages())
             if bare is not None and not bare_first:
                 bare_block(n)
             done += n
@@ -178,6 +182,9 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
             "rss_mb": rss_mb(rt.worker_pid) if isolation == "process" else rss_mb(),
             "agent_rss_mb": rss_mb(),
         }
+        if stages and staged and staged[0] is not None:
+            report["stages_us"] = {k: round(float(np.median([d[k] for d in staged])) / 1000.0, 1)
+                                   for k in staged[0]}
         if bare is not None:
             rp50, rp95, rp99 = _pcts(theirs)
             report.update({
@@ -201,7 +208,7 @@ def run(args) -> int:
         args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
         threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
         delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
-        pace_ms=args.pace_ms,
+        pace_ms=args.pace_ms, stages=args.stages,
         progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
     )
     if args.json:

@@ -53,6 +53,10 @@ class EngineBase:
         self._lock = threading.Lock()
         self._closed = False
 
+    def last_stages(self) -> dict | None:
+        """Where the latest request's time went, stage by stage (process isolation only; None here)."""
+        return None
+
     def usable_candidates(self) -> list:
         """The spec's candidates minus quarantined files; raises ModelQuarantined when none is left."""
         cands = [c for c in self.spec.candidates if not self.quarantine.is_quarantined(c.path)]

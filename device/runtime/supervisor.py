@@ -36,7 +36,8 @@ from device.runtime.engine import EngineBase, InferResult, check_input_count
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
-                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, layout)
+                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, layout,
+                                   stamps_in)
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class ProcessEngine(EngineBase):
         self._shm_out: list = []
         self._scratch: list = []
         self._seq = 0
+        self._stamps = None  # the worker's clock readings of the latest request, in shared memory
+        self._times: tuple | None = None  # ours: entered, sent, reply read, returned
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
 
     # ----- lifecycle -------------------------------------------------------------------------------------
@@ -171,6 +174,7 @@ class ProcessEngine(EngineBase):
                 self._teardown()
             if self._shm is not None:
                 self._shm_in = self._shm_out = []
+                self._stamps = None
                 self._shm.close()
                 try:
                     self._shm.unlink()
@@ -192,11 +196,13 @@ class ProcessEngine(EngineBase):
             InferenceFailed: the interpreter reported an error (the worker stays up).
         """
         with self._lock:
+            entered = time.perf_counter_ns()
             if self._closed:
                 raise E.RuntimeClosed("engine is closed")
             if self._proc is None:
                 self.restarts += 1
                 self._spawn()
+                entered = time.perf_counter_ns()
             check_input_count(values, self.inputs)
             for spec, dest, scratch, v in zip(self.inputs, self._shm_in, self._scratch, values):
                 write_input(spec, v, dest, scratch)
@@ -207,6 +213,7 @@ class ProcessEngine(EngineBase):
             except OSError:
                 self._crashed("before the request reached it")
             frame = self._await_reply()
+            got = time.perf_counter_ns()
             if len(frame) != FRAME.size:
                 self._crashed("during inference")
             status, rseq, ns = FRAME.unpack(frame)
@@ -216,13 +223,30 @@ class ProcessEngine(EngineBase):
                 os.set_blocking(self._fd, False)
                 raise E.InferenceFailed(f"the interpreter failed: {text}")
             outs = [a.copy() for a in self._shm_out]
-            latency = time.perf_counter_ns() - t0
+            done = time.perf_counter_ns()
+            latency = done - t0
             self.requests += 1
             self.invoke_histogram.record(ns)
             if self._suspect:
                 self._suspect = False
                 self.quarantine.succeeded(self.info["path"])
+            self._times = (entered, t0, got, done)
             return InferResult(outs, ns, latency)
+
+    def last_stages(self) -> dict | None:
+        """Where the latest request's time went, in ns, from both processes' clocks: ``agent_in`` (checking
+        and copying inputs), ``to_worker`` (the request reaching the worker), ``worker_in`` (inputs into the
+        interpreter), ``invoke``, ``worker_out`` (outputs back), ``to_agent`` (the reply reaching the agent,
+        waking it included) and ``agent_out`` (copying the outputs). None before the first request. Valid
+        until the next request."""
+        with self._lock:
+            if self._times is None or self._stamps is None:
+                return None
+            entered, sent, got, done = self._times
+            received, start, end, replied = (int(x) for x in self._stamps)
+        return {"agent_in": sent - entered, "to_worker": received - sent, "worker_in": start - received,
+                "invoke": end - start, "worker_out": replied - end, "to_agent": got - replied,
+                "agent_out": done - got}
 
     # ----- internals -------------------------------------------------------------------------------------
 
@@ -293,6 +317,7 @@ class ProcessEngine(EngineBase):
             self._crashed("while attaching shared memory", info["path"])
         os.set_blocking(self._fd, False)  # from here on the request path reads it directly
         self.info, self.inputs, self.outputs = info, inputs, outputs
+        self._times = None
         self._suspect = q.crashes(info["path"]) > 0
         for fb in info["fallbacks"]:
             log.warning("%s", fb)
@@ -366,17 +391,19 @@ class ProcessEngine(EngineBase):
         from multiprocessing import shared_memory
 
         specs = list(inputs) + list(outputs)
-        offsets, size = layout(specs)
+        offsets, stamps_at, size = layout(specs)
         key = tuple((s.shape, s.dtype) for s in specs)
         if self._shm is None or self._shm_layout != key:
             if self._shm is not None:
                 self._shm_in = self._shm_out = []
+                self._stamps = None
                 self._shm.close()
                 self._shm.unlink()
             self._shm = shared_memory.SharedMemory(create=True, size=size)
             self._shm_layout = key
         arrays = arrays_in(self._shm.buf, specs, offsets)
         self._shm_in, self._shm_out = arrays[: len(inputs)], arrays[len(inputs):]
+        self._stamps = stamps_in(self._shm.buf, stamps_at)
         import numpy as np
 
         self._scratch = [np.empty(s.shape, np.float32) if s.quantized else None for s in inputs]

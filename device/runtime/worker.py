@@ -12,13 +12,13 @@ length-prefixed ``Connection`` messages (once per worker, never per call)::
     worker -> LOADING <path>       before each candidate file is opened (so a crash is blamed on that file)
     worker -> READY <json>         tensor specs, delegate, fallback reasons, timings
            or FAILED <json>        a clean refusal ({"code", "message"}), after which the worker exits
-    super  -> ATTACH <shm name>    the shared-memory block holding inputs then outputs
+    super  -> ATTACH <shm name>    the shared-memory block: inputs, outputs, then the worker's timestamps
     worker -> ATTACHED
 
 Per call, fixed 16-byte frames written and read with raw ``os.write``/``os.read`` (nothing pickled)::
 
     super  -> INFER  (op u32, seq u32, 0 u64)       inputs are already in shared memory
-    worker -> OK     (status u32, seq u32, invoke_ns u64)   outputs are in shared memory
+    worker -> OK     (status u32, seq u32, invoke_ns u64)   outputs and timestamps are in shared memory
            or ERROR  (status u32, seq u32, 0) followed by one Connection message with the error text
     super  -> STOP
 """
@@ -79,18 +79,28 @@ class WorkerSpec:
         return cls(**d)
 
 
-def layout(specs) -> tuple[list[int], int]:
-    """Offsets of each tensor in the shared block (64-byte aligned) and the block's total size."""
+STAMPS = ("received", "invoke_start", "invoke_end", "replied")  # the worker's clock readings per request
+
+
+def layout(specs) -> tuple[list[int], int, int]:
+    """Where things sit in the shared block: each tensor's offset (64-byte aligned), the offset of the
+    worker's timestamps (:data:`STAMPS`, u64 ``perf_counter_ns`` readings, which are CLOCK_MONOTONIC and so
+    comparable across processes), and the block's total size."""
     offsets, pos = [], 0
     for s in specs:
         offsets.append(pos)
         pos += (s.nbytes + ALIGN - 1) // ALIGN * ALIGN
-    return offsets, max(pos, ALIGN)
+    return offsets, pos, pos + ALIGN
 
 
 def arrays_in(buf, specs, offsets) -> list[np.ndarray]:
     """Numpy arrays over the shared block, one per tensor spec."""
     return [np.ndarray(s.shape, s.np_dtype, buffer=buf, offset=o) for s, o in zip(specs, offsets)]
+
+
+def stamps_in(buf, offset: int) -> np.ndarray:
+    """The worker's timestamps of the latest request, over the shared block."""
+    return np.ndarray((len(STAMPS),), np.uint64, buffer=buf, offset=offset)
 
 
 def attach(name: str) -> shared_memory.SharedMemory:
@@ -175,15 +185,16 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         return
     shm = attach(msg[1:].decode())
     specs = list(model.inputs) + list(model.outputs)
-    offsets, _ = layout(specs)
+    offsets, stamps_at, _ = layout(specs)
     shared = arrays_in(shm.buf, specs, offsets)
+    stamps = stamps_in(shm.buf, stamps_at)
     n_in = len(model.inputs)
     shm_in, shm_out = shared[:n_in], shared[n_in:]
     in_fns = model.input_fns
     out_fns = model.output_fns
     conn.send_bytes(MSG_ATTACHED)
-    _serve(conn.fileno(), conn, model, shm_in, shm_out, in_fns, out_fns, poll_window_ns(_usable_cpus()))
-    del shm_in, shm_out, shared
+    _serve(conn.fileno(), conn, model, shm_in, shm_out, in_fns, out_fns, stamps, poll_window_ns(_usable_cpus()))
+    del shm_in, shm_out, shared, stamps
     shm.close()
 
 
@@ -233,16 +244,18 @@ def next_frame(fd: int, size: int, spin_ns: int = SPIN_NS) -> bytes:
         os.set_blocking(fd, False)
 
 
-def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns, spin_ns: int = SPIN_NS) -> None:
+def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns, stamps, spin_ns: int = SPIN_NS) -> None:
     """The request loop: wait for a frame (:func:`next_frame`), copy inputs into the interpreter, invoke,
-    copy outputs back."""
+    copy outputs back, and note the times in ``stamps`` (for ``fieldnode bench --stages``)."""
     write, unpack, pack = os.write, FRAME.unpack, FRAME.pack
+    clock = time.perf_counter_ns
     size = FRAME.size
     os.set_blocking(fd, False)
     while True:
         frame = next_frame(fd, size, spin_ns)
         if not frame or len(frame) != size:
             return  # the supervisor is gone (EOF) or spoke out of turn: either way, stop
+        received = clock()
         op, seq, _ = unpack(frame)
         if op != OP_INFER:
             return
@@ -250,8 +263,11 @@ def _serve(fd, conn, model, shm_in, shm_out, in_fns, out_fns, spin_ns: int = SPI
             for fn, src in zip(in_fns, shm_in):
                 np.copyto(fn(), src)  # straight into the interpreter's input tensor
             ns = model.invoke()
+            invoked = clock()
             for fn, dst in zip(out_fns, shm_out):
                 np.copyto(dst, fn())
+            stamps[0], stamps[1], stamps[2] = received, invoked - ns, invoked
+            stamps[3] = clock()
         except Exception as exc:
             os.set_blocking(fd, True)
             write(fd, pack(ST_ERROR, seq, 0))

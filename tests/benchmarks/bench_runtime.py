@@ -4,7 +4,8 @@ Prints one JSON line. Targets (issue "Foundation"): in process isolation, 2 thre
 ``overhead_ratio <= 1.05`` on MobileNetV2 1.0/224 int8 and ``p50 - raw p50 <= 60 us`` on 0.35/96 int8;
 outputs bit-identical. Each model is benchmarked in three trials (a fresh worker each), every trial
 alternating the two measurements in blocks of ten inferences (``tools.bench.BLOCK``); the trial with the
-median overhead is reported, with the spread of all three. Run with ``make bench``.
+median overhead is reported, with the spread of all three, and with where its requests' time went
+(``stages_us``, medians; see ``ProcessEngine.last_stages``). Run with ``make bench``.
 
 One more run measures 0.35/96 at a sensor's pace, idle 5 ms before each inference on both sides
 (``paced_5ms``). It has no target: it shows what waking idle CPUs costs on the machine at hand.
@@ -23,12 +24,12 @@ from tools.bench import run_bench  # noqa: E402
 
 MODELS = os.path.join(os.path.dirname(HERE), "models")
 KEEP = ("p50_ms", "p95_ms", "p99_ms", "raw_p50_ms", "raw_p95_ms", "overhead_ratio", "overhead_us", "identical",
-        "init_ms", "first_ms", "rss_mb", "agent_rss_mb", "delegate", "runs")
+        "init_ms", "first_ms", "rss_mb", "agent_rss_mb", "delegate", "runs", "stages_us")
 
 
 def trials(name: str, runs: int, warmup: int, n: int = 3) -> dict:
     results = [run_bench(os.path.join(MODELS, name), runs=runs, warmup=warmup, threads=2, isolation="process",
-                         delegate="auto", backend="litert") for _ in range(n)]
+                         delegate="auto", backend="litert", stages=True) for _ in range(n)]
     results.sort(key=lambda r: r["overhead_us"])
     median = dict(results[len(results) // 2])
     out = {k: median[k] for k in KEEP}

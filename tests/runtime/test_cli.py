@@ -104,3 +104,15 @@ def test_bench_paced_reports_its_pace_and_refuses_a_bad_one(vibration):
         r = fieldnode("bench", vibration.root, "--pace-ms", bad, "--json")
         assert r.returncode == 2 and r.stdout == "", bad
         assert "--pace-ms" in r.stderr and bad in r.stderr, r.stderr
+
+
+def test_bench_stages_say_where_the_time_goes(vibration):
+    r = fieldnode("bench", vibration.root, "--variant", "lite", "--runs", "20", "--warmup", "2", "--stages",
+                  "--json", *backend_args())
+    assert r.returncode == 0, r.stderr
+    stages = json.loads(r.stdout)["stages_us"]
+    assert list(stages) == ["agent_in", "to_worker", "worker_in", "invoke", "worker_out", "to_agent", "agent_out"]
+    assert stages["invoke"] > 0 and all(v >= 0 for v in stages.values())
+    r = fieldnode("bench", vibration.root, "--runs", "5", "--stages", "--isolation", "inline", "--json",
+                  *backend_args())
+    assert r.returncode == 0 and "stages_us" not in json.loads(r.stdout)  # no second process, no stages

@@ -92,3 +92,28 @@ def test_an_agent_on_one_cpu_gets_its_replies(tmp_path):
     assert r.returncode == 0, r.stderr
     cpus, allowed = r.stdout.split()
     assert cpus == "1" and "," not in allowed and "-" not in allowed  # the worker had one CPU too
+
+
+def test_stages_of_a_request_follow_each_other_across_the_two_processes(settings, vibration):
+    x = np.random.default_rng(6).normal(0, 1, (256, 3)).astype(np.float32)
+    with Runtime(settings(isolation="process"), manifest=vibration) as rt:
+        engine = rt._engine
+        assert engine.last_stages() is None  # nothing served yet
+        t = time.perf_counter_ns()
+        r = rt.infer(x)
+        elapsed = time.perf_counter_ns() - t
+        stages = engine.last_stages()
+    assert list(stages) == ["agent_in", "to_worker", "worker_in", "invoke", "worker_out", "to_agent", "agent_out"]
+    # Both processes read CLOCK_MONOTONIC, so the stages are causal and tile the request exactly.
+    assert all(v >= 0 for v in stages.values()), stages
+    assert stages["invoke"] > 0 and stages["to_worker"] > 0 and stages["to_agent"] > 0
+    assert sum(stages.values()) <= elapsed
+    assert stages["invoke"] == r.invoke_ns  # the worker's own measure of invoke()
+    assert stages["to_worker"] + stages["worker_in"] + stages["invoke"] + stages["worker_out"] \
+        + stages["to_agent"] + stages["agent_out"] == r.latency_ns
+
+
+def test_an_inline_engine_has_no_stages(settings, vibration):
+    with Runtime(settings(isolation="inline"), manifest=vibration) as rt:
+        rt.infer(np.zeros((256, 3), np.float32))
+        assert rt._engine.last_stages() is None
