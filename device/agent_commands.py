@@ -14,14 +14,10 @@
 
 from __future__ import annotations
 
-import re
-
 from device import __version__
 from device.errors import FieldnodeError
 from device.link.commands import Arg, CallContext, Registry, register_builtin
-
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+from device.runtime.quarantine import SHA256_RE
 
 
 class CommandFailed(FieldnodeError):
@@ -86,7 +82,7 @@ def build_registry(agent) -> Registry:
 
     def quarantine_release(args: dict, ctx: CallContext):
         sha = args["sha256"]
-        if not _SHA256.fullmatch(sha):
+        if not SHA256_RE.fullmatch(sha):
             raise ValueError(f"sha256 must be 64 lowercase hex characters, got {sha[:80]!r}")
         if not agent.runtime.release_quarantine(sha, by=ctx.signer):
             raise CommandFailed(f"no quarantined model file has the digest {sha}")

@@ -36,7 +36,7 @@ from device.statefile import set_aside, short_error, write_atomic
 log = logging.getLogger(__name__)
 
 FILE_VERSION = 1
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # how a file digest is written here and in commands
 _ENTRY_FIELDS = ("path", "sha256", "crashes", "reason", "since")
 
 
@@ -254,7 +254,7 @@ def parse_state(raw: bytes) -> tuple[list[QuarantineEntry], dict[str, int]]:
 
 
 def _check_sha256(value: Any, where: str) -> None:
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+    if not isinstance(value, str) or not SHA256_RE.fullmatch(value):
         raise ValueError(f"{where}: expected a SHA-256 digest (64 lowercase hex characters), got {_show(value)}")
 
 
