@@ -8,7 +8,7 @@ TFLITE_VENV ?= .venv-tflite
 DEMO_SECONDS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: all demo test test-litert test-tflite bench venv tflite-venv mosquitto models clean
+.PHONY: all demo test wheel wheel-check bench venv tflite-venv mosquitto models clean
 
 all: test
 
@@ -40,7 +40,15 @@ mosquitto:
 demo: venv
 	$(VENV)/bin/fieldnode demo --seconds $(DEMO_SECONDS)
 
-test: venv tflite-venv mosquitto
+# What a board gets: the real wheel, installed non-editable in a fresh venv outside the checkout.
+wheel-check: venv
+	$(PY) tests/wheelcheck.py
+
+# The wheel to copy onto a board (checked like wheel-check), in dist/.
+wheel: venv
+	$(PY) tests/wheelcheck.py --out dist
+
+test: venv tflite-venv mosquitto wheel-check
 	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS)
 	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests
 

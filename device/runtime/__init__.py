@@ -1,0 +1,1 @@
+"""The inference runtime: interpreter backends, delegates, the isolated worker and the Runtime facade."""
