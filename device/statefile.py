@@ -7,6 +7,7 @@ a file the agent cannot parse is set aside for a technician instead of being ove
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import tempfile
 
@@ -59,8 +60,17 @@ def write_temp(path: str, data: bytes, mode: int = 0o600) -> str:
 
 
 def fsync_dir(directory: str) -> None:
-    """Fsyncs ``directory`` so a rename or link in it survives a power cut; best effort, as some
-    filesystems cannot fsync a directory (the file's data is on disk already)."""
+    """Fsyncs ``directory`` so a rename or link in it survives a power cut.
+
+    Best effort, and the one behaviour for every caller: some filesystems cannot fsync a directory (EINVAL),
+    and the rename or link it guards has already happened; a power cut after a failed sync can at worst bring
+    back the old name, which every caller survives (an atomic replace leaves the old file, a file set aside is
+    found corrupt again and set aside again). Raising here would turn a completed write into a reported
+    failure, so no caller would do anything useful with the error.
+
+    Args:
+        directory: The directory.
+    """
     try:
         dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -73,15 +83,60 @@ def fsync_dir(directory: str) -> None:
         os.close(dfd)
 
 
+def aside_name(path: str, when: float) -> str:
+    """The name a corrupt file is kept under: ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>``.
+
+    Args:
+        path: The corrupt file.
+        when: Wall-clock seconds.
+
+    Returns:
+        The name without the ``.n`` a collision adds (see :func:`move_aside`).
+    """
+    stamp = datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{path}.corrupt-{stamp}"
+
+
+def move_aside(path: str, when: float, side_suffixes: tuple = ()) -> str:
+    """Renames a corrupt file, and the side files kept next to it, to the same ``.corrupt-`` name.
+
+    The name is :func:`aside_name` and ``.2``, ``.3``... when an earlier one (within the same second) exists.
+    A side file keeps its suffix after the new name (``spool.db-wal`` becomes ``spool.db.corrupt-...-wal``),
+    so a database and its write-ahead log stay a pair for a post-mortem. The directory is then fsynced.
+
+    Args:
+        path: The corrupt file (closed by the caller); it must exist.
+        when: Wall-clock seconds for the name.
+        side_suffixes: Suffixes of side files that move along when present (``("-wal", "-shm")``).
+
+    Returns:
+        The new path of ``path``.
+
+    Raises:
+        OSError: ``path`` cannot be renamed (a side file that cannot be renamed raises too).
+    """
+    base = target = aside_name(path, when)
+    suffixes = ("",) + tuple(side_suffixes)
+    n = 1
+    while any(os.path.lexists(target + s) for s in suffixes):  # two set-asides within one second
+        n += 1
+        target = f"{base}.{n}"
+    os.replace(path, target)  # the main file first: a missing one raises before any side file moved
+    for suffix in suffixes[1:]:
+        if os.path.lexists(path + suffix):
+            os.replace(path + suffix, target + suffix)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return target
+
+
 def set_aside(path: str, when: float) -> str:
-    """Renames a corrupt state file to ``<path>.corrupt-<unix seconds>``, keeping it for a technician.
+    """Moves a corrupt state file aside with :func:`move_aside`, keeping it for a technician.
 
     Returns:
         What happened, for the log line: ``moved it to <new path>`` or ``could not move it aside (<why>)``.
     """
-    aside = f"{path}.corrupt-{int(when)}"
     try:
-        os.replace(path, aside)
+        aside = move_aside(path, when)
     except OSError as exc:
         return f"could not move it aside ({short_error(exc)})"
     return f"moved it to {aside}"

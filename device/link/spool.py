@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from device import statefile
 from device.clock import SYSTEM_CLOCK
 from device.link import spooldb
 from device.link.errors import SpoolCorrupt, SpoolError
@@ -479,7 +480,7 @@ class Spool:
                 pass  # it is corrupt; closing is best effort
             self._db = None
         try:
-            target = spooldb.move_aside(self.path, self._clock.time())
+            target = statefile.move_aside(self.path, self._clock.time(), spooldb.SIDE_SUFFIXES)
         except OSError as e:
             raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
         log.error("spool %s is corrupt (%s); moved to %s, starting a fresh spool", self.path, err, target)

@@ -4,18 +4,16 @@
 ``journal_mode=WAL`` and ``synchronous=FULL``, runs ``PRAGMA quick_check``, checks the schema version and
 reads back what the spool needs to resume (last id, totals per kind, drop counters). It raises the sqlite3
 error or :class:`Corrupt`; :func:`is_corruption` tells the caller whether moving the file aside
-(:func:`move_aside`) is the right answer or the error is environmental (permissions, disk full, locked).
+(:func:`device.statefile.move_aside` with :data:`SIDE_SUFFIXES`) is the right answer or the error is environmental (permissions, disk full, locked).
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 import sqlite3
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
-_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the database and every side file SQLite may keep next to it
+SIDE_SUFFIXES = ("-wal", "-shm", "-journal")  # every side file SQLite may keep next to the database
 # Covering indexes: budget, age expiry and the totals read (kind, id|created, size) without payload pages.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -248,50 +246,3 @@ def _enforce_budget(db: sqlite3.Connection, counts: dict, sizes: dict, dropped: 
             sizes[kind] -= freed
             dropped[kind] += n
             excess -= freed
-
-
-def move_aside(path: str, when: float) -> str:
-    """Renames a corrupt spool and its side files to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>[.n]``.
-
-    The -wal/-shm/-journal files keep their suffix after the new name, so SQLite can still open the copy for a
-    post-mortem with its WAL, and a stale WAL can never be replayed into the fresh spool. (Closing the failed
-    connection may already have checkpointed a valid WAL into the file or discarded an invalid one; whatever
-    side files remain move with it.) The directory is fsynced so the renames survive a power cut.
-
-    Args:
-        path: The spool file (closed by the caller).
-        when: Wall-clock seconds for the name.
-
-    Returns:
-        The new path of the database file.
-
-    Raises:
-        OSError: A rename or the directory fsync failed.
-    """
-    stamp = datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = target = f"{path}.corrupt-{stamp}"
-    n = 1
-    while any(os.path.lexists(target + s) for s in _SUFFIXES):  # two recoveries within one second
-        n += 1
-        target = f"{base}.{n}"
-    for suffix in _SUFFIXES:
-        if os.path.lexists(path + suffix):
-            os.replace(path + suffix, target + suffix)
-    fsync_dir(os.path.dirname(path) or ".")
-    return target
-
-
-def fsync_dir(directory: str) -> None:
-    """Fsyncs a directory, so renames and new files in it survive a power cut.
-
-    Args:
-        directory: The directory.
-
-    Raises:
-        OSError: It cannot be opened or synced.
-    """
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,7 @@ ever happens on the per-request path. The file is a small JSON object::
      "counts": {"<64 hex>": 2}}
 
 ``entries`` are the quarantined files; ``counts`` the consecutive crashes per file digest. A file that
-cannot be parsed is moved aside to ``<path>.corrupt-<unix seconds>`` for a technician and the quarantine
+cannot be parsed is moved aside to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>`` for a technician and the quarantine
 starts empty; an unreadable or unwritable file is logged and the quarantine carries on in memory.
 """
 

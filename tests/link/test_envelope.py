@@ -419,7 +419,7 @@ def test_corrupt_nonce_file_is_moved_aside(trust_dir, clock, nonce_path, sign, c
     with open(nonce_path, "wb") as fh:
         fh.write(content)
     v = Verifier(TrustStore(str(trust_dir)), device_id=DEVICE, clock=clock, nonce_path=nonce_path)
-    aside = f"{nonce_path}.corrupt-{int(EPOCH)}"
+    aside = f"{nonce_path}.corrupt-20260101T000000Z"  # the UTC stamp of the clock (EPOCH)
     assert v.pending_nonces == 0
     assert len(v.problems) == 1 and nonce_path in v.problems[0] and f"moved it to {aside}" in v.problems[0]
     assert re.search(reason, v.problems[0]), v.problems

@@ -80,18 +80,6 @@ def test_random_bytes_file_is_moved_aside_and_its_stale_wal_never_replayed(path,
     _assert_recovered(s, events, path, original, clock)
 
 
-def test_move_aside_takes_every_side_file_along(tmp_path):
-    base = str(tmp_path / "spool.db")
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        (tmp_path / ("spool.db" + suffix)).write_bytes(suffix.encode() or b"main")
-    target = spooldb.move_aside(base, EPOCH + 3661.5)
-    assert target == base + ".corrupt-20260101T010101Z"
-    assert sorted(os.listdir(tmp_path)) == sorted("spool.db.corrupt-20260101T010101Z" + s
-                                                  for s in ("", "-wal", "-shm", "-journal"))
-    with open(target + "-wal", "rb") as f:
-        assert f.read() == b"-wal"
-
-
 def test_truncated_real_spool_is_moved_aside(path, clock):
     full = make_real_spool(path)
     with open(path, "r+b") as f:

@@ -139,7 +139,7 @@ def test_malformed_file_is_moved_aside_and_the_quarantine_starts_empty(tmp_path,
         q = Quarantine(threshold=1, wall=lambda: NOW, path=str(qf))
     assert q.entries() == [] and q.crashes(str(model)) == 0
     (message,) = warnings_of(caplog)
-    aside = tmp_path / f"q.json.corrupt-{int(NOW)}"
+    aside = tmp_path / "q.json.corrupt-20231114T221320Z"  # the UTC stamp of NOW
     assert str(qf) in message and problem in message and str(aside) in message, message
     assert not qf.exists() and aside.read_bytes() == content  # kept for the technician
     assert q.crashed(str(model), "segv")  # and it works, writing a fresh file

@@ -3,7 +3,7 @@
 import os
 import stat
 
-from device.statefile import set_aside, short_error, write_atomic
+from device.statefile import fsync_dir, move_aside, set_aside, short_error, write_atomic
 
 
 def test_write_atomic_creates_the_directory_and_replaces_whole(tmp_path):
@@ -34,9 +34,27 @@ def test_write_atomic_failure_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_set_aside_keeps_the_file_under_a_corrupt_name(tmp_path):
     path = tmp_path / "q.json"
     path.write_bytes(b"{")
-    assert set_aside(str(path), 1700000000.9) == f"moved it to {path}.corrupt-1700000000"
-    assert not path.exists() and (tmp_path / "q.json.corrupt-1700000000").read_bytes() == b"{"
+    assert set_aside(str(path), 1700000000.9) == f"moved it to {path}.corrupt-20231114T221320Z"
+    assert not path.exists() and (tmp_path / "q.json.corrupt-20231114T221320Z").read_bytes() == b"{"
+    path.write_bytes(b"[")  # corrupt again within the same second: a new name, the first one kept
+    assert set_aside(str(path), 1700000000.1) == f"moved it to {path}.corrupt-20231114T221320Z.2"
+    assert (tmp_path / "q.json.corrupt-20231114T221320Z.2").read_bytes() == b"["
     assert set_aside(str(path), 1.0).startswith("could not move it aside (No such file")
+
+
+def test_move_aside_takes_every_side_file_along(tmp_path):
+    base = str(tmp_path / "spool.db")
+    for suffix in ("", "-wal", "-shm"):  # no -journal: a side file that is absent is no error
+        (tmp_path / ("spool.db" + suffix)).write_bytes(suffix.encode() or b"main")
+    target = move_aside(base, 1767229261.5, ("-wal", "-shm", "-journal"))
+    assert target == base + ".corrupt-20260101T010101Z"
+    assert sorted(os.listdir(tmp_path)) == sorted("spool.db.corrupt-20260101T010101Z" + s for s in ("", "-wal", "-shm"))
+    assert (tmp_path / "spool.db.corrupt-20260101T010101Z-wal").read_bytes() == b"-wal"
+
+
+def test_fsync_dir_is_best_effort(tmp_path):
+    fsync_dir(str(tmp_path))
+    fsync_dir(str(tmp_path / "missing"))  # cannot open: the rename it guards is done already, no error
 
 
 def test_short_error_prefers_the_os_text_and_cuts_long_messages():
