@@ -107,7 +107,7 @@ def _lazy(module: str, name: str, help: str) -> None:
 _lazy("tools.bench", "bench", "benchmark a model against the bare interpreter (like benchmark_model)")
 _lazy("device.demo", "demo", "run inference on the virtual board's simulated vibration sensor")
 _lazy("device.selftest", "selftest", "check every variant of a model against its shipped test vectors")
-_lazy("power.cli", "power", "the power governor: read this board's state, or simulate a policy on a virtual board")
+_lazy("tools.power", "power", "the power governor: read this board's state, or simulate a policy on a virtual board")
 _lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, sign")
 _lazy("device.agent", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
 _lazy("device.link.send", "send", "send one command to a board and print its reply")

@@ -39,7 +39,12 @@ from drivers.errors import GpioError, GpioUnavailable
 log = logging.getLogger(__name__)
 
 ENV_BACKEND = "FIELDNODE_GPIO"
-BACKEND_CHOICES = ("auto", "libgpiod", "rpigpio", "sim")
+# Backends by name: the module that implements each. The seam imports a backend only when it is asked for
+# (so importing the seam never imports a GPIO library) and never names a backend's classes, so no backend,
+# the simulated one included, is part of an import cycle with it. Each module provides
+# ``open_factory(chip_label, clock) -> PinFactory``.
+BACKENDS = {"libgpiod": "drivers.gpio.libgpiod", "rpigpio": "drivers.gpio.rpigpio", "sim": "drivers.sim.gpio"}
+BACKEND_CHOICES = ("auto", *BACKENDS)
 AUTO_ORDER = ("libgpiod", "rpigpio")
 EXTRAS_HINT = "pip install 'fieldnode[gpiod]' (Pi 5 and newer kernels) or 'fieldnode[rpigpio]'"
 MAX_PIN = 1023  # far above any header chip; only catches nonsense such as a BOARD number times 100
@@ -310,18 +315,9 @@ class PinFactory(abc.ABC):
 
 
 def _load(name: str, chip_label: str, clock: Clock) -> PinFactory:
-    # Imported here so that importing the seam never imports a GPIO library.
-    if name == "libgpiod":
-        from drivers.gpio.libgpiod import LibgpiodFactory
+    import importlib
 
-        return LibgpiodFactory(chip_label, clock=clock)
-    if name == "rpigpio":
-        from drivers.gpio.rpigpio import RPiGpioFactory
-
-        return RPiGpioFactory(clock=clock)
-    from drivers.sim.gpio import SimPinFactory
-
-    return SimPinFactory(clock=clock)
+    return importlib.import_module(BACKENDS[name]).open_factory(chip_label, clock)
 
 
 def make_factory(
@@ -373,6 +369,7 @@ def make_factory(
 
 __all__ = [
     "AUTO_ORDER",
+    "BACKENDS",
     "BACKEND_CHOICES",
     "ENV_BACKEND",
     "Edge",

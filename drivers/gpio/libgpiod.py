@@ -267,3 +267,8 @@ class LibgpiodFactory(PinFactory):
 
 
 __all__ = ["CONSUMER", "DEFAULT_LABELS", "LibgpiodFactory", "find_chip", "import_gpiod"]
+
+
+def open_factory(chip_label: str = "", clock: Clock = SYSTEM_CLOCK) -> LibgpiodFactory:
+    """The seam's entry point (:data:`drivers.gpio.BACKENDS`)."""
+    return LibgpiodFactory(chip_label, clock=clock)

@@ -259,3 +259,8 @@ class RPiGpioFactory(PinFactory):
 
 
 __all__ = ["RPiGpioFactory", "import_rpigpio"]
+
+
+def open_factory(chip_label: str = "", clock: Clock = SYSTEM_CLOCK) -> RPiGpioFactory:
+    """The seam's entry point (:data:`drivers.gpio.BACKENDS`); RPi.GPIO always drives the header chip."""
+    return RPiGpioFactory(clock=clock)

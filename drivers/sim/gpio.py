@@ -19,7 +19,6 @@ import threading
 from collections import deque
 from typing import Any, Sequence
 
-import device
 from device.clock import SYSTEM_CLOCK, Clock
 from drivers.errors import GpioError
 from drivers.gpio import Edge, EdgeEvent, InputLine, OutputLine, PinFactory, Pull, check_pin, check_pull
@@ -145,7 +144,7 @@ class SimPinFactory(PinFactory):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info.update(chip="sim", version=device.__version__)
+        info.update(chip="sim", version=None)
         return info
 
     # -- the outside world -------------------------------------------------------------------------------
@@ -230,3 +229,8 @@ class SimPinFactory(PinFactory):
 
 
 __all__ = ["SimInputLine", "SimOutputLine", "SimPinFactory"]
+
+
+def open_factory(chip_label: str = "", clock: Clock = SYSTEM_CLOCK) -> SimPinFactory:
+    """The seam's entry point (:data:`drivers.gpio.BACKENDS`); the simulated board has no chip to choose."""
+    return SimPinFactory(clock=clock)
