@@ -64,20 +64,30 @@ command("version", "show the agent, Python and interpreter backend versions")(_v
 def _config_args(p):
     p.add_argument("action", nargs="?", default="show", choices=("show", "check", "defaults", "keys"),
                    help="show the effective config (JSON), check it, print a file of defaults, or list keys")
+    p.add_argument("--json", action="store_true",
+                   help="check and show: print an invalid config's error as one JSON object, {\"ok\": false, "
+                        "\"error\": {...}}; check prints {\"ok\": true, \"source\": ...} when valid")
 
 
 def _config(args) -> int:
     from device import config
+    from device.errors import ConfigError
 
-    if args.action == "defaults":
-        print(config.render_toml())
+    if args.action in ("defaults", "keys"):
+        if args.json:
+            print(f"fieldnode config: --json applies to check and show, not {args.action}", file=sys.stderr)
+            return 2
+        print(config.render_toml() if args.action == "defaults" else config.render_markdown())
         return 0
-    if args.action == "keys":
-        print(config.render_markdown())
-        return 0
-    cfg = load_config(args)
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        if not args.json:
+            raise  # main prints the usual one-line error, exit 2
+        print(json.dumps({"ok": False, "error": config.error_dict(exc)}))
+        return 2
     if args.action == "check":
-        print(f"{cfg.source}: ok")
+        print(json.dumps({"ok": True, "source": cfg.source}) if args.json else f"{cfg.source}: ok")
         return 0
     print(json.dumps({"source": cfg.source, **cfg.to_dict()}, indent=2))
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import socket
@@ -32,7 +31,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from device.configschema import section, setting
+from device.configschema import ValueSpec, section, setting, show, spec_of
 from device.errors import ConfigError
 from device.link.config import LinkConfig
 from drivers.config import DriversConfig
@@ -43,7 +42,6 @@ ENV_VAR = "FIELDNODE_CONFIG"
 MACHINE_ID_PATH = "/etc/machine-id"
 DEFAULTS_SOURCE = "<defaults>"
 
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string"}
 _ID_RE = r"[A-Za-z0-9_-]{1,64}"
 
 
@@ -178,71 +176,22 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
+def _spec(cls: type, name: str) -> ValueSpec:
+    """The checker of key ``name`` of section ``cls``, built once from its declaration."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        specs = {}
+        for key, (f, tp) in _schema_fields(cls).items():
+            if not _is_section(tp):
+                try:
+                    specs[key] = spec_of(tp, f.metadata, f.default)
+                except ValueError as exc:  # a schema bug, not a user's: say which declaration
+                    raise TypeError(f"config key {cls.__name__}.{key}: {exc}") from None
+        _SPECS[cls] = specs
+    return specs[name]
 
 
-def _show(value: Any, typed: bool = False) -> str:
-    """Renders a given value for an error message, TOML-style."""
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = repr(value if len(value) <= 60 else value[:57] + "...")
-    else:
-        text = str(value)
-    if typed:
-        kind = _TYPE_NAMES.get(type(value), type(value).__name__)
-        text += f" ({kind})"
-    return text
-
-
-def _expected(meta: Mapping[str, Any], tp: Any) -> str:
-    """What a valid value of a field looks like, e.g. ``an integer from 1 to 64``."""
-    if meta.get("choices"):
-        return "one of " + ", ".join(meta["choices"])
-    if meta.get("pattern"):
-        text = meta["expect"]
-        return f"'' or {text}" if meta.get("allow_empty") else text
-    if tp is bool:
-        return "true or false"
-    if tp is str:
-        return "a string"
-    base = "an integer" if tp is int else "a number"
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and hi is not None:
-        return f"{base} from {_num(lo)} to {_num(hi)}"
-    return f"{base} >= {_num(lo)}" if lo is not None else f"{base} <= {_num(hi)}" if hi is not None else base
-
-
-def _check_value(meta: Mapping[str, Any], tp: Any, value: Any, key_path: str, source: str) -> Any:
-    """Checks one scalar against its field's type and constraints; returns the normalised value."""
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"config field {key_path} has unsupported type {tp!r}")
-    if not ok:
-        raise ConfigError(f"expected {_expected(meta, tp)}, got {_show(value, typed=True)}", key_path, source)
-    if tp is float:
-        value = float(value)
-    lo, hi, choices, pattern = meta.get("min"), meta.get("max"), meta.get("choices"), meta.get("pattern")
-    if (
-        (choices and value not in choices)
-        or (lo is not None and value < lo)
-        or (hi is not None and value > hi)
-        or (pattern and not (meta.get("allow_empty") and value == "") and not re.fullmatch(pattern, value))
-    ):
-        raise ConfigError(f"expected {_expected(meta, tp)}, got {_show(value)}", key_path, source)
-    return value
+_SPECS: dict[type, dict[str, ValueSpec]] = {}
 
 
 def _unknown_key(prefix: str, key: Any, value: Any, known: list[str], source: str) -> ConfigError:
@@ -257,7 +206,7 @@ def _unknown_key(prefix: str, key: Any, value: Any, known: list[str], source: st
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
     """Validates ``data`` against section dataclass ``cls`` and returns the instance."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a table, got {_show(data, typed=True)}", prefix, source)
+        raise ConfigError(f"expected a table, got {show(data)}", prefix, source)
     schema = _schema_fields(cls)
     for key, value in data.items():
         if key not in schema:
@@ -270,7 +219,11 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
         if _is_section(tp):
             kwargs[name] = _build(tp, data[name], key_path, source)
         else:
-            kwargs[name] = _check_value(f.metadata, tp, data[name], key_path, source)
+            spec = _spec(cls, name)
+            why = spec.problem(data[name])
+            if why is not None:
+                raise ConfigError(why, key_path, source)
+            kwargs[name] = spec.normalize(data[name])
     return cls(**kwargs)
 
 
@@ -315,10 +268,37 @@ def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
         The validated config.
 
     Raises:
-        ConfigError: Unknown key, wrong type or out-of-range value; ``key_path`` is the dotted key.
+        ConfigError: Unknown key, wrong type or out-of-range value, or a rule across keys broken (see
+            :func:`cross_check`); ``key_path`` is the dotted key.
     """
     cfg = _build(Config, data, "", source)
+    problems = cross_check(cfg)
+    if problems:
+        key_path, message = problems[0]
+        raise ConfigError(message, key_path, source)
     return dataclasses.replace(cfg, source=source)
+
+
+def cross_check(obj: Any) -> list[tuple[str, str]]:
+    """The rules no single key can check, declared next to each section as ``validate(self)``.
+
+    Runs after every key has passed its own checks, so a section's ``validate`` sees well-typed values. A
+    table's sub-tables are checked before the table itself, in schema order.
+
+    Args:
+        obj: A section instance (a :class:`Config`, or any section of it).
+
+    Returns:
+        ``(dotted key path, message)`` for each problem, in schema order; empty when the config is valid.
+    """
+    problems: list[tuple[str, str]] = []
+    for name, (_f, tp) in _schema_fields(type(obj)).items():
+        if _is_section(tp):
+            problems += cross_check(getattr(obj, name))
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        problems += list(validate())
+    return problems
 
 
 def loads(text: str, source: str = "<string>") -> Config:
@@ -393,6 +373,19 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     return loads(text, source=resolved)
 
 
+def error_dict(exc: ConfigError) -> dict[str, str]:
+    """A config error as JSON-able data, as ``fieldnode config check --json`` prints it.
+
+    Returns:
+        ``{"code", "key", "message", "source"}``: the stable code, the dotted key (``""`` for a problem with
+        the whole file), the message without the source and key in front, and the file.
+    """
+    text = str(exc)
+    head = (f"{exc.source}: " if exc.source else "") + (f"{exc.key_path}: " if exc.key_path else "")
+    return {"code": exc.code, "key": exc.key_path, "message": text[len(head):] if text.startswith(head) else text,
+            "source": exc.source}
+
+
 # ------------------------------------------------------------------------------------ device identity
 
 
@@ -436,26 +429,13 @@ def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, dataclasses.F
             yield from _walk(tp, _join(prefix, name))
 
 
-def _type_text(meta: Mapping[str, Any], tp: Any) -> str:
-    if meta.get("choices"):
-        return "one of " + ", ".join(meta["choices"])
-    if meta.get("pattern"):
-        text = f"string: {meta['expect']}"
-        return text + ", or empty" if meta.get("allow_empty") else text
-    text = {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None or hi is not None:
-        text += f" {_num(lo) if lo is not None else ''}..{_num(hi) if hi is not None else ''}"
-    return text
-
-
 def describe() -> list[tuple[str, str, object, str]]:
     """Lists every configuration key from the schema.
 
     Returns:
         ``(key path, type/allowed values, default, doc)`` for each key, in schema order.
     """
-    return [(path, _type_text(f.metadata, tp), f.default, f.metadata["doc"]) for path, tp, f in _walk(Config)]
+    return [(path, spec_of(tp, f.metadata).expected(), f.default, f.metadata["doc"]) for path, tp, f in _walk(Config)]
 
 
 def _toml_literal(value: Any) -> str:

@@ -4,8 +4,8 @@ Four levels, from least to most restrictive: ``performance``, ``balanced``, ``sa
 level past ``performance`` is entered when the SoC temperature (or its prediction ``predict_s`` ahead) reaches
 ``enter_temp_c``, or the battery falls to ``enter_battery_pct`` while not charging. Each level says what the
 agent may do there: a CPU frequency cap, interpreter threads, the model variant, the inference interval (the
-duty cycle) and the telemetry period. :class:`power.policy.Policy` validates the cross-key rules (thresholds
-must grow more severe level by level).
+duty cycle) and the telemetry period. :meth:`PowerConfig.validate` states the rules across keys (thresholds
+must grow more severe level by level); the config loader runs it, and so does :class:`power.policy.Policy`.
 """
 
 from __future__ import annotations
@@ -80,3 +80,27 @@ class PowerConfig:
     balanced: BalancedLevel = section(BalancedLevel, "The balanced level.")
     saver: SaverLevel = section(SaverLevel, "The saver level.")
     critical: CriticalLevel = section(CriticalLevel, "The critical level.")
+
+    def validate(self) -> list[tuple[str, str]]:
+        """The rules no single key can check; the config loader runs this after the per-key checks.
+
+        Returns:
+            ``(key path, message)`` per problem: an entry threshold that does not grow more severe from one
+            level to the next (temperatures rise, battery charges fall), or a thermal target that is not below
+            the first temperature threshold.
+        """
+        problems = []
+        names = ("balanced", "saver", "critical")
+        for a, b in zip(names, names[1:]):
+            prev, cur = getattr(self, a), getattr(self, b)
+            if cur.enter_temp_c <= prev.enter_temp_c:
+                problems.append((f"power.{b}.enter_temp_c", f"must be above power.{a}.enter_temp_c "
+                                 f"({prev.enter_temp_c:g}), got {cur.enter_temp_c:g}"))
+            if cur.enter_battery_pct >= prev.enter_battery_pct:
+                problems.append((f"power.{b}.enter_battery_pct", f"must be below power.{a}.enter_battery_pct "
+                                 f"({prev.enter_battery_pct:g}), got {cur.enter_battery_pct:g}"))
+        first = self.balanced.enter_temp_c
+        if self.thermal_target_c >= first:
+            problems.append(("power.thermal_target_c", f"must be below power.balanced.enter_temp_c ({first:g}) so "
+                             f"the trim acts before the levels do, got {self.thermal_target_c:g}"))
+        return problems

@@ -84,6 +84,9 @@ class Policy:
     def from_config(cls, pc: PowerConfig | None = None) -> Policy:
         """Builds the policy from ``[power]`` and checks the rules no single key can check.
 
+        A config from :mod:`device.config` has passed these checks already; they run again here for a
+        :class:`PowerConfig` built in code.
+
         Raises:
             ConfigError: Thresholds do not grow more severe level by level, or the thermal target is not
                 below the first temperature threshold; the message names the keys.
@@ -96,18 +99,10 @@ class Policy:
             s = getattr(pc, level.label)
             specs.append(LevelSpec(level, s.enter_temp_c, s.enter_battery_pct, s.freq_pct, s.threads,
                                    s.variant, s.interval_ms, s.telemetry_s))
-        for prev, cur in zip(specs[1:], specs[2:]):
-            a, b = prev.level.label, cur.level.label
-            if cur.enter_temp_c <= prev.enter_temp_c:
-                raise ConfigError(f"must be above power.{a}.enter_temp_c ({prev.enter_temp_c:g}), got "
-                                  f"{cur.enter_temp_c:g}", f"power.{b}.enter_temp_c")
-            if cur.enter_battery_pct >= prev.enter_battery_pct:
-                raise ConfigError(f"must be below power.{a}.enter_battery_pct ({prev.enter_battery_pct:g}), got "
-                                  f"{cur.enter_battery_pct:g}", f"power.{b}.enter_battery_pct")
-        first = specs[1].enter_temp_c
-        if pc.thermal_target_c >= first:
-            raise ConfigError(f"must be below power.balanced.enter_temp_c ({first:g}) so the trim acts before "
-                              f"the levels do, got {pc.thermal_target_c:g}", "power.thermal_target_c")
+        problems = pc.validate()  # the same rules the config loader checks, for a PowerConfig built in code
+        if problems:
+            key_path, message = problems[0]
+            raise ConfigError(message, key_path)
         return cls(tuple(specs), pc.step_s, pc.dwell_s, pc.predict_s, pc.slope_window_s, pc.temp_hysteresis_c,
                    pc.battery_hysteresis_pct, pc.thermal_target_c, pc.trim_hysteresis_c, pc.trim_dwell_s)
 

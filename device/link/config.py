@@ -1,10 +1,23 @@
-"""``[link]``: the MQTT link, its durable spool, and command intake."""
+"""``[link]``: the MQTT link, its durable spool, and command intake.
+
+:meth:`LinkConfig.validate` holds the rules across keys: the broker URL, the TLS files it needs (read, so a
+missing or unreadable file shows when the config is loaded, not when the link starts), the password file,
+the topic prefix (the topic tree's own rule) and the order of the reconnect delays.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 
 from device.configschema import setting
+from device.link.errors import BrokerUrlError
+from device.link.topics import Topics
+from device.link.url import TlsFiles, parse_broker_url, tls_problem
+
+# The key each TLS file is read from, for url.tls_problem's roles.
+_TLS_KEYS = {"url": "link.broker", "ca": "link.ca_file", "cert": "link.cert_file", "key": "link.key_file"}
 
 
 @dataclass(frozen=True)
@@ -44,3 +57,49 @@ class LinkConfig:
                                     maximum=10000)
     dedupe_window_s: float = setting(300.0, "A repeated request_id within this window gets the cached reply.",
                                      minimum=0, maximum=86400)
+
+    def validate(self) -> list[tuple[str, str]]:
+        """The rules no single key can check; the config loader runs this after the per-key checks.
+
+        The broker URL and the files it needs are only checked when ``broker`` is set (no broker, no link).
+
+        Returns:
+            ``(key path, message)`` per problem: a malformed broker URL; a TLS file missing, unreadable, not
+            fitting the URL or not paired (see :func:`device.link.url.tls_problem`); an unreadable password
+            file; a prefix that is not a topic-tree prefix; ``backoff_min_s`` above ``backoff_max_s``.
+        """
+        problems = []
+        if self.broker:
+            try:
+                url = parse_broker_url(self.broker)
+            except BrokerUrlError as exc:
+                problems.append(("link.broker", str(exc)))
+            else:
+                found = tls_problem(url, TlsFiles(self.ca_file, self.cert_file, self.key_file))
+                if found is not None:
+                    problems.append((_TLS_KEYS[found[0]], found[1]))
+            if self.password_file:
+                why = _unreadable(self.password_file)
+                if why:
+                    problems.append(("link.password_file", f"password file {self.password_file}: {why}"))
+        if self.prefix:
+            try:
+                Topics(self.prefix)  # the topic tree's rule, not a second copy of it
+            except BrokerUrlError as exc:
+                problems.append(("link.prefix", str(exc)))
+        if self.backoff_min_s > self.backoff_max_s:
+            problems.append(("link.backoff_min_s", f"must not be above link.backoff_max_s "
+                                                   f"({self.backoff_max_s:g}), got {self.backoff_min_s:g}"))
+        return problems
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file at ``path`` cannot be read (a FIFO does not block the check), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    try:
+        return None if stat.S_ISREG(os.fstat(fd).st_mode) else "not a regular file"
+    finally:
+        os.close(fd)

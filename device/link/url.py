@@ -7,7 +7,8 @@ logs and process lists.
 
 1. :func:`parse_broker_url` turns the text into a :class:`BrokerUrl` (or a :class:`BrokerUrlError` that says
    what is wrong and shows the expected form).
-2. :func:`check_tls` checks that the :class:`TlsFiles` fit the URL and can be read, before any connection.
+2. :func:`check_tls` checks that the :class:`TlsFiles` fit the URL and can be read, before any connection
+   (:func:`tls_problem` says the same and which file is at fault, for callers that name the file their way).
 3. :func:`apply_tls` hands them to a paho client, turning ``ssl`` errors into :class:`BrokerUrlError`.
 """
 
@@ -148,32 +149,59 @@ def check_tls(url: BrokerUrl | str, tls: TlsFiles) -> None:
         tls: The files given.
 
     Raises:
-        BrokerUrlError: ``mqtts://`` without a CA file; a file that is missing, unreadable or not a regular
-            file; a certificate without its key or a key without its certificate; an encrypted key; or any
-            TLS file for a plain ``mqtt://`` URL.
+        BrokerUrlError: The URL is malformed, or :func:`tls_problem` found a problem (its message).
+    """
+    found = tls_problem(url, tls)
+    if found is not None:
+        raise BrokerUrlError(found[1])
+
+
+def tls_problem(url: BrokerUrl | str, tls: TlsFiles) -> tuple[str, str] | None:
+    """What is wrong with the TLS files for this URL, and which one is at fault.
+
+    The messages name files by their role (CA file, client certificate, client key), never by the option or
+    key a caller reads them from: the caller reports the role under its own name (``--ca``, ``link.ca_file``).
+
+    Args:
+        url: The broker URL (parsed, or text to parse).
+        tls: The files given.
+
+    Returns:
+        None when they fit, else ``(role, message)``; role ``"ca"``, ``"cert"`` or ``"key"`` names the file at
+        fault, ``"url"`` the URL itself (TLS files given for a plain ``mqtt://`` URL). Problems: ``mqtts://``
+        without a CA file; a file that is missing, unreadable or not a regular file; a certificate without its
+        key or a key without its certificate; an encrypted key; any TLS file for a plain ``mqtt://`` URL.
+
+    Raises:
+        BrokerUrlError: ``url`` is text that is not a valid broker URL.
     """
     if isinstance(url, str):
         url = parse_broker_url(url)
     if not url.tls:
         if tls.given():
             names = ", ".join(f"{k} {v}" for k, v in (("CA", tls.ca), ("cert", tls.cert), ("key", tls.key)) if v)
-            raise BrokerUrlError(f"TLS files given for a plain mqtt:// URL ({url}): {names}; use mqtts:// "
-                                 f"for TLS, or drop the files")
-        return
+            return "url", (f"TLS files given for a plain mqtt:// URL ({url}): {names}; use mqtts:// for TLS, or "
+                           f"drop the files")
+        return None
     if not tls.ca:
-        raise BrokerUrlError(f"{url} uses TLS but no CA file is given (the CA that signed the broker's "
-                             f"certificate, e.g. --ca ca.pem)")
+        return "ca", (f"{url} uses TLS but no CA file is given (the CA certificate that signed the broker's "
+                      f"certificate)")
     if bool(tls.cert) != bool(tls.key):
-        given, missing = ("certificate", "key") if tls.cert else ("key", "certificate")
-        raise BrokerUrlError(f"client {given} {tls.cert or tls.key} given without its {missing}; give both "
-                             f"(--cert and --key) or neither")
-    _read_head(tls.ca, "CA file")
-    if tls.cert:
-        _read_head(tls.cert, "client certificate")
-        head = _read_head(tls.key, "client key")
-        if b"ENCRYPTED" in head:  # PKCS8 "ENCRYPTED PRIVATE KEY" or legacy "Proc-Type: 4,ENCRYPTED"
-            raise BrokerUrlError(f"client key {tls.key} is encrypted; an unattended client cannot type its "
-                                 f"passphrase: use an unencrypted key file readable only by its user")
+        role, given, missing = ("key", "certificate", "key") if tls.cert else ("cert", "key", "certificate")
+        return role, (f"client {given} {tls.cert or tls.key} given without its {missing}; give the client "
+                      f"certificate and its key, or neither")
+    for role, path, what in (("ca", tls.ca, "CA file"), ("cert", tls.cert, "client certificate"),
+                             ("key", tls.key, "client key")):
+        if not path:
+            continue
+        try:
+            head = _read_head(path, what)
+        except BrokerUrlError as exc:
+            return role, str(exc)
+        if role == "key" and b"ENCRYPTED" in head:  # PKCS8 "ENCRYPTED PRIVATE KEY" or "Proc-Type: 4,ENCRYPTED"
+            return role, (f"client key {tls.key} is encrypted; an unattended client cannot type its passphrase: "
+                          f"use an unencrypted key file readable only by its user")
+    return None
 
 
 def apply_tls(client, tls: TlsFiles) -> None:

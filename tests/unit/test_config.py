@@ -159,7 +159,7 @@ def test_section_given_as_scalar():
     [
         ("[runtime]\nthreads = true", "runtime.threads", "got true (boolean)"),
         ("[runtime]\nthreads = '4'", "runtime.threads", "got '4' (string)"),
-        ("[runtime]\nthreads = 4.0", "runtime.threads", "got 4.0 (float)"),
+        ("[runtime]\nthreads = 4.0", "runtime.threads", "got 4.0 (number)"),
         ("[demo]\nseconds = false", "demo.seconds", "got false (boolean)"),
         ("[demo]\nseconds = '5'", "demo.seconds", "got '5' (string)"),
         ("[runtime]\nmodel = 5", "runtime.model", "got 5 (integer)"),
@@ -190,7 +190,7 @@ def test_int_for_bool_rejected():
     with pytest.raises(ConfigError) as info:
         config._build(Flags, {"enabled": 1}, "flags", "t")
     assert info.value.key_path == "flags.enabled"
-    assert "expected true or false, got 1 (integer)" in str(info.value)
+    assert "expected a boolean, got 1 (integer)" in str(info.value)
     assert config._build(Flags, {"enabled": True}, "flags", "t").enabled is True
 
 
@@ -236,14 +236,14 @@ def test_bad_choice():
     with pytest.raises(ConfigError) as info:
         config.loads("[runtime]\ndelegate = 'tpu'\n")
     assert info.value.key_path == "runtime.delegate"
-    assert str(info.value).endswith("runtime.delegate: expected one of auto, cpu, edgetpu, gpu, got 'tpu'")
+    assert str(info.value).endswith("runtime.delegate: expected one of 'auto', 'cpu', 'edgetpu', 'gpu', got 'tpu'")
 
 
 def test_bad_log_level():
     with pytest.raises(ConfigError) as info:
         config.loads("[device]\nlog_level = 'INFO'\n")
     assert info.value.key_path == "device.log_level"
-    assert "one of debug, info, warning, error" in str(info.value)
+    assert "one of 'debug', 'info', 'warning', 'error'" in str(info.value)
 
 
 @pytest.mark.parametrize("value", ["usb", "usb:0", "usb:12", "pci", "pci:1", ""])
@@ -426,8 +426,9 @@ def test_describe_lists_every_key():
     assert sorted(described) == sorted(leaves(Config().to_dict()))
     assert len(described) == len(set(described)) == 89
     by_path = {path: (type_text, default, doc) for path, type_text, default, doc in rows}
-    assert by_path["runtime.threads"][:2] == ("integer 1..64", 2)
-    assert by_path["runtime.delegate"][0] == "one of auto, cpu, edgetpu, gpu"
+    assert by_path["runtime.threads"][:2] == ("an integer from 1 to 64", 2)
+    assert by_path["runtime.delegate"][0] == "one of 'auto', 'cpu', 'edgetpu', 'gpu'"
+    assert by_path["drivers.virtual_board"][0].startswith("one of '', 'rpi4'")  # the empty choice shows
     assert by_path["demo.seconds"][1] == 30.0
     assert all(doc for _t, _d, doc in by_path.values())
 
