@@ -3,8 +3,11 @@ board time in seconds (the virtual board's simulated clock implements the same i
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Protocol
+
+_MAX_DOUBLINGS = 30  # 2**30 times any sane minimum is far past any cap; and no float overflow
 
 
 class Clock(Protocol):
@@ -35,3 +38,22 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """The wait before a retry: exponential backoff with "equal jitter".
+
+    The nominal delay doubles from ``lo`` with each attempt up to ``hi``; the wait is drawn uniformly from its upper
+    half, so a retry never comes much sooner than planned, and a fleet that lost power together spreads out.
+
+    Args:
+        attempt: Failed attempts so far minus one (0 for the first retry); a negative value counts as 0.
+        lo: The first nominal delay in seconds.
+        hi: The largest nominal delay in seconds.
+        rng: The randomness (seed it for reproducible tests).
+
+    Returns:
+        Seconds to wait, between ``min(hi, lo * 2**attempt) / 2`` and ``min(hi, lo * 2**attempt)``.
+    """
+    delay = min(hi, lo * 2.0 ** min(max(attempt, 0), _MAX_DOUBLINGS))
+    return rng.uniform(delay / 2.0, delay)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import serial
 
-from device.clock import SYSTEM_CLOCK, Clock
+from device.clock import SYSTEM_CLOCK, Clock, backoff_delay
 from drivers.errors import FrameError, SerialSensorError
 from drivers.serialproto import Frame, FrameDecoder, FrameType, Hello
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.05  # longest real-time wait of the reader thread (port read timeout, idle backoff ticks)
 DEFAULT_QUEUE = 8
 _MAX_READ = 65536
-_MAX_DOUBLINGS = 30  # 2**30 * any sane minimum is far beyond any cap; avoids float overflow
 
 
 class SensorState(str, Enum):
@@ -371,10 +370,8 @@ class SerialSensor:
 
     def _schedule_retry(self) -> None:
         lo, hi = self.reconnect
-        delay = min(hi, lo * 2.0 ** min(self._attempt, _MAX_DOUBLINGS))
+        self._next_attempt = self._clock.monotonic() + backoff_delay(self._attempt, lo, hi, self._rng)
         self._attempt += 1
-        # "Equal jitter": half fixed, half random, so a fleet that lost power together spreads out.
-        self._next_attempt = self._clock.monotonic() + self._rng.uniform(delay / 2.0, delay)
 
     def _read_once(self) -> None:
         port = self._port
