@@ -26,10 +26,12 @@ What survives what:
   ids are safe. A SIGKILL loses the same window; it cannot tear a commit.
 * Group commit keeps the fsync count at one per commit, not one per message (FULL costs an fsync per commit,
   about 6k commits/s at best, so one per message would not keep up with a flood).
-* A file that is not a database, fails ``PRAGMA quick_check`` or raises a corruption error is moved aside
-  (with its -wal/-shm) to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>`` and a fresh spool starts; the agent keeps
-  running and ``on_event("spool_corrupt", ...)`` reports it. Environmental errors (permissions, disk full,
-  I/O errors, a locked file) are NOT corruption: they raise :class:`SpoolError` and the file stays put.
+* A file that is not a database, fails ``PRAGMA quick_check`` or raises a corruption error is replaced: every
+  row still readable is copied with its id into a fresh file (:mod:`device.link.spoolsalvage`), the original
+  (with its -wal/-shm) is moved aside to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>``, the agent keeps running
+  and ``on_event("spool_corrupt", ...)`` reports how many messages were salvaged and lost. Environmental
+  errors (permissions, disk full, I/O errors, a locked file) are NOT corruption: they raise
+  :class:`SpoolError` and the file stays put.
 
 The budget counts payload bytes of committed rows (not the file size: freed pages are reused, the file does
 not shrink). When it is exceeded, telemetry goes first, then results, then events, oldest first; rows older
@@ -52,9 +54,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from device import statefile
 from device.clock import SYSTEM_CLOCK
-from device.link import spooldb
+from device.link import spooldb, spoolsalvage
 from device.link.errors import SpoolCorrupt, SpoolError
 
 log = logging.getLogger(__name__)
@@ -459,7 +460,7 @@ class Spool:
         except (sqlite3.Error, spooldb.Corrupt) as e:
             if not spooldb.is_corruption(e):
                 raise SpoolError(f"cannot open spool {self.path}: {e}") from e
-            self._recover(e)
+            self._recover(e, at_open=True)
 
     def _connect(self) -> None:
         self._db = None
@@ -472,7 +473,7 @@ class Spool:
             for k in Kind:
                 self._dropped[k] += st.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
 
-    def _recover(self, err: BaseException) -> None:
+    def _recover(self, err: BaseException, at_open: bool = False) -> None:
         if self._db is not None:
             try:
                 self._db.close()
@@ -480,20 +481,33 @@ class Spool:
                 pass  # it is corrupt; closing is best effort
             self._db = None
         try:
-            target = statefile.move_aside(self.path, self._clock.time(), spooldb.SIDE_SUFFIXES)
+            target, saved = spoolsalvage.replace(self.path, self._clock.time(), tuple(Kind))
         except OSError as e:
             raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
-        log.error("spool %s is corrupt (%s); moved to %s, starting a fresh spool", self.path, err, target)
+        lost = str(saved.lost) if saved.lost_exact else f"at least {saved.lost}"
+        log.error("spool %s is corrupt (%s); moved to %s; %d message(s) salvaged, %s lost%s", self.path, err,
+                  target, saved.rows, lost, f" ({saved.problem})" if saved.problem else "")
         self._corrupt_recoveries += 1
         self._resync = False
-        self._emit("spool_corrupt", {"moved_to": target, "error": str(err), "path": self.path})
+        with self._lock:
+            self._last_id = max(self._last_id, saved.last_id)
+            if at_open:  # at runtime the counters in memory are newer than the file's
+                for k in Kind:
+                    self._dropped[k] += saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
+                self._dropped_dirty = True
+        event = {"moved_to": target, "error": str(err), "path": self.path, "salvaged": saved.rows,
+                 "lost": saved.lost if saved.lost_exact else None}
+        if not saved.lost_exact:
+            event["lost_at_least"] = saved.lost
+        self._emit("spool_corrupt", event)
         try:
             self._connect()
             with self._lock:
                 floor = self._last_id
             if floor:
                 # Persist the id floor now: the fresh file must never hand out ids below what was published.
-                self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('last_id', ?)", (floor,))
+                self._db.execute("INSERT INTO meta(key, value) VALUES ('last_id', ?) ON CONFLICT(key) DO UPDATE"
+                                 " SET value = MAX(value, excluded.value)", (floor,))
         except (sqlite3.Error, spooldb.Corrupt) as e:
             raise SpoolError(f"cannot start a fresh spool at {self.path}: {e}") from e
 

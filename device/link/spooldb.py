@@ -15,7 +15,7 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 1
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")  # every side file SQLite may keep next to the database
 # Covering indexes: budget, age expiry and the totals read (kind, id|created, size) without payload pages.
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY, kind INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, created REAL NOT NULL, size INTEGER NOT NULL);
@@ -120,7 +120,7 @@ def open_file(path: str, kinds: tuple) -> tuple[sqlite3.Connection, FileState]:
             raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
         db.execute("PRAGMA synchronous = FULL")
         if version == 0:
-            db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
         max_row = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0
         counts, sizes = totals(db, kinds)

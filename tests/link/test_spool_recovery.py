@@ -48,21 +48,28 @@ def _open_corrupt(path: str, clock: SimClock) -> tuple[Spool, list]:
     return s, events
 
 
-def _assert_recovered(s: Spool, events: list, path: str, original: bytes, clock: SimClock) -> None:
+def _assert_recovered(s: Spool, events: list, path: str, original: bytes, clock: SimClock,
+                      salvaged: int | None = 0) -> None:
+    """The event, the copy kept aside, and a working spool holding exactly the salvaged rows.
+
+    ``salvaged`` is the number of rows that must have been saved; None when it depends on the file's layout
+    (then only "some, and the event says how many" is checked)."""
     assert len(events) == 1 and events[0][0] == "spool_corrupt"
     moved = events[0][1]["moved_to"]
     assert moved == path + ".corrupt-20260101T000000Z"  # UTC stamp from the spool's clock
     assert events[0][1]["error"]
     with open(moved, "rb") as f:
         assert f.read() == original  # kept for a post-mortem, byte for byte
-    assert s.stats()["corrupt_recoveries"] == 1 and s.stats()["messages"] == 0
+    kept = [m.id for m in all_messages(s)]
+    assert s.stats()["corrupt_recoveries"] == 1 and s.stats()["messages"] == len(kept) == events[0][1]["salvaged"]
+    assert len(kept) > 0 if salvaged is None else len(kept) == salvaged
     mid = s.put(E, "e", b"after")
-    assert mid >= int(clock.time() * 1e6)  # the clock floor keeps ids above what the broker saw
+    assert mid >= int(clock.time() * 1e6) and mid > max(kept, default=0)  # ids never go back
     s.flush()
-    assert [m.payload for m in all_messages(s)] == [b"after"]
+    assert all_messages(s)[-1].payload == b"after"
     s.close()
     with Spool(path, clock=clock) as again:  # the fresh spool is a good one
-        assert [m.id for m in all_messages(again)] == [mid] and again.stats()["corrupt_recoveries"] == 0
+        assert [m.id for m in all_messages(again)] == kept + [mid] and again.stats()["corrupt_recoveries"] == 0
 
 
 def test_random_bytes_file_is_moved_aside_and_its_stale_wal_never_replayed(path, clock):
@@ -80,25 +87,25 @@ def test_random_bytes_file_is_moved_aside_and_its_stale_wal_never_replayed(path,
     _assert_recovered(s, events, path, original, clock)
 
 
-def test_truncated_real_spool_is_moved_aside(path, clock):
+def test_truncated_real_spool_is_moved_aside_and_its_head_salvaged(path, clock):
     full = make_real_spool(path)
     with open(path, "r+b") as f:
         f.truncate(len(full) // 2)
     s, events = _open_corrupt(path, clock)
-    _assert_recovered(s, events, path, full[: len(full) // 2], clock)
+    _assert_recovered(s, events, path, full[: len(full) // 2], clock, salvaged=None)
 
 
 @pytest.mark.parametrize("offset,length", [(0, 4096), (2048, 2048)], ids=["whole-page", "half-page"])
 def test_real_spool_with_a_garbage_page_is_moved_aside(path, clock, offset, length):
     # A whole garbage page makes SQLite raise "malformed"; a half page passes the header checks and is
-    # caught by quick_check's report instead: both paths end in the same recovery.
+    # caught by quick_check's report instead: both paths end in the same recovery, which salvages the rest.
     data = bytearray(make_real_spool(path))
     page = 10 * 4096 + offset
     data[page:page + length] = os.urandom(length)
     with open(path, "wb") as f:
         f.write(data)
     s, events = _open_corrupt(path, clock)
-    _assert_recovered(s, events, path, bytes(data), clock)
+    _assert_recovered(s, events, path, bytes(data), clock, salvaged=None)
 
 
 def test_quick_check_failure_is_reported_in_the_event(path, clock):
@@ -108,7 +115,8 @@ def test_quick_check_failure_is_reported_in_the_event(path, clock):
         f.write(data)
     s, events = _open_corrupt(path, clock)
     assert "quick_check" in events[0][1]["error"] and "freelist" in events[0][1]["error"].lower()
-    _assert_recovered(s, events, path, bytes(data), clock)
+    assert events[0][1]["lost"] == 0  # every row was readable
+    _assert_recovered(s, events, path, bytes(data), clock, salvaged=2000)
 
 
 @pytest.mark.parametrize("script,why", [
@@ -136,7 +144,7 @@ def test_unknown_kind_in_a_row_is_corruption(path, clock):
     with open(path, "rb") as f:
         original = f.read()
     s, events = _open_corrupt(path, clock)
-    assert "unknown message kind 9" in events[0][1]["error"]
+    assert "unknown message kind 9" in events[0][1]["error"] and events[0][1]["lost"] == 3
     _assert_recovered(s, events, path, original, clock)
 
 
@@ -251,9 +259,10 @@ def test_corruption_found_while_writing_starts_a_fresh_spool_and_keeps_the_batch
             s.flush()
         mocker.stopall()
         assert [k for k, _ in events] == ["spool_corrupt"] and os.path.exists(events[0][1]["moved_to"])
+        assert events[0][1]["salvaged"] == 1 and events[0][1]["lost"] == 0  # the file itself was readable
         assert s.stats()["corrupt_recoveries"] == 1 and s.stats()["pending"] == 3
         s.flush()
-        assert [m.id for m in all_messages(s)] == ids and ids[0] > old
+        assert [m.id for m in all_messages(s)] == [old] + ids and ids[0] > old
         later = s.put(R, "r", b"later")
     with Spool(path, clock=SimClock(epoch=EPOCH - 60)) as s:  # the floor was written into the fresh file
         assert s.put(R, "r", b"x") == later + 1
