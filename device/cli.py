@@ -36,6 +36,62 @@ def load_config(args):
     return config.load(getattr(args, "config", None))
 
 
+def number(kind: type = float, *, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number in bounds whose error says what is expected.
+
+    Args:
+        kind: ``int`` or ``float``.
+        minimum: Inclusive lower bound. maximum: Inclusive upper bound. above: Exclusive lower bound.
+
+    Returns:
+        A converter raising :class:`argparse.ArgumentTypeError` (``argument --runs: expected an integer >= 1,
+        got '0'``) for anything else.
+    """
+    import math
+
+    what = "an integer" if kind is int else "a number"
+    if minimum is not None and maximum is not None:
+        expected = f"{what} from {minimum:g} to {maximum:g}"
+    else:
+        limits = [f"> {above:g}" if above is not None else "", f">= {minimum:g}" if minimum is not None else "",
+                  f"<= {maximum:g}" if maximum is not None else ""]
+        expected = " ".join([what] + [x for x in limits if x])
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not math.isfinite(value) or (minimum is not None and value < minimum) \
+                or (maximum is not None and value > maximum) or (above is not None and value <= above):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    convert.__name__ = expected  # what argparse would print if it ever named the type
+    return convert
+
+
+positive_int = number(int, minimum=1)
+positive_float = number(float, above=0)
+nonnegative_float = number(float, minimum=0)
+
+
+def sim_argument(parser, help: str, *, default_profile: str | None = "rpi4") -> None:
+    """Adds ``--sim [PROFILE]``, the one flag that asks for a simulated board in ``run``, ``demo`` and ``power``.
+
+    Args:
+        parser: An argparse parser or group.
+        help: What the simulation means for this command.
+        default_profile: The profile of a bare ``--sim``; ``None`` makes the profile required.
+    """
+    from drivers.sim.profiles import PROFILES
+
+    extra = {"nargs": "?", "const": default_profile} if default_profile else {}
+    parser.add_argument("--sim", choices=sorted(PROFILES), default=None, metavar="PROFILE",
+                        help=f"{help}; one of {', '.join(sorted(PROFILES))}", **extra)
+
+
 def _version_args(p):
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -44,8 +100,9 @@ def _version(args) -> int:
     from device.runtime.backends import load_backend
 
     info = {"fieldnode": __version__, "python": sys.version.split()[0]}
+    cfg = load_config(args)  # a config that cannot be read is an error (exit 2), not a missing backend
     try:
-        b = load_backend(load_config(args).runtime.backend)
+        b = load_backend(cfg.runtime.backend)
         info["backend"], info["backend_version"] = b.name, b.version
     except FieldnodeError as exc:
         info["backend"], info["backend_error"] = None, str(exc)
@@ -167,6 +224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FieldnodeError as exc:
         print(f"fieldnode {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)
         return 2 if exc.code == "config_invalid" else 1
+    except OSError as exc:  # a file or device the user named, or the state directory
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"fieldnode {args.command}: error [os_error]: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a defect: one line for the technician, the traceback with -v
+        log = logging.getLogger("device.cli")
+        log.debug("internal error", exc_info=True)
+        print(f"fieldnode {args.command}: error [internal]: {type(exc).__name__}: {exc} (this is a defect; "
+              f"run with -v for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

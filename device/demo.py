@@ -21,6 +21,7 @@ between the model and the simulated machine's truth.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -29,14 +30,20 @@ from device.clock import SYSTEM_CLOCK
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--seconds", type=float, default=None, help="how long to run (default: config demo.seconds)")
+    from device.cli import nonnegative_float, number, sim_argument
+
+    p.add_argument("--seconds", type=nonnegative_float, default=None,
+                   help="how long to run (default: config demo.seconds)")
     p.add_argument("--isolation", choices=("process", "inline"), default=None, help="default: config")
-    p.add_argument("--board", default=None, choices=("rpi4", "rpi5", "jetson-orin-nano"),
-                   help="virtual board profile (default: config drivers.virtual_board, else rpi4)")
-    p.add_argument("--speed", type=float, default=60.0, help="board seconds per real second (default 60)")
-    p.add_argument("--ambient", type=float, default=38.0, help="ambient temperature in C (default 38)")
-    p.add_argument("--battery", type=float, default=54.0,
+    sim_argument(p, "the virtual board profile (default: config drivers.virtual_board, else rpi4)",
+                 default_profile=None)
+    p.add_argument("--speed", type=number(float, minimum=1, maximum=3600), default=60.0,
+                   help="board seconds per real second (default 60)")
+    p.add_argument("--ambient", type=number(float, minimum=-40, maximum=60), default=38.0,
+                   help="ambient temperature in C (default 38)")
+    p.add_argument("--battery", type=number(float, minimum=0, maximum=100), default=54.0,
                    help="initial battery charge in %% of 5,000 mAh; 0 runs on mains (default 54)")
+    p.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
 
 
 def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
@@ -47,7 +54,9 @@ def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
 
     cfg = load_config(args)
     seconds = cfg.demo.seconds if args.seconds is None else args.seconds
-    profile = args.board or cfg.drivers.virtual_board or "rpi4"
+    profile = args.sim or cfg.drivers.virtual_board or "rpi4"
+    if args.json:
+        out = _quiet
     with tempfile.TemporaryDirectory(prefix="fieldnode-demo-") as tmp:
         overrides = {"device.state_dir": tmp, "link.broker": "", "drivers.virtual_board": profile}
         if args.isolation:
@@ -61,7 +70,16 @@ def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
         agent = Agent(cfg, board=board, on_event=lambda kind, data: out(f"event {kind}: {_short(data)}"),
                       on_result=score.add)
         score.source = agent.mcu.source
-        return _watch(agent, board, score, seconds, clock, out)
+        summary = _watch(agent, board, score, seconds, clock, out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        out(_summary_line(summary))
+    return 0 if summary["ok"] else 1
+
+
+def _quiet(line: str) -> None:
+    pass
 
 
 class _Score:
@@ -87,7 +105,7 @@ class _Score:
         return f"{100.0 * self.correct / self.judged:.{digits}f}%" if self.judged else "-"
 
 
-def _watch(agent, board, score: _Score, seconds: float, clock, out) -> int:
+def _watch(agent, board, score: _Score, seconds: float, clock, out) -> dict:
     b, rt = board, agent.runtime
     out(f"fieldnode demo: model {rt.manifest.name} {rt.manifest.version}, variants {', '.join(rt.manifest.variants)}; "
         f"virtual {b.profile.name} at {b.ambient_c:g} C ambient, "
@@ -114,11 +132,22 @@ def _watch(agent, board, score: _Score, seconds: float, clock, out) -> int:
         agent.stop()
         runner.join(60)
     s, h, g = rt.status(), agent.sensor.health(), agent.governor.status()
-    out(f"done: {agent.results} results, {agent.failures} failures, agreement with the simulated truth "
-        f"{score.agreement(1)}, p50 {s['latency']['p50_ms']} ms, p99 {s['latency']['p99_ms']} ms, swaps {s['swaps']}, "
-        f"governor level {g['level']} after {g['changes']} changes, sensor frames {h.frames} "
-        f"(crc errors {h.crc_errors}, gaps {h.seq_gaps}), classes {score.counts}")
-    return 0 if agent.failures == 0 and agent.results > 0 else 1
+    return {"ok": agent.failures == 0 and agent.results > 0, "simulated": True, "virtual_board": b.profile.name,
+            "results": agent.results, "failures": agent.failures,
+            "agreement_pct": round(100.0 * score.correct / score.judged, 1) if score.judged else None,
+            "p50_ms": s["latency"]["p50_ms"], "p99_ms": s["latency"]["p99_ms"], "swaps": s["swaps"],
+            "level": g["level"], "level_changes": g["changes"], "sensor_frames": h.frames,
+            "crc_errors": h.crc_errors, "seq_gaps": h.seq_gaps, "classes": dict(score.counts),
+            "backend": s["backend"], "delegate": s["delegate"]}
+
+
+def _summary_line(r: dict) -> str:
+    agree = "-" if r["agreement_pct"] is None else f"{r['agreement_pct']:.1f}%"
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(r["classes"].items())) or "none"
+    return (f"done: {r['results']} results, {r['failures']} failures, agreement with the simulated truth {agree}, "
+            f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, swaps {r['swaps']}, governor level {r['level']} after "
+            f"{r['level_changes']} changes, sensor frames {r['sensor_frames']} (crc errors {r['crc_errors']}, "
+            f"gaps {r['seq_gaps']}), classes: {classes}")
 
 
 def _line(agent, score: _Score, t: float, out) -> None:

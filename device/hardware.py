@@ -91,7 +91,10 @@ class BoardIO:
         return self.led.code
 
     def describe(self) -> dict:
-        return {"gpio": None if self.pins is None else self.pins.describe(), "led": self.led.code.value,
+        # "led" is the code a status LED shows, or None when no LED is wired (led_pin = -1): a board without
+        # one must not claim to be showing "ok".
+        led = self.led.code.value if self.led.wired else None
+        return {"gpio": None if self.pins is None else self.pins.describe(), "led": led,
                 "trigger": None if self.trigger is None else {"triggers": self.trigger.triggers},
                 "power_good": self.read_power_good()}
 

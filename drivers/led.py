@@ -160,6 +160,11 @@ class StatusLed:
         self._thread: threading.Thread | None = None
         self._last_error = ""
 
+    @property
+    def wired(self) -> bool:
+        """An LED line is attached (without one the codes are still tracked, for status, but nothing blinks)."""
+        return self._line is not None
+
     def raise_code(self, code: LedCode) -> None:
         """Marks a condition active (raising it again is harmless).
 

@@ -25,7 +25,7 @@ SCENARIOS = {
 
 
 def add_arguments(p) -> None:
-    from device.cli import subcommand_parents
+    from device.cli import number, sim_argument, subcommand_parents
 
     sub = p.add_subparsers(dest="power_command", metavar="{status,simulate}")
     sub.required = True
@@ -33,14 +33,16 @@ def add_arguments(p) -> None:
                         parents=subcommand_parents())
     where = st.add_mutually_exclusive_group()
     where.add_argument("--root", help="sysfs root to read (default: drivers.sysfs_root, else /)")
-    where.add_argument("--sim", choices=sorted(PROFILES), help="read a fresh virtual board of this profile")
+    sim_argument(where, "read a fresh simulated board of this profile instead (default rpi4)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
     sim = sub.add_parser("simulate", help="run the configured policy on a virtual board, against static maximum",
                          parents=subcommand_parents())
     sim.add_argument("--profile", choices=sorted(PROFILES), default="rpi4")
     sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="hot")
-    sim.add_argument("--hours", type=float, help="simulated duration (default: the scenario's)")
-    sim.add_argument("--ambient", type=float, help="ambient temperature in C (default: the scenario's)")
+    sim.add_argument("--hours", type=number(float, above=0, maximum=24 * 365),
+                     help="simulated duration (default: the scenario's)")
+    sim.add_argument("--ambient", type=number(float, minimum=-40, maximum=60),
+                     help="ambient temperature in C (default: the scenario's)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -80,7 +82,7 @@ def _status(args, cfg, policy) -> int:
         gov = Governor(policy, lambda: snap, frequencies_khz=freqs)
         plan = gov.step()
         out = {
-            "root": fs.root, "snapshot": snap.to_dict(),
+            "root": fs.root, "simulated": bool(args.sim), "virtual_board": args.sim, "snapshot": snap.to_dict(),
             "thermal_zones": [{"zone": z.name, "type": z.type, "temp_c": z.temp_c} for z in thermal.read_zones(fs)],
             "throttle": None if snap.throttle is None else snap.throttle.describe(),
             "cpufreq": [{"policy": p.name, "cpus": list(p.cpus), "min_khz": p.min_khz, "max_khz": p.max_khz,
@@ -98,13 +100,16 @@ def _status(args, cfg, policy) -> int:
         print(json.dumps(out))
         return 0
     s = out["snapshot"]
-    print(f"sysfs root: {out['root']}")
+    if args.sim:
+        print(f"SIMULATED board {args.sim} (a fresh virtual board, not this machine): sysfs root {out['root']}")
+    else:
+        print(f"sysfs root: {out['root']}")
     print(f"temperature: {_v(s['temp_c'], ' C')} ({s['temp_source'] or 'no thermal zone'})")
-    print(f"battery: {_v(s['battery_pct'], ' %')}, charging {_v(s['charging'])}, external power "
+    print(f"battery: {_v(s['battery_pct'], ' %')}, charging: {_v(s['charging'])}, external power: "
           f"{_v(s['on_external_power'])}")
     print(f"firmware throttle: {out['throttle'] or 'not reported on this board'}")
     for p in out["cpufreq"]:
-        print(f"cpufreq {p['policy']} (cpus {p['cpus']}): {p['min_khz'] // 1000}-{p['max_khz'] // 1000} MHz, cap "
+        print(f"cpufreq {p['policy']} (cpus {_v(p['cpus'])}): {p['min_khz'] // 1000}-{p['max_khz'] // 1000} MHz, cap "
               f"{_v(p['scaling_max_khz'])} kHz, now {_v(p['cur_khz'])} kHz, governor {p['governor']}")
     if not out["cpufreq"]:
         print("cpufreq: no policies (the governor will not cap the CPU)")
@@ -115,7 +120,21 @@ def _status(args, cfg, policy) -> int:
 
 
 def _v(value, unit: str = "") -> str:
-    return "unknown" if value is None else f"{value}{unit}"
+    """A value for people: ``unknown``, ``yes``/``no``, ``0-3`` for consecutive CPUs, a list joined by commas."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, int) for v in value) and list(value) == list(range(value[0], value[-1] + 1)):
+            return f"{value[0]}-{value[-1]}" if len(value) > 1 else str(value[0])
+        return ", ".join(str(v) for v in value) or "none"
+    return f"{value}{unit}"
+
+
+_SCENARIO_TEXT = {"hours": "{} h", "ambient_c": "ambient {} C", "battery_mah": "battery {} mAh",
+                  "soc_pct": "charge {} %", "mains": "on mains: {}", "plug_at_s": "plugged in at {} s",
+                  "record_every_s": "a record every {} s"}
 
 
 def _simulate(args, policy) -> int:
@@ -136,7 +155,8 @@ def _simulate(args, policy) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{args.profile}, scenario {args.scenario}: " + ", ".join(f"{k} {v}" for k, v in kw.items() if k != "dt"))
+    print(f"SIMULATED {args.profile}, scenario {args.scenario}: "
+          + ", ".join(_SCENARIO_TEXT.get(k, k + " {}").format(_v(v)) for k, v in kw.items() if k != "dt"))
     for tr in (governed, static):
         s = tr.summary()
         print(f"  {s['name']:<15} max {s['max_temp_c']:.1f} C, {s['inferences']} inferences "
