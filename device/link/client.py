@@ -14,7 +14,12 @@ Threads and ownership:
   therefore published twice; consumers drop duplicates by the message ``id``. No topic aliases are used
   (paho #893).
 * **The command thread** runs the :class:`device.link.commands.Dispatcher` on each command message (a
-  slow command never stalls the network) and hands the reply back to the network thread.
+  slow command never stalls the network) and hands the reply back to the network thread, through the bounded
+  queues of :class:`device.link.channel.CommandChannel`: a flood of commands costs neither memory nor results,
+  and a Response Topic the board will not publish to is refused without touching the connection.
+* **Inbound size**: under MQTT 5 the CONNECT carries Maximum Packet Size (``max_payload`` plus headroom for the
+  topic and properties), so the broker drops an oversized command before it reaches the board. MQTT 3.1.1 has no
+  such property: there the dispatcher refuses it (``payload_too_large``) after paho has read it.
 * **Producers** (the agent's loops) call :meth:`Link.publish_result` / ``publish_event`` /
   ``publish_telemetry``: a spool ``put``, no I/O on their thread. Nothing is published before it is
   committed to disk.
@@ -28,7 +33,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import queue
 import random
 import threading
 from typing import Callable
@@ -37,7 +41,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.clock import SYSTEM_CLOCK
+from device.clock import SYSTEM_CLOCK, backoff_delay
+from device.link.channel import CommandChannel
 from device.link.errors import ConnectError
 from device.link.spool import Kind, Spool
 from device.link.topics import Topics, default_prefix
@@ -47,6 +52,11 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[str, dict], None]
 _READ_AHEAD = 512  # spool messages fetched per read
+DEFAULT_MAX_PAYLOAD = 16384  # the dispatcher's default
+# Room in an inbound packet besides the payload: fixed header, topic, packet id and properties (a Response Topic of
+# up to wire.MAX_REPLY_TOPIC_BYTES, Correlation Data, expiry). A command needing more is dropped by the broker.
+PACKET_HEADROOM = 4096
+REPLY_INFLIGHT = 16  # QoS 1 replies awaiting PUBACK, in a window apart from the results'
 
 
 def _json(obj) -> bytes:
@@ -73,13 +83,18 @@ class Link:
         clock: Time source (timestamps; waits use events).
         on_event: ``on_event(kind, data)`` for link events (connected, disconnected, refused publishes).
         rng: Random source for the backoff jitter.
+        max_payload: Largest command payload in bytes; the MQTT 5 Maximum Packet Size is this plus
+            ``PACKET_HEADROOM`` and the prefix. Default: the dispatcher's ``max_payload``.
+        refusal_budget: ``(burst, per_s)`` of replies to refused or repeated commands (sent at QoS 0); past it
+            they are not answered (see :mod:`device.link.channel`).
     """
 
     def __init__(self, broker: str, device_id: str, spool: Spool, *, prefix: str = "", protocol: str = "5",
                  tls: TlsFiles = TlsFiles(), username: str = "", password: str = "", keepalive_s: int = 30,
                  backoff: tuple[float, float] = (0.5, 60.0), inflight: int = 64, dispatcher=None,
                  birth: Callable[[], dict] | None = None, clock=SYSTEM_CLOCK, on_event: EventSink | None = None,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, max_payload: int | None = None,
+                 refusal_budget: tuple[int, float] = (10, 1.0)):
         self.url = parse_broker_url(broker)
         check_tls(self.url, tls)
         if protocol not in ("5", "3.1.1"):
@@ -94,6 +109,11 @@ class Link:
         self.backoff_min, self.backoff_max = backoff
         self.inflight_limit = inflight
         self.dispatcher = dispatcher
+        if max_payload is None:
+            max_payload = getattr(dispatcher, "max_payload", DEFAULT_MAX_PAYLOAD)
+        if not isinstance(max_payload, int) or max_payload < 1:
+            raise ValueError(f"max_payload must be a positive number of bytes, got {max_payload!r}")
+        self.max_packet = max_payload + PACKET_HEADROOM + len(self.topics.prefix.encode("utf-8"))
         self._birth = birth or (lambda: {})
         self.clock = clock
         self._on_event = on_event
@@ -105,15 +125,16 @@ class Link:
         self._cursor = 0  # highest spool id fetched for publishing
         self._ahead: collections.deque = collections.deque()  # fetched, not yet published
         self._acked: list[int] = []  # PUBACKed this loop iteration; handed to the spool in one call
-        self._replies: queue.Queue = queue.Queue()
-        self._commands: queue.Queue = queue.Queue(maxsize=256)
+        self.channel = None if dispatcher is None else CommandChannel(
+            dispatcher, self.topics, v5=protocol == "5", wake=self._wake_up, clock=clock,
+            reply_inflight=REPLY_INFLIGHT, refusal_budget=refusal_budget)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._connected_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._failures = 0
         self.counters = {"connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "acked": 0,
-                         "refused": 0, "replies": 0, "commands": 0, "commands_dropped": 0}
+                         "refused": 0}
         self.last_error: str | None = None
         self.connected_since: float | None = None
         self._refused_topics: set[str] = set()
@@ -142,7 +163,8 @@ class Link:
         if self._threads:
             return
         self._stop.clear()
-        for target, name in ((self._run, "link-net"), (self._serve_commands, "link-cmd")):
+        loops = [(self._run, "link-net")] + ([(self.channel.serve, "link-cmd")] if self.channel is not None else [])
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -154,7 +176,8 @@ class Link:
         self._stop_timeout = timeout
         self._stop.set()
         self._wake.set()
-        self._commands.put(None)
+        if self.channel is not None:
+            self.channel.stop()
         for t in self._threads:
             t.join(timeout + 5.0)
         self._threads = []
@@ -169,7 +192,8 @@ class Link:
     def status(self) -> dict:
         return {"broker": str(self.url), "protocol": self.protocol, "prefix": self.topics.prefix,
                 "connected": self._connected, "connected_since": self.connected_since,
-                "last_error": self.last_error, "inflight": len(self._inflight), **self.counters,
+                "last_error": self.last_error, "inflight": len(self._inflight), "max_packet": self.max_packet,
+                **self.counters, **(self.channel.status() if self.channel is not None else {}),
                 "commands": self.dispatcher.counters if self.dispatcher is not None else None}
 
     # ------------------------------------------------------------------------------------ network thread
@@ -207,7 +231,12 @@ class Link:
         c.on_disconnect = self._cb_disconnect
         c.on_publish = self._cb_publish
         c.on_message = self._cb_message
-        c.max_inflight_messages_set(self.inflight_limit)
+        c.suppress_exceptions = True  # belt and braces: every callback below also catches everything itself
+        # Results and replies have windows of their own; paho's is their sum (plus the state message), and its
+        # queue can never grow past that: our windows bound it, and a publish past it fails instead of queueing.
+        window = self.inflight_limit + REPLY_INFLIGHT + 2
+        c.max_inflight_messages_set(window)
+        c.max_queued_messages_set(window)
         c.will_set(self.topics.state, _json({"state": "lost", "device": self.device_id}), qos=1, retain=True)
         if self.username:
             c.username_pw_set(self.username, self.password or None)
@@ -219,7 +248,11 @@ class Link:
         self._lost = None
         try:
             c = self._new_client()
-            kw = {"clean_start": True} if self.protocol == "5" else {}
+            kw = {}
+            if self.protocol == "5":
+                props = Properties(PacketTypes.CONNECT)
+                props.MaximumPacketSize = self.max_packet  # the broker drops larger packets instead of sending them
+                kw = {"clean_start": True, "properties": props}
             c.connect(self.url.host, self.url.port, keepalive=self.keepalive_s, **kw)
         except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ValueError from paho
             err = ConnectError(f"cannot connect to {self.url}: {type(exc).__name__}: {exc}")
@@ -236,9 +269,11 @@ class Link:
         self.last_error = reason
 
     def _backoff_wait(self) -> None:
-        delay = min(self.backoff_max, self.backoff_min * (2 ** min(self._failures - 1, 30)))
-        self._wake.wait(delay / 2 + self._rng.random() * delay / 2)  # "equal jitter": between d/2 and d
+        self._wake.wait(backoff_delay(self._failures - 1, self.backoff_min, self.backoff_max, self._rng))
         self._wake.clear()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     def _drop_client(self, reason: str) -> None:
         c, self._client = self._client, None
@@ -247,6 +282,8 @@ class Link:
         self._connected_event.clear()
         self._inflight.clear()
         self._ahead.clear()
+        if self.channel is not None:
+            self.channel.reset()
         if c is not None:
             try:
                 c.socket() and c.socket().close()
@@ -263,13 +300,11 @@ class Link:
 
     def _pump(self) -> None:
         c = self._client
-        while True:
-            try:
-                topic, payload, props = self._replies.get_nowait()
-            except queue.Empty:
-                break
-            c.publish(topic, payload, qos=1, properties=props)
-            self.counters["replies"] += 1
+        self._pump_results(c)  # results first: replies never hold them up
+        if self.channel is not None and self._lost is None:
+            self.channel.pump(c)
+
+    def _pump_results(self, c: mqtt.Client) -> None:
         room = self.inflight_limit - len(self._inflight)
         if room <= 0:
             return
@@ -342,14 +377,20 @@ class Link:
             self._lost = "on_connect failed"
 
     def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._lost is None:
-            self._lost = f"disconnected: {reason_code}"
+        try:
+            if self._lost is None:
+                self._lost = f"disconnected: {reason_code}"
+        except Exception:  # an exception here would end paho's loop call mid-packet
+            log.exception("link on_disconnect failed")
+            self._lost = "disconnected"
 
     def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
             sid = self._inflight.pop(mid, None)
             if sid is None:
-                return  # a reply or the state message
+                if self.channel is not None:
+                    self.channel.acknowledged(mid)  # a reply; else the state message
+                return
             if reason_code is not None and getattr(reason_code, "is_failure", False):
                 self.counters["refused"] += 1  # the broker will never take it (ACL): retrying would block the queue
                 self._emit_refused(sid, str(reason_code))
@@ -367,39 +408,14 @@ class Link:
     def _cb_message(self, client, userdata, msg) -> None:
         try:
             name = self.topics.command_name(msg.topic)
-            if name is None or self.dispatcher is None:
+            if name is None or self.channel is None:
                 return
             props = getattr(msg, "properties", None)
             response = getattr(props, "ResponseTopic", None) if props is not None else None
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
-            self._commands.put_nowait((name, bytes(msg.payload), response, correlation))
-            self.counters["commands"] += 1
-        except queue.Full:
-            self.counters["commands_dropped"] += 1
+            self.channel.offer(name, bytes(msg.payload), response, correlation)
         except Exception:
             log.exception("link on_message failed")
-
-    # ------------------------------------------------------------------------------------- command thread
-
-    def _serve_commands(self) -> None:
-        while True:
-            item = self._commands.get()
-            if item is None:
-                return
-            name, payload, response, correlation = item
-            try:
-                reply = self.dispatcher.handle(name, payload)
-            except Exception:  # the dispatcher never raises; this is the last line of defence
-                log.exception("command dispatcher failed")
-                continue
-            props = None
-            if self.protocol == "5":
-                props = Properties(PacketTypes.PUBLISH)
-                if correlation is not None:
-                    props.CorrelationData = correlation
-            topic = response if (self.protocol == "5" and response) else self.topics.reply
-            self._replies.put((topic, reply.body, props))
-            self._wake.set()
 
     def _emit(self, kind: str, data: dict) -> None:
         if self._on_event is not None:

@@ -9,8 +9,10 @@ object (``bad_json``); 4. ``request_id`` and fields (``bad_request``); 5. de-dup
 seen within the window gets the cached reply byte for byte, runs nothing and uses no rate token; 6. the token
 bucket (``rate_limited``); 7. privilege: a payload with ``sig`` is a signed envelope for
 :meth:`Verifier.verify`, a privileged command without one is ``unauthorized``; 8. arguments (``bad_args``);
-9. the handler. Replies: ``{"ok": true, "cmd", "request_id", "result"}`` or ``{"ok": false, "cmd",
-"request_id", "error": {"code", "message"}}`` (plus ``retry_after_s`` for ``rate_limited``).
+9. the handler. Replies have the shape of the wire contract (:mod:`device.link.wire`): ``{"ok": true, "cmd",
+"request_id", "result"}`` or ``{"ok": false, "cmd", "request_id", "error": {"code", "message"}}`` (plus
+``retry_after_s`` for ``rate_limited``). A reply says whether the request was refused before its handler ran
+(steps 1-8), so the link can answer refusals within a budget.
 """
 
 from __future__ import annotations
@@ -29,16 +31,17 @@ from typing import Any, Callable
 
 from device.clock import SYSTEM_CLOCK
 from device.errors import FieldnodeError
-from device.link.errors import (BadArgs, BadJson, BadRequest, BadSignature, CommandCrashed, CommandError,
-                                EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed, EnvelopeTooLong,
-                                PayloadTooLarge, RateLimited, Unauthorized, UnknownCommand, UnknownKey, WrongTarget)
+from device.link import wire
+from device.link.errors import (BadArgs, BadJson, BadReplyTopic, BadRequest, BadSignature, CommandCrashed,
+                                CommandError, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
+                                EnvelopeTooLong, PayloadTooLarge, RateLimited, Unauthorized, UnknownCommand, UnknownKey,
+                                WrongTarget)
+from device.link.wire import REQUEST_FIELDS, REQUEST_ID_RE  # noqa: F401 - the contract's; kept importable here
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 ARG_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
-REQUEST_FIELDS = ("request_id", "args")
 _ENVELOPE_ONLY = ("cmd", "device", "nonce", "expires", "key")  # with these but no "sig": a half-built envelope
 _TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object", list: "array"}
 
@@ -47,7 +50,8 @@ Handler = Callable[[dict, "CallContext"], Any]
 # The dispatcher's own reply codes (ErrorCode.BAD_JSON == "bad_json"); a handler's FieldnodeError adds its own.
 ErrorCode = Enum("ErrorCode", [(c.code.upper(), c.code) for c in (
     PayloadTooLarge, UnknownCommand, BadJson, BadRequest, RateLimited, EnvelopeMalformed, WrongTarget, UnknownKey,
-    BadSignature, EnvelopeExpired, EnvelopeTooLong, EnvelopeReplayed, Unauthorized, BadArgs, CommandCrashed)],
+    BadSignature, EnvelopeExpired, EnvelopeTooLong, EnvelopeReplayed, Unauthorized, BadArgs, BadReplyTopic,
+    CommandCrashed)],
     type=str, module=__name__)
 
 # A retry of these may succeed, so their replies are never served from the de-duplication cache.
@@ -269,6 +273,7 @@ class Reply:
     ok: bool
     code: str | None  # None on success
     cached: bool = False  # served from the de-duplication cache
+    refused: bool = False  # refused before its handler ran (steps 1-8, or by the link): nothing happened
 
 
 class Dispatcher:
@@ -332,6 +337,34 @@ class Dispatcher:
             return self._finish(_name(name), None, _error(CommandCrashed(f"dispatcher failed: {type(exc).__name__} "
                                                                          f"(see the board's log)")))
 
+    def refuse(self, name: str, payload: bytes, error: CommandError) -> Reply:
+        """The reply to a request the link refused before handing it over (e.g. ``bad_reply_topic``); never raises.
+
+        Counted like the dispatcher's own refusals; the ``request_id`` is echoed when the payload has a valid one.
+
+        Args:
+            name: The command name, from the topic.
+            payload: The raw message payload.
+            error: Why it was refused.
+
+        Returns:
+            The error reply, marked ``refused``.
+        """
+        with self._cond:
+            self._counters["requests"] += 1
+        request_id = None
+        try:
+            if len(payload) <= self.max_payload:
+                rid = wire.parse_object(payload).get("request_id")
+                request_id = rid if wire.request_id_problem(rid) is None else None
+        except (ValueError, TypeError):  # not JSON: the reply just has no request_id
+            pass
+        try:
+            return self._finish(_name(name), request_id, _error(error), refused=True)
+        except Exception:  # noqa: BLE001 - never raises, like handle()
+            log.exception("command %r: refusal failed", name)
+            return Reply(cmd=_name(name), request_id=None, body=b"{}", ok=False, code=error.code, refused=True)
+
     def _handle(self, name: str, payload: bytes) -> Reply:
         received_at = self._clock.time()
         with self._cond:
@@ -350,7 +383,7 @@ class Dispatcher:
             if "sig" not in obj:
                 _check_fields(obj)
         except CommandError as exc:  # decided by the payload alone: recomputed on a retry, never cached
-            return self._finish(cmd_name, request_id, _error(exc))
+            return self._finish(cmd_name, request_id, _error(exc), refused=True)
         if request_id is None:
             return self._finish(cmd_name, None, self._execute(command, obj, None, received_at))
         key = (cmd_name, request_id)
@@ -389,13 +422,14 @@ class Dispatcher:
                 self._waiting -= 1
 
     def _execute(self, command: Command, obj: dict, request_id: str | None, received_at: float) -> tuple:
-        """Steps 6-9; returns ``(None, result)`` or ``(code, error dict)``."""
+        """Steps 6-9; returns ``(None, result)``, ``(code, error dict)``, or ``(code, error dict, True)`` when
+        refused before the handler ran."""
         try:
             self._take_token()
             args, signer = self._authorize(command, obj)
             args = check_args(command.args, args)
         except (CommandError, EnvelopeError) as exc:
-            return _error(exc)
+            return (*_error(exc), True)
         ctx = CallContext(cmd=command.name, request_id=request_id, signer=signer, received_at=received_at)
         if signer is not None:
             log.info("command %s (request %s) signed by %s", command.name, request_id, signer)
@@ -410,7 +444,7 @@ class Dispatcher:
             return _error(CommandCrashed(f"command '{command.name}' failed: {type(exc).__name__} "
                                          f"(see the board's log)"))
         try:
-            _encode(result)
+            wire.encode(result)
         except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug, so "internal" like a crash
             log.error("command %s returned a result that is not JSON: %s", command.name, _short(exc))
             return _error(CommandCrashed(f"command '{command.name}' returned a result that is not JSON "
@@ -442,43 +476,30 @@ class Dispatcher:
         verified = self.verifier.verify(obj, command.name)
         return verified.args, verified.key_name or verified.key_id
 
-    def _finish(self, cmd: str, request_id: str | None, outcome: tuple) -> Reply:
+    def _finish(self, cmd: str, request_id: str | None, outcome: tuple, refused: bool = False) -> Reply:
         """Builds the reply body and counts it."""
-        code, value = outcome
-        doc = {"ok": code is None, "cmd": cmd, "request_id": request_id, "result" if code is None else "error": value}
+        code, value, *flag = outcome
+        refused = refused or bool(flag and flag[0])
+        doc = wire.ok_reply(cmd, request_id, value) if code is None else wire.error_reply(cmd, request_id, **value)
         with self._cond:
             self._counters[code or "ok"] = self._counters.get(code or "ok", 0) + 1
-        return Reply(cmd=cmd, request_id=request_id, body=_encode(doc), ok=code is None, code=code)
+        return Reply(cmd=cmd, request_id=request_id, body=wire.encode(doc), ok=code is None, code=code,
+                     refused=refused)
 
 
 def _parse(raw: bytes) -> dict:
     """The payload as a JSON object; BadJson names what is wrong."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadJson(f"payload is not UTF-8 (invalid byte at offset {exc.start})") from exc
-    if not text.strip():
-        raise BadJson("payload is empty; expected a JSON object")
-    try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
-    except RecursionError as exc:
-        raise BadJson("payload is not valid JSON (nested too deeply)") from exc
-    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer with too many digits
-        raise BadJson(f"payload is not valid JSON ({_short(exc)})") from exc
-    if not isinstance(obj, dict):
-        raise BadJson(f"payload is {_show(obj)}, expected a JSON object")
-    return obj
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+        return wire.parse_object(raw)
+    except ValueError as exc:
+        raise BadJson(str(exc)) from None
 
 
 def _request_id(obj: dict) -> str | None:
     rid = obj.get("request_id")
-    if "request_id" in obj and (not isinstance(rid, str) or not REQUEST_ID_RE.match(rid)):
-        raise BadRequest(f"request_id: expected 1-64 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-', "
-                         f"got {_show(rid)}")
+    problem = wire.request_id_problem(rid) if "request_id" in obj else None
+    if problem is not None:
+        raise BadRequest(f"request_id: {problem}, got {_show(rid)}")
     return rid
 
 
@@ -497,15 +518,6 @@ def _error(exc: FieldnodeError) -> tuple:
     if isinstance(exc, RateLimited):
         err["retry_after_s"] = exc.retry_after_s
     return code, err
-
-
-def _encode(doc: Any) -> bytes:
-    """Compact JSON as UTF-8; escaped ASCII when a string holds a lone surrogate (JSON allows the escape)."""
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def _show(value: Any, typed: bool = True) -> str:

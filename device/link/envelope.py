@@ -31,6 +31,7 @@ from device.clock import SYSTEM_CLOCK
 from device.link.errors import (BadSignature, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
                                 EnvelopeTooLong, KeyFileError, UnknownKey, WrongTarget)
 from device.link.keyfile import _parse_key, _read_key_file, key_id, load_private_key, load_public_key  # noqa: F401
+from device.link.wire import canonical_json  # the wire contract's; importers may use this name too
 from device.statefile import set_aside, write_atomic
 
 log = logging.getLogger(__name__)
@@ -46,26 +47,6 @@ REFUSAL_CODES = tuple(c.code for c in (EnvelopeMalformed, WrongTarget, UnknownKe
 # base64url or hex (a subset); anything else is refused, so nonces stay printable in logs and the nonce file.
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]+={0,2}\Z")
 _NONCE_FILE_FORMAT = 1
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The signed bytes: ``json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-    allow_nan=False)`` encoded as UTF-8.
-
-    Args:
-        obj: A JSON-compatible value (the envelope without ``sig`` and ``request_id``).
-
-    Returns:
-        The canonical bytes.
-
-    Raises:
-        EnvelopeMalformed: NaN or infinity, a non-JSON type, unsortable keys, a lone surrogate, too deep.
-    """
-    try:
-        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        return text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
-        raise EnvelopeMalformed(f"not representable as canonical JSON ({_short(exc)})") from exc
 
 
 def sign_envelope(private_key: ed25519.Ed25519PrivateKey, *, device: str, cmd: str, args: dict,

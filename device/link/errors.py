@@ -34,6 +34,30 @@ class PublishError(LinkError):
     code = "publish_failed"
 
 
+class BadInput(LinkError):
+    """``fieldnode send``: the command, its arguments, the device id, prefix or request id cannot be sent as given."""
+
+    code = "bad_input"
+
+
+class SubscribeError(LinkError):
+    """``fieldnode send``: the broker refused the subscription to the reply topic."""
+
+    code = "subscribe_failed"
+
+
+class NoReply(LinkError):
+    """``fieldnode send``: no reply arrived within the timeout."""
+
+    code = "no_reply"
+
+
+class ReplyMalformed(LinkError):
+    """``fieldnode send``: the reply to this request is not the JSON object the wire contract describes."""
+
+    code = "reply_malformed"
+
+
 class SpoolError(LinkError):
     """The on-disk spool failed (disk full, I/O error)."""
 
@@ -150,6 +174,12 @@ class BadArgs(CommandError):
     """A command argument is missing, unknown, of the wrong type, out of range or not one of the choices."""
 
     code = "bad_args"
+
+
+class BadReplyTopic(CommandError):
+    """The MQTT 5 Response Topic is one the board will not publish to (a wildcard, a '$' or a board's own topic)."""
+
+    code = "bad_reply_topic"
 
 
 class CommandCrashed(CommandError):

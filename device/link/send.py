@@ -5,24 +5,29 @@
 2. :func:`send` subscribes to the reply topic (waiting for the SUBACK), publishes to ``<prefix>/cmd/<CMD>`` at
    QoS 1 and waits. MQTT 5: Response Topic ``<prefix>/reply/<client id>`` and Correlation Data = request id,
    which the reply carries back. MQTT 3.1.1: the first reply on ``<prefix>/reply`` with our ``request_id``.
-3. :func:`run` prints ``ok: <result>`` or ``error <code>: <message>`` (the reply JSON with ``--json``).
+3. :func:`run` prints ``ok: <result>`` or ``error <code>: <message>`` (the reply JSON with ``--json``; a
+   failure of its own is then a JSON object of the same shape, with the code of its error class).
+
+Topics, request ids, the JSON encoding and the reply shape come from the wire contract (:mod:`device.link.wire`),
+which the board's link imports too.
 
 Exit codes: 0 ok reply, 1 error (or malformed) reply, 2 bad input, 3 no reply within ``--timeout``, 4 could
-not connect (unreachable; TLS, authentication, publish or subscription refused), all within ``--timeout``.
+not connect (unreachable; TLS, authentication, publish or subscription refused). ``--timeout`` counts from the
+start of the command (after Python has loaded it) and covers reading files, signing, connecting, subscribing,
+publishing, waiting and disconnecting; only a host name lookup that hangs in the system resolver can exceed it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
-import re
 import secrets
 import ssl
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,38 +35,17 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.link import envelope
-from device.link.errors import BrokerUrlError, ConnectError, EnvelopeError, LinkError, PublishError
+from device.clock import SYSTEM_CLOCK
+from device.link import envelope, wire
+from device.link.errors import (BadInput, BrokerUrlError, ConnectError, EnvelopeError, LinkError, NoReply,
+                                PublishError, ReplyMalformed, SubscribeError)
 from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_USAGE, EXIT_TIMEOUT, EXIT_CONNECT = 0, 1, 2, 3, 4
-TOPIC_ROOT = "fieldnode/v1"
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 KEEPALIVE_S = 30
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")  # what the agent's dispatcher accepts
-
-
-# Errors of this module only (the family lives in device.link.errors; these may move there).
-class BadInput(LinkError):
-    """The command, its arguments, the device id, prefix or request id cannot be sent as given."""
-    code = "bad_input"
-
-
-class SubscribeError(LinkError):
-    """The broker refused the subscription to the reply topic."""
-    code = "subscribe_failed"
-
-
-class NoReply(LinkError):
-    """No reply arrived within the timeout."""
-    code = "no_reply"
-
-
-class ReplyMalformed(LinkError):
-    """The reply to this request is not the JSON object the contract describes."""
-    code = "reply_malformed"
 
 
 @dataclass(frozen=True)
@@ -104,25 +88,27 @@ def build_request(device: str, cmd: str, args: dict, *, prefix: str | None = Non
     """
     _check_topic("device id", device, one_level=True)
     _check_topic("command", cmd, one_level=True)
-    prefix = f"{TOPIC_ROOT}/{device}" if prefix is None else prefix
+    prefix = wire.default_prefix(device) if prefix is None else prefix
     _check_topic("--prefix", prefix, one_level=False)
     if not isinstance(args, dict):
         raise BadInput(f"--args: expected a JSON object like '{{\"variant\": \"lite\"}}', got {type(args).__name__}")
-    rid = f"send-{secrets.token_hex(6)}" if request_id is None else request_id
-    if not isinstance(rid, str) or not _REQUEST_ID_RE.match(rid):
-        raise BadInput(f"--request-id {rid!r}: expected 1-64 characters from A-Z, a-z, 0-9, '.', '_', ':', '-'")
+    rid = wire.new_request_id() if request_id is None else request_id
+    problem = wire.request_id_problem(rid)
+    if problem is not None:
+        raise BadInput(f"--request-id {rid!r}: {problem}")
     if private_key is None:
-        payload = {"request_id": rid, "args": args}
+        payload = wire.request(rid, args)
     else:
         payload = envelope.sign_envelope(private_key, device=device, cmd=cmd, args=args, ttl_s=ttl_s)
         payload["request_id"] = rid
     _encode(payload)  # fail here, as bad input, rather than half-way through sending
-    return Request(topic=f"{prefix}/cmd/{cmd}", payload=payload, request_id=rid, prefix=prefix)
+    return Request(topic=wire.Topics(prefix).command(cmd), payload=payload, request_id=rid, prefix=prefix)
 
 
 def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protocol: int = mqtt.MQTTv5,
-         timeout_s: float = 10.0, username: str | None = None, password: bytes | None = None) -> dict:
-    """Publishes one request and waits for its reply, all within ``timeout_s``.
+         timeout_s: float = 10.0, username: str | None = None, password: bytes | None = None,
+         deadline: float | None = None, clock=SYSTEM_CLOCK) -> dict:
+    """Publishes one request and waits for its reply, all within ``timeout_s`` (or by ``deadline``).
 
     Args:
         url: The broker.
@@ -133,6 +119,9 @@ def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protoc
             hangs in the system resolver can take longer.)
         username: MQTT username, or None.
         password: MQTT password, or None.
+        deadline: When to give up, on ``clock.monotonic()``; default ``timeout_s`` from now. :func:`run` starts
+            it with the command, so reading files and signing count too.
+        clock: Time source of the deadline (a seam for tests).
 
     Returns:
         The reply: a JSON object with ``ok`` and ``result`` or ``error``.
@@ -146,7 +135,8 @@ def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protoc
         ReplyMalformed: The reply to this request broke the contract.
     """
     check_tls(url, tls)
-    session = _Session(url, request, protocol, timeout_s)
+    session = _Session(url, request, protocol, timeout_s, clock.monotonic() + timeout_s if deadline is None
+                       else deadline, clock)
     if url.tls:
         apply_tls(session.client, tls)
     if username is not None:
@@ -166,14 +156,16 @@ class _Session:
     and leave the caller waiting for the timeout.
     """
 
-    def __init__(self, url: BrokerUrl, request: Request, protocol: int, timeout_s: float) -> None:
+    def __init__(self, url: BrokerUrl, request: Request, protocol: int, timeout_s: float, deadline: float,
+                 clock) -> None:
         self.url, self.request, self.timeout_s = url, request, timeout_s
-        self.deadline = time.monotonic() + timeout_s
+        self.deadline, self.clock = deadline, clock
         self.v5 = protocol == mqtt.MQTTv5
         # At most 23 characters, the length every MQTT 3.1.1 broker must accept; random, so two operators (or
         # a rerun while the old session lingers) never take over each other's connection or reply topic.
         client_id = f"fn-send-{secrets.token_hex(6)}"
-        self.reply_topic = f"{request.prefix}/reply/{client_id}" if self.v5 else f"{request.prefix}/reply"
+        topics = wire.Topics(request.prefix)
+        self.reply_topic = topics.reply_for(client_id) if self.v5 else topics.reply
         # reconnect_on_failure=False: a refused or dropped connection is an answer, not something to retry.
         self.cond = threading.Condition()
         self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -196,7 +188,7 @@ class _Session:
     def connect(self, *, missing_cert: bool) -> None:
         url = self.url
         try:
-            self.client.connect_timeout = max(self.deadline - time.monotonic(), 0.01)  # TCP connect and TLS
+            self.client.connect_timeout = max(self.remaining(), 0.01)  # TCP connect and TLS
             self.client.connect(url.host, url.port, KEEPALIVE_S, **({"clean_start": True} if self.v5 else {}))
         except (OSError, ValueError) as exc:  # ssl.SSLError, refused, timed out, unresolvable
             raise ConnectError(f"could not connect to {url}: {_reason(exc)}") from exc
@@ -238,7 +230,7 @@ class _Session:
             props.ResponseTopic = self.reply_topic
             props.CorrelationData = request.request_id.encode("ascii")
             # Once the sender has given up, the command must not run later when an offline board reconnects.
-            props.MessageExpiryInterval = max(1, math.ceil(self.timeout_s))
+            props.MessageExpiryInterval = max(1, math.ceil(self.remaining()))
         try:
             info = self.client.publish(request.topic, _encode(request.payload), qos=1, properties=props)
         except (ValueError, TypeError) as exc:
@@ -269,9 +261,13 @@ class _Session:
         if self.loop_started:
             self.client.loop_stop()
 
+    def remaining(self) -> float:
+        """Seconds left until the deadline (never negative)."""
+        return max(self.deadline - self.clock.monotonic(), 0.0)
+
     def _wait(self, predicate: Callable[[], object]) -> None:
         with self.cond:
-            self.cond.wait_for(predicate, max(self.deadline - time.monotonic(), 0))
+            self.cond.wait_for(predicate, self.remaining())
 
     def _drop(self) -> str:
         return f"{self.dropped}" + (f"; {self.first_error}" if self.first_error else "")
@@ -310,11 +306,11 @@ class _Session:
             log.debug("send: ignored a reply for another request on %s", message.topic)
             return
         try:
-            doc = json.loads(bytes(message.payload).decode("utf-8"), parse_constant=_no_constant)
+            doc = wire.loads(bytes(message.payload).decode("utf-8"))
         except (ValueError, RecursionError) as exc:
             doc, problem = None, f"not JSON ({exc})"
         else:
-            problem = _reply_problem(doc)
+            problem = wire.reply_problem(doc)
         if not self.v5 and (not isinstance(doc, dict) or doc.get("request_id") != rid):
             log.debug("send: ignored a reply for another request on %s", message.topic)  # a shared topic
             return
@@ -325,18 +321,6 @@ class _Session:
                 else:
                     self.malformed = f"{problem}: {_preview(message.payload)}"
                 self.cond.notify_all()
-
-
-def _reply_problem(doc: Any) -> str | None:
-    if not isinstance(doc, dict):
-        return f"expected a JSON object, got {type(doc).__name__}"
-    if not isinstance(doc.get("ok"), bool):
-        return "'ok' is missing or not true/false"
-    if not doc["ok"]:
-        err = doc.get("error")
-        if not isinstance(err, dict) or not isinstance(err.get("code"), str) or not isinstance(err.get("message"), str):
-            return "an error reply without an 'error' object of 'code' and 'message' strings"
-    return None
 
 
 # -- the command line ---------------------------------------------------------------------------------------
@@ -368,16 +352,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-id", metavar="ID", help="request id (default send-<12 hex digits>)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Sends one command and prints the reply; problems go to stderr as one line.
+def run(args: argparse.Namespace, *, clock=SYSTEM_CLOCK) -> int:
+    """Sends one command and prints the reply; problems go to stderr as one line (and, with ``--json``, to stdout
+    as a JSON error object of the reply's shape).
 
     Args:
         args: The parsed ``send`` arguments.
+        clock: Time source of the ``--timeout`` deadline, which starts here (a seam for tests).
 
     Returns:
         0 ok reply, 1 error or malformed reply, 2 bad input, 3 no reply in time, 4 could not connect or the
         broker refused the subscription or publish.
     """
+    deadline = clock.monotonic() + args.timeout
+    fail = functools.partial(_fail, args)
     try:
         url = parse_broker_url(args.broker)
         tls = TlsFiles(args.ca or "", args.cert or "", args.key or "")
@@ -387,18 +375,18 @@ def run(args: argparse.Namespace) -> int:
         request = build_request(args.device, args.cmd, _parse_args(args.args), prefix=args.prefix,
                                 request_id=args.request_id, private_key=private_key, ttl_s=args.ttl)
     except (BadInput, BrokerUrlError, EnvelopeError) as exc:
-        return _fail(exc, EXIT_USAGE)
+        return fail(exc, EXIT_USAGE)
     try:
         reply = send(url, request, tls=tls, protocol=PROTOCOLS[args.mqtt], timeout_s=args.timeout,
-                     username=username, password=password)
+                     username=username, password=password, deadline=deadline, clock=clock)
     except BrokerUrlError as exc:  # apply_tls: files that read fine but do not load (key mismatch)
-        return _fail(exc, EXIT_USAGE)
+        return fail(exc, EXIT_USAGE, request.request_id)
     except NoReply as exc:
-        return _fail(exc, EXIT_TIMEOUT)
+        return fail(exc, EXIT_TIMEOUT, request.request_id)
     except (ConnectError, SubscribeError, PublishError) as exc:
-        return _fail(exc, EXIT_CONNECT)
+        return fail(exc, EXIT_CONNECT, request.request_id)
     except LinkError as exc:  # ReplyMalformed, or an internal error
-        return _fail(exc, EXIT_ERROR_REPLY)
+        return fail(exc, EXIT_ERROR_REPLY, request.request_id)
     if args.json:
         print(json.dumps(reply))
     elif reply["ok"]:
@@ -410,14 +398,19 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK if reply["ok"] else EXIT_ERROR_REPLY
 
 
-def _fail(exc: Exception, code: int) -> int:
+def _fail(args: argparse.Namespace, exc: LinkError, code: int, request_id: str | None = None) -> int:
+    """Reports a failure of the sender itself: one line on stderr; with ``--json`` also a JSON error object on
+    stdout, shaped like an error reply, whose code (``no_reply``, ``connect_failed``...) is the error class's."""
     print(f"fieldnode send: {exc}", file=sys.stderr)
+    if getattr(args, "json", False):
+        doc = wire.error_reply(args.cmd, request_id or args.request_id, exc.code, str(exc))
+        print(json.dumps(doc, ensure_ascii=True))
     return code
 
 
 def _parse_args(text: str) -> dict:
     try:
-        return json.loads(text, parse_constant=_no_constant)  # build_request checks that it is an object
+        return wire.loads(text)  # build_request checks that it is an object
     except (ValueError, RecursionError) as exc:
         raise BadInput(f"--args: not valid JSON ({exc})") from exc
 
@@ -442,18 +435,10 @@ def _credentials(args: argparse.Namespace, url: BrokerUrl) -> tuple[str | None, 
 
 
 def _check_topic(what: str, value: object, *, one_level: bool) -> None:
-    """A topic level (device id, command) or a prefix: no wildcards, no empty level, not a '$' topic, UTF-8."""
-    if not isinstance(value, str) or not value:
-        raise BadInput(f"{what} {value!r}: expected a non-empty name")
-    bad = sorted(set(value) & set("+#\x00" + ("/" if one_level else "")))
-    if bad:
-        raise BadInput(f"{what} {value!r}: must not contain {', '.join(map(repr, bad))} (MQTT wildcards and "
-                         f"level separators)")
-    if "" in value.split("/"):
-        raise BadInput(f"{what} {value!r}: has an empty level ('//', or '/' at either end)")
-    if not one_level and value.startswith("$"):
-        raise BadInput(f"{what} {value!r}: topics starting with '$' are reserved for the broker")
-    _utf8(what, value)
+    """A topic level (device id, command) or a prefix, by the wire contract's rule (:func:`wire.topic_problem`)."""
+    problem = wire.topic_problem(value, one_level=one_level)
+    if problem is not None:
+        raise BadInput(f"{what} {value!r}: {problem}")
 
 
 def _utf8(what: str, value: str) -> None:
@@ -465,13 +450,9 @@ def _utf8(what: str, value: str) -> None:
 
 def _encode(payload: dict) -> bytes:
     try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+        return wire.encode(payload, strict=True)
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise BadInput(f"--args: not representable as JSON ({exc})") from exc
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def positive_seconds(text: str) -> float:

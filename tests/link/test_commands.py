@@ -713,7 +713,7 @@ def test_error_codes_are_stable_strings():
     assert [c.value for c in ErrorCode] == [
         "payload_too_large", "unknown_command", "bad_json", "bad_request", "rate_limited", "envelope_malformed",
         "wrong_target", "unknown_key", "bad_signature", "expired", "expiry_too_far", "replayed", "unauthorized",
-        "bad_args", "internal"]
+        "bad_args", "bad_reply_topic", "internal"]
     assert issubclass(BadArgs, CommandError) and issubclass(CommandError, LinkError)
 
 
