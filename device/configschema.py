@@ -120,10 +120,11 @@ class ValueSpec:
                 object.__setattr__(self, "_regex", re.compile(self.pattern))
             except re.error as exc:
                 raise ValueError(f"pattern {self.pattern!r}: {exc}") from None
-        bad = [c for c in self.choices if self.normalize(c) is None]
-        bad += [self.default] if self.default is not None and self.problem(self.default) else []
-        if bad:
-            raise ValueError(f"choice or default {bad[0]!r} is not {self.expected()}")
+        for c in self.choices:
+            if self.normalize(c) is None:
+                raise ValueError(f"choice or default {c!r} is not {self._kind()}")
+        if self.default is not None and self.problem(self.default):
+            raise ValueError(f"choice or default {self.default!r} is not {self.expected()}")
 
     def normalize(self, value: Any) -> Any:
         """``value`` in its accepted form (an int as a float where only float is accepted), or None when its
@@ -163,6 +164,10 @@ class ValueSpec:
         """What a valid value looks like, e.g. ``an integer from 1 to 64`` or ``one of 'full', 'lite'``."""
         if self.choices:
             return "one of " + ", ".join(show(c, typed=False) for c in self.choices)
+        return self._kind()
+
+    def _kind(self) -> str:
+        """What a valid value looks like, leaving the choices aside."""
         words = []
         for t in self.types:
             if t is str and self.pattern is not None:

@@ -3,12 +3,15 @@ unknown readings, and the config rules."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from device import config
 from device.errors import ConfigError
 from drivers.sim.clock import SimClock
 from drivers.throttle import ThrottleFlags
+from power.config import PowerConfig
 from power.governor import Governor
 from power.policy import Level, Policy
 from power.snapshot import PowerSnapshot, temperature_slope
@@ -140,8 +143,21 @@ def test_policy_from_config_reads_every_level():
     ("[power]\nthermal_target_c = 78\n", "power.thermal_target_c"),
 ])
 def test_policy_refuses_thresholds_out_of_order(toml, key):
+    # The config loader refuses them (so `fieldnode config check` does too)...
     with pytest.raises(ConfigError) as e:
-        Policy.from_config(config.loads(toml).power)
+        config.loads(toml)
+    assert e.value.key_path == key
+    assert key in str(e.value)
+    # ...and so does the policy, for a PowerConfig built in code that no loader checked.
+    section, _, name = key[len("power."):].rpartition(".")
+    value = float(toml.rsplit("=", 1)[1])
+    pc = PowerConfig()
+    if section:
+        pc = dataclasses.replace(pc, **{section: dataclasses.replace(getattr(pc, section), **{name: value})})
+    else:
+        pc = dataclasses.replace(pc, **{name: value})
+    with pytest.raises(ConfigError) as e:
+        Policy.from_config(pc)
     assert e.value.key_path == key
     assert key in str(e.value)
 
