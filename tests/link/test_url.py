@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device.link.errors import BrokerUrlError
-from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url, tls_problem
 
 
 @pytest.mark.parametrize(
@@ -175,6 +175,31 @@ def test_check_tls_refuses_tls_files_for_plain_mqtt(pki) -> None:
 
     assert "TLS files given for a plain mqtt:// URL" in str(err.value)
     assert str(pki.ca) in str(err.value)
+
+
+def test_tls_problem_names_the_file_at_fault_without_anyones_flags(pki, tmp_path) -> None:
+    # The config loader reports each role under its key (link.ca_file...), fieldnode send under its flags: the
+    # message itself names neither.
+    cert, key = pki.client("operator")
+    missing = str(tmp_path / "missing.pem")
+    cases = [
+        ("mqtts://broker", TlsFiles(), "ca"),
+        ("mqtts://broker", TlsFiles(ca=missing), "ca"),
+        ("mqtts://broker", TlsFiles(ca=pki.ca, cert=cert), "key"),
+        ("mqtts://broker", TlsFiles(ca=pki.ca, key=key), "cert"),
+        ("mqtts://broker", TlsFiles(ca=pki.ca, cert=missing, key=key), "cert"),
+        ("mqtts://broker", TlsFiles(ca=pki.ca, cert=cert, key=missing), "key"),
+        ("mqtt://broker", TlsFiles(ca=pki.ca), "url"),
+    ]
+    for url, files, role in cases:
+        found = tls_problem(url, files)
+        assert found is not None and found[0] == role, (url, files, found)
+        assert "--" not in found[1], found[1]
+        with pytest.raises(BrokerUrlError) as err:
+            check_tls(url, files)
+        assert str(err.value) == found[1]
+    assert tls_problem("mqtts://broker", TlsFiles(pki.ca, cert, key)) is None
+    assert tls_problem("mqtt://broker", TlsFiles()) is None
 
 
 def test_check_tls_refuses_an_encrypted_key(pki, tmp_path) -> None:
