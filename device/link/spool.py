@@ -3,8 +3,8 @@
 Workflow: producers call :meth:`Spool.put`, which only appends to an in-memory pending batch and returns the
 message id. A background thread (:meth:`Spool.start`) calls :meth:`Spool.flush` as soon as a put arrives
 (classic group commit: while one commit and its fsync run, and for a 4 ms breather before the next, later
-puts gather into the next), and at least
-every ``commit_interval_s`` for acks alone, so deletes stay batched. A flush writes the whole batch, the pending acks (DELETE) and the budget enforcement in ONE SQLite
+puts gather into the next), and at least every ``commit_interval_s`` for acks alone, so deletes stay batched.
+A flush writes the whole batch, the pending acks (DELETE) and the budget enforcement in ONE SQLite
 transaction. The MQTT publisher reads committed messages in id order with :meth:`Spool.batch`, publishes them
 at QoS 1 and calls :meth:`Spool.ack` on PUBACK; acked rows go away at the next commit.
 
@@ -33,11 +33,12 @@ What survives what:
   errors (permissions, disk full, I/O errors, a locked file) are NOT corruption: they raise
   :class:`SpoolError` and the file stays put.
 
-The budget counts payload bytes of committed rows (not the file size: freed pages are reused, the file does
-not shrink). When it is exceeded, telemetry goes first, then results, then events, oldest first; rows older
-than ``max_age_s`` go whatever their kind. Drops are counted per kind in ``meta`` and survive restarts until
-:meth:`Spool.pop_dropped` hands them to the link. ``created`` is wall time: a board without an RTC that stamps
-messages before its clock is set may see them expire early (their ids stay ordered thanks to the floor).
+The budget (``max_bytes``) counts what the rows cost on disk: payload, table and index pages and the WAL's
+bound, and a floor of free space is kept on the filesystem (:mod:`device.link.spooldisk`: the WAL is bounded,
+so a nearly full disk never stalls the spool for good). Over budget, telemetry goes first, then results, then
+events, oldest first; rows older than ``max_age_s`` go whatever their kind. Drops are counted per kind in
+``meta`` and survive restarts until :meth:`Spool.pop_dropped` hands them to the link. ``created`` is wall
+time: a board without an RTC that stamps messages before its clock is set may see them expire early.
 
 The commit thread needs the GIL for every statement it runs, so a commit is a few multi-row statements, not a
 statement per row: a CPU-bound Python thread would otherwise stretch each GIL hand-over to the switch interval.
@@ -45,47 +46,23 @@ statement per row: a CPU-bound Python thread would otherwise stretch each GIL ha
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from device.clock import SYSTEM_CLOCK
-from device.link import spooldb, spoolsalvage
+from device.link import spooldb, spooldisk, spoolsalvage
+from device.link.spooldb import KIND_NAMES as _KIND_NAMES
+from device.link.spooldb import Kind, Message
 from device.link.errors import SpoolCorrupt, SpoolError
 
 log = logging.getLogger(__name__)
 
 
 _MIN_GAP_S = 0.004  # least time between two commits started by puts
-
-
-class Kind(enum.IntEnum):
-    """What a message is; the value is its drop priority (lowest is dropped first when over budget)."""
-
-    TELEMETRY = 0
-    RESULT = 1
-    EVENT = 2
-
-
-_KIND_NAMES = {k: k.name.lower() for k in Kind}
-
-
-@dataclass(frozen=True)
-class Message:
-    """A committed message as the publisher sees it. ``created`` is wall-clock seconds from the spool's clock."""
-
-    id: int
-    kind: Kind
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    created: float
 
 
 class Spool:
@@ -95,10 +72,13 @@ class Spool:
         path: The database file; its directory is created.
         clock: Wall time for ids and ``created`` (:data:`device.clock.SYSTEM_CLOCK` by default).
         commit_interval_s: Period of the background group commit (> 0).
-        max_bytes: Budget of committed payload bytes (> 0); a single payload may not exceed it.
+        max_bytes: Budget of the spool on disk (> 0): payload, rows, indexes and the WAL's bound beyond an empty
+            spool (:mod:`device.link.spooldisk`); a single payload may not exceed it.
         max_age_s: Committed messages older than this are dropped (> 0).
         on_event: ``callable(kind: str, data: dict)`` for ``spool_corrupt`` and ``spool_error``; it may be
             called from the commit thread.
+        min_free_bytes: Free space to leave on the filesystem (:mod:`device.link.spooldisk`); None for twice
+            the WAL's bound.
 
     Raises:
         ValueError: A parameter is out of range.
@@ -107,14 +87,18 @@ class Spool:
 
     def __init__(self, path: str, *, clock=SYSTEM_CLOCK, commit_interval_s: float = 0.05,
                  max_bytes: int = 64 * 1024 * 1024, max_age_s: float = 7 * 86400,
-                 on_event: Callable[[str, dict], None] | None = None) -> None:
+                 on_event: Callable[[str, dict], None] | None = None, min_free_bytes: int | None = None) -> None:
         if not isinstance(path, str) or not path:
             raise ValueError(f"path must be a non-empty str, got {path!r}")
         for name, v, types in (("commit_interval_s", commit_interval_s, (int, float)), ("max_bytes", max_bytes, int),
                                ("max_age_s", max_age_s, (int, float))):
             if isinstance(v, bool) or not isinstance(v, types) or not v > 0:
                 raise ValueError(f"{name} must be a number > 0, got {v!r}")
+        if min_free_bytes is not None and (isinstance(min_free_bytes, bool) or not isinstance(min_free_bytes, int)
+                                           or min_free_bytes < 0):
+            raise ValueError(f"min_free_bytes must be an int >= 0 or None, got {min_free_bytes!r}")
         self.path = os.path.abspath(path)
+        self._min_free = min_free_bytes
         self._clock = clock
         self._interval = float(commit_interval_s)
         self._max_bytes = max_bytes
@@ -295,32 +279,50 @@ class Spool:
                 rows, self._pending, self._pending_bytes = self._pending, [], 0
                 acks, self._acks = self._acks, set()
                 dirty, self._dropped_dirty = self._dropped_dirty, False
-            if not (rows or acks or dirty or self._maintenance_due()):
-                return 0
-            t0 = time.perf_counter()
-            try:
-                self._commit(rows, acks)
-            except (sqlite3.Error, spooldb.Corrupt) as e:
+            # Near the floor of free space: telemetry is refused, what does not fit waits (one statvfs).
+            room = self._disk.admit(rows, Kind.TELEMETRY)
+            if room.low:
+                rows = room.rows
                 with self._lock:
-                    self._pending[:0] = rows
-                    self._pending_bytes += sum(r[7] for r in rows)
-                    self._acks |= acks
-                    self._dropped_dirty = self._dropped_dirty or dirty
-                    self._trim_pending_locked()
-                self._resync = True  # a failed COMMIT leaves our running totals in doubt
-                self._fail(e, "write to")
-            self._commits += 1
-            self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
+                    self._hold_locked(room.held)
+                    self._dropped[Kind.TELEMETRY] += len(room.refused)
+                    dirty = dirty or bool(room.refused)
+            if rows or acks or dirty or self._maintenance_due():
+                t0 = time.perf_counter()
+                try:
+                    self._commit(rows, acks)
+                except (sqlite3.Error, spooldb.Corrupt) as e:
+                    with self._lock:
+                        self._hold_locked(rows)
+                        self._acks |= acks
+                        self._dropped_dirty = self._dropped_dirty or dirty
+                    self._resync = True  # a failed COMMIT leaves our running totals in doubt
+                    if not spooldb.is_corruption(e):
+                        spooldisk.checkpoint(self._db)  # give the WAL's pages back to a full disk
+                    self._fail(e, "write to")
+                self._commits += 1
+                self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
+            if room.held and acks:  # the deletes just freed pages the held rows can reuse
+                return len(rows) + self.flush()
+            if room.held:
+                raise SpoolError(f"{room.low}; {len(room.held)} message(s) wait in memory for room")
             return len(rows)
 
+    def _hold_locked(self, rows: list) -> None:
+        # Uncommitted rows go back in front of the batch (their ids are lower), under the budget.
+        if rows:
+            self._pending[:0] = rows
+            self._pending_bytes += sum(r[7] for r in rows)
+            self._trim_pending_locked()
+
     def _maintenance_due(self) -> bool:
-        if sum(self._bytes.values()) > self._max_bytes or self._resync:
+        if sum(self._bytes.values()) > self._disk.payload_limit() or self._resync:
             return True
         return self._oldest is not None and self._oldest < self._clock.time() - self._max_age
 
     def _commit(self, rows: list[tuple], acks: set[int]) -> None:
         done = spooldb.commit(self._db, rows, acks, counts=self._count, sizes=self._bytes, dropped=self._dropped,
-                              cutoff=self._clock.time() - self._max_age, max_bytes=self._max_bytes,
+                              cutoff=self._clock.time() - self._max_age, max_bytes=self._disk.payload_limit(),
                               recount=self._resync)
         # Only now is it durable: publish the new state.
         self._durable_id = max(self._durable_id, done.last_id)
@@ -328,6 +330,10 @@ class Spool:
         with self._lock:
             # pop_dropped cannot run during a commit (it takes _db_lock), so these are the values we wrote.
             self._dropped = done.dropped
+        try:
+            self._disk.measure(self._db, sum(done.sizes.values()))
+        except sqlite3.Error as e:  # committed all the same; the last measurement stands
+            log.debug("spool %s: page counts not read: %s", self.path, e)
 
     def _trim_pending_locked(self) -> None:
         # While commits fail (disk full) the batch grows in RAM; hold it to the same budget and priority.
@@ -456,6 +462,10 @@ class Spool:
         except OSError as e:
             raise SpoolError(f"cannot create the spool directory for {self.path}: {e}") from e
         try:
+            self._disk = spooldisk.DiskBudget(self.path, self._max_bytes, self._min_free)
+        except OSError as e:
+            raise SpoolError(f"cannot read the free space of the spool's filesystem for {self.path}: {e}") from e
+        try:
             self._connect()
         except (sqlite3.Error, spooldb.Corrupt) as e:
             if not spooldb.is_corruption(e):
@@ -464,7 +474,13 @@ class Spool:
 
     def _connect(self) -> None:
         self._db = None
-        self._db, st = spooldb.open_file(self.path, tuple(Kind))
+        db, st = spooldb.open_file(self.path, tuple(Kind))
+        try:
+            self._disk.configure(db, sum(st.sizes.values()))
+        except sqlite3.Error:
+            db.close()
+            raise
+        self._db = db
         self._count, self._bytes, self._oldest = st.counts, st.sizes, st.oldest
         self._durable_id = max(self._durable_id, st.last_id)
         with self._lock:
@@ -484,9 +500,7 @@ class Spool:
             target, saved = spoolsalvage.replace(self.path, self._clock.time(), tuple(Kind))
         except OSError as e:
             raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
-        lost = str(saved.lost) if saved.lost_exact else f"at least {saved.lost}"
-        log.error("spool %s is corrupt (%s); moved to %s; %d message(s) salvaged, %s lost%s", self.path, err,
-                  target, saved.rows, lost, f" ({saved.problem})" if saved.problem else "")
+        log.error("spool %s is corrupt (%s); moved to %s; %s", self.path, err, target, saved.summary())
         self._corrupt_recoveries += 1
         self._resync = False
         with self._lock:
@@ -495,11 +509,7 @@ class Spool:
                 for k in Kind:
                     self._dropped[k] += saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
                 self._dropped_dirty = True
-        event = {"moved_to": target, "error": str(err), "path": self.path, "salvaged": saved.rows,
-                 "lost": saved.lost if saved.lost_exact else None}
-        if not saved.lost_exact:
-            event["lost_at_least"] = saved.lost
-        self._emit("spool_corrupt", event)
+        self._emit("spool_corrupt", {"moved_to": target, "error": str(err), "path": self.path, **saved.counts()})
         try:
             self._connect()
             with self._lock:

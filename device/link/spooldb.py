@@ -1,4 +1,4 @@
-"""The SQLite file under the spool: open and check it, create the schema, move a corrupt one aside.
+"""The SQLite file under the spool: its rows (:class:`Kind`, :class:`Message`), open and check it, create the schema.
 
 :mod:`device.link.spool` holds the queue logic; this module knows the file. :func:`open_file` connects with
 ``journal_mode=WAL`` and ``synchronous=FULL``, runs ``PRAGMA quick_check``, checks the schema version and
@@ -9,6 +9,7 @@ error or :class:`Corrupt`; :func:`is_corruption` tells the caller whether moving
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 from dataclasses import dataclass
 
@@ -23,6 +24,30 @@ CREATE INDEX IF NOT EXISTS messages_kind ON messages(kind, id, size);
 CREATE INDEX IF NOT EXISTS messages_created ON messages(created, kind, size);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+class Kind(enum.IntEnum):
+    """What a message is; the value is its drop priority (lowest is dropped first when over budget)."""
+
+    TELEMETRY = 0
+    RESULT = 1
+    EVENT = 2
+
+
+KIND_NAMES = {k: k.name.lower() for k in Kind}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A committed message as the publisher sees it. ``created`` is wall-clock seconds from the spool's clock."""
+
+    id: int
+    kind: Kind
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    created: float
 
 
 class Connection(sqlite3.Connection):

@@ -55,6 +55,19 @@ class Salvaged:
     problem: str = ""
 
 
+    def summary(self) -> str:
+        """For the log line: ``N message(s) salvaged, M lost`` (``at least M`` when not exact), and why not."""
+        lost = str(self.lost) if self.lost_exact else f"at least {self.lost}"
+        return f"{self.rows} message(s) salvaged, {lost} lost" + (f" ({self.problem})" if self.problem else "")
+
+    def counts(self) -> dict:
+        """For the ``spool_corrupt`` event: ``salvaged`` and ``lost``; ``lost`` is None when it cannot be known,
+        with ``lost_at_least`` beside it."""
+        if self.lost_exact:
+            return {"salvaged": self.rows, "lost": self.lost}
+        return {"salvaged": self.rows, "lost": None, "lost_at_least": self.lost}
+
+
 def replace(path: str, when: float, kinds: tuple) -> tuple[str, Salvaged]:
     """Replaces the corrupt spool ``path`` with a file of its readable rows; the original is set aside.
 
