@@ -135,3 +135,19 @@ def test_the_spool_keeps_a_floor_of_free_space_refusing_telemetry_first(small_fs
         s.flush()
         assert s.stats()["messages"] == 0
     assert wal_size(path) <= FS_BYTES // 4
+
+
+def test_the_budget_counts_the_index_and_wal_pages_not_only_payload(tmp_path):
+    # Small results (100 B payloads, a realistic topic): rows and the two indexes cost about as much again as
+    # the payload. Counting payload alone, a 1 MiB budget grew the file past 2 MiB.
+    path = str(tmp_path / "spool.db")
+    budget = 1024 * 1024
+    with Spool(path, clock=SimClock(), max_bytes=budget) as s:
+        for _ in range(300):  # 300 x 100 x 100 B: 3 MB of payload offered, the broker down
+            for _ in range(100):
+                s.put(R, "fieldnode/v1/d/results/vibration", os.urandom(100))
+            s.flush()
+        assert s.stats()["dropped"]["result"] > 0
+        on_disk = os.path.getsize(path) + wal_size(path)
+    # Beyond the budget: an empty spool's fixed pages, its 16-page WAL and one commit group's pages.
+    assert on_disk <= budget + 256 * 1024, on_disk
