@@ -352,15 +352,8 @@ class Dispatcher:
         """
         with self._cond:
             self._counters["requests"] += 1
-        request_id = None
         try:
-            if len(payload) <= self.max_payload:
-                rid = wire.parse_object(payload).get("request_id")
-                request_id = rid if wire.request_id_problem(rid) is None else None
-        except (ValueError, TypeError):  # not JSON: the reply just has no request_id
-            pass
-        try:
-            return self._finish(_name(name), request_id, _error(error), refused=True)
+            return self._finish(_name(name), self._any_request_id(payload), _error(error), refused=True)
         except Exception:  # noqa: BLE001 - never raises, like handle()
             log.exception("command %r: refusal failed", name)
             return Reply(cmd=_name(name), request_id=None, body=b"{}", ok=False, code=error.code, refused=True)
@@ -377,6 +370,7 @@ class Dispatcher:
             command = self.registry.get(name)
             if command is None:
                 known = ", ".join(self.registry.names()) or "none"
+                request_id = self._any_request_id(raw)  # so an MQTT 3.1.1 sender can tell the reply is its own
                 raise UnknownCommand(f"unknown command {_show(name, typed=False)}; known: {known}")
             obj = _parse(raw)
             request_id = _request_id(obj)
@@ -402,6 +396,16 @@ class Dispatcher:
                         self._cache.popitem(last=False)
                 self._inflight.discard(key)
                 self._cond.notify_all()
+
+    def _any_request_id(self, payload: bytes) -> str | None:
+        """The payload's ``request_id`` if it has a valid one, else None (for refusals decided before parsing)."""
+        try:
+            if len(payload) <= self.max_payload:
+                rid = wire.parse_object(payload).get("request_id")
+                return rid if wire.request_id_problem(rid) is None else None
+        except (ValueError, TypeError):  # not JSON: the reply just has no request_id
+            pass
+        return None
 
     def _claim(self, key: tuple[str, str]) -> Reply | None:
         """The cached reply for ``key``; else marks it in flight (after waiting for another thread's run)."""

@@ -18,7 +18,7 @@ from device.errors import FieldnodeError
 from device.link.commands import (RETRIABLE_CODES, Arg, CallContext, Dispatcher, ErrorCode, Registry, Reply,
                                   check_args, register_builtin)
 from device.link.envelope import TrustStore, Verifier, sign_envelope
-from device.link.errors import BadArgs, CommandError, LinkError
+from device.link.errors import BadArgs, BadReplyTopic, CommandError, LinkError
 from drivers.sim.clock import SimClock
 
 DEVICE = "pump-07"
@@ -722,3 +722,48 @@ def test_error_codes_are_stable_strings():
 def test_dispatcher_limits_are_checked(registry, kw):
     with pytest.raises(ValueError, match="need max_payload > 0"):
         Dispatcher(registry, **kw)
+
+
+# ---------------------------------------------------------------- refused or ran: what the link may leave unanswered
+
+
+@pytest.mark.parametrize("name, payload, code", [
+    ("echo", b"x" * 20000, "payload_too_large"),
+    ("nope", b'{"request_id": "r1"}', "unknown_command"),
+    ("echo", b"[]", "bad_json"),
+    ("echo", b'{"request_id": "a b"}', "bad_request"),
+    ("variant", b'{"args": {"variant": "lite"}}', "unauthorized"),
+    ("echo", b'{"args": {}}', "bad_args"),
+])
+def test_a_request_refused_before_its_handler_says_so(dispatcher, calls, name, payload, code):
+    reply = dispatcher.handle(name, payload)
+    assert (reply.code, reply.refused) == (code, True) and calls == []
+
+
+def test_a_request_that_ran_is_not_refused_even_when_it_failed(dispatcher):
+    assert not dispatcher.handle("echo", b'{"args": {"text": "a"}}').refused
+    for _ in range(3):
+        failed = dispatcher.handle("boom", b'{"args": {"kind": "fieldnode"}}')
+        assert failed.code == "pump_jammed" and not failed.refused
+
+
+def test_rate_limited_is_a_refusal(dispatcher):
+    replies = [dispatcher.handle("ping", b"{}") for _ in range(dispatcher.rate_burst + 1)]
+    assert [r.refused for r in replies] == [False] * dispatcher.rate_burst + [True]
+    assert replies[-1].code == "rate_limited"
+
+
+def test_unknown_command_echoes_a_valid_request_id(dispatcher):
+    reply = dispatcher.handle("nope", b'{"request_id": "r-7"}')  # an MQTT 3.1.1 sender matches replies by it
+    assert reply.code == "unknown_command" and json.loads(reply.body)["request_id"] == "r-7"
+
+
+def test_refuse_shapes_and_counts_a_refusal_decided_by_the_link(dispatcher, calls):
+    reply = dispatcher.refuse("ping", b'{"request_id": "r-3"}', BadReplyTopic("response topic 'x/#': wildcard"))
+    doc = json.loads(reply.body)
+    assert (reply.refused, reply.ok, reply.code) == (True, False, "bad_reply_topic") and calls == []
+    assert doc == {"ok": False, "cmd": "ping", "request_id": "r-3",
+                   "error": {"code": "bad_reply_topic", "message": "response topic 'x/#': wildcard"}}
+    assert json.loads(dispatcher.refuse("ping", b"\xff", BadReplyTopic("x")).body)["request_id"] is None
+    c = dispatcher.counters
+    assert c["bad_reply_topic"] == 2 and c["requests"] == sum(v for k, v in c.items() if k != "requests")

@@ -420,3 +420,59 @@ def test_username_and_password_file(password_broker: Broker, mqtt_client, capsys
     assert "warning: the password goes unencrypted" in ok_err
     assert (bad_code, bad_out) == (4, "")
     assert "the broker refused the connection (" in bad_err
+
+
+# -- --json: a failure of the sender is a JSON object too ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, exit_code, code", [
+    ("timeout", 3, "no_reply"),
+    ("unreachable", 4, "connect_failed"),
+    ("bad_input", 2, "bad_input"),
+])
+def test_json_failures_print_an_error_object(broker: Broker, capsys, case: str, exit_code: int, code: str) -> None:
+    url = _closed_url() if case == "unreachable" else broker.url
+    extra = ["--args", "[1]"] if case == "bad_input" else []
+    code_, out, err = _run(capsys, "--broker", url, "--device", "dev-a", "status", "--timeout", "1", "--json",
+                           "--request-id", "r-9", *extra)
+
+    assert code_ == exit_code
+    assert out.endswith("\n") and out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc == {"ok": False, "cmd": "status", "request_id": "r-9",
+                   "error": {"code": code, "message": doc["error"]["message"]}}
+    assert err == f"fieldnode send: {doc['error']['message']}\n"  # the same words for people, on stderr
+
+
+# -- --timeout covers the whole command --------------------------------------------------------------------------
+
+
+class LateClock:
+    """The real monotonic clock, except that every reading after the first is ``late`` seconds ahead: as if the
+    command had spent that long (a slow disk, a key file, a loaded machine) before it started connecting."""
+
+    def __init__(self, late: float) -> None:
+        self.late, self.readings = late, 0
+
+    def monotonic(self) -> float:
+        import time
+
+        self.readings += 1
+        return time.monotonic() + (self.late if self.readings > 1 else 0.0)
+
+
+def test_the_timeout_counts_from_the_start_of_the_command(broker: Broker, mqtt_client, capsys) -> None:
+    """What is left of ``--timeout`` when the request goes out is what it may wait: the MQTT 5 Message Expiry
+    Interval the broker forwards shows it (10 s given, 8.8 s already spent: at most 2 s left)."""
+    watcher = mqtt_client(broker)
+    watcher.subscribe(f"{PREFIX}/cmd/#")
+    parser = argparse.ArgumentParser(prog="fieldnode send")
+    send.add_arguments(parser)
+    args = parser.parse_args(["--broker", broker.url, "--device", "dev-a", "status", "--timeout", "10"])
+
+    code = send.run(args, clock=LateClock(8.8))
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (3, "") and "no reply within 10 s" in err
+    (request,) = watcher.wait_for_messages(1)
+    assert 1 <= request.properties.MessageExpiryInterval <= 2

@@ -84,7 +84,7 @@ def test_the_boards_replies_parse_with_the_contract():
     ok = wire.parse_reply(dispatcher.handle("ping", b'{"request_id": "r1"}').body)
     assert ok["ok"] and ok["cmd"] == "ping" and ok["request_id"] == "r1" and ok["result"]["pong"] is True
     err = wire.parse_reply(dispatcher.handle("nope", b'{"request_id": "r2"}').body)
-    assert err == wire.error_reply("nope", None, "unknown_command", err["error"]["message"])  # checked before parsing
+    assert err == wire.error_reply("nope", "r2", "unknown_command", err["error"]["message"])
 
 
 @pytest.mark.parametrize("raw, problem", [(b"\xff", "not JSON"), (b"[1]", "expected a JSON object"),
