@@ -2,8 +2,12 @@
 
 :class:`Agent` wires the parts built elsewhere and owns their threads:
 
-* **sensor**: the serial sensor driver on ``drivers.sensor_url``; with no URL, or on a virtual board, a
-  simulated sensor MCU on a pseudo-terminal feeds the same driver (so the path is always the real one);
+* **sensor**: the serial sensor driver on ``drivers.sensor_url``. Simulation is only ever asked for: on a
+  virtual board (``fieldnode run --sim PROFILE``, ``drivers.virtual_board``, or the demo's board) a simulated
+  sensor MCU on a pseudo-terminal feeds the same driver, and the birth message, ``status`` and every result say
+  ``"simulated": true``; otherwise an empty ``sensor_url`` is a configuration error naming the key. A sensor
+  that cannot be opened or goes silent is a warning, a ``sensor_fault`` event and the LED's sensor-fault code
+  (:class:`device.watch.FaultWatch`);
 * **inference loop** (the caller's thread in :meth:`Agent.run`): each window goes through the
   :class:`device.runtime.runtime.Runtime`; each result is spooled and published on ``results/<model>``,
   at most once per the plan's ``interval_ms``;
@@ -12,7 +16,9 @@
 * **telemetry loop**: every plan ``telemetry_s``, a power, thermal, governor and latency summary;
 * **link** (when ``link.broker`` is set): :class:`device.link.client.Link` over a durable
   :class:`device.link.spool.Spool` in the state directory, with the command registry of
-  :mod:`device.agent_commands`.
+  :mod:`device.agent_commands`. The spool and the link come up before the runtime, so a model that cannot
+  serve (every variant crashing or quarantined, a requested delegate missing) leaves the board reachable and
+  saying why (``runtime_fault`` event, ``status``), and a signed ``quarantine.release`` can still reach it.
 
 ``fieldnode run`` runs it in the foreground until SIGTERM or SIGINT; the daemon issue adds sd_notify and the
 watchdog around the same object.
@@ -27,7 +33,8 @@ import threading
 
 from device import __version__, config
 from device.clock import SYSTEM_CLOCK
-from device.errors import ConfigError
+from device.errors import ConfigError, FieldnodeError
+from device.watch import FaultWatch
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,14 @@ class Agent:
 
     Args:
         cfg: The validated configuration.
-        clock: Time source for the loops.
+        clock: Time source for the loops, the sensor, the LED and (without a virtual board) the governor.
         board: A virtual board to run on instead of the one ``drivers.virtual_board`` would make (the demo
-            passes one whose clock runs faster than real time); its clock paces the governor.
+            passes one whose clock runs faster than real time); its clock paces the governor. A board makes
+            the run simulated, and everything it publishes says so.
+
+    Raises:
+        ConfigError: A configuration problem only the agent sees (no sensor and no virtual board, a state
+            directory it cannot create, an unreadable password file), naming the key.
         on_event: Also called with every event (the demo prints them).
         on_result: Called with every result (the demo scores them against the simulated truth).
     """
@@ -77,26 +89,33 @@ class Agent:
         self._on_event, self._on_result = on_event, on_result
         self.board, self.mcu = board, None
         d = cfg.drivers
+        if self.board is None:
+            config.check_agent(cfg)
         if self.board is None and d.virtual_board:
             from drivers.sim.board import VirtualBoard
 
             self.board = VirtualBoard(os.path.join(self.state_dir, "board"), d.virtual_board, ambient_c=25.0)
+        self.simulated = self.board is not None
         fs = self.board.fs if self.board is not None else Sysfs(resolve_root(d.sysfs_root))
         # The governor runs on the board's time (a virtual board's clock may run faster than real time).
-        self.board_clock = self.board.clock if self.board is not None else SYSTEM_CLOCK
+        self.board_clock = self.board.clock if self.board is not None else clock
         url = d.sensor_url
-        if not url or self.board is not None:
+        if self.simulated:
             from drivers.sim.mcu import SimulatedMcu
             from drivers.sim.signal import VibrationSource, schedule
 
-            if self.board is None:
-                log.warning("drivers.sensor_url is empty: reading the simulated sensor MCU (set it to the "
-                            "sensor's port, e.g. /dev/ttyAMA0, on a real board)")
+            log.warning("simulated board %s: the sensor, sysfs and battery are simulated, and every result "
+                        "says so", self.board.profile.name)
             source = VibrationSource(seed=7)  # the simulated machine changes state every 6-12 s
             source.follow(schedule(7, 86400.0, segment_s=(6.0, 12.0)))
-            self.mcu = SimulatedMcu(source, link_dir=os.path.join(self.state_dir, "board"))
+            link_dir = os.path.join(self.state_dir, "board")
+            os.makedirs(link_dir, exist_ok=True)
+            self.mcu = SimulatedMcu(source, link_dir=link_dir)
             url = self.mcu.port
-        self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s)
+        self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s, clock=clock)
+        self.sensor_watch = FaultWatch("sensor", self.event, clock=clock)
+        self.runtime_watch = FaultWatch("runtime", self.event, clock=clock)
+        self._runtime_error: str | None = None  # why the runtime could not start at all
         try:
             self.io = BoardIO(d, on_trigger=self._on_trigger, clock=clock)
         except Exception:
@@ -158,10 +177,12 @@ class Agent:
                              tls=TlsFiles(lc.ca_file, lc.cert_file, lc.key_file), username=lc.username,
                              password=password, keepalive_s=lc.keepalive_s,
                              backoff=(lc.backoff_min_s, lc.backoff_max_s), inflight=lc.inflight,
-                             dispatcher=self.dispatcher, birth=self.birth, on_event=self.event)
-        except BrokerUrlError as exc:  # a bad URL, prefix or TLS file: a configuration error naming the key
+                             dispatcher=self.dispatcher, birth=self.birth, on_event=self.event,
+                             max_payload=int(lc.max_payload_kb * 1024))
+        except BrokerUrlError as exc:  # the loader checked these; a TLS file changed since: name its key again
             self.spool.close()
-            raise ConfigError(str(exc), "link.broker", self.cfg.source) from exc
+            key, message = (lc.validate() or [("link.broker", str(exc))])[0]
+            raise ConfigError(message, key, self.cfg.source) from exc
         for kind, data in self._early:
             self.link.publish_event(kind, data)
         self._early = []
@@ -172,8 +193,17 @@ class Agent:
         return {"version": __version__, "boot_id": _boot_id(),
                 "models": {m.name: {"version": m.version, "variants": list(m.variants)}},
                 "variant": st["variant"], "backend": st["backend"], "backend_version": st["backend_version"],
-                "delegate": st["delegate"], "level": self.governor.level.label,
-                "accelerators": self.accelerators.summary()}
+                "delegate": st["delegate"], "serving": self.serving, "level": self.governor.level.label,
+                "accelerators": self.accelerators.summary(), **self._simulation()}
+
+    def _simulation(self) -> dict:
+        """How a board says whether it is simulated: in the birth message, ``status`` and every result."""
+        return {"simulated": self.simulated, "virtual_board": self.board.profile.name if self.simulated else None}
+
+    @property
+    def serving(self) -> bool:
+        """The runtime can classify windows (it started, and some variant is healthy)."""
+        return self._runtime_error is None and self._started and self.runtime.serving
 
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
@@ -192,8 +222,11 @@ class Agent:
     # ------------------------------------------------------------------------------------------ status
 
     def status(self) -> dict:
-        return {"device": self.device_id, "version": __version__, "results": self.results,
-                "failures": self.failures, "runtime": self.runtime.status(), "governor": self.governor.status(),
+        return {"device": self.device_id, "version": __version__, **self._simulation(), "results": self.results,
+                "failures": self.failures, "serving": self.serving,
+                "faults": {w.name: w.status() for w in (self.sensor_watch, self.runtime_watch) if w.active},
+                "runtime": {**self.runtime.status(), "start_error": self._runtime_error},
+                "governor": self.governor.status(),
                 "sensor": self.sensor.health().to_dict(),
                 "link": self.link.status() if self.link is not None else None,
                 "spool": self.spool.stats() if self.spool is not None else None,
@@ -221,7 +254,8 @@ class Agent:
         m = self.runtime.manifest
         result = {"model": m.name, "variant": p.variant, "label": p.label, "score": round(float(p.score), 5),
                   "scores": {lab: round(float(s), 5) for lab, s in zip(m.labels, p.scores)},
-                  "latency_ms": round((self.clock.monotonic() - t0) * 1000.0, 3), "time": self.clock.time()}
+                  "latency_ms": round((self.clock.monotonic() - t0) * 1000.0, 3), "time": self.clock.time(),
+                  "simulated": self.simulated}
         if self.link is not None:
             result["id"] = self.link.publish_result(m.name, result)
         self.results += 1
@@ -239,15 +273,29 @@ class Agent:
                                "label": None if result is None else result["label"]})
 
     def _update_led(self) -> None:
-        from drivers.sensor import SensorState
         from power.policy import Level
 
-        st = self.runtime.status()
         self.io.update(started=self._started,
                        broker_ok=None if self.link is None else self.link.connected,
-                       sensor_ok=self.sensor.health().state in (SensorState.OK, SensorState.STARTING),
-                       runtime_ok=not st["quarantined"],
+                       sensor_ok=not self.sensor_watch.active,
+                       runtime_ok=not self.runtime_watch.active,
                        critical=self.governor.level == Level.CRITICAL)
+
+    def _watch(self) -> None:
+        """Brings the sensor's and the runtime's faults to the log, the events and the LED."""
+        from drivers.sensor import SensorState
+
+        h = self.sensor.health()
+        faulty = h.state in (SensorState.DISCONNECTED, SensorState.STALE) and h.last_error is not None
+        self.sensor_watch.update(h.last_error if faulty else None, port=self.sensor.url, state=h.state.value)
+        if self._runtime_error is not None:
+            problem = self._runtime_error
+        elif self._started and not self.runtime.serving:
+            problem = self.runtime.status().get("not_serving_reason") or "no variant can serve"
+        else:
+            problem = None
+        self.runtime_watch.update(problem, model=self.runtime.manifest.name)
+        self._update_led()
 
     def _govern(self) -> None:
         speed = getattr(self.board_clock, "factor", 1.0)
@@ -257,7 +305,7 @@ class Agent:
                 applied = self.applier.apply(plan)
                 if self.board is not None:
                     self._load_board(plan, applied)
-                self._update_led()
+                self._watch()
             except Exception:  # the governor must never take the agent down
                 log.exception("governor step failed")
             self._stop.wait(self.policy.step_s / speed)
@@ -279,17 +327,26 @@ class Agent:
                     log.exception("telemetry failed")
 
     def start(self) -> None:
-        """Starts everything but the inference loop (which :meth:`run` runs on the caller's thread)."""
-        if self.board is not None:
-            speed = getattr(self.board_clock, "factor", 1.0)
-            self.board.start(period_s=max(0.005, min(0.05, 1.0 / speed)))  # about one board second a step
-        self.io.start()
-        self.runtime.start()
-        self._started = True
+        """Starts everything but the inference loop (which :meth:`run` runs on the caller's thread).
+
+        The spool and the link come first, so whatever happens to the model the board stays reachable and its
+        events are spooled. A runtime that cannot start at all (a requested delegate that is missing) is a
+        runtime fault, not the end of the agent.
+        """
         if self.spool is not None:
             self.spool.start()
         if self.link is not None:
             self.link.start()
+        if self.board is not None:
+            speed = getattr(self.board_clock, "factor", 1.0)
+            self.board.start(period_s=max(0.005, min(0.05, 1.0 / speed)))  # about one board second a step
+        self.io.start()
+        try:
+            self.runtime.start()
+        except FieldnodeError as exc:
+            self._runtime_error = f"{exc} [{exc.code}]"
+        self._started = True
+        self._watch()
         if self.mcu is not None:
             self.mcu.start()
         self.sensor.start()
@@ -299,26 +356,45 @@ class Agent:
             self._threads.append(t)
 
     def run(self, seconds: float | None = None) -> int:
-        """Runs the inference loop until :meth:`stop` (or ``seconds``); returns an exit code."""
-        self.start()
-        deadline = None if seconds is None else self.clock.monotonic() + seconds
-        last = 0.0
+        """Runs the inference loop until :meth:`stop` (or ``seconds``).
+
+        Returns:
+            0, or 1 when a run of limited ``seconds`` ends with the sensor or the runtime faulty (a technician's
+            ``fieldnode run --seconds 30`` on a board whose sensor is not wired fails).
+        """
+        from device.runtime.errors import NotServing
+
+        last = watched = 0.0
         try:
+            self.start()
+            deadline = None if seconds is None else self.clock.monotonic() + seconds
             while not self._stop.is_set() and (deadline is None or self.clock.monotonic() < deadline):
                 window = self.sensor.next_window(timeout=0.5)
-                if window is None:
+                now = self.clock.monotonic()
+                if now - watched >= 1.0:
+                    watched = now
+                    self._watch()
+                if window is None or self._runtime_error is not None:
                     continue
                 interval = self.governor.plan.interval_ms / 1000.0
-                if interval and self.clock.monotonic() - last < interval:
+                if interval and now - last < interval:
                     continue  # duty cycle: skip windows between planned inferences
-                last = self.clock.monotonic()
+                last = now
                 try:
                     self.infer_once(window)
+                except NotServing:
+                    pass  # no variant can serve: a runtime fault (watched), not one failure per window
                 except Exception as exc:  # a model fault is an event, never the end of the agent
                     self.failures += 1
                     log.warning("inference failed: %s", exc)
+            if seconds is not None and self._started:
+                self._watch()
         finally:
             self.close()
+        faults = [f"{w.name}: {w.problem}" for w in (self.sensor_watch, self.runtime_watch) if w.active]
+        if seconds is not None and faults:
+            log.error("fieldnode run ended with faults: %s", "; ".join(faults))
+            return 1
         return 0
 
     def stop(self) -> None:
@@ -355,18 +431,27 @@ def _boot_id() -> str | None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until SIGTERM)")
+    from device.cli import nonnegative_float, sim_argument
+
+    p.add_argument("--seconds", type=nonnegative_float, default=None,
+                   help="stop after this long and exit 1 if the sensor or the runtime is faulty then "
+                        "(default: until SIGTERM)")
+    sim_argument(p, "run on a simulated board of this profile (default rpi4): simulated sensor, sysfs and "
+                    "battery, and every result says so")
 
 
 def run(args) -> int:
     from device.cli import load_config
 
     cfg = load_config(args)
+    if args.sim:
+        cfg = cfg.with_overrides({"drivers.virtual_board": args.sim})
     if not getattr(args, "verbose", False):  # -v wins; otherwise the configured level
         logging.getLogger().setLevel(cfg.device.log_level.upper())
     agent = Agent(cfg)
-    log.info("fieldnode %s: device %s, state %s, link %s", __version__, agent.device_id, agent.state_dir,
-             cfg.link.broker or "off")
+    log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,
+             cfg.link.broker or "off", f", SIMULATED board {args.sim or cfg.drivers.virtual_board}"
+             if agent.simulated else "")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())
     return agent.run(args.seconds)

@@ -138,6 +138,8 @@ def _config(args) -> int:
         return 0
     try:
         cfg = load_config(args)
+        if args.action == "check":
+            config.check_agent(cfg)  # what fieldnode run would refuse, too
     except ConfigError as exc:
         if not args.json:
             raise  # main prints the usual one-line error, exit 2

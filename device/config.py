@@ -380,13 +380,30 @@ def error_dict(exc: ConfigError) -> dict[str, str]:
         ``{"code", "key", "message", "source"}``: the stable code, the dotted key (``""`` for a problem with
         the whole file), the message without the source and key in front, and the file.
     """
-    text = str(exc)
-    head = (f"{exc.source}: " if exc.source else "") + (f"{exc.key_path}: " if exc.key_path else "")
-    return {"code": exc.code, "key": exc.key_path, "message": text[len(head):] if text.startswith(head) else text,
-            "source": exc.source}
+    return {"code": exc.code, "key": exc.key_path, "message": exc.message, "source": exc.source}
 
 
-# ------------------------------------------------------------------------------------ device identity
+def agent_problems(cfg: Config) -> list[tuple[str, str]]:
+    """What keeps the agent (``fieldnode run``) from starting, though every tool may load the config.
+
+    A board config must name its sensor: simulation is only ever asked for (``--sim``, or
+    ``drivers.virtual_board``), never what an empty key falls back to. ``fieldnode config check`` and
+    ``fieldnode run`` both ask this.
+
+    Returns:
+        ``(dotted key path, message)`` for each problem; empty when the agent can start.
+    """
+    d = cfg.drivers
+    if not d.sensor_url and not d.virtual_board:
+        return [("drivers.sensor_url", "empty: set the sensor's serial port (e.g. /dev/ttyAMA0), or ask for a "
+                                       "simulated board with 'fieldnode run --sim PROFILE' or drivers.virtual_board")]
+    return []
+
+
+def check_agent(cfg: Config) -> None:
+    """Raises the first of :func:`agent_problems` as a :class:`ConfigError` naming its key and the file."""
+    for key, message in agent_problems(cfg):
+        raise ConfigError(message, key, cfg.source)
 
 
 def device_id(cfg: Config, machine_id_path: str = MACHINE_ID_PATH, hostname: str | None = None) -> str:

@@ -21,6 +21,7 @@ class ConfigError(FieldnodeError):
     def __init__(self, message: str, key_path: str = "", source: str = ""):
         self.key_path = key_path
         self.source = source
+        self.message = message  # without the source and key in front
         where = f"{source}: " if source else ""
         key = f"{key_path}: " if key_path else ""
         super().__init__(f"{where}{key}{message}")

@@ -33,7 +33,8 @@ class DriversConfig:
     power_good_pull: str = setting("up", "Bias of the power-good input.", choices=("none", "up", "down"))
     power_good_active_low: bool = setting(True, "The power-good input signals trouble when low.")
     sensor_url: str = setting(
-        "", "Serial sensor port for serial_for_url (/dev/ttyAMA0, loop://); empty uses the simulated signal.")
+        "", "Serial sensor port for serial_for_url (/dev/ttyAMA0, loop://); required by fieldnode run unless "
+            "virtual_board (or --sim) asks for a simulated board.")
     sensor_baudrate: int = setting(921600, "Serial sensor baud rate.", minimum=1200, maximum=12000000)
     sensor_timeout_s: float = setting(1.0, "A sensor silent this long counts a timeout and is stale.",
                                       minimum=0.01, maximum=3600)

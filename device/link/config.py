@@ -42,8 +42,8 @@ class LinkConfig:
     spool_commit_ms: int = setting(
         50, "Spool commits start as soon as a result arrives (group commit); acknowledged messages are deleted "
             "at least this often.", minimum=1, maximum=10000)
-    spool_max_mb: float = setting(64.0, "Spool budget; past it telemetry, then the oldest results, are dropped.",
-                                  minimum=0.1, maximum=65536)
+    spool_max_mb: float = setting(64.0, "Spool budget on disk (rows, indexes and WAL); past it telemetry, then the "
+                                        "oldest results, are dropped.", minimum=0.1, maximum=65536)
     spool_max_age_h: float = setting(168.0, "Messages older than this are dropped.", minimum=0.01, maximum=87600)
     trust_dir: str = setting("/etc/fieldnode/trust", "Operator public keys (*.pub) allowed to sign privileged "
                                                      "commands.", pattern=r"(?s).*\S.*", expect="a directory path")

@@ -22,7 +22,8 @@ def test_status_reads_a_given_root_and_says_what_the_policy_calls_for(tmp_path, 
     VirtualBoard(str(tmp_path), "rpi4", battery_mah=2000, soc_pct=20, mains=False)
     assert main(["power", "status", "--root", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "battery: 20.0 %, charging False" in text
+    assert "battery: 20.0 %, charging: no, external power: no" in text  # for people, not Python values
+    assert "cpus 0-3" in text
     assert "policy calls for: saver (battery 20% <= 25% and not charging)" in text
 
 

@@ -1,0 +1,134 @@
+"""Every subcommand, run as a technician would (the real ``fieldnode`` console script in a subprocess), with
+no config file, with an empty state directory, and with files that do not exist: each ends with its own exit
+code and a one-line error naming the problem, never a traceback and never the CLI's catch-all for defects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+FIELDNODE = os.path.join(os.path.dirname(sys.executable), "fieldnode")
+MISSING = "/nonexistent/fieldnode-test"
+
+# (arguments, expected exit codes). 0 is success, 1 a failure the command explains, 2 a usage or config error.
+NO_CONFIG = [
+    ([], {2}),
+    (["--help"], {0}),
+    (["version"], {0}),
+    (["version", "--json"], {0}),
+    (["config"], {0}),
+    (["config", "check"], {2}),  # a board config must name its sensor (or ask for --sim)
+    (["config", "defaults"], {0}),
+    (["config", "keys"], {0}),
+    (["selftest", "--json"], {0}),
+    (["bench", "device/models/vibration", "--runs", "5", "--warmup", "1", "--json"], {0}),
+    (["power", "status", "--sim"], {0}),
+    (["power", "simulate", "--hours", "0.01"], {0}),
+    (["demo", "--seconds", "1", "--json"], {0, 1}),
+    (["run", "--seconds", "1"], {2}),  # no sensor and no --sim: drivers.sensor_url names the problem
+    (["send", "ping"], {2}),
+    (["keys", "id", MISSING], {1, 2}),
+]
+
+MISSING_FILES = [
+    (["--config", MISSING, "version"], {2}),
+    (["--config", MISSING, "config", "check"], {2}),
+    (["bench", MISSING], {1, 2}),
+    (["bench", MISSING + ".tflite"], {1, 2}),
+    (["selftest", "--model", MISSING], {1, 2}),
+    (["power", "status", "--root", MISSING], {2}),
+    (["send", "--broker", "mqtt://127.0.0.1:9", "--device", "d1", "--sign", MISSING, "ping"], {1, 2}),
+    (["send", "--broker", "mqtts://127.0.0.1:9", "--device", "d1", "--ca", MISSING, "ping"], {1, 2}),
+    (["keys", "sign", MISSING, "--device", "d1", "ping"], {1, 2}),
+]
+
+BAD_VALUES = [
+    (["bench", "device/models/vibration", "--runs", "0"], {2}),
+    (["demo", "--battery", "150"], {2}),
+    (["demo", "--sim", "pi99"], {2}),
+    (["run", "--sim", "pi99"], {2}),
+    (["run", "--seconds", "-1"], {2}),
+    (["power", "simulate", "--hours", "nan"], {2}),
+]
+
+
+def fieldnode(args, env_extra=None, cwd=None, timeout=120):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
+    env.update(env_extra or {})
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([FIELDNODE, *args], capture_output=True, text=True, env=env, cwd=cwd or root,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def check(proc, codes):
+    what = f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr + proc.stdout, what
+    assert "[internal]" not in proc.stderr, what  # the catch-all for defects must never be what answers
+    assert proc.returncode in codes, what
+    if proc.returncode != 0:
+        assert proc.stderr.strip() or "usage: fieldnode" in proc.stdout, what  # a failure always says why
+
+
+@pytest.fixture(scope="module")
+def no_config():
+    assert not os.path.exists("/etc/fieldnode/fieldnode.toml"), "this test needs a machine without a config file"
+
+
+@pytest.mark.parametrize("args,codes", NO_CONFIG, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_no_config_file(no_config, tmp_path, args, codes):
+    check(fieldnode(args, cwd=str(tmp_path) if args[:1] == ["keys"] else None), codes)
+
+
+@pytest.mark.parametrize("args,codes", MISSING_FILES, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_missing_files(args, codes):
+    check(fieldnode(args), codes)
+
+
+@pytest.mark.parametrize("args,codes", BAD_VALUES, ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_bad_values_name_the_argument(args, codes):
+    proc = fieldnode(args)
+    check(proc, codes)
+    assert f"argument {args[-2]}: " in proc.stderr, proc.stderr  # names the option...
+    assert "expected " in proc.stderr or "invalid choice" in proc.stderr, proc.stderr  # ...and what it takes
+
+
+@pytest.fixture
+def empty_state(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = tmp_path / "fieldnode.toml"
+    cfg.write_text(f'[device]\nstate_dir = "{state}"\n[runtime]\nisolation = "inline"\n')
+    return {"FIELDNODE_CONFIG": str(cfg)}, state
+
+
+@pytest.mark.parametrize("args,codes", [
+    (["config", "check"], {2}),
+    (["selftest"], {0}),
+    (["power", "status", "--sim", "rpi5"], {0}),
+    (["run", "--sim", "--seconds", "3"], {0}),
+    (["run", "--seconds", "1"], {2}),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_empty_state_directory(empty_state, args, codes):
+    env, _state = empty_state
+    check(fieldnode(args, env), codes)
+
+
+def test_state_directory_that_cannot_be_made(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = tmp_path / "fieldnode.toml"
+    cfg.write_text(f'[device]\nstate_dir = "{blocker / "state"}"\n')
+    proc = fieldnode(["run", "--sim", "--seconds", "1"], {"FIELDNODE_CONFIG": str(cfg)})
+    check(proc, {2})
+    assert "device.state_dir" in proc.stderr
+
+
+def test_run_without_sensor_names_the_key_and_the_way_to_simulate(empty_state):
+    env, state = empty_state
+    proc = fieldnode(["run", "--seconds", "1"], env)
+    check(proc, {2})
+    assert "drivers.sensor_url" in proc.stderr and "--sim" in proc.stderr
+    assert not os.listdir(state)  # refused before anything was opened or written
