@@ -346,6 +346,8 @@ class Agent:
         except FieldnodeError as exc:
             self._runtime_error = f"{exc} [{exc.code}]"
         self._started = True
+        if self.link is not None:
+            self.link.refresh_birth()  # the first birth went out before the model had loaded
         self._watch()
         if self.mcu is not None:
             self.mcu.start()

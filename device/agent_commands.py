@@ -15,21 +15,9 @@
 from __future__ import annotations
 
 from device import __version__
-from device.errors import FieldnodeError
 from device.link.commands import Arg, CallContext, Registry, register_builtin
+from device.link.errors import CommandFailed, NoWindow
 from device.runtime.quarantine import SHA256_RE
-
-
-class CommandFailed(FieldnodeError):
-    """A command could not do what it was asked (the reply carries this code)."""
-
-    code = "command_failed"
-
-
-class NoWindow(FieldnodeError):
-    """No complete sensor window yet (the sensor is starting, stale or disconnected)."""
-
-    code = "no_window"
 
 
 def build_registry(agent) -> Registry:

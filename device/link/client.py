@@ -115,6 +115,7 @@ class Link:
             raise ValueError(f"max_payload must be a positive number of bytes, got {max_payload!r}")
         self.max_packet = max_payload + PACKET_HEADROOM + len(self.topics.prefix.encode("utf-8"))
         self._birth = birth or (lambda: {})
+        self._rebirth = False
         self.clock = clock
         self._on_event = on_event
         self._rng = rng or random.Random()
@@ -155,6 +156,11 @@ class Link:
         """Spools a telemetry summary (dropped first when the spool is over budget)."""
         return self.spool.put(Kind.TELEMETRY, self.topics.telemetry,
                               lambda mid: _json({"id": mid, "time": self.clock.time(), **data}))
+
+    def refresh_birth(self) -> None:
+        """Publishes the retained ``online`` state again with a fresh birth (from the network thread, at its next
+        turn): the agent calls it once the runtime has started, since the link comes up before the model."""
+        self._rebirth = True
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -298,8 +304,15 @@ class Link:
         else:
             self._note_failure(reason)
 
+    def _publish_birth(self, client: mqtt.Client) -> None:
+        self._rebirth = False
+        birth = {"state": "online", "device": self.device_id, "time": self.clock.time(), **self._birth()}
+        client.publish(self.topics.state, _json(birth), qos=1, retain=True)
+
     def _pump(self) -> None:
         c = self._client
+        if self._rebirth and self._connected:
+            self._publish_birth(c)
         self._pump_results(c)  # results first: replies never hold them up
         if self.channel is not None and self._lost is None:
             self.channel.pump(c)
@@ -365,8 +378,7 @@ class Link:
             self.last_error = None
             self._failures = 0
             client.subscribe(self.topics.cmd_filter, qos=1)
-            birth = {"state": "online", "device": self.device_id, "time": self.clock.time(), **self._birth()}
-            client.publish(self.topics.state, _json(birth), qos=1, retain=True)
+            self._publish_birth(client)
             dropped = self.spool.pop_dropped()
             if any(dropped.values()):
                 self.publish_event("spool_dropped", {"dropped": dropped})

@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from device.clock import SYSTEM_CLOCK
+from device.configschema import ValueSpec, show as _show
 from device.errors import FieldnodeError
 from device.link import wire
 from device.link.errors import (BadArgs, BadJson, BadReplyTopic, BadRequest, BadSignature, CommandCrashed,
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
 ARG_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _ENVELOPE_ONLY = ("cmd", "device", "nonce", "expires", "key")  # with these but no "sig": a half-built envelope
-_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object", list: "array"}
 
 Handler = Callable[[dict, "CallContext"], Any]
 
@@ -60,10 +60,12 @@ RETRIABLE_CODES = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.INTERNAL.va
 
 @dataclass(frozen=True)
 class Arg:
-    """One command argument: its JSON type and constraints, checked strictly like the config.
+    """One command argument: its JSON type and constraints, judged by the config's own checker.
 
-    A boolean is not an integer; an integer is accepted (and passed on as a float) where only a number is
-    expected. ``minimum``/``maximum`` (inclusive) apply to numbers, ``choices`` to any value.
+    :class:`device.configschema.ValueSpec` does the checking, so a value means the same here as in the config:
+    a boolean is not an integer; an integer is accepted (and passed on as a float) where only a number is
+    expected; NaN and infinities are refused. ``minimum``/``maximum`` (inclusive) apply to numbers,
+    ``choices`` to any value.
 
     Raises:
         ValueError: At definition: a bad name, an unsupported type (bool, int, float, str, dict, list), bounds
@@ -83,62 +85,36 @@ class Arg:
         object.__setattr__(self, "choices", tuple(self.choices))
         if not isinstance(self.name, str) or not ARG_NAME_RE.match(self.name):
             raise ValueError(f"argument name {self.name!r}: expected [A-Za-z_][A-Za-z0-9_]{{0,63}}")
-        if not self.types or any(not isinstance(t, type) or t not in _TYPES for t in self.types):
-            raise ValueError(f"argument {self.name!r}: type must be bool, int, float, str, dict, list or a tuple "
-                             f"of them, got {self.type!r}")
-        if (self.minimum is not None or self.maximum is not None) and not {int, float} & set(self.types):
-            raise ValueError(f"argument {self.name!r}: minimum/maximum need an int or float type")
         if self.required and self.default is not None:
             raise ValueError(f"argument {self.name!r}: a required argument cannot have a default")
-        bad = [c for c in self.choices if self._normalize(c) is None]
-        bad += [self.default] if self.default is not None and self.problem(self.default) else []
-        if bad:
-            raise ValueError(f"argument {self.name!r}: choice or default {bad[0]!r} is not {self.expected()}")
-        object.__setattr__(self, "default", self._normalize(self.default))  # 1 -> 1.0 for a float argument
+        try:
+            spec = ValueSpec(self.type, choices=self.choices, minimum=self.minimum, maximum=self.maximum,
+                             default=self.default)
+        except ValueError as exc:
+            raise ValueError(f"argument {self.name!r}: {exc}") from None
+        object.__setattr__(self, "_spec", spec)  # not a field: asdict(), == and describe() leave it out
+        object.__setattr__(self, "default", spec.normalize(self.default))  # 1 -> 1.0 for a float argument
 
     @property
     def types(self) -> tuple[type, ...]:
         """The accepted types as a tuple."""
-        return self.type if isinstance(self.type, tuple) else (self.type,)
+        return self._spec.types
 
     def expected(self) -> str:
         """What a valid value looks like, e.g. ``an integer from 1 to 64`` or ``one of 'full', 'lite'``."""
-        if self.choices:
-            return "one of " + ", ".join(_show(c, typed=False) for c in self.choices)
-        text = " or ".join(("an " if _TYPES[t][0] in "aeiou" else "a ") + _TYPES[t] for t in self.types)
-        lo, hi = self.minimum, self.maximum
-        if lo is not None and hi is not None:
-            return f"{text} from {_num(lo)} to {_num(hi)}"
-        return f"{text} >= {_num(lo)}" if lo is not None else f"{text} <= {_num(hi)}" if hi is not None else text
+        return self._spec.expected()
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is not valid for this argument (for a message), or None when it is."""
-        v = self._normalize(value)
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if v is None or (number and ((self.minimum is not None and v < self.minimum)
-                                     or (self.maximum is not None and v > self.maximum))) \
-                or (self.choices and not any(v == c and isinstance(c, bool) == isinstance(v, bool)
-                                             for c in self.choices)):
-            return f"expected {self.expected()}, got {_show(value)}"
-        return None
+        return self._spec.problem(value)
 
     def describe(self) -> dict:
         """A JSON-able description (``fieldnode send --help`` and the docs show it)."""
-        return {**dataclasses.asdict(self), "type": " or ".join(_TYPES[t] for t in self.types),
-                "choices": list(self.choices)}
+        return {**dataclasses.asdict(self), "type": self._spec.type_text(), "choices": list(self.choices)}
 
     def _normalize(self, value: Any) -> Any:
         """``value`` as passed to the handler when its type is accepted, else None."""
-        for t in self.types:
-            if t is bool or not isinstance(value, bool):  # a boolean is only ever a boolean
-                if t is float and isinstance(value, int) and int not in self.types:
-                    try:
-                        return float(value)
-                    except OverflowError:  # a JSON integer with hundreds of digits
-                        return None
-                if isinstance(value, t) and (t is not float or math.isfinite(value)):
-                    return value
-        return None
+        return self._spec.normalize(value)
 
 
 def check_args(specs: tuple[Arg, ...], given: dict) -> dict:
@@ -524,25 +500,12 @@ def _error(exc: FieldnodeError) -> tuple:
     return code, err
 
 
-def _show(value: Any, typed: bool = True) -> str:
-    """A value from the network for a message: JSON-ish, bounded, never recursing into containers."""
-    if value is None or isinstance(value, (dict, list)):
-        return "null" if value is None else "an object" if isinstance(value, dict) else "an array"
-    r = json.dumps(value) if isinstance(value, bool) else repr(value)
-    r = r if len(r) <= 40 else r[:37] + "..."
-    return f"{r} ({_TYPES.get(type(value), type(value).__name__)})" if typed else r
-
-
 def _listed(keys: list) -> str:
     return ", ".join(_show(k, typed=False) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
 
 
 def _name(name: Any) -> str:
     return name if isinstance(name, str) else repr(name)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:

@@ -186,3 +186,15 @@ class CommandCrashed(CommandError):
     """A handler (or the dispatcher) failed unexpectedly; the log has the traceback, the reply only the type."""
 
     code = "internal"
+
+
+class CommandFailed(CommandError):
+    """A command could not do what it was asked (the reply carries this code)."""
+
+    code = "command_failed"
+
+
+class NoWindow(CommandError):
+    """``infer``: no complete sensor window yet (the sensor is starting, stale or disconnected)."""
+
+    code = "no_window"

@@ -98,6 +98,8 @@ def test_a_simulated_board_says_so_in_birth_status_and_every_result(tmp_path, br
         wait_for(lambda: len(watcher.of("results/")) >= 3, what="three results")
         births = [b for b in watcher.of("state") if b.get("state") == "online"]
         assert births and births[-1]["simulated"] is True and births[-1]["virtual_board"] == "rpi4"
+        # The link comes up before the model: the birth is refreshed once the runtime serves.
+        assert births[-1]["serving"] is True and births[-1]["variant"] in ("full", "lite")
         assert all(r["simulated"] is True for r in watcher.of("results/"))
         op = Operator(broker)
         try:
