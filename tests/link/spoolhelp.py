@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from device.link.spool import Kind, Message, Spool
+from drivers.sim.clock import SimClock
 
 T, R, E = Kind.TELEMETRY, Kind.RESULT, Kind.EVENT
+
+
+@pytest.fixture
+def clock():
+    """The spool tests' clock (import it into a test module to use it as a fixture)."""
+    return SimClock()
+
+
+@pytest.fixture
+def path(tmp_path):
+    """Where a spool test's database lives (import it into a test module to use it as a fixture)."""
+    return str(tmp_path / "spool" / "spool.db")
 
 
 def wait_until(pred, timeout: float = 10.0) -> None:

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 
 import pytest
 
@@ -20,17 +19,8 @@ from device.errors import ConfigError
 from device.link.envelope import sign_envelope
 from device.runtime.manifest import bundled_model_dir
 from drivers.led import LedCode
-from tests.link.test_agent import DEV, PREFIX, Operator, operator_key, write_config  # noqa: F401 (fixture)
+from tests.link.test_agent import DEV, PREFIX, Operator, operator_key, wait_for, write_config  # noqa: F401 (fixture)
 from tests.runtime.crashmodel import make_crashing_model
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Watcher:

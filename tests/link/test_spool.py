@@ -19,19 +19,10 @@ from drivers.sim.clock import EPOCH, SimClock
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spool_writer.py")
 from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
 ZERO = {"telemetry": 0, "result": 0, "event": 0}
 
 
-
-
-@pytest.fixture
-def clock():
-    return SimClock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "spool" / "spool.db")
 
 
 # -- basic flow ----------------------------------------------------------------------------------------

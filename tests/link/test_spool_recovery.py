@@ -16,6 +16,7 @@ from device.link.spool import Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
 
 
 
@@ -27,16 +28,6 @@ def make_real_spool(path: str, n: int = 2000) -> bytes:
             s.put(R, "fieldnode/v1/d/result", b"%06d" % i + b"x" * 94)
     with open(path, "rb") as f:
         return f.read()
-
-
-@pytest.fixture
-def clock():
-    return SimClock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "spool" / "spool.db")
 
 
 # -- corrupt files -----------------------------------------------------------------------------------------

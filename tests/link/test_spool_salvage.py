@@ -15,18 +15,9 @@ from device.link.spool import Kind, Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 from tests.link.spoolhelp import E, R, T, all_messages  # noqa: F401
+from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
 
 TOPIC = "fieldnode/v1/d/results/vibration"
-
-
-@pytest.fixture
-def clock():
-    return SimClock()
-
-
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "spool" / "spool.db")
 
 
 def write_spool(path: str, clock: SimClock, n: int, size: int = 20) -> list[tuple[int, Kind, bytes]]:
