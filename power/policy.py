@@ -60,7 +60,7 @@ class LevelSpec:
     enter_battery_pct: float | None
     freq_pct: float
     threads: int  # 0 = one per CPU
-    variant: str  # "default", "cheapest" or a variant name
+    variant: str  # "auto" (the runtime picks), "cheapest" or a variant name
     interval_ms: int
     telemetry_s: float
 
