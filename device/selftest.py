@@ -7,15 +7,24 @@ what separates kernels that round differently (tflite-runtime 2.14 runs int8 on 
 differs by up to 2 steps on the full vibration model; LiteRT with XNNPACK matches exactly) from a broken
 install or a wrong model, which miss by far more. It is what a technician runs after an
 install and what the update installer runs before switching to a new model.
+
+Each variant is loaded on its own, exactly (no fallback to another variant): a variant that crashes its
+worker or is refused fails with the reason, and the others are still checked. With ``delegate = "edgetpu"``
+the variant the agent would run is loaded first, so a board without a usable Edge TPU fails at once with
+``delegate_unavailable`` (and the CPU variants, which the Edge TPU cannot run, are checked on the CPU). An
+explicit delegate that cannot be used is an error (one line on stderr, and ``{"ok": false, "error": {...}}``
+with ``--json``), unless ``runtime.delegate_fallback`` allows the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import replace
 
 import numpy as np
 
-from device.runtime.errors import ModelInvalid
+from device.runtime.errors import InferenceFailed, ModelInvalid
 
 
 def add_arguments(p) -> None:
@@ -56,6 +65,33 @@ def check_variant(runtime, vectors: dict, variant: str, tolerance: int = 2) -> d
 
 
 def run(args) -> int:
+    from device.errors import FieldnodeError
+    from device.runtime.errors import json_error
+
+    try:
+        report = check_model(args)
+    except FieldnodeError as exc:
+        if args.json:
+            print(json.dumps(json_error(exc)))
+        raise  # the command line prints the one-line error on stderr
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"model {report['model']} {report['version']} on {report['backend']} {report['backend_version']} / "
+              f"{report['delegate']}")
+        for r in report["variants"]:
+            print(f"  {r['variant']:<8} {'PASS' if r['ok'] else 'FAIL'}  "
+                  + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ('variant', 'ok')))
+    return 0 if report["ok"] else 1
+
+
+def check_model(args) -> dict:
+    """Checks every CPU variant of the model that ``args`` names; returns the report.
+
+    Raises:
+        DelegateUnavailable: the configured explicit delegate cannot be used.
+        ModelInvalid: the model or its test vectors cannot be read.
+    """
     from device.cli import load_config
     from device.runtime.manifest import bundled_model_dir, load_manifest
     from device.runtime.runtime import Runtime, RuntimeSettings
@@ -63,31 +99,35 @@ def run(args) -> int:
     cfg = load_config(args)
     settings = RuntimeSettings.from_config(cfg.runtime)
     if args.isolation:
-        settings = RuntimeSettings(**{**settings.__dict__, "isolation": args.isolation})
+        settings = replace(settings, isolation=args.isolation)
     manifest = load_manifest(args.model or cfg.runtime.model or bundled_model_dir())
     if not manifest.testvectors:
         raise ModelInvalid(f"model {manifest.name!r} ships no test vectors")
     vectors = load_vectors(manifest.testvectors)
+    st: dict = {}
+    if settings.delegate == "edgetpu":  # the Edge TPU runs only *_edgetpu files: prove it is usable first
+        with _started(Runtime(settings, manifest=manifest)) as rt:
+            st = rt.status()
+        settings = replace(settings, delegate="cpu")
     results = []
-    rt = Runtime(settings, manifest=manifest)
-    cpu_variants = [v.name for v in manifest.variants.values() if not v.requires]
+    for name in [v.name for v in manifest.variants.values() if not v.requires]:
+        try:
+            with _started(Runtime(replace(settings, variant=name), manifest=manifest)) as rt:
+                results.append(check_variant(rt, vectors, name, args.tolerance))
+                st = rt.status()
+        except (ModelInvalid, InferenceFailed) as exc:  # this variant's fault: report it, check the others
+            results.append({"variant": name, "ok": False, "error": f"[{exc.code}] {exc}"})
+    ok = bool(results) and all(r["ok"] for r in results)
+    return {"model": manifest.name, "version": manifest.version, "backend": st.get("backend"),
+            "backend_version": st.get("backend_version"), "delegate": st.get("delegate"),
+            "delegate_fallbacks": st.get("delegate_fallbacks", []), "ok": ok, "variants": results}
+
+
+@contextlib.contextmanager
+def _started(runtime):
+    """``with _started(runtime) as rt``: a strict start (exactly that variant), closed on the way out."""
     try:
-        rt.start()
-        for name in cpu_variants:
-            if rt.variant != name:
-                rt.set_variant(name)
-            results.append(check_variant(rt, vectors, name, args.tolerance))
-        st = rt.status()
+        runtime.start(strict=True)
+        yield runtime
     finally:
-        rt.close()
-    ok = all(r["ok"] for r in results)
-    report = {"model": manifest.name, "version": manifest.version, "backend": st["backend"],
-              "backend_version": st["backend_version"], "delegate": st["delegate"], "ok": ok, "variants": results}
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"model {manifest.name} {manifest.version} on {st['backend']} {st['backend_version']} / {st['delegate']}")
-        for r in results:
-            print(f"  {r['variant']:<8} {'PASS' if r['ok'] else 'FAIL'}  "
-                  + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ('variant', 'ok')))
-    return 0 if ok else 1
+        runtime.close()

@@ -4,6 +4,11 @@ Like TFLite's benchmark_model, plus the comparison that matters for an isolated 
 the bare interpreter's ``invoke()`` on the same model, input and thread count (``raw_p50_ms``), with the two
 measurements alternated so that drift (thermal, frequency, other load) hits both alike. ``overhead_ratio``
 is ``p50_ms / raw_p50_ms``. Outputs are compared bit for bit at the end (``identical``).
+
+The runtime loads exactly the variant asked for (no fallback to another variant), and an explicit
+``--delegate edgetpu``/``gpu`` that cannot be used is an error (``delegate_unavailable``, with the reason)
+unless ``runtime.delegate_fallback`` allows the CPU. An error is one line on stderr and, with ``--json``,
+``{"ok": false, "error": {"code", "message"}}`` on stdout.
 """
 
 from __future__ import annotations
@@ -75,18 +80,23 @@ def _pcts(samples_ns) -> tuple:
 
 def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 20, threads: int = 2,
               isolation: str = "process", delegate: str = "auto", backend: str = "auto", raw: bool = True,
-              pace_ms: float = 0.0, stages: bool = False, progress=None) -> dict:
-    """Benchmarks ``model`` and returns the report as a dict (see the module docstring)."""
+              pace_ms: float = 0.0, stages: bool = False, progress=None, delegate_fallback: bool = False) -> dict:
+    """Benchmarks ``model`` and returns the report as a dict (see the module docstring).
+
+    Raises:
+        DelegateUnavailable: an explicit ``delegate`` cannot be used and ``delegate_fallback`` is False.
+        RuntimeFault: the variant cannot be loaded (invalid file, worker crash...).
+    """
     from device.runtime.backends import load_backend
     from device.runtime.manifest import load_manifest
     from device.runtime.runtime import Runtime, RuntimeSettings
 
     manifest = load_manifest(model)
     settings = RuntimeSettings(backend=backend, delegate=delegate, isolation=isolation, threads=threads,
-                               warmup_runs=0, variant=variant)
+                               warmup_runs=0, variant=variant, delegate_fallback=delegate_fallback)
     rt = Runtime(settings, manifest=manifest)
     t0 = time.perf_counter_ns()
-    rt.start()
+    rt.start(strict=True)
     init_ms = (time.perf_counter_ns() - t0) / 1e6
     try:
         eng = rt._engine
@@ -202,15 +212,22 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
 
 def run(args) -> int:
     from device.cli import load_config
+    from device.errors import FieldnodeError
+    from device.runtime.errors import json_error
 
-    cfg = load_config(args).runtime
-    report = run_bench(
-        args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
-        threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
-        delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
-        pace_ms=args.pace_ms, stages=args.stages,
-        progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
-    )
+    try:
+        cfg = load_config(args).runtime
+        report = run_bench(
+            args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
+            threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
+            delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
+            pace_ms=args.pace_ms, stages=args.stages, delegate_fallback=getattr(cfg, "delegate_fallback", False),
+            progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
+        )
+    except FieldnodeError as exc:
+        if args.json:
+            print(json.dumps(json_error(exc)))
+        raise  # the command line prints the one-line error on stderr
     if args.json:
         print(json.dumps(report))
     else:

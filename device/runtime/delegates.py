@@ -1,9 +1,14 @@
 """Accelerator delegates: which to try, in what order, and with which model file.
 
 ``delegate = auto`` tries the Edge TPU (only with a variant compiled for it), then the GPU delegate, then
-the CPU (where the interpreter applies XNNPACK by default). A delegate that fails to load never stops the
-agent: the failure becomes a warning whose reason is kept, and status, bench and diag show it. A model
-compiled for the Edge TPU is never loaded without one; its CPU variant is loaded instead.
+the CPU (where the interpreter applies XNNPACK by default). Under ``auto`` a delegate that fails to load
+never stops the agent: the failure becomes a warning whose reason is kept, and status, bench and diag show
+it. A model compiled for the Edge TPU is never loaded without one; its CPU variant is loaded instead.
+
+An explicitly requested delegate (``edgetpu`` or ``gpu``) is a promise the operator relies on, so it never
+falls back silently: when it cannot be used (its library is missing, the variant is not compiled for it, the
+model does not run with it) loading fails with :class:`DelegateUnavailable` and the loader's reason, unless
+``fallback`` (the ``runtime.delegate_fallback`` setting) allows running on the CPU instead.
 
 Planning (:func:`plan`) is pure and runs in the supervisor; opening (:func:`open_model`) loads the
 delegate libraries and the interpreter, so it runs where inference runs: in the worker process.
@@ -17,9 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from device.runtime.backends import Backend
-from device.runtime.errors import ModelInvalid
+from device.runtime.errors import DelegateUnavailable, ModelInvalid
 from device.runtime.manifest import ModelManifest
-from device.runtime.model import Model
+from device.runtime.model import Model, check_model_file
 
 DELEGATE_CHOICES = ("auto", "cpu", "edgetpu", "gpu")
 EDGETPU_LIBRARY = "libedgetpu.so.1"
@@ -55,19 +60,27 @@ def resolve_variant(manifest: ModelManifest, requested: str, delegate: str) -> s
     return manifest.default_variant
 
 
-def plan(manifest: ModelManifest, variant: str, delegate: str) -> tuple[list[Candidate], list[str]]:
+def plan(manifest: ModelManifest, variant: str, delegate: str,
+         fallback: bool = True) -> tuple[list[Candidate], list[str]]:
     """Lists the (delegate, file) candidates to try in order for ``variant``, and notes on choices made.
 
     Args:
         manifest: the model.
         variant: a variant name (not ``auto``).
         delegate: ``auto``, ``cpu``, ``edgetpu`` or ``gpu``.
+        fallback: whether an explicit ``edgetpu`` or ``gpu`` may fall back to the CPU.
 
     Returns:
-        The candidates, last one always on the CPU, and human-readable notes.
+        The candidates, and human-readable notes. The last candidate is on the CPU, except for an explicit
+        delegate that may not fall back: then every candidate uses that delegate.
+
+    Raises:
+        DelegateUnavailable: ``delegate`` is ``edgetpu``, falling back is not allowed, and the variant is not
+            compiled for the Edge TPU.
     """
     if delegate not in DELEGATE_CHOICES:
         raise ValueError(f"delegate must be one of {', '.join(DELEGATE_CHOICES)}, got {delegate!r}")
+    strict = delegate in ("edgetpu", "gpu") and not fallback
     v = manifest.variant(variant)
     notes: list[str] = []
     out: list[Candidate] = []
@@ -80,11 +93,18 @@ def plan(manifest: ModelManifest, variant: str, delegate: str) -> tuple[list[Can
                          f"running its CPU variant {cpu.name!r}")
         v = cpu
     elif delegate == "edgetpu":
+        if strict:
+            raise DelegateUnavailable(f"delegate 'edgetpu' was requested, but variant {v.name!r} of model "
+                                      f"{manifest.name!r} is not compiled for the Edge TPU{_NO_FALLBACK}")
         notes.append(f"variant {v.name!r} is not compiled for the Edge TPU; running it on the CPU")
     if delegate in ("auto", "gpu"):
         out.append(Candidate("gpu", v.name, v.path))
-    out.append(Candidate("cpu", v.name, v.path))
+    if not strict:
+        out.append(Candidate("cpu", v.name, v.path))
     return out, notes
+
+
+_NO_FALLBACK = " (runtime.delegate_fallback = true would run it on the CPU instead)"
 
 
 @dataclass
@@ -108,21 +128,24 @@ def open_model(backend: Backend, candidates: Sequence[Candidate], threads: int, 
 
     Raises:
         ModelInvalid: the CPU candidate's file itself is not a usable model.
+        DelegateUnavailable: no CPU candidate follows (an explicit delegate that may not fall back), and the
+            delegate could not be used; the message carries the reason.
     """
     fallbacks: list[str] = []
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
+        last = i == len(candidates) - 1
         delegates = []
         if cand.delegate == "edgetpu":
             options = {"device": edgetpu_device} if edgetpu_device else {}
             d, why = _load(backend, (EDGETPU_LIBRARY,), options)
             if d is None:
-                fallbacks.append(_fallback("edgetpu", why))
+                fallbacks.append(_fallback("edgetpu", why, warn=not last))
                 continue
             delegates.append(d)
         elif cand.delegate == "gpu":
             d, why = _load(backend, (gpu_library,) if gpu_library else GPU_LIBRARIES, {})
             if d is None:
-                fallbacks.append(_fallback("gpu", why))
+                fallbacks.append(_fallback("gpu", why, warn=not last))
                 continue
             delegates.append(d)
         if on_try is not None:
@@ -132,12 +155,18 @@ def open_model(backend: Backend, candidates: Sequence[Candidate], threads: int, 
         except ModelInvalid as exc:
             if cand.delegate == "cpu":
                 raise
-            fallbacks.append(_fallback(cand.delegate, f"the model did not run with it: {exc}"))
+            if last:
+                check_model_file(cand.path)  # a bad file is the model's fault, whatever the delegate
+            fallbacks.append(_fallback(cand.delegate, f"the model did not run with it: {exc}", warn=not last))
             continue
         name = cand.delegate
         if name == "cpu" and model.delegated:
             name = "xnnpack"
         return Opened(model, cand, name, fallbacks)
+    if fallbacks:
+        kind = candidates[-1].delegate
+        raise DelegateUnavailable(f"delegate {kind!r} was requested and cannot be used: "
+                                  f"{'; '.join(fallbacks)}{_NO_FALLBACK}")
     raise ModelInvalid("no candidate to load (the plan must end with a CPU candidate)")
 
 
@@ -158,7 +187,8 @@ def _load(backend: Backend, libraries: Sequence[str], options: dict):
     return None, why
 
 
-def _fallback(kind: str, why: str) -> str:
+def _fallback(kind: str, why: str, warn: bool = True) -> str:
     reason = f"{kind} delegate unavailable: {why}"
-    warnings.warn(reason, DelegateFallback, stacklevel=3)
+    if warn:  # not when there is nothing to fall back to: that is an error, raised by the caller
+        warnings.warn(reason, DelegateFallback, stacklevel=3)
     return reason

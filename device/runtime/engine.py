@@ -79,13 +79,17 @@ class InlineEngine(EngineBase):
         self._model = None
 
     def start(self) -> None:
+        import warnings
+
         from device.runtime.backends import load_backend
-        from device.runtime.delegates import open_model
+        from device.runtime.delegates import DelegateFallback, open_model
 
         cands = self.usable_candidates()
         backend = load_backend(self.spec.backend)
-        opened = open_model(backend, cands, self.spec.threads, self.spec.warmup_runs, self.spec.edgetpu_device,
-                            self.spec.gpu_library)
+        with warnings.catch_warnings():  # as in the worker: info["fallbacks"] has the reasons, the runtime logs them
+            warnings.simplefilter("ignore", DelegateFallback)
+            opened = open_model(backend, cands, self.spec.threads, self.spec.warmup_runs,
+                                self.spec.edgetpu_device, self.spec.gpu_library)
         m = opened.model
         self._model = m
         self.inputs, self.outputs = m.inputs, m.outputs

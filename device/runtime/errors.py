@@ -17,6 +17,13 @@ class BackendUnavailable(RuntimeFault):
     code = "backend_unavailable"
 
 
+class DelegateUnavailable(RuntimeFault):
+    """An explicitly requested delegate (``edgetpu`` or ``gpu``) cannot be used, and falling back to the CPU
+    is not allowed (``runtime.delegate_fallback``); the message gives the delegate loader's reason."""
+
+    code = "delegate_unavailable"
+
+
 class ModelInvalid(RuntimeFault):
     """A model file or manifest is malformed or missing; the message names what is wrong."""
 
@@ -48,12 +55,33 @@ class WorkerTimeout(InferenceFailed):
 
 
 class ModelQuarantined(InferenceFailed):
-    """The model file crashed its worker too many times in a row and is no longer loaded."""
+    """The model file crashed its worker too many times in a row and is no longer loaded.
+
+    ``newly`` is True when the failure that raised it is the one that quarantined the file (and so worth an
+    event), False when the file was already quarantined and was refused without being loaded.
+    """
 
     code = "model_quarantined"
+
+    def __init__(self, message: str = "", *, newly: bool = False) -> None:
+        super().__init__(message)
+        self.newly = newly
+
+
+class NotServing(InferenceFailed):
+    """No variant of the model can serve now (each one crashed, is quarantined, is invalid, or the requested
+    delegate is unavailable); the message gives the reason. The runtime retries by itself (see
+    :class:`device.runtime.runtime.Runtime`)."""
+
+    code = "not_serving"
 
 
 class RuntimeClosed(InferenceFailed):
     """The runtime or engine has been closed."""
 
     code = "runtime_closed"
+
+
+def json_error(exc: FieldnodeError) -> dict:
+    """An error as a command's ``--json`` prints it: ``{"ok": false, "error": {"code", "message"}}``."""
+    return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}

@@ -9,6 +9,7 @@ worker (the default) or in the agent itself (``isolation = "inline"``).
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, Sequence
 
@@ -19,6 +20,28 @@ from device.runtime.errors import InferenceFailed, InputInvalid, ModelInvalid
 from device.runtime.flatbuf import verify_model_bytes
 from device.runtime.histogram import LatencyHistogram
 from device.runtime.tensors import TensorSpec, dequantize, write_input
+
+# The interpreter's error reporter appends each native message to one buffer without a separator
+# ("... in XNNPACK delegateunsupported datatype (INT32) ...tensor 6Node number 8 ..."). These are the seams
+# seen in practice: XNNPACK's messages end "in XNNPACK delegate", a message starts right after a digit or a
+# closing parenthesis with a capitalised word or a lower-case verb, or after a full stop with a known opening.
+_NATIVE_SEAM = re.compile(r"(?<=in XNNPACK delegate)(?=\w)"
+                          r"|(?<=[\d)])(?=[A-Z][a-z])"
+                          r"|(?<=[\d)])(?=(?:failed|unsupported|unable|cannot|invalid) )"
+                          r"|(?<=\.)(?=(?:Node number|Didn't|Encountered|Failed|Restored|Unsupported|Invalid) )"
+                          r"|(?<=[.)])(?=/\S*tensorflow/lite/)"
+                          r"|\s*\n\s*")
+
+
+def native_message(exc: BaseException) -> str:
+    """The text of an interpreter exception with its native messages separated by ``"; "`` (each once)."""
+    parts: list[str] = []
+    for part in _NATIVE_SEAM.split(str(exc)):
+        part = part.strip()
+        if part and part not in parts:  # the reporter's buffer may repeat earlier messages
+            parts.append(part)
+    return "; ".join(parts)
+
 
 TFLITE_IDENTIFIER = b"TFL3"
 MAX_MODEL_BYTES = 256 * 1024 * 1024
@@ -79,7 +102,7 @@ class Model:
                                                experimental_delegates=list(delegates) or None)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise ModelInvalid(f"model file {path}: the interpreter refused it: {exc}") from exc
+            raise ModelInvalid(f"model file {path}: the interpreter refused it: {native_message(exc)}") from exc
         self.inputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_input_details())
         self.outputs = tuple(TensorSpec.from_details(d) for d in self._interp.get_output_details())
         # tensor() returns a function that yields a fresh view; the functions may be held, the views not.
@@ -131,7 +154,7 @@ class Model:
         try:
             self._interp.invoke()
         except (ValueError, RuntimeError) as exc:
-            raise InferenceFailed(f"invoke failed: {exc}") from exc
+            raise InferenceFailed(f"invoke failed: {native_message(exc)}") from exc
         ns = time.perf_counter_ns() - t0
         if not self.first_ns:
             self.first_ns = ns

@@ -12,10 +12,16 @@ Failure handling:
   :class:`WorkerTimeout`, and the hang counts like a crash;
 - after ``Quarantine.threshold`` consecutive failures on one file, the file is quarantined
   (:class:`ModelQuarantined`) and never loaded again until an operator releases it or the file changes.
+
+The worker's stderr (its native fd 2, where the interpreter prints ``INFO: Created TensorFlow Lite XNNPACK
+delegate`` and where a fatal signal's Python traceback goes) is a pipe: each line is logged at debug level
+under ``device.runtime.worker``, and the last lines are kept so that a crash's error names what the worker
+said before it died.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -40,9 +46,10 @@ from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, 
                                    stamps_in)
 
 log = logging.getLogger(__name__)
+worker_log = logging.getLogger("device.runtime.worker")
 
 _FAILED_CODES = {cls.code: cls for cls in (E.ModelInvalid, E.BackendUnavailable, E.InputInvalid,
-                                           E.ModelQuarantined)}
+                                           E.ModelQuarantined, E.DelegateUnavailable)}
 
 
 def _worker_env() -> dict:
@@ -93,6 +100,60 @@ class _Launcher:
 _LAUNCHER = _Launcher()
 
 
+class StderrTail:
+    """Reads a worker's stderr on its own thread until EOF: every line goes to the ``device.runtime.worker``
+    logger at debug level (the interpreter's chatter is not the agent's business), the last ones are kept.
+
+    Args:
+        stream: the read end of the worker's stderr pipe (binary).
+        pid: the worker's process id, for the log lines.
+        keep: how many lines to keep.
+    """
+
+    MAX_LINE = 4096
+
+    def __init__(self, stream, pid: int, keep: int = 40) -> None:
+        self.lines: collections.deque = collections.deque(maxlen=keep)
+        self._thread = threading.Thread(target=self._run, args=(stream, pid), name=f"worker-{pid}-stderr",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, stream, pid: int) -> None:
+        try:
+            for raw in iter(lambda: stream.readline(self.MAX_LINE), b""):
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    self.lines.append(line)
+                    worker_log.debug("worker %d: %s", pid, line)
+        except (OSError, ValueError):  # the pipe was closed under us: nothing more to read
+            pass
+        finally:
+            stream.close()
+
+    def last_words(self, wait_s: float = 1.0) -> str:
+        """What the worker said that explains its end, in one line: the fatal error and the innermost Python
+        frame of a faulthandler dump, and other lines, without the interpreter's ``INFO:`` chatter; "" when
+        it said nothing. Waits up to ``wait_s`` for the reader to reach EOF (call it after the worker ended).
+        """
+        self._thread.join(wait_s)
+        kept: list[str] = []
+        frames = 0  # after a dump's thread header: how many frames to keep (innermost first)
+        for line in list(self.lines):
+            text = line.strip()
+            if not text or text.startswith(("INFO: ", "Extension modules:")):
+                continue
+            if text.startswith(("Current thread ", "Thread 0x")):
+                frames = 1
+            elif text.startswith("File "):
+                if frames:
+                    kept.append(text)
+                    frames -= 1
+            else:
+                kept.append(text)
+        out = " | ".join(kept[-6:])
+        return out if len(out) <= 600 else "..." + out[-597:]
+
+
 def describe_exit(returncode: int | None) -> str:
     """``was killed by signal SIGSEGV`` / ``exited with status 1`` / ``did not exit``."""
     if returncode is None:
@@ -135,6 +196,7 @@ class ProcessEngine(EngineBase):
         self._stamps = None  # the worker's clock readings of the latest request, in shared memory
         self._times: tuple | None = None  # ours: entered, sent, reply read, returned
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
+        self._tail: StderrTail | None = None  # the latest worker's stderr
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
@@ -282,9 +344,10 @@ class ProcessEngine(EngineBase):
         try:
             proc = _LAUNCHER.popen([sys.executable, "-m", "device.runtime.worker", str(child.fileno())],
                                    pass_fds=(child.fileno(),), env=_worker_env(), stdin=subprocess.DEVNULL,
-                                   close_fds=True)
+                                   stderr=subprocess.PIPE, close_fds=True)
         finally:
             child.close()
+        self._tail = StderrTail(proc.stderr, proc.pid)
         parent = Connection(parent.detach())
         parent.send_bytes(replace(self.spec, candidates=tuple(cands)).to_json())
         self._proc, self._conn, self._fd = proc, parent, parent.fileno()
@@ -319,8 +382,6 @@ class ProcessEngine(EngineBase):
         self.info, self.inputs, self.outputs = info, inputs, outputs
         self._times = None
         self._suspect = q.crashes(info["path"]) > 0
-        for fb in info["fallbacks"]:
-            log.warning("%s", fb)
 
     @property
     def _deadline_ms(self) -> int:
@@ -362,12 +423,18 @@ class ProcessEngine(EngineBase):
     def _fail(self, path: str, text: str, cls):
         self.crashes += cls is E.WorkerCrashed
         message = f"inference worker {text}"
+        said = self._tail.last_words() if self._tail is not None else ""
+        if said:
+            message += f" (its stderr: {said})"
         self.last_error = message
         log.error("%s", message)
         if path and self.quarantine.crashed(path, message):
-            raise E.ModelQuarantined(f"{message}; model file {path} is now quarantined after "
-                                     f"{self.quarantine.threshold} consecutive failures")
-        raise cls(message)
+            exc = E.ModelQuarantined(f"{message}; model file {path} is now quarantined after "
+                                     f"{self.quarantine.threshold} consecutive failures", newly=True)
+        else:
+            exc = cls(message)
+        exc.path = path  # the file to blame, for the runtime's event
+        raise exc
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -135,6 +135,9 @@ def main(argv: Sequence[str]) -> int:
         return 2
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    import faulthandler
+
+    faulthandler.enable()  # a fatal signal prints where it struck to stderr, which the supervisor keeps
     import warnings
 
     from device.runtime.delegates import DelegateFallback

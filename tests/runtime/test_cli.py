@@ -37,8 +37,11 @@ def test_bench_refuses_a_malformed_model_with_its_name(tmp_path):
     bad = tmp_path / "broken.tflite"
     bad.write_bytes(b"\x00" * 100)
     r = fieldnode("bench", str(bad), "--json", *backend_args())
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 1
     assert "model_invalid" in r.stderr and "broken.tflite" in r.stderr and "not a TFLite model" in r.stderr
+    error = json.loads(r.stdout)  # --json: the error as one JSON object too
+    assert error["ok"] is False and error["error"]["code"] == "model_invalid"
+    assert "broken.tflite" in error["error"]["message"]
 
 
 def test_selftest_passes_every_shipped_variant():
@@ -116,3 +119,52 @@ def test_bench_stages_say_where_the_time_goes(vibration):
     r = fieldnode("bench", vibration.root, "--runs", "5", "--stages", "--isolation", "inline", "--json",
                   *backend_args())
     assert r.returncode == 0 and "stages_us" not in json.loads(r.stdout)  # no second process, no stages
+
+
+def test_bench_and_selftest_refuse_an_explicit_edgetpu_they_cannot_use_in_one_line(tpu_model, tmp_path):
+    r = fieldnode("bench", tpu_model.root, "--delegate", "edgetpu", "--runs", "5", "--json", *backend_args())
+    assert r.returncode == 1
+    (line,) = r.stderr.splitlines()  # the reason, without -v, and nothing else
+    assert line.startswith("fieldnode bench: error [delegate_unavailable]: ") and "libedgetpu.so.1" in line
+    error = json.loads(r.stdout)
+    assert error == {"ok": False, "error": {"code": "delegate_unavailable", "message": error["error"]["message"]}}
+    assert "libedgetpu.so.1" in error["error"]["message"]
+    r = fieldnode("bench", tpu_model.root, "--delegate", "edgetpu", "--runs", "5", *backend_args())
+    assert r.returncode == 1 and r.stdout == "" and "[delegate_unavailable]" in r.stderr
+
+    cfg = tmp_path / "edgetpu.toml"
+    cfg.write_text('[runtime]\ndelegate = "edgetpu"\n')
+    for json_flag in ((), ("--json",)):
+        r = fieldnode("selftest", "--config", str(cfg), "--model", tpu_model.root, *json_flag)
+        assert r.returncode == 1
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("fieldnode selftest: error [delegate_unavailable]: ") and "libedgetpu.so.1" in line
+        if json_flag:
+            assert json.loads(r.stdout)["error"]["code"] == "delegate_unavailable"
+        else:
+            assert r.stdout == ""
+
+
+def test_bench_with_delegate_fallback_runs_on_the_cpu_and_says_why(tpu_model):
+    from tools.bench import run_bench
+
+    report = run_bench(tpu_model.root, delegate="edgetpu", delegate_fallback=True, runs=5, warmup=0, threads=1,
+                       backend=EXPECTED_BACKEND, raw=False)
+    assert report["variant"] == "full" and report["delegate"] in ("xnnpack", "cpu")
+    assert any("libedgetpu.so.1" in r for r in report["delegate_fallbacks"])
+
+
+def test_selftest_reports_a_crashing_variant_and_still_checks_the_others(tmp_path, vibration):
+    import shutil
+
+    from tests.runtime.crashmodel import make_crashing_model
+
+    for name in ("vibration_lite.tflite", "vibration_testvectors.npz", "model.json"):
+        shutil.copyfile(f"{vibration.root}/{name}", tmp_path / name)
+    (tmp_path / "vibration_full.tflite").write_bytes(
+        make_crashing_model(open(f"{vibration.root}/vibration_full.tflite", "rb").read()))
+    r = fieldnode("selftest", "--model", str(tmp_path), "--json")
+    assert r.returncode == 1, r.stderr
+    full, lite = json.loads(r.stdout)["variants"]
+    assert full["ok"] is False and full["error"].startswith("[worker_crashed]") and "SIGSEGV" in full["error"]
+    assert lite["ok"] is True and lite["top_class_match"]

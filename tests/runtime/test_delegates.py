@@ -1,27 +1,14 @@
 """Delegate planning and fallback. No accelerator exists on a build machine, so the real fallback path runs."""
 
-import shutil
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from device.runtime import errors as E
 from device.runtime.delegates import DelegateFallback, open_model, plan, resolve_variant
-from device.runtime.manifest import load_manifest
 from device.runtime.runtime import Runtime
-
-
-@pytest.fixture
-def tpu_model(tmp_path, vibration):
-    """The vibration model plus an 'edgetpu' variant whose file is garbage: it must never be opened."""
-    for v in ("full", "lite"):
-        shutil.copyfile(vibration.variant(v).path, tmp_path / f"vib_{v}.tflite")
-    (tmp_path / "vib_full_edgetpu.tflite").write_bytes(b"not a model at all")
-    (tmp_path / "model.json").write_text("""{"name": "vib", "version": "1", "labels": ["a", "b", "c", "d"],
-      "default_variant": "full",
-      "variants": {"full": {"file": "vib_full.tflite"}, "lite": {"file": "vib_lite.tflite", "cost": 0.3},
-                   "edgetpu": {"file": "vib_full_edgetpu.tflite", "cost": 0.1, "cpu_variant": "full"}}}""")
-    return load_manifest(str(tmp_path))
 
 
 def kinds(cands):
@@ -68,9 +55,52 @@ def test_runtime_reports_fallback_reasons_in_status(settings, tpu_model, isolati
         assert rt.infer(np.zeros((1, 256, 3), np.float32)).outputs[0].shape == (1, 4)
 
 
-def test_explicit_gpu_library_missing_is_a_warning_not_a_failure(settings, vibration):
+def test_an_explicit_gpu_that_cannot_load_is_an_error_unless_fallback_is_allowed(settings, vibration):
     s = settings(delegate="gpu", gpu_delegate="libno_such_gpu_delegate.so", isolation="inline")
-    with Runtime(s, manifest=vibration) as rt:
+    rt = Runtime(s, manifest=vibration)
+    with pytest.raises(E.DelegateUnavailable) as err:
+        rt.start()
+    assert err.value.code == "delegate_unavailable"
+    assert "libno_such_gpu_delegate.so: cannot open shared object file" in str(err.value)
+    assert "runtime.delegate_fallback" in str(err.value)
+    st = rt.status()
+    assert not st["serving"] and st["not_serving_reason"] == str(err.value)
+    with pytest.raises(E.NotServing, match="libno_such_gpu_delegate.so"):
+        rt.predict(np.zeros((256, 3), np.float32))
+    rt.close()
+    with Runtime(replace(s, delegate_fallback=True), manifest=vibration) as rt:
         st = rt.status()
-        assert st["delegate"] in ("xnnpack", "cpu")
+        assert st["serving"] and st["delegate"] in ("xnnpack", "cpu")
         assert "libno_such_gpu_delegate.so" in st["delegate_fallbacks"][0]
+
+
+@pytest.mark.parametrize("isolation", ["process", "inline"])
+def test_an_explicit_edgetpu_without_its_library_names_libedgetpu(settings, tpu_model, isolation):
+    events = []
+    rt = Runtime(settings(delegate="edgetpu", isolation=isolation), manifest=tpu_model,
+                 on_event=lambda k, d: events.append((k, d)))
+    with pytest.raises(E.DelegateUnavailable, match=r"delegate 'edgetpu' was requested and cannot be used: "
+                                                    r"edgetpu delegate unavailable: libedgetpu\.so\.1"):
+        rt.start()
+    assert not rt.serving and "libedgetpu.so.1" in rt.status()["not_serving_reason"]
+    assert [k for k, _ in events] == ["not_serving"]  # no delegate_fallback: it did not fall back
+    assert rt.quarantine.entries() == []  # the delegate's absence is not the model's fault
+    rt.close()
+
+
+def test_an_explicit_edgetpu_for_a_variant_not_compiled_for_it_is_an_error(settings, tpu_model, vibration):
+    with pytest.raises(E.DelegateUnavailable, match="variant 'lite' of model 'vib' is not compiled for the Edge TPU"):
+        Runtime(settings(delegate="edgetpu", variant="lite"), manifest=tpu_model).start()
+    with pytest.raises(E.DelegateUnavailable, match="'full' of model 'vibration' is not compiled for the Edge TPU"):
+        Runtime(settings(delegate="edgetpu"), manifest=vibration).start()
+
+
+def test_an_explicit_edgetpu_may_fall_back_when_the_settings_allow_it(settings, tpu_model):
+    events = []
+    s = settings(delegate="edgetpu", delegate_fallback=True, isolation="process")
+    with Runtime(s, manifest=tpu_model, on_event=lambda k, d: events.append((k, d))) as rt:
+        st = rt.status()
+        assert st["serving"] and st["variant"] == "full" and st["delegate"] in ("xnnpack", "cpu")
+        assert st["delegate_fallbacks"] == [d["reason"] for k, d in events if k == "delegate_fallback"]
+        assert "libedgetpu.so.1" in st["delegate_fallbacks"][0]
+        assert rt.infer(np.zeros((1, 256, 3), np.float32)).outputs[0].shape == (1, 4)

@@ -77,28 +77,48 @@ def test_process_isolation_is_bit_identical_to_the_bare_interpreter_for_every_sh
 def test_crashing_model_fails_cleanly_then_is_quarantined(settings, single_model):
     good = open(str(TEST_MODELS / "mobilenet_v2_0.35_96_int8.tflite"), "rb").read()
     manifest = single_model(make_crashing_model(good), "crashy.tflite")
+    events = []
     rt = Runtime(settings(isolation="process", quarantine_after=3, warmup_runs=0), manifest=manifest,
-                 on_event=None)
-    for attempt in range(2):
-        with pytest.raises(E.WorkerCrashed) as err:
-            rt.start()
-        assert "was killed by signal" in str(err.value) and "crashy.tflite" in str(err.value)
-    with pytest.raises(E.ModelQuarantined, match="quarantined after 3 consecutive failures"):
-        rt.start()
+                 on_event=lambda k, d: events.append((k, d)))
+    rt.start()  # a model fault never raises: the crash is retried until the file is quarantined
+    assert [k for k, _ in events] == ["worker_crashed", "worker_crashed", "model_quarantined", "not_serving"]
+    for _, d in events[:3]:
+        assert "was killed by signal" in d["message"] and "crashy.tflite" in d["message"]
+        assert d["variant"] == "default" and d["path"].endswith("crashy.tflite")
+    assert "quarantined after 3 consecutive failures" in events[2][1]["message"]
+    assert not rt.serving and rt.status()["crashes"] == 0  # no worker of this runtime lived to be counted
     # Quarantined now: refused at once, without another worker being spawned.
-    with pytest.raises(E.ModelQuarantined, match="crashy.tflite is quarantined"):
-        rt.start()
+    rt.start()
+    assert len(events) == 4 and not rt.serving
+    with pytest.raises(E.NotServing, match="crashy.tflite is quarantined"):
+        rt.infer(np.zeros((1, 96, 96, 3), np.int8))
     (entry,) = rt.quarantine.entries()
     assert entry.path.endswith("crashy.tflite") and entry.crashes == 3
     assert rt.status()["quarantined"][0]["sha256"] == entry.sha256
+    rt.close()
+
+
+def test_a_crash_names_what_the_worker_said_on_stderr(settings, single_model):
+    # The worker's stderr is a pipe: a fatal signal's faulthandler dump is kept for the crash's message.
+    good = open(str(TEST_MODELS / "mobilenet_v2_0.35_96_int8.tflite"), "rb").read()
+    manifest = single_model(make_crashing_model(good), "crashy.tflite")
+    rt = Runtime(settings(isolation="process", warmup_runs=0), manifest=manifest)
+    with pytest.raises(E.WorkerCrashed) as err:
+        rt.start(strict=True)  # exactly this variant, once, and its fault raised (what bench does)
+    text = str(err.value)
+    assert "while loading crashy.tflite" in text
+    assert "its stderr: Fatal Python error: Segmentation fault" in text and "allocate_tensors" in text
+    assert "INFO: Created TensorFlow Lite" not in text  # the interpreter's chatter is not a reason
 
 
 def test_garbage_model_is_refused_cleanly_not_counted_as_crash(settings, single_model):
     manifest = single_model(b"\x18\x00\x00\x00TFL3" + bytes(range(256)) * 4, "garbage.tflite")
     rt = Runtime(settings(isolation="process"), manifest=manifest)
     for _ in range(4):
-        with pytest.raises(E.ModelInvalid, match="garbage.tflite"):
-            rt.start()
+        rt.start()
+        assert not rt.serving and "garbage.tflite" in rt.status()["not_serving_reason"]
+    with pytest.raises(E.ModelInvalid, match="garbage.tflite"):
+        rt.start(strict=True)
     assert rt.quarantine.entries() == []
 
 
