@@ -4,15 +4,19 @@ The governor only decides; this is the agent's side of the loop. For each plan i
 
 * caps every cpufreq policy at ``plan.cpu_max_khz`` through :class:`drivers.cpufreq.CpuFreq` (a refused write
   is reported once with its remedy by CpuFreq, and the other knobs are still applied);
-* resolves the plan's variant (``default``: what the runtime picks by itself; ``cheapest``: the lowest-cost
+* resolves the plan's variant (``auto``: what the runtime picks by itself; ``cheapest``: the lowest-cost
   variant this board can run; or a name) and its thread count, and hot-swaps the runtime in one swap when
   either changed (no request is dropped, see :meth:`device.runtime.runtime.Runtime.reconfigure`);
 * returns the inference interval and telemetry period for the agent's loops.
+
+Plans arrive from two threads (the governor's loop and operators' commands); :meth:`PlanApplier.apply` runs
+one plan at a time, so the frequency cap and the model knobs in force always come from the same plan.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from device.errors import FieldnodeError
@@ -35,6 +39,7 @@ class PlanApplier:
         self.cpufreq = cpufreq
         self.runtime = runtime
         self._on_event = on_event
+        self._lock = threading.Lock()  # one plan at a time: the governor's thread and the command thread
         self._warned: set[str] = set()
         self.applied: dict = {}
         self.pinned_variant: str | None = None  # set by the operator's `variant` command; None: the plan decides
@@ -42,7 +47,7 @@ class PlanApplier:
     def resolve_variant(self, name: str) -> str:
         """The runtime variant (or ``auto``) a plan's variant name stands for on this board."""
         manifest = self.runtime.manifest
-        if name == "default":
+        if name in ("auto", "default"):  # "default": the former name of "auto", still in older configs
             return "auto"
         if name == "cheapest":
             accel = (self.runtime.status().get("delegate") or "") == "edgetpu"
@@ -61,6 +66,10 @@ class PlanApplier:
             What is in force: ``cpu_max_khz`` (per policy, as written), ``variant``, ``threads``,
             ``interval_ms``, ``telemetry_s`` and ``swapped``.
         """
+        with self._lock:
+            return self._apply(plan)
+
+    def _apply(self, plan) -> dict:
         out = {"interval_ms": plan.interval_ms, "telemetry_s": plan.telemetry_s, "swapped": False}
         if self.cpufreq is not None and plan.cpu_max_khz is not None:
             try:

@@ -44,7 +44,8 @@ class Plan:
         reason: Why (one human line).
         cpu_max_khz: Frequency cap for every cpufreq policy, or None when the board has no cpufreq table.
         threads: Interpreter threads.
-        variant: ``default``, ``cheapest`` or a variant name (the agent resolves it against the model).
+        variant: ``auto`` (what the runtime picks by itself), ``cheapest`` or a variant name (the agent
+            resolves it against the model).
         interval_ms: Minimum time between inferences (0: as often as windows arrive).
         telemetry_s: Telemetry period.
         trim_steps: How many frequency steps the thermal trim has taken off the level's cap.

@@ -30,7 +30,7 @@ class StaticPlan:
 
     cpu_max_khz: int
     threads: int
-    variant: str = "default"
+    variant: str = "auto"
     interval_ms: int = 0
 
 
@@ -61,7 +61,7 @@ class Trace:
 
 def _variant_cost(name: str, costs: Mapping[str, float], default: str) -> tuple[float, bool]:
     """Cost of a plan variant name and whether it is cheaper than the default."""
-    if name == "default":
+    if name in ("auto", "default"):  # "default": the former name of "auto", still in older configs
         name = default
     elif name == "cheapest":
         name = min(costs, key=costs.get)
