@@ -224,16 +224,24 @@ class Runtime:
                     self._replace(resolve_variant(self.manifest, self._requested_variant, self.settings.delegate),
                                   self._threads, keep=None, or_go_down=True)
 
-    def _serve_down(self, values: Sequence) -> tuple:
-        """A request while nothing serves (not the per-request path): retries when it is time, else refuses."""
-        if not self._started:
-            raise E.RuntimeClosed("runtime is not started")
-        if self._clock.monotonic() >= self._retry_at and self._swap_lock.acquire(blocking=False):
+    def retry_if_due(self) -> bool:
+        """When started and not serving, and ``not_serving_retry_s`` has passed since the last try, tries the
+        variants again (without waiting for a swap in progress). Requests call it; a loop that stops sending
+        requests while nothing serves may call it instead. Returns whether the runtime serves."""
+        if (self._engine is None and self._started and self._clock.monotonic() >= self._retry_at
+                and self._swap_lock.acquire(blocking=False)):
             try:
                 if self._started and self._engine is None:
                     self._bring_up(raising=False)
             finally:
                 self._swap_lock.release()
+        return self._engine is not None
+
+    def _serve_down(self, values: Sequence) -> tuple:
+        """A request while nothing serves (not the per-request path): retries when it is time, else refuses."""
+        if not self._started:
+            raise E.RuntimeClosed("runtime is not started")
+        self.retry_if_due()
         if self._engine is None:
             reason = self._down or "it is starting"
             raise E.NotServing(f"model {self.manifest.name} is not serving: {reason}")

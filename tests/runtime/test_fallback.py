@@ -118,6 +118,7 @@ def test_a_runtime_that_cannot_serve_retries_by_itself_at_most_every_interval(se
         with pytest.raises(E.NotServing):
             rt.predict(X)  # too early to retry: refused without loading anything
         assert not rt.serving
+        assert rt.retry_if_due() is False  # nor by the loop's own call
         clock.now += 1.0
         p = rt.predict(X)  # due: the request retries, and lite serves
         assert p.variant == "lite" and rt.serving
@@ -160,3 +161,19 @@ def test_a_file_quarantined_by_crashes_during_requests_hands_over_to_another_var
                                  "variant_fallback"]
         assert events[3][1]["from"] == "full" and events[3][1]["to"] == "lite"
         assert rt.status()["failures"] == 3 and rt.swaps == 1
+
+
+def test_retry_if_due_lets_a_loop_bring_the_runtime_back_without_requests(settings, vibration, tmp_path):
+    manifest = model_dir(tmp_path / "m", vibration, full="garbage", lite="garbage")
+    clock = Clock()
+    rt = Runtime(settings(isolation="inline", warmup_runs=0), manifest=manifest, clock=clock)
+    assert rt.retry_if_due() is False  # not started: nothing to retry
+    rt.start()
+    try:
+        shutil.copyfile(vibration.variant("full").path, manifest.variant("full").path)
+        assert rt.retry_if_due() is False and not rt.serving
+        clock.now += 60.0
+        assert rt.retry_if_due() is True and rt.variant == "full"
+        assert rt.retry_if_due() is True  # serving: nothing to do
+    finally:
+        rt.close()
