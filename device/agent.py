@@ -124,7 +124,7 @@ class Agent:
             raise
         self.accelerators = discover(fs)
         self._started = False
-        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event,
+        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event, clock=clock,
                                quarantine_path=os.path.join(self.state_dir, "quarantine.json"))
         policies = CpuFreq(fs).policies()
         self.reader = BoardReader(fs, clock=self.board_clock, slope_window_s=self.policy.slope_window_s,

@@ -47,7 +47,7 @@ class PlanApplier:
     def resolve_variant(self, name: str) -> str:
         """The runtime variant (or ``auto``) a plan's variant name stands for on this board."""
         manifest = self.runtime.manifest
-        if name in ("auto", "default"):  # "default": the former name of "auto", still in older configs
+        if name == "auto":
             return "auto"
         if name == "cheapest":
             accel = (self.runtime.status().get("delegate") or "") == "edgetpu"

@@ -79,6 +79,10 @@ class RuntimeConfig:
         "", "Edge TPU to open; empty lets libedgetpu choose.",
         pattern=r"(usb|pci)(:[0-9]+)?", expect="usb, usb:N, pci or pci:N", allow_empty=True,
     )
+    delegate_fallback: bool = setting(
+        False, "Allow an explicit delegate (edgetpu, gpu) that cannot be used to fall back to the CPU; otherwise "
+               "it is an error (delegate_unavailable) and the runtime does not serve."
+    )
     gpu_delegate: str = setting(
         "", "GPU delegate library path or name; empty tries the known GPU delegate library names."
     )
@@ -92,6 +96,10 @@ class RuntimeConfig:
     )
     start_timeout_s: float = setting(
         60.0, "How long a worker may take to load the model and warm up.", minimum=1, maximum=600
+    )
+    not_serving_retry_s: float = setting(
+        60.0, "A runtime that no variant can serve retries its variants at most this often.", minimum=1,
+        maximum=86400
     )
     quarantine_after: int = setting(
         3, "Consecutive worker crashes on one model file before it is quarantined.", minimum=1, maximum=100

@@ -67,8 +67,7 @@ def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
                              ambient_c=args.ambient, battery_mah=5000.0 if battery else None,
                              soc_pct=battery or 100.0, mains=battery is None)
         score = _Score()
-        agent = Agent(cfg, board=board, on_event=lambda kind, data: out(f"event {kind}: {_short(data)}"),
-                      on_result=score.add)
+        agent = Agent(cfg, board=board, on_event=lambda kind, data: _echo(out, kind, data), on_result=score.add)
         score.source = agent.mcu.source
         summary = _watch(agent, board, score, seconds, clock, out)
     if args.json:
@@ -119,8 +118,6 @@ def _watch(agent, board, score: _Score, seconds: float, clock, out) -> dict:
         st = rt.status()
         out(f"backend {st['backend']} {st['backend_version']}, delegate {st['delegate']}, isolation "
             f"{st['isolation']}, threads {st['threads']}, variant {st['variant']}")
-        for fb in st["delegate_fallbacks"]:
-            out(f"  fallback: {fb}")
         start = clock.monotonic()
         next_line = start + 1.0
         while clock.monotonic() - start < seconds and runner.is_alive():
@@ -161,6 +158,12 @@ def _line(agent, score: _Score, t: float, out) -> None:
         f"variant={s['variant'] or '-':<4} threads={s['threads']} p50={lat if lat is not None else float('nan'):.3f}ms "
         f"results={agent.results} failures={agent.failures} last={score.last[0]}({score.last[1]:.2f}) "
         f"truth={score.source.state} agree={score.agreement(0)}")
+
+
+def _echo(out, kind: str, data: dict) -> None:
+    # A delegate fallback is already one warning line from the runtime: saying it again is noise.
+    if kind != "delegate_fallback":
+        out(f"event {kind}: {_short(data)}")
 
 
 def _short(data: dict) -> str:

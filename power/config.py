@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from device.configschema import section, setting
 
-_VARIANT = dict(pattern=r"(?s).*\S.*", expect="'default', 'cheapest' or a variant name")
+_VARIANT = dict(pattern=r"(?s).*\S.*", expect="'auto', 'cheapest' or a variant name")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class PerformanceLevel:
 
     freq_pct: float = setting(100.0, "CPU frequency cap, percent of the maximum.", minimum=1, maximum=100)
     threads: int = setting(0, "Interpreter threads; 0 means one per CPU.", minimum=0, maximum=64)
-    variant: str = setting("default", "Model variant: default, cheapest, or a variant name.", **_VARIANT)
+    variant: str = setting("auto", "Model variant: auto (the runtime picks), cheapest, or a variant name.", **_VARIANT)
     interval_ms: int = setting(0, "Minimum time between inferences; 0 means as often as windows arrive.",
                                minimum=0, maximum=3600000)
     telemetry_s: float = setting(10.0, "Telemetry period.", minimum=1, maximum=86400)
@@ -40,7 +40,8 @@ def _level(name: str, temp_: float, battery_: float, freq_: float, threads_: int
                                            minimum=0, maximum=100)
         freq_pct: float = setting(freq_, "CPU frequency cap, percent of the maximum.", minimum=1, maximum=100)
         threads: int = setting(threads_, "Interpreter threads; 0 means one per CPU.", minimum=0, maximum=64)
-        variant: str = setting(variant_, "Model variant: default, cheapest, or a variant name.", **_VARIANT)
+        variant: str = setting(variant_, "Model variant: auto (the runtime picks), cheapest, or a variant name.",
+                               **_VARIANT)
         interval_ms: int = setting(interval_, "Minimum time between inferences; 0 means as often as windows arrive.",
                                    minimum=0, maximum=3600000)
         telemetry_s: float = setting(telemetry_, "Telemetry period.", minimum=1, maximum=86400)

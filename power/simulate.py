@@ -61,7 +61,7 @@ class Trace:
 
 def _variant_cost(name: str, costs: Mapping[str, float], default: str) -> tuple[float, bool]:
     """Cost of a plan variant name and whether it is cheaper than the default."""
-    if name in ("auto", "default"):  # "default": the former name of "auto", still in older configs
+    if name == "auto":
         name = default
     elif name == "cheapest":
         name = min(costs, key=costs.get)

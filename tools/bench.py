@@ -24,41 +24,22 @@ BLOCK = 10  # inferences per side between switches (see run_bench)
 
 
 def add_arguments(p) -> None:
+    from device.cli import nonnegative_float, number, positive_int
+
     p.add_argument("model", help="a .tflite file or a model directory with model.json")
     p.add_argument("--variant", default="auto", help="variant of a model directory (default: auto)")
-    p.add_argument("--runs", type=_positive, default=200, help="timed inferences (default 200)")
-    p.add_argument("--warmup", type=_non_negative, default=20, help="untimed inferences first (default 20)")
-    p.add_argument("--threads", type=_positive, default=None, help="interpreter threads (default: config)")
+    p.add_argument("--runs", type=positive_int, default=200, help="timed inferences (default 200)")
+    p.add_argument("--warmup", type=number(int, minimum=0), default=20, help="untimed inferences first (default 20)")
+    p.add_argument("--threads", type=positive_int, default=None, help="interpreter threads (default: config)")
     p.add_argument("--isolation", choices=("process", "inline"), default=None, help="default: config")
     p.add_argument("--delegate", choices=("auto", "cpu", "edgetpu", "gpu"), default=None, help="default: config")
     p.add_argument("--backend", choices=("auto", "litert", "tflite"), default=None, help="default: config")
-    p.add_argument("--pace-ms", type=_non_negative_float, default=0.0,
+    p.add_argument("--pace-ms", type=nonnegative_float, default=0.0,
                    help="idle this long before each inference, as at a sensor's pace (default 0: back to back)")
     p.add_argument("--stages", action="store_true",
                    help="also report where a request's time goes, stage by stage (process isolation)")
     p.add_argument("--no-raw", action="store_true", help="skip the bare-interpreter comparison")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-
-
-def _positive(v: str) -> int:
-    n = int(v)
-    if n < 1:
-        raise ValueError(v)
-    return n
-
-
-def _non_negative(v: str) -> int:
-    n = int(v)
-    if n < 0:
-        raise ValueError(v)
-    return n
-
-
-def _non_negative_float(v: str) -> float:
-    x = float(v)
-    if not 0 <= x <= 60_000:  # also refuses nan and inf
-        raise ValueError(v)
-    return x
 
 
 def rss_mb(pid: int | None = None) -> float | None:

@@ -196,11 +196,20 @@ def test_config_check_refuses_what_run_refuses(tmp_path, capsys):
 
 
 def test_config_check_ok(tmp_path, capsys):
-    path = write(tmp_path, "[runtime]\nthreads = 3\n")
+    path = write(tmp_path, '[runtime]\nthreads = 3\n[drivers]\nsensor_url = "/dev/ttyAMA0"\n')
     assert main(["config", "check", "--config", path]) == 0
     assert capsys.readouterr().out == f"{path}: ok\n"
     assert main(["config", "check", "--json", "--config", path]) == 0
     assert json.loads(capsys.readouterr().out) == {"ok": True, "source": path}
+
+
+def test_config_check_refuses_what_run_refuses_a_board_without_a_sensor(tmp_path, capsys):
+    path = write(tmp_path, "[runtime]\nthreads = 3\n")  # loads for every tool, but the agent cannot start
+    assert main(["config", "check", "--json", "--config", path]) == 2
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert err["key"] == "drivers.sensor_url" and "--sim" in err["message"]
+    sim = write(tmp_path, '[drivers]\nvirtual_board = "rpi4"\n')
+    assert main(["config", "check", "--config", sim]) == 0  # simulation asked for is a valid board config
 
 
 @pytest.mark.parametrize("toml, key, message", [
