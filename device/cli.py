@@ -77,6 +77,24 @@ positive_float = number(float, above=0)
 nonnegative_float = number(float, minimum=0)
 
 
+def for_people(value, unit: str = "", none: str = "unknown") -> str:
+    """A value as a person reads it, not as Python prints it: ``yes``/``no``, ``0-3`` for consecutive CPUs, a list
+    joined with ``; ``, a mapping as ``key value, ...``, ``none`` for an empty list and ``none`` (the argument)
+    for a missing value."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {for_people(v, none=none)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+                and list(value) == list(range(value[0], value[0] + len(value))):
+            return f"{value[0]}-{value[-1]}" if len(value) > 1 else str(value[0])
+        return "; ".join(for_people(v, none=none) for v in value) or "none"
+    return f"{value}{unit}"
+
+
 def sim_argument(parser, help: str, *, default_profile: str | None = "rpi4") -> None:
     """Adds ``--sim [PROFILE]``, the one flag that asks for a simulated board in ``run``, ``demo`` and ``power``.
 

@@ -212,7 +212,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
+        from device.cli import for_people
+
         width = max(len(k) for k in report)
         for k, v in report.items():
-            print(f"{k:<{width}}  {v}")
+            print(f"{k:<{width}}  {for_people(v, none='-')}")
     return 0 if report.get("identical") in (True, None) else 1

@@ -37,7 +37,9 @@ def add_arguments(p) -> None:
     st.add_argument("--json", action="store_true", help="print one JSON object")
     sim = sub.add_parser("simulate", help="run the configured policy on a virtual board, against static maximum",
                          parents=subcommand_parents())
-    sim.add_argument("--profile", choices=sorted(PROFILES), default="rpi4")
+    sim.add_argument("--sim", "--profile", dest="profile", choices=sorted(PROFILES), default="rpi4", metavar="PROFILE",
+                     help=f"the virtual board profile (as --sim in run and demo; default rpi4): "
+                          f"{', '.join(sorted(PROFILES))}")
     sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="hot")
     sim.add_argument("--hours", type=number(float, above=0, maximum=24 * 365),
                      help="simulated duration (default: the scenario's)")
@@ -120,16 +122,9 @@ def _status(args, cfg, policy) -> int:
 
 
 def _v(value, unit: str = "") -> str:
-    """A value for people: ``unknown``, ``yes``/``no``, ``0-3`` for consecutive CPUs, a list joined by commas."""
-    if value is None:
-        return "unknown"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (list, tuple)):
-        if value and all(isinstance(v, int) for v in value) and list(value) == list(range(value[0], value[-1] + 1)):
-            return f"{value[0]}-{value[-1]}" if len(value) > 1 else str(value[0])
-        return ", ".join(str(v) for v in value) or "none"
-    return f"{value}{unit}"
+    from device.cli import for_people
+
+    return for_people(value, unit)
 
 
 _SCENARIO_TEXT = {"hours": "{} h", "ambient_c": "ambient {} C", "battery_mah": "battery {} mAh",
