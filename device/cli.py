@@ -146,7 +146,7 @@ def _config_args(p):
 
 def _config(args) -> int:
     from device import config
-    from device.errors import ConfigError
+    from device.errors import ConfigError, error_json
 
     if args.action in ("defaults", "keys"):
         if args.json:
@@ -161,7 +161,7 @@ def _config(args) -> int:
     except ConfigError as exc:
         if not args.json:
             raise  # main prints the usual one-line error, exit 2
-        print(json.dumps({"ok": False, "error": config.error_dict(exc)}))
+        print(json.dumps(error_json(exc)))
         return 2
     if args.action == "check":
         print(json.dumps({"ok": True, "source": cfg.source}) if args.json else f"{cfg.source}: ok")

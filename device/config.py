@@ -381,16 +381,6 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     return loads(text, source=resolved)
 
 
-def error_dict(exc: ConfigError) -> dict[str, str]:
-    """A config error as JSON-able data, as ``fieldnode config check --json`` prints it.
-
-    Returns:
-        ``{"code", "key", "message", "source"}``: the stable code, the dotted key (``""`` for a problem with
-        the whole file), the message without the source and key in front, and the file.
-    """
-    return {"code": exc.code, "key": exc.key_path, "message": exc.message, "source": exc.source}
-
-
 def agent_problems(cfg: Config) -> list[tuple[str, str]]:
     """What keeps the agent (``fieldnode run``) from starting, though every tool may load the config.
 

@@ -12,6 +12,10 @@ class FieldnodeError(Exception):
 
     code = "error"
 
+    def as_json(self) -> dict:
+        """The error as data: ``{"code", "message"}`` (a family may add fields, such as the config's key)."""
+        return {"code": self.code, "message": str(self)}
+
 
 class ConfigError(FieldnodeError):
     """The configuration is malformed: unreadable file, bad TOML, unknown key, wrong type or range."""
@@ -25,3 +29,17 @@ class ConfigError(FieldnodeError):
         where = f"{source}: " if source else ""
         key = f"{key_path}: " if key_path else ""
         super().__init__(f"{where}{key}{message}")
+
+    def as_json(self) -> dict:
+        """``{"code", "key", "message", "source"}``: the dotted key (``""`` for the whole file), the message
+        without the source and key in front, and the file."""
+        return {"code": self.code, "key": self.key_path, "message": self.message, "source": self.source}
+
+
+def error_json(exc: FieldnodeError) -> dict:
+    """An error as every command's ``--json`` prints it: ``{"ok": false, "error": {"code", "message", ...}}``.
+
+    (``fieldnode send`` prints its own failures in the shape of a board's error reply, which carries the same
+    ``error`` object: see :func:`device.link.wire.error_reply`.)
+    """
+    return {"ok": False, "error": exc.as_json()}

@@ -66,13 +66,13 @@ def check_variant(runtime, vectors: dict, variant: str, tolerance: int = 2) -> d
 
 def run(args) -> int:
     from device.errors import FieldnodeError
-    from device.runtime.errors import json_error
+    from device.errors import error_json
 
     try:
         report = check_model(args)
     except FieldnodeError as exc:
         if args.json:
-            print(json.dumps(json_error(exc)))
+            print(json.dumps(error_json(exc)))
         raise  # the command line prints the one-line error on stderr
     if args.json:
         print(json.dumps(report))

@@ -194,7 +194,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
 def run(args) -> int:
     from device.cli import load_config
     from device.errors import FieldnodeError
-    from device.runtime.errors import json_error
+    from device.errors import error_json
 
     try:
         cfg = load_config(args).runtime
@@ -207,7 +207,7 @@ def run(args) -> int:
         )
     except FieldnodeError as exc:
         if args.json:
-            print(json.dumps(json_error(exc)))
+            print(json.dumps(error_json(exc)))
         raise  # the command line prints the one-line error on stderr
     if args.json:
         print(json.dumps(report))

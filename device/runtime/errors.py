@@ -80,8 +80,3 @@ class RuntimeClosed(InferenceFailed):
     """The runtime or engine has been closed."""
 
     code = "runtime_closed"
-
-
-def json_error(exc: FieldnodeError) -> dict:
-    """An error as a command's ``--json`` prints it: ``{"ok": false, "error": {"code", "message"}}``."""
-    return {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
