@@ -146,7 +146,6 @@ def _config_args(p):
 
 def _config(args) -> int:
     from device import config
-    from device.errors import ConfigError, error_json
 
     if args.action in ("defaults", "keys"):
         if args.json:
@@ -154,15 +153,9 @@ def _config(args) -> int:
             return 2
         print(config.render_toml() if args.action == "defaults" else config.render_markdown())
         return 0
-    try:
-        cfg = load_config(args)
-        if args.action == "check":
-            config.check_agent(cfg)  # what fieldnode run would refuse, too
-    except ConfigError as exc:
-        if not args.json:
-            raise  # main prints the usual one-line error, exit 2
-        print(json.dumps(error_json(exc)))
-        return 2
+    cfg = load_config(args)  # an invalid config: main prints the error (as JSON too with --json), exit 2
+    if args.action == "check":
+        config.check_agent(cfg)  # what fieldnode run would refuse, too
     if args.action == "check":
         print(json.dumps({"ok": True, "source": cfg.source}) if args.json else f"{cfg.source}: ok")
         return 0
@@ -242,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except FieldnodeError as exc:
+        if getattr(args, "json", False):  # every --json command: the error as one JSON object on stdout too
+            from device.errors import error_json
+
+            print(json.dumps(error_json(exc)))
         print(f"fieldnode {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)
         return 2 if exc.code == "config_invalid" else 1
     except OSError as exc:  # a file or device the user named, or the state directory

@@ -193,22 +193,17 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
 
 def run(args) -> int:
     from device.cli import load_config
-    from device.errors import FieldnodeError
-    from device.errors import error_json
 
-    try:
-        cfg = load_config(args).runtime
-        report = run_bench(
-            args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
-            threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
-            delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
-            pace_ms=args.pace_ms, stages=args.stages, delegate_fallback=getattr(cfg, "delegate_fallback", False),
-            progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
-        )
-    except FieldnodeError as exc:
-        if args.json:
-            print(json.dumps(error_json(exc)))
-        raise  # the command line prints the one-line error on stderr
+    # An error (a model that will not load, a delegate that is missing) is printed by the command line: one line
+    # on stderr, and with --json the error object on stdout too.
+    cfg = load_config(args).runtime
+    report = run_bench(
+        args.model, variant=args.variant, runs=args.runs, warmup=args.warmup,
+        threads=args.threads or cfg.threads, isolation=args.isolation or cfg.isolation,
+        delegate=args.delegate or cfg.delegate, backend=args.backend or cfg.backend, raw=not args.no_raw,
+        pace_ms=args.pace_ms, stages=args.stages, delegate_fallback=cfg.delegate_fallback,
+        progress=lambda i, n: print(f"bench: {i}/{n} runs", file=sys.stderr, flush=True),
+    )
     if args.json:
         print(json.dumps(report))
     else:

@@ -222,7 +222,8 @@ def test_config_check_json_error_object(tmp_path, capsys, toml, key, message):
     assert main(["config", "check", "--json", "--config", path]) == 2
     out, err = capsys.readouterr()
     doc = json.loads(out)
-    assert err == "" and out.count("\n") == 1  # one object on one line, nothing on stderr
+    assert out.count("\n") == 1  # one object on one line; people get the usual line on stderr
+    assert err.startswith("fieldnode config: error [config_invalid]: ") and err.count("\n") == 1
     assert doc["ok"] is False and set(doc["error"]) == {"code", "key", "message", "source"}
     assert doc["error"]["code"] == "config_invalid"
     assert doc["error"]["key"] == key and doc["error"]["source"] == path
