@@ -1,8 +1,11 @@
-"""``fieldnode keys``: the operator's Ed25519 keys for signed commands (docs/signing.md).
+"""``fieldnode keys``: the operator's Ed25519 keys for signed commands (docs/signing.md), boards' age keys.
 
 - ``generate NAME [--out DIR]`` writes ``NAME.key`` (PKCS8 PEM, mode 0600) and ``NAME.pub``
   (SubjectPublicKeyInfo PEM). It never overwrites a file, and prints the key id and how to install the
   public key on boards (``/etc/fieldnode/trust/``).
+- ``generate NAME --kind recipient [--out DIR]`` makes a board's age X25519 identity: ``NAME.age`` (mode
+  0600, ``age-keygen``'s identity file format, with a ``# public key: age1...`` line) that stays on the
+  board, and prints its recipient (``age1...``), which the operator grants releases to (docs/updates.md).
 - ``id FILE`` prints the key id of a public or private key file.
 - ``sign --key KEY --device ID --cmd CMD [--args JSON] [--ttl S]`` prints a signed envelope as one JSON line,
   ready to publish to the board's command topic.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
 import json
 import os
@@ -27,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from device.link import envelope
 from device.link.errors import EnvelopeError
 from device.link.send import positive_seconds
+from device.update import age
 from device.statefile import fsync_dir, write_temp
 
 TRUST_DIR = envelope.DEFAULT_TRUST_DIR
@@ -46,9 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """
     sub = p.add_subparsers(dest="keys_action", metavar="ACTION", required=True)
     g = sub.add_parser("generate", help="make a key pair: NAME.key (private) and NAME.pub (for the boards)",
-                       description="Make an Ed25519 key pair; never overwrites existing files.")
+                       description="Make an Ed25519 signing key pair (NAME.key, NAME.pub) or, with --kind "
+                                   "recipient, a board's age identity (NAME.age) and print its recipient; "
+                                   "never overwrites existing files.")
     g.add_argument("name", help="key name: 1-64 characters from A-Z, a-z, 0-9, '.', '_', '-'")
-    g.add_argument("--out", metavar="DIR", default=".", help="directory for the two files (default: here)")
+    g.add_argument("--kind", choices=("signing", "recipient"), default="signing",
+                   help="signing: an Ed25519 pair for signed commands (default); recipient: a board's age "
+                        "identity for encrypted updates")
+    g.add_argument("--out", metavar="DIR", default=".", help="directory for the files (default: here)")
     i = sub.add_parser("id", help="print the key id of a .pub or .key file",
                        description="Print the key id (first 16 hex digits of SHA-256 of the raw public key).")
     i.add_argument("file", help="a PEM Ed25519 public or private key")
@@ -74,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     action = args.keys_action
     try:
         if action == "generate":
+            if getattr(args, "kind", "signing") == "recipient":
+                return _generate_recipient(args.name, args.out)
             return _generate(args.name, args.out)
         if action == "id":
             print(envelope.key_id(_load_any_key(args.file)))
@@ -88,15 +100,19 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _generate(name: str, out: str) -> int:
-    if not _NAME_RE.match(name) or name.endswith((".key", ".pub")):
+def _check_name_and_dir(name: str, out: str, suffixes: tuple[str, ...]) -> None:
+    if not _NAME_RE.match(name) or name.endswith(suffixes):
         raise _BadInput(f"key name {name!r}: expected 1-64 characters from A-Z, a-z, 0-9, '.', '_', '-' "
-                        f"(not starting with '.' or '-', without .key/.pub)")
+                        f"(not starting with '.' or '-', without {'/'.join(suffixes)})")
     if not os.path.isdir(out):
         try:
             os.makedirs(out, mode=0o700)
         except OSError as exc:
             raise _BadInput(f"output directory {out}: cannot create it ({exc.strerror or exc})") from exc
+
+
+def _generate(name: str, out: str) -> int:
+    _check_name_and_dir(name, out, (".key", ".pub"))
     key_path, pub_path = os.path.join(out, f"{name}.key"), os.path.join(out, f"{name}.pub")
     existing = [p for p in (key_path, pub_path) if os.path.lexists(p)]
     if existing:
@@ -121,6 +137,25 @@ def _generate(name: str, out: str) -> int:
     print(f"private key: {key_path} (mode 0600; keep it off the boards)")
     print(f"public key: {pub_path}")
     print(f"install on each board: sudo install -m 0644 {pub_path} {TRUST_DIR}/")
+    return 0
+
+
+def _generate_recipient(name: str, out: str) -> int:
+    """A board's age identity in ``NAME.age`` (0600, as ``age-keygen`` writes it); prints the recipient."""
+    _check_name_and_dir(name, out, (".key", ".pub", ".age"))
+    path = os.path.join(out, f"{name}.age")
+    if os.path.lexists(path):
+        raise _BadInput(f"refusing to overwrite {path}; choose another name or --out")
+    identity, recipient = age.generate_identity()
+    created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = f"# created: {created}\n# public key: {recipient}\n{identity}\n"
+    try:
+        _write_new(path, text.encode("ascii"), 0o600)
+    except FileExistsError as exc:  # created by someone else since the check above
+        raise _BadInput(f"refusing to overwrite {exc.filename}; choose another name or --out") from exc
+    print(f"recipient: {recipient}")
+    print(f"identity: {path} (mode 0600; install it on the board only, keep no other copy)")
+    print(f"grant a release to it: fieldnode repo grant REPO --device ID --recipient {recipient}")
     return 0
 
 

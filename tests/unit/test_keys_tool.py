@@ -181,3 +181,73 @@ def test_an_action_is_required(capsys):
 
 def test_generated_key_is_ed25519(pair):
     assert isinstance(load_private_key(pair[0]), ed25519.Ed25519PrivateKey)
+
+
+# --- generate --kind recipient: a board's age identity ---------------------------------------------------
+
+
+def test_generate_recipient_writes_an_age_identity_file(tmp_path, capsys):
+    import pyrage
+
+    from device.update import age
+
+    assert call("generate", "pump-07", "--kind", "recipient", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "pump-07.age"
+    assert sorted(os.listdir(tmp_path)) == ["pump-07.age"]  # no .key/.pub, no temp files
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# created: ") and lines[1].startswith("# public key: age1")
+    recipient = lines[1].split(": ")[1]
+    assert f"recipient: {recipient}\n" in out
+    assert f"identity: {path} (mode 0600" in out
+    (identity,) = age.read_identity_file(str(path))
+    assert lines[2] == identity and age.recipient_of(identity) == recipient
+    # The standard tools agree: the printed recipient is the file's identity's.
+    assert str(pyrage.x25519.Identity.from_str(identity).to_public()) == recipient
+    sealed = age.encrypt_bytes(b"release key", [recipient])
+    assert pyrage.decrypt(sealed, [pyrage.x25519.Identity.from_str(identity)]) == b"release key"
+
+
+def test_generate_recipient_makes_a_new_key_each_time(tmp_path, capsys):
+    assert call("generate", "a", "--kind", "recipient", "--out", str(tmp_path)) == 0
+    assert call("generate", "b", "--kind", "recipient", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    recipients = [line.split(": ")[1] for line in out.splitlines() if line.startswith("recipient: ")]
+    assert len(recipients) == 2 and recipients[0] != recipients[1]
+
+
+def test_generate_recipient_never_overwrites(tmp_path, capsys):
+    (tmp_path / "pump-07.age").write_bytes(b"precious")
+    assert call("generate", "pump-07", "--kind", "recipient", "--out", str(tmp_path)) == 2
+    assert f"refusing to overwrite {tmp_path / 'pump-07.age'}" in capsys.readouterr().err
+    assert (tmp_path / "pump-07.age").read_bytes() == b"precious"
+    assert os.listdir(tmp_path) == ["pump-07.age"]
+
+
+@pytest.mark.parametrize("name", ["../evil", "x.age", "x.key", ".hidden", ""])
+def test_generate_recipient_refuses_bad_names(tmp_path, capsys, name):
+    assert call("generate", name, "--kind", "recipient", "--out", str(tmp_path)) == 2
+    assert f"key name {name!r}" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_recipient_write_failure_exits_1_and_leaves_nothing(tmp_path, capsys, mocker):
+    mocker.patch.object(keys.os, "link", side_effect=OSError(28, "No space left on device", "x"))
+    assert call("generate", "pump-07", "--kind", "recipient", "--out", str(tmp_path)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_default_kind_is_still_a_signing_pair(tmp_path, capsys):
+    assert call("generate", "ops", "--kind", "signing", "--out", str(tmp_path)) == 0
+    assert sorted(os.listdir(tmp_path)) == ["ops.key", "ops.pub"]
+    assert "key id: " in capsys.readouterr().out
+
+
+def test_generate_unknown_kind_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        call("generate", "ops", "--kind", "gpg", "--out", str(tmp_path))
+    assert info.value.code == 2
+    assert "--kind" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
