@@ -191,6 +191,7 @@ _lazy("tools.power", "power", "the power governor: read this board's state, or s
 _lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, sign")
 _lazy("device.agent", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
 _lazy("device.link.send", "send", "send one command to a board and print its reply")
+_lazy("tools.repo", "repo", "the operator's update repository: init, add-model, grant, publish, rotate, export")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
