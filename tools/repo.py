@@ -209,6 +209,7 @@ def _dispatch(args) -> tuple:
                      f"{', '.join(rel['hwclass']) or 'any'}, ring {rel['ring']}, {rel['grants']} grant(s)"
                      f"{'' if rel['published'] else ' (staged)'}")
     lines.append(f"grants: {res['grants']}")
+    lines += [f"key problem: {p}" for p in res["key_problems"]]
     return res, lines
 
 

@@ -104,11 +104,13 @@ def read_secret(path: str, what: str) -> bytes:
     return data
 
 
-def load_signers(*directories: str) -> dict:
+def load_signers(*directories: str, problems: list | None = None) -> dict:
     """Loads every ``*.pem`` signing key in ``directories`` and their ``retired/`` subdirectories.
 
     Args:
         directories: Key directories; a missing one is skipped (the caller reports which keys it lacked).
+        problems: When given, a bad key file is skipped and its error message appended here instead of raised
+            (for ``status``, which reports rather than refuses).
 
     Returns:
         ``{keyid: CryptoSigner}``.
@@ -133,13 +135,20 @@ def load_signers(*directories: str) -> dict:
                 path = os.path.join(directory, name)
                 if not name.endswith(".pem") or not os.path.isfile(path):
                     continue
-                pem = read_secret(path, "signing key")
                 try:
-                    private = load_pem_private_key(pem, None)
-                except (ValueError, TypeError) as exc:
-                    raise RepositoryError(f"signing key {path}: not an unencrypted PEM private key ({exc})") from exc
-                if not isinstance(private, ed25519.Ed25519PrivateKey):
-                    raise RepositoryError(f"signing key {path}: not an Ed25519 key")
+                    pem = read_secret(path, "signing key")
+                    try:
+                        private = load_pem_private_key(pem, None)
+                    except (ValueError, TypeError) as exc:
+                        raise RepositoryError(f"signing key {path}: not an unencrypted PEM private key "
+                                              f"({exc})") from exc
+                    if not isinstance(private, ed25519.Ed25519PrivateKey):
+                        raise RepositoryError(f"signing key {path}: not an Ed25519 key")
+                except RepositoryError as exc:
+                    if problems is None:
+                        raise
+                    problems.append(str(exc))
+                    continue
                 public = SSlibKey.from_crypto(private.public_key(), scheme="ed25519")
                 signers.setdefault(public.keyid, CryptoSigner(private, public))
     return signers

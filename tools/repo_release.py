@@ -55,25 +55,6 @@ def _check_name(what: str, value: str) -> str:
     return value
 
 
-class _HashingReader:
-    """A read-only file wrapper that hashes and counts what passes through (the plaintext on its way to age)."""
-
-    def __init__(self, fh):
-        self._fh, self.sha256, self.length = fh, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._fh.read(n)
-        self.sha256.update(data)
-        self.length += len(data)
-        return data
-
-    def readinto(self, buf) -> int:
-        n = self._fh.readinto(buf)
-        self.sha256.update(memoryview(buf)[:n])
-        self.length += n
-        return n
-
-
 def _age():
     from device.update import age
 
@@ -99,8 +80,8 @@ def _encrypt_target(repo: Repository, src_path: str, target_path: str, recipient
         try:
             with open(src_path, "rb") as src, os.fdopen(fd, "w+b") as dst:
                 os.fchmod(dst.fileno(), 0o644)
-                reader = _HashingReader(src)
-                _age().encrypt(reader, dst, [recipient])
+                digest = hashlib.sha256()
+                length = _age().encrypt(src, dst, [recipient], chunk_hook=digest.update)
                 dst.flush()
                 os.fsync(dst.fileno())
                 dst.seek(0)
@@ -115,7 +96,7 @@ def _encrypt_target(repo: Repository, src_path: str, target_path: str, recipient
             os.unlink(tmp)
         raise
     fsync_dir(directory)
-    return info, reader.sha256.hexdigest(), reader.length
+    return info, digest.hexdigest(), length
 
 
 def _file_size(path: str, what: str) -> int:
@@ -290,8 +271,8 @@ def grant(repo: Repository, devices: list, *, release: str | None = None, name: 
         if not isinstance(device_id, str) or not _DEVICE_RE.match(device_id):
             raise RepositoryError(f"--device {device_id!r}: expected 1-128 printable characters without spaces")
         try:
-            age.encrypt_bytes(b"", [recipient])
-        except (UpdateError, ValueError, TypeError) as exc:
+            age.parse_recipient(recipient)
+        except UpdateError as exc:
             raise RepositoryError(f"device {device_id}: recipient {recipient!r} is not an age X25519 recipient "
                                   f"(age1...): {exc}") from exc
     with repo.lock():
@@ -318,7 +299,8 @@ def status(repo: Repository, now: datetime.datetime | None = None) -> dict:
     the model releases and how many boards each is granted to."""
     now = now or utcnow()
     root = repo.published("root").signed
-    available = repo_keys.load_signers(repo.offline_keys, repo.online_keys)
+    problems: list = []
+    available = repo_keys.load_signers(repo.offline_keys, repo.online_keys, problems=problems)
     roles = {}
     for role in ("root", "targets", "snapshot", "timestamp"):
         md = repo.published(role).signed
@@ -341,4 +323,4 @@ def status(repo: Repository, now: datetime.datetime | None = None) -> dict:
                          "ring": custom.get("ring"), "min_agent": custom.get("min_agent"), "length": info.length,
                          "published": path in published, "grants": granted})
     return {"path": repo.path, "consistent_snapshot": bool(root.consistent_snapshot), "roles": roles,
-            "staged": repo.staged_roles(), "releases": releases, "grants": total}
+            "staged": repo.staged_roles(), "releases": releases, "grants": total, "key_problems": problems}
