@@ -127,7 +127,7 @@ def export(repo: Repository, out: str, *, valid_days: float = DEFAULT_VALID_DAYS
             size = 0
             for path, info in sorted(targets.signed.targets.items()):
                 directory, _, base = path.rpartition("/")
-                stored = f"{directory}/{info.hashes['sha256']}.{base}" if directory else f"{info.hashes['sha256']}.{base}"
+                stored = f"{directory}/{info.hashes['sha256']}.{base}".lstrip("/")
                 src = os.path.join(repo.targets_dir, *stored.split("/"))
                 if not os.path.isfile(src):
                     raise RepositoryError(f"export: target {path} is listed but {src} is missing")

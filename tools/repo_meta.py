@@ -21,7 +21,6 @@ a board; what it must get right is what it signs, and that it never signs with a
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import os
 import re

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 
 from device.update.errors import RepositoryError
 from tools import repo_keys
@@ -85,8 +84,8 @@ def publish(repo: Repository, *, resign: tuple = (), days: dict | None = None,
         if targets is not None:
             _verify(root, "targets", targets, f"staged targets version {targets.signed.version}")
         else:
-            _verify(root, "targets", repo.published("targets"), "published targets (the new root no longer trusts "
-                                                                "its keys; rotate staged no re-signed targets)")
+            # A staged root must still trust the keys that signed the published targets.
+            _verify(root, "targets", repo.published("targets"), "the published targets")
         online = repo_keys.load_signers(repo.online_keys)
         trusting = [root]
         also = [old_root.signed] if new_root is not None else []

@@ -179,8 +179,8 @@ def add_model(repo: Repository, *, model: str, name: str, variant: str, version:
         prefix = f"models/{name}/{variant}"
         vectors = None
         if test_vectors is not None:
-            ext = os.path.splitext(test_vectors)[1] if re.match(r"\.[A-Za-z0-9]{1,8}\Z",
-                                                                os.path.splitext(test_vectors)[1]) else ""
+            ext = os.path.splitext(test_vectors)[1]
+            ext = ext if re.match(r"\.[A-Za-z0-9]{1,8}\Z", ext) else ""  # keep .npz; never a path character
             vpath = f"{prefix}/{version}.testvectors{ext}.age"
             vinfo, vsha, vlen = _encrypt_target(repo, test_vectors, vpath, recipient)
             vinfo.unrecognized_fields["custom"] = {"kind": "test_vectors", "name": name, "variant": variant,

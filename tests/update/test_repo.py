@@ -15,7 +15,6 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata
 
 from device.update import age
-from device.update.errors import RepositoryError
 from tests.update.reposim import open_release, repo, repo_error, updater
 from tools.repo_release import grant_path
 

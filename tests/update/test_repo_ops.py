@@ -167,3 +167,32 @@ def test_the_installed_command_prints_errors_without_a_traceback(tmp_path):
     usage = subprocess.run([sys.executable, "-m", "device.cli", "repo", "publish", str(tmp_path), "--expires",
                             "forever=1"], capture_output=True, text=True, env=env, timeout=60)
     assert usage.returncode == 2 and "expected ROLE=DAYS" in usage.stderr and "Traceback" not in usage.stderr
+
+
+def test_the_worked_example_in_docs_runs_and_a_board_can_read_the_stick(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "updates.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    example = text.split("### Worked example", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").chmod(0o755)
+    (shims / "python3").symlink_to(sys.executable)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)
+    done = subprocess.run(["bash", "-e", "-c", example], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    stick = str(work / "stick" / "fieldnode")
+    client = updater(stick, str(tmp_path / "board"))
+    client.refresh()
+    info = client.get_targetinfo("models/vibration/full/2.tflite.age")
+    with open(client.download_target(info), "rb") as fh:
+        plain = open_release(stick, info.custom["release"], "board-0001",
+                             age.read_identity_file(str(work / "boards" / "board-0001.age"))[0], fh.read())
+    from device.runtime.manifest import bundled_model_dir
+
+    with open(os.path.join(bundled_model_dir(), "vibration_full.tflite"), "rb") as fh:
+        assert plain == fh.read()
