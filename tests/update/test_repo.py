@@ -236,3 +236,24 @@ def test_grants_are_idempotent_and_bad_input_writes_nothing(made, files, tmp_pat
         error = repo_error(capsys, "grant", made, *argv)
         assert error["code"] == "E_REPO" and words in error["message"], (argv, error)
     assert sorted(os.walk(os.path.join(made, "grants"))) == grants_before
+
+
+def test_granting_more_boards_does_not_grow_what_a_board_refreshes(made, files, tmp_path, capsys):
+    model, _ = files
+    release = _add(capsys, made, model, 1)["release"]
+    repo(capsys, "publish", made)
+
+    def refresh_bytes(name):
+        client = updater(made, str(tmp_path / name))
+        client.refresh()
+        fetched = client._fetcher.fetched
+        return sum(os.path.getsize(os.path.join(made, p)) for p in fetched), sorted(fetched)
+
+    few = refresh_bytes("before")
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text("".join(f"board-{i:05d} {age.generate_identity()[1]}\n" for i in range(300)))
+    assert len(repo(capsys, "grant", made, "--recipients-file", str(fleet), "--release", release)["files"]) == 300
+    repo(capsys, "publish", made)
+    many = refresh_bytes("after")
+    assert many == few  # the same files (a fresh client walks the same roots) and the same byte count
+    assert len(os.listdir(os.path.join(made, "grants", release))) == 300
