@@ -33,10 +33,14 @@ import threading
 
 from device import __version__, config
 from device.clock import SYSTEM_CLOCK
-from device.errors import ConfigError, FieldnodeError
+from device.errors import ConfigError
+from device.runtime.errors import DelegateUnavailable
 from device.watch import FaultWatch
 
 log = logging.getLogger(__name__)
+
+# Events after which the retained birth is published again: it says which variant serves, and whether any does.
+_BIRTH_CHANGES = frozenset({"serving", "not_serving", "variant_changed", "variant_fallback"})
 
 
 class Agent:
@@ -73,6 +77,8 @@ class Agent:
         self.policy = Policy.from_config(cfg.power)  # cross-key checks first, before anything is opened
         self.device_id = config.device_id(cfg)
         self.state_dir = cfg.device.state_dir
+        if board is None:
+            config.check_agent(cfg)  # refused before anything is created or opened
         try:
             os.makedirs(self.state_dir, exist_ok=True)
         except OSError as exc:
@@ -89,8 +95,6 @@ class Agent:
         self._on_event, self._on_result = on_event, on_result
         self.board, self.mcu = board, None
         d = cfg.drivers
-        if self.board is None:
-            config.check_agent(cfg)
         if self.board is None and d.virtual_board:
             from drivers.sim.board import VirtualBoard
 
@@ -114,8 +118,6 @@ class Agent:
             url = self.mcu.port
         self.sensor = SerialSensor(url, baudrate=d.sensor_baudrate, read_timeout_s=d.sensor_timeout_s, clock=clock)
         self.sensor_watch = FaultWatch("sensor", self.event, clock=clock)
-        self.runtime_watch = FaultWatch("runtime", self.event, clock=clock)
-        self._runtime_error: str | None = None  # why the runtime could not start at all
         try:
             self.io = BoardIO(d, on_trigger=self._on_trigger, clock=clock)
         except Exception:
@@ -203,11 +205,19 @@ class Agent:
     @property
     def serving(self) -> bool:
         """The runtime can classify windows (it started, and some variant is healthy)."""
-        return self._runtime_error is None and self._started and self.runtime.serving
+        return self._started and self.runtime.serving
+
+    def _runtime_problem(self) -> str | None:
+        """Why the runtime does not serve once started (its own ``not_serving`` / ``serving`` events say when)."""
+        if not self._started or self.runtime.serving:
+            return None
+        return self.runtime.status().get("not_serving_reason") or "no variant can serve"
 
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
         log.info("event %s: %s", kind, data)
+        if kind in _BIRTH_CHANGES and self.link is not None:
+            self.link.refresh_birth()  # the retained state says which variant serves, and whether any does
         if self._on_event is not None:
             self._on_event(kind, data)
         if self.link is None:
@@ -224,14 +234,24 @@ class Agent:
     def status(self) -> dict:
         return {"device": self.device_id, "version": __version__, **self._simulation(), "results": self.results,
                 "failures": self.failures, "serving": self.serving,
-                "faults": {w.name: w.status() for w in (self.sensor_watch, self.runtime_watch) if w.active},
-                "runtime": {**self.runtime.status(), "start_error": self._runtime_error},
+                "faults": self._faults(),
+                "runtime": self.runtime.status(),
                 "governor": self.governor.status(),
                 "sensor": self.sensor.health().to_dict(),
                 "link": self.link.status() if self.link is not None else None,
                 "spool": self.spool.stats() if self.spool is not None else None,
                 "trust_problems": getattr(self, "trust", None) and self.trust.problems,
                 "hardware": self.io.describe(), "accelerators": self.accelerators.summary()}
+
+    def _faults(self) -> dict:
+        """What is wrong now, by part: ``{"sensor": {"problem", "for_s"}, "runtime": {"problem"}}``."""
+        out = {}
+        if self.sensor_watch.active:
+            out["sensor"] = self.sensor_watch.status()
+        problem = self._runtime_problem()
+        if problem is not None:
+            out["runtime"] = {"problem": problem}
+        return out
 
     def telemetry(self) -> dict:
         snap = self.governor.snapshot
@@ -278,23 +298,17 @@ class Agent:
         self.io.update(started=self._started,
                        broker_ok=None if self.link is None else self.link.connected,
                        sensor_ok=not self.sensor_watch.active,
-                       runtime_ok=not self.runtime_watch.active,
+                       runtime_ok=self._runtime_problem() is None,
                        critical=self.governor.level == Level.CRITICAL)
 
     def _watch(self) -> None:
-        """Brings the sensor's and the runtime's faults to the log, the events and the LED."""
+        """Brings a sensor fault to the log, the events and the LED, and the runtime's state to the LED (the
+        runtime says itself when it stops and starts serving)."""
         from drivers.sensor import SensorState
 
         h = self.sensor.health()
         faulty = h.state in (SensorState.DISCONNECTED, SensorState.STALE) and h.last_error is not None
         self.sensor_watch.update(h.last_error if faulty else None, port=self.sensor.url, state=h.state.value)
-        if self._runtime_error is not None:
-            problem = self._runtime_error
-        elif self._started and not self.runtime.serving:
-            problem = self.runtime.status().get("not_serving_reason") or "no variant can serve"
-        else:
-            problem = None
-        self.runtime_watch.update(problem, model=self.runtime.manifest.name)
         self._update_led()
 
     def _govern(self) -> None:
@@ -343,8 +357,8 @@ class Agent:
         self.io.start()
         try:
             self.runtime.start()
-        except FieldnodeError as exc:
-            self._runtime_error = f"{exc} [{exc.code}]"
+        except DelegateUnavailable:
+            pass  # the runtime is down with the reason (its not_serving event) and retries by itself
         self._started = True
         if self.link is not None:
             self.link.refresh_birth()  # the first birth went out before the model had loaded
@@ -367,6 +381,7 @@ class Agent:
         from device.runtime.errors import NotServing
 
         last = watched = 0.0
+        faults: list[str] = []
         try:
             self.start()
             deadline = None if seconds is None else self.clock.monotonic() + seconds
@@ -375,8 +390,14 @@ class Agent:
                 now = self.clock.monotonic()
                 if now - watched >= 1.0:
                     watched = now
-                    self._watch()
-                if window is None or self._runtime_error is not None:
+                    try:
+                        self._watch()
+                    except Exception:  # the watch (LED, GPIO) must never take the agent down
+                        log.exception("watching the sensor and runtime failed")
+                if not self.runtime.serving:
+                    self.runtime.retry_if_due()  # paced by runtime.not_serving_retry_s: a plugged-in TPU...
+                    continue
+                if window is None:
                     continue
                 interval = self.governor.plan.interval_ms / 1000.0
                 if interval and now - last < interval:
@@ -391,10 +412,10 @@ class Agent:
                     log.warning("inference failed: %s", exc)
             if seconds is not None and self._started:
                 self._watch()
+                faults = [f"{part}: {f['problem']}" for part, f in self._faults().items()]
         finally:
             self.close()
-        faults = [f"{w.name}: {w.problem}" for w in (self.sensor_watch, self.runtime_watch) if w.active]
-        if seconds is not None and faults:
+        if faults:
             log.error("fieldnode run ended with faults: %s", "; ".join(faults))
             return 1
         return 0

@@ -385,17 +385,21 @@ def agent_problems(cfg: Config) -> list[tuple[str, str]]:
     """What keeps the agent (``fieldnode run``) from starting, though every tool may load the config.
 
     A board config must name its sensor: simulation is only ever asked for (``--sim``, or
-    ``drivers.virtual_board``), never what an empty key falls back to. ``fieldnode config check`` and
-    ``fieldnode run`` both ask this.
+    ``drivers.virtual_board``), never what an empty key falls back to. And the files the link needs must be
+    readable (by whoever asks: run ``config check`` as the agent's user). ``fieldnode config check`` and
+    ``fieldnode run`` both ask this; other tools only load the config, so a technician's ``fieldnode version``
+    works on a board whose TLS key only the agent may read.
 
     Returns:
         ``(dotted key path, message)`` for each problem; empty when the agent can start.
     """
+    problems = []
     d = cfg.drivers
     if not d.sensor_url and not d.virtual_board:
-        return [("drivers.sensor_url", "empty: set the sensor's serial port (e.g. /dev/ttyAMA0), or ask for a "
-                                       "simulated board with 'fieldnode run --sim PROFILE' or drivers.virtual_board")]
-    return []
+        problems.append(("drivers.sensor_url", "empty: set the sensor's serial port (e.g. /dev/ttyAMA0), or ask "
+                                               "for a simulated board with 'fieldnode run --sim PROFILE' or "
+                                               "drivers.virtual_board"))
+    return problems + cfg.link.file_problems()
 
 
 def check_agent(cfg: Config) -> None:

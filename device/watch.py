@@ -11,6 +11,7 @@ LED's codes.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 from device.clock import SYSTEM_CLOCK
@@ -41,6 +42,7 @@ class FaultWatch:
         self._since: float | None = None
         self._said: float = 0.0
         self.faults = 0
+        self._lock = threading.Lock()  # the inference loop and the governor's thread both update it
 
     @property
     def active(self) -> bool:
@@ -53,27 +55,35 @@ class FaultWatch:
             problem: One line for a technician, e.g. ``cannot open /dev/ttyUSB9: No such file or directory``.
             **details: Extra fields of the ``<name>_fault`` event (the port, the state...).
         """
+        with self._lock:  # the event is sent under the lock too, so faults and recoveries keep their order
+            event = self._update(problem, details)
+            if event is not None:
+                self._on_event(*event)
+
+    def _update(self, problem: str | None, details: dict) -> tuple[str, dict] | None:
         now = self._clock.monotonic()
         if problem is None:
-            if self._since is not None:
-                after = round(now - self._since, 1)
-                log.info("%s recovered after %.0f s (was: %s)", self.name, after, self.problem)
-                self._since, self.problem = None, None
-                self._on_event(f"{self.name}_recovered", {"after_s": after})
-            return
+            if self._since is None:
+                return None
+            after = round(now - self._since, 1)
+            log.info("%s recovered after %.0f s (was: %s)", self.name, after, self.problem)
+            self._since, self.problem = None, None
+            return f"{self.name}_recovered", {"after_s": after}
         if self._since is None:
             self._since = self._said = now
             self.problem = problem
             self.faults += 1
             log.warning("%s fault: %s", self.name, problem)
-            self._on_event(f"{self.name}_fault", {"problem": problem, **details})
-        elif now - self._said >= self.remind_s:
+            return f"{self.name}_fault", {"problem": problem, **details}
+        if now - self._said >= self.remind_s:
             self._said = now
             self.problem = problem
             log.warning("%s fault for %.0f s: %s", self.name, now - self._since, problem)
+        return None
 
     def status(self) -> dict | None:
         """``None`` when all is well, else the problem and how long it has lasted."""
-        if self._since is None:
-            return None
-        return {"problem": self.problem, "for_s": round(self._clock.monotonic() - self._since, 1)}
+        with self._lock:
+            if self._since is None:
+                return None
+            return {"problem": self.problem, "for_s": round(self._clock.monotonic() - self._since, 1)}

@@ -390,7 +390,7 @@ class SerialSensor:
                 self._n["timeouts"] += 1
                 self._state = SensorState.STALE
                 self._last_error = f"no frame from {self.url} for {self.read_timeout_s:g} s"
-                log.warning("sensor %s: stale", self.url)
+                log.info("sensor %s: stale", self.url)  # the agent warns once per fault (device.watch)
             self._cond.notify_all()
 
     def _lose_port(self, reason: str) -> None:
@@ -403,7 +403,7 @@ class SerialSensor:
             self._discard_partial()
             self._schedule_retry()
             self._cond.notify_all()
-        log.warning("sensor %s: %s", self.url, reason)
+        log.info("sensor %s: %s", self.url, reason)  # the agent warns once per fault
 
     def _close_port(self) -> None:
         with self._cond:

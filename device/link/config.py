@@ -7,14 +7,12 @@ the topic prefix (the topic tree's own rule) and the order of the reconnect dela
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 
 from device.configschema import setting
 from device.link.errors import BrokerUrlError
-from device.link.topics import Topics
-from device.link.url import TlsFiles, parse_broker_url, tls_problem
+from device.link.url import TlsFiles, file_problem, parse_broker_url, tls_problem
+from device.link.wire import Topics
 
 # The key each TLS file is read from, for url.tls_problem's roles.
 _TLS_KEYS = {"url": "link.broker", "ca": "link.ca_file", "cert": "link.cert_file", "key": "link.key_file"}
@@ -61,27 +59,20 @@ class LinkConfig:
     def validate(self) -> list[tuple[str, str]]:
         """The rules no single key can check; the config loader runs this after the per-key checks.
 
-        The broker URL and the files it needs are only checked when ``broker`` is set (no broker, no link).
+        It reads no file, so every tool can load a board's config whoever runs it; whether the files can be read
+        is :meth:`file_problems`, which ``fieldnode run`` and ``fieldnode config check`` ask.
 
         Returns:
-            ``(key path, message)`` per problem: a malformed broker URL; a TLS file missing, unreadable, not
-            fitting the URL or not paired (see :func:`device.link.url.tls_problem`); an unreadable password
-            file; a prefix that is not a topic-tree prefix; ``backoff_min_s`` above ``backoff_max_s``.
+            ``(key path, message)`` per problem: a malformed broker URL; TLS files that do not fit the URL or are
+            not paired (see :func:`device.link.url.tls_problem`); a prefix that is not a topic-tree prefix;
+            ``backoff_min_s`` above ``backoff_max_s``.
         """
         problems = []
-        if self.broker:
-            try:
-                url = parse_broker_url(self.broker)
-            except BrokerUrlError as exc:
-                problems.append(("link.broker", str(exc)))
-            else:
-                found = tls_problem(url, TlsFiles(self.ca_file, self.cert_file, self.key_file))
-                if found is not None:
-                    problems.append((_TLS_KEYS[found[0]], found[1]))
-            if self.password_file:
-                why = _unreadable(self.password_file)
-                if why:
-                    problems.append(("link.password_file", f"password file {self.password_file}: {why}"))
+        url = self._url(problems)
+        if url is not None:
+            found = tls_problem(url, self.tls(), read_files=False)
+            if found is not None:
+                problems.append((_TLS_KEYS[found[0]], found[1]))
         if self.prefix:
             try:
                 Topics(self.prefix)  # the topic tree's rule, not a second copy of it
@@ -92,14 +83,30 @@ class LinkConfig:
                                                    f"({self.backoff_max_s:g}), got {self.backoff_min_s:g}"))
         return problems
 
+    def file_problems(self) -> list[tuple[str, str]]:
+        """Files the link needs that cannot be read by whoever asks: a TLS file missing, unreadable, not a
+        regular file or an encrypted key, or the password file. Only with a broker (no broker, no link)."""
+        problems: list[tuple[str, str]] = []
+        url = self._url(problems)
+        if url is None:
+            return []
+        found = tls_problem(url, self.tls())
+        if found is not None:
+            problems.append((_TLS_KEYS[found[0]], found[1]))
+        if self.password_file:
+            why = file_problem(self.password_file, "password file")
+            if why:
+                problems.append(("link.password_file", why))
+        return problems
 
-def _unreadable(path: str) -> str | None:
-    """Why the file at ``path`` cannot be read (a FIFO does not block the check), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        return f"cannot read it ({exc.strerror or exc})"
-    try:
-        return None if stat.S_ISREG(os.fstat(fd).st_mode) else "not a regular file"
-    finally:
-        os.close(fd)
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
+
+    def _url(self, problems: list):
+        if not self.broker:
+            return None
+        try:
+            return parse_broker_url(self.broker)
+        except BrokerUrlError as exc:
+            problems.append(("link.broker", str(exc)))
+            return None

@@ -156,7 +156,7 @@ def check_tls(url: BrokerUrl | str, tls: TlsFiles) -> None:
         raise BrokerUrlError(found[1])
 
 
-def tls_problem(url: BrokerUrl | str, tls: TlsFiles) -> tuple[str, str] | None:
+def tls_problem(url: BrokerUrl | str, tls: TlsFiles, *, read_files: bool = True) -> tuple[str, str] | None:
     """What is wrong with the TLS files for this URL, and which one is at fault.
 
     The messages name files by their role (CA file, client certificate, client key), never by the option or
@@ -165,6 +165,8 @@ def tls_problem(url: BrokerUrl | str, tls: TlsFiles) -> tuple[str, str] | None:
     Args:
         url: The broker URL (parsed, or text to parse).
         tls: The files given.
+        read_files: Also open each file (missing, unreadable, not a regular file, an encrypted key); without it
+            only the rules between the URL and the files given are checked, which every tool may ask.
 
     Returns:
         None when they fit, else ``(role, message)``; role ``"ca"``, ``"cert"`` or ``"key"`` names the file at
@@ -192,7 +194,7 @@ def tls_problem(url: BrokerUrl | str, tls: TlsFiles) -> tuple[str, str] | None:
                       f"certificate and its key, or neither")
     for role, path, what in (("ca", tls.ca, "CA file"), ("cert", tls.cert, "client certificate"),
                              ("key", tls.key, "client key")):
-        if not path:
+        if not path or not read_files:
             continue
         try:
             head = _read_head(path, what)
@@ -277,6 +279,16 @@ def _mask(url: str) -> str:
         return url
     scheme, sep, _ = url.partition("://")
     return (scheme + sep if sep and _SCHEME_RE.match(scheme + sep) else "") + "***@" + url.rpartition("@")[2]
+
+
+def file_problem(path: str, what: str) -> str | None:
+    """Why the regular file at ``path`` cannot be read (``"<what> <path>: ..."``), or None; a FIFO given by
+    mistake fails the check instead of hanging it."""
+    try:
+        _read_head(path, what)
+    except BrokerUrlError as exc:
+        return str(exc)
+    return None
 
 
 def _read_head(path: str, what: str) -> bytes:

@@ -212,7 +212,9 @@ def test_no_variant_can_serve_the_board_says_so_and_takes_quarantine_release(tmp
         wait_for(lambda: len(agent.runtime.status()["quarantined"]) == 2, timeout=120, what="both quarantined")
         st = op.send("status", {})["result"]
         assert st["serving"] is False and st["runtime"]["not_serving_reason"]
-        wait_for(lambda: watcher.events("runtime_fault"), what="runtime_fault on the broker")
+        wait_for(lambda: watcher.events("not_serving"), what="not_serving on the broker")
+        wait_for(lambda: [b for b in watcher.of("state") if b.get("state") == "online"][-1]["serving"] is False,
+                 what="the retained birth to say it does not serve")
         assert st["faults"]["runtime"]["problem"]
         # The board is still reachable for a signed release of a quarantine.
         sha = st["runtime"]["quarantined"][0]["sha256"]

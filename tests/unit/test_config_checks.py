@@ -40,6 +40,18 @@ def pem(tmp_path):
     return {k: str(v) for k, v in files.items()}
 
 
+SENSOR = '[drivers]\nsensor_url = "/dev/ttyAMA0"\n'
+
+
+def refused_before_run(toml: str) -> ConfigError:
+    """Loads (every tool may), but what `run` and `config check` ask refuses it."""
+    cfg = config.loads(SENSOR + toml, source="site.toml")
+    with pytest.raises(ConfigError) as info:
+        config.check_agent(cfg)
+    assert str(info.value).startswith(f"site.toml: {info.value.key_path}: ")
+    return info.value
+
+
 def refused(toml: str) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         config.loads(toml, source="site.toml")
@@ -77,23 +89,34 @@ def test_a_bad_prefix_is_reported_under_prefix_even_with_a_broker():
     assert err.key_path == "link.prefix"
 
 
-@pytest.mark.parametrize("files, key, words", [
-    ({"ca": "missing"}, "link.ca_file", "cannot read it"),
-    ({"ca": "dir"}, "link.ca_file", "cannot read it"),
-    ({"ca": "ca", "cert": "cert"}, "link.key_file", "client certificate"),
-    ({"ca": "ca", "key": "key"}, "link.cert_file", "client key"),
-    ({"ca": "ca", "cert": "missing", "key": "key"}, "link.cert_file", "cannot read it"),
-    ({"ca": "ca", "cert": "cert", "key": "missing"}, "link.key_file", "cannot read it"),
-    ({"ca": "ca", "cert": "cert", "key": "enc"}, "link.key_file", "encrypted"),
+@pytest.mark.parametrize("files, key, words, at_load", [
+    ({"ca": "missing"}, "link.ca_file", "cannot read it", False),
+    ({"ca": "dir"}, "link.ca_file", "cannot read it", False),
+    ({"ca": "ca", "cert": "cert"}, "link.key_file", "client certificate", True),
+    ({"ca": "ca", "key": "key"}, "link.cert_file", "client key", True),
+    ({"ca": "ca", "cert": "missing", "key": "key"}, "link.cert_file", "cannot read it", False),
+    ({"ca": "ca", "cert": "cert", "key": "missing"}, "link.key_file", "cannot read it", False),
+    ({"ca": "ca", "cert": "cert", "key": "enc"}, "link.key_file", "encrypted", False),
 ], ids=["ca-missing", "ca-directory", "cert-without-key", "key-without-cert", "cert-missing", "key-missing",
         "key-encrypted"])
-def test_tls_files_are_checked_at_load_naming_their_key(pem, tmp_path, files, key, words):
+def test_tls_files_are_checked_naming_their_key(pem, tmp_path, files, key, words, at_load):
+    """Rules between the URL and the files given refuse the config at load; whether a file can be read is asked
+    by `run` and `config check` only (a technician's `fieldnode version` must not need the agent's key)."""
     paths = {**pem, "missing": str(tmp_path / "absent.pem"), "dir": str(tmp_path)}
     keys = {"ca": "ca_file", "cert": "cert_file", "key": "key_file"}
     lines = ['broker = "mqtts://broker.lan"'] + [f'{keys[role]} = "{paths[which]}"' for role, which in files.items()]
-    err = refused("[link]\n" + "\n".join(lines) + "\n")
+    toml = "[link]\n" + "\n".join(lines) + "\n"
+    err = refused(toml) if at_load else refused_before_run(toml)
     assert err.key_path == key
     assert words in str(err)
+
+
+def test_tools_other_than_run_load_a_config_whose_files_they_cannot_read(tmp_path, capsys):
+    path = write(tmp_path, SENSOR + f'[link]\nbroker = "mqtts://broker.lan"\nca_file = "{tmp_path / "absent.pem"}"\n')
+    assert main(["version", "--config", path, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", "--json", "--config", path]) == 2
+    assert json.loads(capsys.readouterr().out)["error"]["key"] == "link.ca_file"
 
 
 def test_tls_files_for_a_plain_broker_are_refused_under_broker(pem):
@@ -111,11 +134,11 @@ def test_messages_speak_of_config_keys_not_of_another_tools_flags(pem, tmp_path)
 
 
 def test_password_file_must_be_readable(pem, tmp_path):
-    err = refused(f'[link]\nbroker = "mqtt://broker.lan"\npassword_file = "{tmp_path / "nope"}"\n')
+    err = refused_before_run(f'[link]\nbroker = "mqtt://broker.lan"\npassword_file = "{tmp_path / "nope"}"\n')
     assert err.key_path == "link.password_file" and "cannot read it" in str(err)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)  # nobody writes to it: the check must not hang on it
-    err = refused(f'[link]\nbroker = "mqtt://broker.lan"\npassword_file = "{fifo}"\n')
+    err = refused_before_run(f'[link]\nbroker = "mqtt://broker.lan"\npassword_file = "{fifo}"\n')
     assert err.key_path == "link.password_file" and "not a regular file" in str(err)
 
 
