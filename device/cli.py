@@ -37,12 +37,13 @@ def load_config(args):
 
 
 def number(kind: type = float, *, minimum: float | None = None, maximum: float | None = None,
-           above: float | None = None) -> Callable[[str], float]:
+           above: float | None = None, what: str | None = None) -> Callable[[str], float]:
     """An argparse ``type`` for a finite number in bounds whose error says what is expected.
 
     Args:
         kind: ``int`` or ``float``.
         minimum: Inclusive lower bound. maximum: Inclusive upper bound. above: Exclusive lower bound.
+        what: What the number is, for the message (default ``an integer`` or ``a number``).
 
     Returns:
         A converter raising :class:`argparse.ArgumentTypeError` (``argument --runs: expected an integer >= 1,
@@ -50,7 +51,7 @@ def number(kind: type = float, *, minimum: float | None = None, maximum: float |
     """
     import math
 
-    what = "an integer" if kind is int else "a number"
+    what = what or ("an integer" if kind is int else "a number")
     if minimum is not None and maximum is not None:
         expected = f"{what} from {minimum:g} to {maximum:g}"
     else:
@@ -73,8 +74,8 @@ def number(kind: type = float, *, minimum: float | None = None, maximum: float |
 
 
 positive_int = number(int, minimum=1)
-positive_float = number(float, above=0)
 nonnegative_float = number(float, minimum=0)
+positive_seconds = number(float, above=0, what="a number of seconds")
 
 
 def for_people(value, unit: str = "", none: str = "unknown") -> str:

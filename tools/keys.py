@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device.link import envelope
 from device.link.errors import EnvelopeError
-from device.link.send import positive_seconds
+from device.cli import positive_seconds
 from device.update import age
 from device.statefile import fsync_dir, write_temp
 

@@ -39,7 +39,7 @@ from device.clock import SYSTEM_CLOCK
 from device.link import envelope, wire
 from device.link.errors import (BadInput, BrokerUrlError, ConnectError, EnvelopeError, LinkError, NoReply,
                                 PublishError, ReplyMalformed, SubscribeError)
-from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url, tls_problem
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +337,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", required=True, metavar="ID", help="the target device id")
     p.add_argument("--args", default="{}", metavar="JSON", help="the command's arguments, a JSON object (default {})")
     p.add_argument("--sign", metavar="KEY", help="sign the command with this operator key (NAME.key)")
+    from device.cli import positive_seconds
+
     p.add_argument("--ttl", type=positive_seconds, default=60.0, metavar="S",
                    help="lifetime of a signed command in seconds (default 60)")
     p.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="S",
@@ -369,7 +371,9 @@ def run(args: argparse.Namespace, *, clock=SYSTEM_CLOCK) -> int:
     try:
         url = parse_broker_url(args.broker)
         tls = TlsFiles(args.ca or "", args.cert or "", args.key or "")
-        check_tls(url, tls)
+        found = tls_problem(url, tls)
+        if found is not None:  # the file's role, said as this command's option
+            raise BadInput(f"{_TLS_FLAGS[found[0]]}: {found[1]}")
         username, password = _credentials(args, url)
         private_key = envelope.load_private_key(args.sign) if args.sign else None
         request = build_request(args.device, args.cmd, _parse_args(args.args), prefix=args.prefix,
@@ -455,15 +459,9 @@ def _encode(payload: dict) -> bytes:
         raise BadInput(f"--args: not representable as JSON ({exc})") from exc
 
 
-def positive_seconds(text: str) -> float:
-    """argparse type for a positive, finite number of seconds (also used by ``fieldnode keys sign --ttl``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+
+
+_TLS_FLAGS = {"url": "--broker", "ca": "--ca", "cert": "--cert", "key": "--key"}
 
 
 def _printable(text: str) -> str:
