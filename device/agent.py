@@ -179,8 +179,7 @@ class Agent:
                              tls=TlsFiles(lc.ca_file, lc.cert_file, lc.key_file), username=lc.username,
                              password=password, keepalive_s=lc.keepalive_s,
                              backoff=(lc.backoff_min_s, lc.backoff_max_s), inflight=lc.inflight,
-                             dispatcher=self.dispatcher, birth=self.birth, on_event=self.event,
-                             max_payload=int(lc.max_payload_kb * 1024))
+                             dispatcher=self.dispatcher, birth=self.birth, on_event=self.event)
         except BrokerUrlError as exc:  # the loader checked these; a TLS file changed since: name its key again
             self.spool.close()
             key, message = (lc.validate() or [("link.broker", str(exc))])[0]
@@ -315,8 +314,9 @@ class Agent:
         speed = getattr(self.board_clock, "factor", 1.0)
         while not self._stop.is_set():
             try:
-                plan = self.governor.step()
-                applied = self.applier.apply(plan)
+                self.governor.step()
+                applied = self.applier.apply(lambda: self.governor.plan)  # the latest, were a command faster
+                plan = self.governor.plan
                 if self.board is not None:
                     self._load_board(plan, applied)
                 self._watch()

@@ -51,8 +51,7 @@ def build_registry(agent) -> Registry:
         manifest = agent.runtime.manifest
         if name != "auto" and name not in manifest.variants:
             raise ValueError(f"variant must be 'auto' or one of {', '.join(manifest.variants)}, got {name!r}")
-        agent.applier.pinned_variant = None if name == "auto" else name
-        applied = agent.applier.apply(agent.governor.plan)
+        applied = agent.applier.pin(None if name == "auto" else name, lambda: agent.governor.plan)
         agent.event("variant_set", {"variant": name, "by": ctx.signer})
         return {"variant": agent.runtime.variant, "pinned": agent.applier.pinned_variant, "applied": applied}
 
@@ -60,12 +59,12 @@ def build_registry(agent) -> Registry:
         level = args["level"]
         try:
             if level == "auto":
-                plan = agent.governor.clear_override(by=ctx.signer or "operator")
+                agent.governor.clear_override(by=ctx.signer or "operator")
             else:
-                plan = agent.governor.override(level, args["ttl_s"], by=ctx.signer or "operator")
+                agent.governor.override(level, args["ttl_s"], by=ctx.signer or "operator")
         except ValueError as exc:
             raise CommandFailed(str(exc)) from exc
-        agent.applier.apply(plan)
+        agent.applier.apply(lambda: agent.governor.plan)  # the latest plan, even if the governor stepped since
         return agent.governor.status()
 
     def quarantine_release(args: dict, ctx: CallContext):

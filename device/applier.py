@@ -62,12 +62,24 @@ class PlanApplier:
     def apply(self, plan) -> dict:
         """Applies ``plan``; never raises for a board or model that cannot do what it asks.
 
+        Args:
+            plan: The plan, or a function returning it (the governor's current plan), called under the lock: the
+                governor's thread and the command thread then always apply the latest plan, never an older one
+                read before waiting for the other.
+
         Returns:
             What is in force: ``cpu_max_khz`` (per policy, as written), ``variant``, ``threads``,
             ``interval_ms``, ``telemetry_s`` and ``swapped``.
         """
         with self._lock:
-            return self._apply(plan)
+            return self._apply(plan() if callable(plan) else plan)
+
+    def pin(self, variant: str | None, plan) -> dict:
+        """Pins a variant (``None``: the plan decides again) and applies ``plan`` (as for :meth:`apply`), in one
+        step under the lock."""
+        with self._lock:
+            self.pinned_variant = variant
+            return self._apply(plan() if callable(plan) else plan)
 
     def _apply(self, plan) -> dict:
         out = {"interval_ms": plan.interval_ms, "telemetry_s": plan.telemetry_s, "swapped": False}

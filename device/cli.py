@@ -157,7 +157,6 @@ def _config(args) -> int:
     cfg = load_config(args)  # an invalid config: main prints the error (as JSON too with --json), exit 2
     if args.action == "check":
         config.check_agent(cfg)  # what fieldnode run would refuse, too
-    if args.action == "check":
         print(json.dumps({"ok": True, "source": cfg.source}) if args.json else f"{cfg.source}: ok")
         return 0
     print(json.dumps({"source": cfg.source, **cfg.to_dict()}, indent=2))

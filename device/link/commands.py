@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -94,11 +93,6 @@ class Arg:
             raise ValueError(f"argument {self.name!r}: {exc}") from None
         object.__setattr__(self, "_spec", spec)  # not a field: asdict(), == and describe() leave it out
         object.__setattr__(self, "default", spec.normalize(self.default))  # 1 -> 1.0 for a float argument
-
-    @property
-    def types(self) -> tuple[type, ...]:
-        """The accepted types as a tuple."""
-        return self._spec.types
 
     def expected(self) -> str:
         """What a valid value looks like, e.g. ``an integer from 1 to 64`` or ``one of 'full', 'lite'``."""

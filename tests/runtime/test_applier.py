@@ -88,3 +88,20 @@ def test_a_refused_cpufreq_write_still_applies_the_other_knobs(rig, mocker):
 def test_no_runtime_and_no_cpufreq_is_a_no_op():
     out = PlanApplier(None, None).apply(plan(interval_ms=250))
     assert out == {"interval_ms": 250, "telemetry_s": 10.0, "swapped": False}
+
+
+def test_a_waiting_apply_applies_the_latest_plan_not_the_one_it_was_given_before_waiting(rig):
+    """The command thread and the governor's thread both apply: whichever waits for the other applies the plan in
+    force when its turn comes, so an older plan never overwrites a newer one."""
+    import threading
+
+    rt, board, applier, _ = rig
+    current = {"plan": plan(Level.SAVER, khz=900000, threads=1, variant="cheapest")}
+    with applier._lock:  # the other thread is applying
+        waiting = threading.Thread(target=applier.apply, args=(lambda: current["plan"],))
+        waiting.start()
+        current["plan"] = plan(threads=2)  # the governor stepped meanwhile
+    waiting.join(60)
+    assert applier.applied["variant"] == "full" and applier.applied["cpu_max_khz"] == {"policy0": 1500000}
+    out = applier.pin("lite", lambda: current["plan"])  # pinning and applying are one step
+    assert out["variant"] == "lite" and applier.pinned_variant == "lite"
