@@ -31,7 +31,6 @@ State topic: ``online`` (retained) after each connect, with the birth informatio
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import random
 import threading
@@ -45,7 +44,8 @@ from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.link.channel import CommandChannel
 from device.link.errors import ConnectError
 from device.link.spool import Kind, Spool
-from device.link.topics import Topics, default_prefix
+from device.link import wire
+from device.link.wire import Topics, default_prefix
 from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ REPLY_INFLIGHT = 16  # QoS 1 replies awaiting PUBACK, in a window apart from the
 
 
 def _json(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=str).encode()
+    """Every payload the board publishes: the wire contract's encoding."""
+    return wire.encode(obj, default=str)
 
 
 class Link:

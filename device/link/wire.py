@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from device.link.errors import BrokerUrlError, EnvelopeMalformed, ReplyMalformed
 
@@ -148,24 +148,26 @@ def request(request_id: str, args: dict) -> dict:
 # -- JSON ---------------------------------------------------------------------------------------------------------
 
 
-def encode(doc: Any, *, strict: bool = False) -> bytes:
+def encode(doc: Any, *, strict: bool = False, default: Callable[[Any], Any] | None = None) -> bytes:
     """Compact JSON as UTF-8; escaped ASCII when a string holds a lone surrogate (JSON allows the escape).
 
     Args:
         doc: The document.
         strict: Refuse a lone surrogate instead (``fieldnode send``: argv that is not UTF-8 is bad input).
+        default: How to encode what JSON cannot (the board's own payloads pass ``str``, so a stray value in a
+            status never costs a result).
 
     Raises:
         TypeError, ValueError, RecursionError: ``doc`` is not representable as JSON (NaN included); with
             ``strict``, UnicodeEncodeError (a ValueError) for a lone surrogate.
     """
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=default)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         if strict:
             raise
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("ascii")
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False, default=default).encode("ascii")
 
 
 def parse_object(raw: bytes) -> dict:

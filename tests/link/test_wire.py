@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from device.link import commands, envelope, errors, send, topics, wire
+from device.link import commands, envelope, errors, send, wire
 from device.link.commands import Dispatcher, Registry, register_builtin
 from device.link.errors import BrokerUrlError, ReplyMalformed
 
@@ -59,8 +59,8 @@ def test_a_bad_prefix_is_refused_by_the_link_and_by_send_alike(prefix, problem):
         send.build_request("dev-a", "ping", {}, prefix=prefix)
 
 
-def test_topics_is_the_contracts_under_its_old_name():
-    assert topics.Topics is wire.Topics and topics.default_prefix("d") == "fieldnode/v1/d"
+def test_the_topic_tree():
+    assert wire.default_prefix("d") == "fieldnode/v1/d"
     assert T.command("ping") == "fieldnode/v1/dev-a/cmd/ping" and T.command_name(T.command("ping")) == "ping"
     assert T.reply_for("fn-send-1") == "fieldnode/v1/dev-a/reply/fn-send-1"
 
