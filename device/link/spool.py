@@ -26,12 +26,13 @@ What survives what:
   ids are safe. A SIGKILL loses the same window; it cannot tear a commit.
 * Group commit keeps the fsync count at one per commit, not one per message (FULL costs an fsync per commit,
   about 6k commits/s at best, so one per message would not keep up with a flood).
-* A file that is not a database, fails ``PRAGMA quick_check`` or raises a corruption error is replaced: every
-  row still readable is copied with its id into a fresh file (:mod:`device.link.spoolsalvage`), the original
-  (with its -wal/-shm) is moved aside to ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>``, the agent keeps running
-  and ``on_event("spool_corrupt", ...)`` reports how many messages were salvaged and lost. Environmental
-  errors (permissions, disk full, I/O errors, a locked file) are NOT corruption: they raise
-  :class:`SpoolError` and the file stays put.
+* A file that is not a database, fails ``PRAGMA quick_check`` or raises a corruption error is recovered
+  (:mod:`device.link.spoolopen`): repaired in place when only its indexes are bad, else every readable row
+  is copied with its id into a fresh file and the original (with its -wal/-shm) is moved aside to
+  ``<path>.corrupt-<UTC YYYYmmddTHHMMSSZ>``; ``on_event("spool_corrupt", ...)`` says how, and how many
+  messages were salvaged and lost. Recovery runs at open or on the commit thread, never on the publisher's:
+  :meth:`Spool.batch` returns nothing while it is due or running. Environmental errors (permissions, disk
+  full, I/O errors, a locked file) are NOT corruption: they raise :class:`SpoolError`, the file stays put.
 
 The budget (``max_bytes``) counts what the rows cost on disk: payload, table and index pages and the WAL's
 bound, and a floor of free space is kept on the filesystem (:mod:`device.link.spooldisk`: the WAL is bounded,
@@ -54,7 +55,7 @@ import time
 from typing import Callable, Iterable
 
 from device.clock import SYSTEM_CLOCK
-from device.link import spooldb, spooldisk, spoolsalvage
+from device.link import spooldb, spooldisk, spoolopen
 from device.link.spooldb import KIND_NAMES as _KIND_NAMES
 from device.link.spooldb import Kind, Message
 from device.link.errors import SpoolCorrupt, SpoolError
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 _MIN_GAP_S = 0.004  # least time between two commits started by puts
 
 
-class Spool:
+class Spool(spoolopen.Opening):
     """A durable, ordered, budgeted message queue in one SQLite file.
 
     Args:
@@ -122,6 +123,8 @@ class Spool:
         self._commits = 0
         self._last_commit_ms = 0.0
         self._corrupt_recoveries = 0
+        self._recovery_due: BaseException | None = None  # corruption batch() found, for the commit thread
+        self._recovering = False
         self._closed = False
         self._stop = threading.Event()
         self._kick = threading.Event()  # set by put(): commit now, not at the next interval
@@ -205,11 +208,12 @@ class Spool:
             limit: Maximum number of messages (>= 0).
 
         Returns:
-            Up to ``limit`` messages, oldest id first.
+            Up to ``limit`` messages, oldest id first; none while a corrupt file waits for (or is in) recovery,
+            which this call never runs: the commit thread does (or the next :meth:`flush`).
 
         Raises:
             ValueError: ``after_id`` or ``limit`` is not an int, or ``limit`` is negative.
-            SpoolError: The read failed (SpoolCorrupt if the file turned out corrupt; it was replaced).
+            SpoolError: The read failed, or the spool is closed.
         """
         for name, v in (("after_id", after_id), ("limit", limit)):
             if isinstance(v, bool) or not isinstance(v, int):
@@ -221,13 +225,20 @@ class Spool:
         with self._lock:
             acked = {i for i in self._acks if i > after_id}
         with self._db_lock:
+            if self._recovery_due is not None or self._recovering:
+                return []
             self._check_open()
             try:
                 rows = self._db.execute(
                     "SELECT id, kind, topic, payload, qos, retain, created FROM messages"
                     " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(acked))).fetchall()
             except (sqlite3.Error, spooldb.Corrupt) as e:
-                self._fail(e, "read from")
+                if not spooldb.is_corruption(e):
+                    raise SpoolError(f"cannot read from spool {self.path}: {e}") from e
+                log.error("spool %s: corrupt (%s); the commit thread recovers it", self.path, e)
+                self._recovery_due = e
+                self._kick.set()
+                return []
         out = [Message(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], bool(r[5]), r[6]) for r in rows
                if r[0] not in acked]
         return out[:limit]
@@ -266,13 +277,26 @@ class Spool:
     def flush(self) -> int:
         """Commits the pending batch, the pending acks and the budget in one transaction.
 
+        A corrupt file found by :meth:`batch` is recovered first, on the caller's thread.
+
         Returns:
             The number of messages committed.
 
         Raises:
             SpoolError: The write failed (disk full, I/O error, closed); the batch and acks are kept for the
-                next flush. SpoolCorrupt if the file turned out corrupt: it was replaced by a fresh one.
+                next flush. SpoolCorrupt if the file turned out corrupt: the message says what became of it.
         """
+        if self._recovery_due is not None:
+            self._recover(self._recovery_due)
+        total = 0
+        while True:  # again only when held rows may fit in the pages the acks just freed
+            n, again = self._flush_once()
+            total += n
+            if not again:
+                return total
+
+    def _flush_once(self) -> tuple[int, bool]:
+        err = None
         with self._db_lock:
             self._check_open()
             with self._lock:
@@ -292,6 +316,7 @@ class Spool:
                 try:
                     self._commit(rows, acks)
                 except (sqlite3.Error, spooldb.Corrupt) as e:
+                    err = e
                     with self._lock:
                         self._hold_locked(rows)
                         self._acks |= acks
@@ -299,14 +324,17 @@ class Spool:
                     self._resync = True  # a failed COMMIT leaves our running totals in doubt
                     if not spooldb.is_corruption(e):
                         spooldisk.checkpoint(self._db)  # give the WAL's pages back to a full disk
-                    self._fail(e, "write to")
-                self._commits += 1
-                self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
-            if room.held and acks:  # the deletes just freed pages the held rows can reuse
-                return len(rows) + self.flush()
-            if room.held:
-                raise SpoolError(f"{room.low}; {len(room.held)} message(s) wait in memory for room")
-            return len(rows)
+                        raise SpoolError(f"cannot write to spool {self.path}: {e}") from e
+                else:
+                    self._commits += 1
+                    self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
+        if err is not None:  # outside the lock: batch() returns nothing meanwhile instead of waiting
+            out = self._recover(err)
+            raise SpoolCorrupt(f"spool {self.path} was corrupt ({err}); {out.how}"
+                               + (f", the damaged file is kept at {out.moved_to}" if out.moved_to else "")) from err
+        if room.held and not acks:
+            raise SpoolError(f"{room.low}; {len(room.held)} message(s) wait in memory for room")
+        return len(rows), bool(room.held)
 
     def _hold_locked(self, rows: list) -> None:
         # Uncommitted rows go back in front of the batch (their ids are lower), under the budget.
@@ -447,91 +475,3 @@ class Spool:
             "corrupt_recoveries": self._corrupt_recoveries,
             "path": self.path,
         }
-
-    # -- open, recovery, errors ----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SpoolError(f"spool {self.path} is closed")
-        if self._db is None:
-            raise SpoolError(f"spool {self.path} has no open file: starting a fresh one failed")
-
-    def _open(self) -> None:
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        except OSError as e:
-            raise SpoolError(f"cannot create the spool directory for {self.path}: {e}") from e
-        try:
-            self._disk = spooldisk.DiskBudget(self.path, self._max_bytes, self._min_free)
-        except OSError as e:
-            raise SpoolError(f"cannot read the free space of the spool's filesystem for {self.path}: {e}") from e
-        try:
-            self._connect()
-        except (sqlite3.Error, spooldb.Corrupt) as e:
-            if not spooldb.is_corruption(e):
-                raise SpoolError(f"cannot open spool {self.path}: {e}") from e
-            self._recover(e, at_open=True)
-
-    def _connect(self) -> None:
-        self._db = None
-        db, st = spooldb.open_file(self.path, tuple(Kind))
-        try:
-            self._disk.configure(db, sum(st.sizes.values()))
-        except sqlite3.Error:
-            db.close()
-            raise
-        self._db = db
-        self._count, self._bytes, self._oldest = st.counts, st.sizes, st.oldest
-        self._durable_id = max(self._durable_id, st.last_id)
-        with self._lock:
-            # max(): after a runtime recovery the ids already handed out still bound the next one.
-            self._last_id = max(self._last_id, st.last_id)
-            for k in Kind:
-                self._dropped[k] += st.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
-
-    def _recover(self, err: BaseException, at_open: bool = False) -> None:
-        if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass  # it is corrupt; closing is best effort
-            self._db = None
-        try:
-            target, saved = spoolsalvage.replace(self.path, self._clock.time(), tuple(Kind))
-        except OSError as e:
-            raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
-        log.error("spool %s is corrupt (%s); moved to %s; %s", self.path, err, target, saved.summary())
-        self._corrupt_recoveries += 1
-        self._resync = False
-        with self._lock:
-            self._last_id = max(self._last_id, saved.last_id)
-            if at_open:  # at runtime the counters in memory are newer than the file's
-                for k in Kind:
-                    self._dropped[k] += saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
-                self._dropped_dirty = True
-        self._emit("spool_corrupt", {"moved_to": target, "error": str(err), "path": self.path, **saved.counts()})
-        try:
-            self._connect()
-            with self._lock:
-                floor = self._last_id
-            if floor:
-                # Persist the id floor now: the fresh file must never hand out ids below what was published.
-                self._db.execute("INSERT INTO meta(key, value) VALUES ('last_id', ?) ON CONFLICT(key) DO UPDATE"
-                                 " SET value = MAX(value, excluded.value)", (floor,))
-        except (sqlite3.Error, spooldb.Corrupt) as e:
-            raise SpoolError(f"cannot start a fresh spool at {self.path}: {e}") from e
-
-    def _fail(self, err: BaseException, what: str) -> None:
-        """Raises the SpoolError for ``err``; a corrupt file is first moved aside and replaced."""
-        if spooldb.is_corruption(err):
-            self._recover(err)
-            raise SpoolCorrupt(f"spool {self.path} was corrupt ({err}); moved aside, a fresh spool started") from err
-        raise SpoolError(f"cannot {what} spool {self.path}: {err}") from err
-
-    def _emit(self, kind: str, data: dict) -> None:
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(kind, data)
-        except Exception:  # a broken listener must not break the spool
-            log.exception("spool event listener failed on %s", kind)

@@ -91,6 +91,17 @@ def is_corruption(err: BaseException) -> bool:
     return isinstance(err, Corrupt) or type(err) is sqlite3.DatabaseError
 
 
+def check_ok(lines: list) -> bool:
+    """Whether a ``PRAGMA quick_check`` report means a usable file.
+
+    ``ok``, or only ``Page N is never used``: pages no b-tree and no freelist refers to, which a repair in
+    place leaves behind (the old index pages). They are space leaked, not damage: every row is reachable.
+    """
+    text = [ln for line in lines for ln in str(line).splitlines() if not ln.startswith("*** in database")]
+    return text == ["ok"] or bool(text) and all(ln.startswith("Page ") and ln.endswith(" is never used")
+                                                 for ln in text)
+
+
 def totals(db: sqlite3.Connection, kinds: tuple) -> tuple[dict, dict]:
     """Counts rows and payload bytes per kind from the covering index.
 
@@ -132,7 +143,7 @@ def open_file(path: str, kinds: tuple) -> tuple[sqlite3.Connection, FileState]:
         db.execute("PRAGMA busy_timeout = 2000")  # a diag reader must not fail our commit at once
         # Check before anything writes: a file we refuse is moved aside exactly as we found it.
         check = [str(r[0]) for r in db.execute("PRAGMA quick_check(5)")]
-        if check != ["ok"]:
+        if not check_ok(check):
             raise Corrupt("quick_check: " + "; ".join(check))
         version = db.execute("PRAGMA user_version").fetchone()[0]
         tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
@@ -144,7 +155,9 @@ def open_file(path: str, kinds: tuple) -> tuple[sqlite3.Connection, FileState]:
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
         db.execute("PRAGMA synchronous = FULL")
-        if version == 0:
+        indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        if version == 0 or not {"messages_kind", "messages_created"} <= indexes:
+            # A fresh file, or a repair in place that a crash stopped before it rebuilt the indexes.
             db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         meta = {k: int(v) for k, v in db.execute("SELECT key, value FROM meta")}
         max_row = db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0

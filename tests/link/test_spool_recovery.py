@@ -246,10 +246,11 @@ def test_corruption_found_while_writing_starts_a_fresh_spool_and_keeps_the_batch
         ids = [s.put(R, "r", b"%d" % i) for i in range(3)]
         mocker.patch.object(spooldb.Connection, "executemany",
                             side_effect=sqlite3.DatabaseError("database disk image is malformed"))
-        with pytest.raises(SpoolCorrupt, match="moved aside"):
+        with pytest.raises(SpoolCorrupt, match="repaired in place") as caught:
             s.flush()
+        assert "fresh spool" not in str(caught.value)  # the message says what happened, nothing else
         mocker.stopall()
-        assert [k for k, _ in events] == ["spool_corrupt"] and os.path.exists(events[0][1]["moved_to"])
+        assert [k for k, _ in events] == ["spool_corrupt"] and events[0][1]["moved_to"] is None
         assert events[0][1]["salvaged"] == 1 and events[0][1]["lost"] == 0  # the file itself was readable
         assert s.stats()["corrupt_recoveries"] == 1 and s.stats()["pending"] == 3
         s.flush()

@@ -96,26 +96,28 @@ def open_recording(path: str, clock: SimClock) -> tuple[Spool, list]:
     return Spool(path, clock=clock, on_event=lambda kind, data: events.append((kind, data))), events
 
 
-def test_a_corrupt_index_page_loses_no_message(path, clock):
-    written = write_spool(path, clock, 44)
-    index_page = root_page(path, "messages_kind")
-    damaged = smash(path, index_page)
+@pytest.mark.parametrize("n", [44, 1500], ids=["one-page-index", "multi-page-index"])
+@pytest.mark.parametrize("index", ["messages_kind", "messages_created"])
+def test_a_corrupt_index_page_is_repaired_in_place_and_loses_no_message(path, clock, index, n):
+    written = write_spool(path, clock, n)
+    smash(path, root_page(path, index))
     s, events = open_recording(path, clock)
     with s:
         assert [k for k, _ in events] == ["spool_corrupt"]
         data = events[0][1]
-        assert data["salvaged"] == 44 and data["lost"] == 0, data
-        with open(data["moved_to"], "rb") as f:
-            assert f.read() == damaged  # the corrupt file is kept as it was found
+        assert data["how"] == "repaired in place" and data["moved_to"] is None, data
+        assert data["salvaged"] == n and data["lost"] == 0, data
+        assert [p for p in os.listdir(os.path.dirname(path)) if ".corrupt-" in p or ".salvage" in p] == []
         got = all_messages(s)
         assert [(m.id, m.kind, m.payload) for m in got] == written  # same ids, same order, same payloads
-        assert all(m.topic == TOPIC for m in got) and s.stats()["messages"] == 44
-        assert s.stats()["by_kind"] == {"telemetry": 15, "result": 15, "event": 14}
+        assert all(m.topic == TOPIC for m in got) and s.stats()["messages"] == n
         later = s.put(E, "e", b"after")
         assert later > written[-1][0]
-    with Spool(path, clock=SimClock(epoch=EPOCH - 3600)) as again:  # the id floor survived in the new file
+    with Spool(path, clock=SimClock(epoch=EPOCH - 3600)) as again:  # a good spool now: no second recovery
         assert [m.id for m in all_messages(again)] == [w[0] for w in written] + [later]
         assert again.put(E, "e", b"x") == later + 1 and again.stats()["corrupt_recoveries"] == 0
+        events_kept = sum(1 for w in written if w[1] == E)
+        assert again.stats()["by_kind"]["event"] == events_kept + 1  # totals read from the rebuilt index
 
 
 @pytest.mark.parametrize("pages", [1, 2], ids=["one-leaf", "two-leaves"])
