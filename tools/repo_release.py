@@ -29,23 +29,15 @@ import tempfile
 
 from device.statefile import fsync_dir, write_atomic
 from device.update.errors import RepositoryError, UpdateError
+# The naming rules and the facts schema are shared with the board: one module, two importers.
+from device.update.layout import DEFAULT_RING, MAX_VERSION, grant_path, model_facts, model_target_path, vectors_facts
+from device.update.layout import NAME_RE as _NAME_RE
+from device.update.layout import SEMVER_RE as _SEMVER_RE
+from device.update.layout import vectors_ref, vectors_target_path
 from tools import repo_keys
 from tools.repo_meta import DEFAULT_DAYS, Repository, expiry, utcnow
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-_SEMVER_RE = re.compile(r"(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\.(0|[1-9][0-9]{0,5})\Z")
 _DEVICE_RE = re.compile(r"[\x21-\x7e]{1,128}\Z")  # printable ASCII, no spaces: what fits a line of a grants file
-MAX_VERSION = 2**53 - 1  # a JSON number every parser reads exactly
-DEFAULT_RING = "stable"
-
-
-def grant_path(release: str, device_id: str) -> str:
-    """The grant's path under the repository (and under the board's grants URL), ``/``-separated.
-
-    The board id is hashed so that the published directory neither lists the fleet's ids nor depends on which
-    characters an id uses; 64 bits keep collisions out of reach for any fleet size.
-    """
-    return f"grants/{release}/{hashlib.sha256(device_id.encode()).hexdigest()[:16]}.age"
 
 
 def _check_name(what: str, value: str) -> str:
@@ -176,24 +168,20 @@ def add_model(repo: Repository, *, model: str, name: str, variant: str, version:
         identity, recipient = _age().generate_identity()
         key_path = os.path.join(repo.releases_dir, f"{release}.key")
         repo_keys.write_secret(key_path, (identity + "\n").encode())
-        prefix = f"models/{name}/{variant}"
         vectors = None
         if test_vectors is not None:
-            ext = os.path.splitext(test_vectors)[1]
-            ext = ext if re.match(r"\.[A-Za-z0-9]{1,8}\Z", ext) else ""  # keep .npz; never a path character
-            vpath = f"{prefix}/{version}.testvectors{ext}.age"
+            # keeps .npz; never a path character
+            vpath = vectors_target_path(name, variant, version, os.path.splitext(test_vectors)[1])
             vinfo, vsha, vlen = _encrypt_target(repo, test_vectors, vpath, recipient)
-            vinfo.unrecognized_fields["custom"] = {"kind": "test_vectors", "name": name, "variant": variant,
-                                                   "version": version, "release": release,
-                                                   "plaintext": {"sha256": vsha, "length": vlen}}
+            vinfo.unrecognized_fields["custom"] = vectors_facts(name=name, variant=variant, version=version,
+                                                                release=release, sha256=vsha, length=vlen)
             targets.signed.targets[vpath] = vinfo
-            vectors = {"target": vpath, "sha256": vsha, "length": vlen}
-        mpath = f"{prefix}/{version}.tflite.age"
+            vectors = vectors_ref(vpath, vsha, vlen)
+        mpath = model_target_path(name, variant, version)
         info, sha, length = _encrypt_target(repo, model, mpath, recipient)
-        info.unrecognized_fields["custom"] = {
-            "kind": "model", "name": name, "variant": variant, "version": version, "release": release,
-            "plaintext": {"sha256": sha, "length": length}, "hwclass": hwclass, "ring": ring,
-            "min_agent": min_agent, "test_vectors": vectors, "encryption": "age"}
+        info.unrecognized_fields["custom"] = model_facts(
+            name=name, variant=variant, version=version, release=release, sha256=sha, length=length,
+            hwclass=hwclass, ring=ring, min_agent=min_agent, test_vectors=vectors)
         targets.signed.targets[mpath] = info
         targets.signed.expires = max(targets.signed.expires, expiry(now, days["targets"]))
         repo.sign(targets, "targets", signers, [root], where=repo.offline_keys)
