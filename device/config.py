@@ -34,6 +34,7 @@ except ModuleNotFoundError:  # Python < 3.11
 from device.configschema import ValueSpec, section, setting, show, spec_of
 from device.errors import ConfigError
 from device.link.config import LinkConfig
+from device.update.config import UpdateConfig
 from drivers.config import DriversConfig
 from power.config import PowerConfig
 
@@ -132,6 +133,7 @@ class Config:
         drivers: ``[drivers]`` section.
         power: ``[power]`` section.
         link: ``[link]`` section.
+        update: ``[update]`` section.
         source: Where the values came from: a file path, ``<string>``, ``<mapping>`` or ``<defaults>``.
             Not a configuration key; ignored when comparing configs.
     """
@@ -142,6 +144,7 @@ class Config:
     drivers: DriversConfig = section(DriversConfig, "Hardware access.")
     power: PowerConfig = section(PowerConfig, "Power governor.")
     link: LinkConfig = section(LinkConfig, "MQTT link, spool and commands.")
+    update: UpdateConfig = section(UpdateConfig, "Signed, encrypted model updates.")
     source: str = field(default=DEFAULTS_SOURCE, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,45 @@
+"""``[update]``: where a board's model updates come from and what it may install.
+
+Importing this module imports nothing of the update path (no python-tuf): the config loader reads it on every
+command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from device.configschema import setting
+
+_NAME = dict(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", expect="1-64 characters from A-Z, a-z, 0-9, '.', '_', "
+                                                                  "'-', starting with a letter or digit")
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """``[update]``: signed, encrypted model updates (docs/updates.md)."""
+
+    root_file: str = setting(
+        "", "The repository's trusted root metadata (its 1.root.json), installed when the board is provisioned; "
+            "never fetched on trust. Empty: updates are off.")
+    repository: str = setting(
+        "", "Where the repository is: a base URL (https://updates.example/fleet/) or a directory (a USB stick, "
+            "/media/usb/fleet-repo or file:///...), holding metadata/, targets/ and grants/.")
+    identity_file: str = setting(
+        "/etc/fieldnode/update.age", "This board's age identity (fieldnode keys generate NAME --kind recipient), "
+                                     "mode 0600: it opens the board's release-key files.",
+        pattern=r"(?s).*\S.*", expect="a file path")
+    hwclass: str = setting("", "This board's hardware class, as releases name it (rpi4, jetson-orin-nano...); "
+                               "empty accepts only releases for any class.", allow_empty=True, **_NAME)
+    ring: str = setting("stable", "The rollout ring this board follows; it installs releases of this ring only.",
+                        **_NAME)
+    timeout_s: float = setting(30.0, "Network timeout of one request (connect, and the longest silence).",
+                               minimum=1, maximum=3600)
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Updates need both ends: a trusted root and a repository, or neither (updates off)."""
+        if self.root_file and not self.repository:
+            return [("update.repository", "empty, but update.root_file is set: say where the repository is")]
+        if self.repository and not self.root_file:
+            return [("update.root_file", "empty, but update.repository is set: a board never trusts a repository "
+                                         "without the root it was provisioned with")]
+        return []
