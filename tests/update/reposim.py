@@ -96,3 +96,111 @@ def open_release(repo_dir: str, release: str, device_id: str, board_identity: st
     out = io.BytesIO()
     age.decrypt(io.BytesIO(ciphertext), out, [release_identity])
     return out.getvalue()
+
+
+def resign_targets(repo_dir: str, edit, now=None) -> dict:
+    """Publishes a new targets version with ``edit(targets_signed)`` applied, signed by the repository's own targets
+    keys: how a targets key holder (or a bug in the tool) signs whatever facts it likes. Returns publish's result."""
+    import copy
+
+    from tools import repo_keys
+    from tools.repo_meta import Repository
+    from tools.repo_publish import publish
+
+    r = Repository(repo_dir)
+    with r.lock():
+        md = copy.deepcopy(r.current("targets"))
+        md.signed.version = r.published("targets").signed.version + 1
+        edit(md.signed)
+        r.sign(md, "targets", repo_keys.load_signers(r.offline_keys), [r.current("root").signed],
+               where=r.offline_keys)
+        r.stage(md)
+    return publish(Repository(repo_dir), now=now)
+
+
+def publish_at(repo_dir: str, now, **kw) -> dict:
+    """``fieldnode repo publish`` with the signing time ``now`` (a datetime): expiry counts from it."""
+    from tools.repo_meta import Repository
+    from tools.repo_publish import publish
+
+    return publish(Repository(repo_dir), now=now, **kw)
+
+
+class BoardClock:
+    """Wall-clock time a test sets (``t``); sleeps are only recorded."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+        self.slept: list = []
+
+    def time(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    def sleep(self, s: float) -> None:
+        self.slept.append(s)
+
+
+class World:
+    """A published repository made with ``fieldnode repo`` and the boards that read it (tests/update/test_client*).
+
+    ``vibration/full`` version 3 (hardware class rpi4, ring stable, minimum agent 0.1.0, with test vectors) is
+    granted to ``board-a`` (identity ``board``) and ``board-b`` (``other``), then published.
+
+    Attributes:
+        path: The repository. release: The release id. model, vectors: The plaintexts. board, other:
+            ``(identity, recipient)`` of board-a and board-b. tmp: The test's tmp_path.
+    """
+
+    PATH = "models/vibration/full/3.tflite.age"
+
+    def __init__(self, tmp_path, capsys, *init_args: str) -> None:
+        self.tmp = tmp_path
+        self.path = str(tmp_path / "repo")
+        self.model = os.urandom(150_000)  # two full age chunks and a partial one
+        self.vectors = os.urandom(5_000)
+        model, vectors = tmp_path / "model.tflite", tmp_path / "vectors.npz"
+        model.write_bytes(self.model)
+        vectors.write_bytes(self.vectors)
+        repo(capsys, "init", self.path, *init_args)
+        self.release = repo(capsys, "add-model", self.path, "--model", str(model), "--name", "vibration",
+                            "--variant", "full", "--version", "3", "--hwclass", "rpi4", "--min-agent", "0.1.0",
+                            "--test-vectors", str(vectors))["release"]
+        from device.update import age
+
+        self.board, self.other = age.generate_identity(), age.generate_identity()
+        fleet = tmp_path / "fleet.txt"
+        fleet.write_text(f"board-a {self.board[1]}\nboard-b {self.other[1]}\n")
+        repo(capsys, "grant", self.path, "--recipients-file", str(fleet), "--release", self.release)
+        repo(capsys, "publish", self.path)
+        with open(self.file("metadata/1.root.json"), "rb") as fh:
+            self.root = fh.read()  # what a board is provisioned with
+
+    def file(self, relative: str) -> str:
+        """A file of the repository, by its ``/``-separated relative path."""
+        return os.path.join(self.path, *relative.split("/"))
+
+    def stored_target(self, target_path: str) -> str:
+        """The stored (consistent-snapshot, ``<sha256>.<name>``) file of a target."""
+        directory, _, base = target_path.rpartition("/")
+        folder = self.file(f"targets/{directory}")
+        (found,) = [n for n in os.listdir(folder) if n.endswith("." + base) and len(n) == 65 + len(base)]
+        return os.path.join(folder, found)
+
+    def client(self, name: str = "board", base: str | None = None, **kw):
+        """A board's ``device.update.client.Repository`` keeping its state in ``tmp/name``; ``base`` is an http(s)
+        URL serving the repository directory (default: the directory itself through ``file://`` URLs)."""
+        import pathlib
+        import time
+
+        from device.update.client import Repository
+
+        if base is None:
+            base = pathlib.Path(self.path).as_uri() + "/"
+        kw.setdefault("clock", BoardClock(time.time()))
+        kw.setdefault("attempts", 2)
+        return Repository(os.path.join(str(self.tmp), name, "metadata"), root=self.root,
+                          metadata_url=base + "metadata/", targets_url=base + "targets/", grants_url=base + "grants/",
+                          **kw)
