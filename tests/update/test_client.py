@@ -225,3 +225,31 @@ def test_a_board_keeps_its_trusted_state_when_the_repository_goes_away(world, tm
     err = _code(world.client().refresh)
     assert err.code == "E_DOWNLOAD"
     assert os.path.isfile(tmp_path / "board" / "metadata" / "timestamp.json")
+
+
+def test_the_boards_worked_example_in_docs_reads_the_stick(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "updates.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    operator = text.split("### Worked example", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    board = text.split("### On the board", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").chmod(0o755)
+    (shims / "python3").symlink_to(sys.executable)
+    env = dict(os.environ, PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)
+    done = subprocess.run(["bash", "-e", "-c", operator], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-c", board], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "vibration full 2 verified and decrypted\n"
+    from device.runtime.manifest import bundled_model_dir
+
+    with open(os.path.join(bundled_model_dir(), "vibration_full.tflite"), "rb") as fh:
+        assert (tmp_path / "vibration_full.tflite").read_bytes() == fh.read()
