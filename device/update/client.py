@@ -159,7 +159,7 @@ class Repository:
         clock: Wall-clock time (the clock guard, expiry) and the sleeps between attempts.
         state_path: The "not before" state file (default ``metadata_dir/not-before.json``).
         attempts: Transport failures in a row before a download gives up. backoff: ``(min, max)`` seconds
-            between attempts.
+            between attempts. rng: The randomness of the backoff jitter.
     """
 
     def __init__(self, metadata_dir: str, *, root: bytes, metadata_url: str, targets_url: str, grants_url: str,
