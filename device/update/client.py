@@ -53,7 +53,7 @@ from device import __version__
 from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.statefile import fsync_dir
 from device.update import age, layout
-from device.update.client_tuf import NotBefore, RoleTracking, map_tuf_error, trusted_set
+from device.update.client_tuf import NotBefore, RoleTracking, map_tuf_error, sync_tree, trusted_set
 from device.update.errors import (DecryptError, DownloadError, HashMismatch, MetadataError, NoSpace, NotGranted,
                                   SizeError, StoreError, TargetRefused, UpdateError)
 from device.update.fetch import DirectoryFetcher, DirectorySource, HttpSource, download_target, target_url
@@ -220,6 +220,7 @@ class Repository:
         except Exception as exc:
             raise map_tuf_error(exc, tracking.role()) from exc
         self._updater = updater
+        sync_tree(self.metadata_dir)
         self.not_before.advance(now)
 
     def _trusted(self):

@@ -6,6 +6,7 @@ Everything that touches python-tuf's private state lives in :func:`trusted_set`,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -18,7 +19,7 @@ from urllib.parse import unquote, urlparse
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
 
-from device.statefile import set_aside, write_atomic
+from device.statefile import fsync_dir, set_aside, write_atomic
 from device.update.errors import (ClockError, DownloadError, ExpiredError, HashMismatch, MetadataError, NoSpace,
                                   RollbackError, SignatureError, SizeError, StoreError, ThresholdError, UpdateError)
 
@@ -111,6 +112,26 @@ def trusted_set(updater):
     if not hasattr(trusted, "reference_time"):
         raise MetadataError("this python-tuf keeps no reference_time: the board cannot judge expiry at its clock")
     return trusted
+
+
+def sync_tree(directory: str) -> None:
+    """Fsyncs the metadata python-tuf wrote (it renames without fsync): after a power cut the board still holds
+    what it verified, which is where its rollback protection lives. Best effort, like every directory fsync."""
+    for folder in (directory, os.path.join(directory, "root_history")):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        fsync_dir(folder)
 
 
 def _iso(seconds: float) -> str:
