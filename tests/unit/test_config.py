@@ -404,7 +404,7 @@ def test_to_dict_round_trip():
 
 def test_to_dict_has_no_source_and_all_sections():
     data = Config().to_dict()
-    assert set(data) == {"device", "runtime", "demo", "drivers", "power", "link"}
+    assert set(data) == {"device", "runtime", "demo", "drivers", "power", "link", "update"}
     assert "source" not in data
 
 
