@@ -192,6 +192,7 @@ _lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, si
 _lazy("device.agent", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
 _lazy("device.link.send", "send", "send one command to a board and print its reply")
 _lazy("tools.repo", "repo", "the operator's update repository: init, add-model, grant, publish, rotate, export")
+_lazy("tools.update", "update", "model updates on this board: check, install, status, rollback")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
