@@ -151,12 +151,25 @@ state_dir = "{tmp_path / 'state'}"
 isolation = "inline"
 [drivers]
 sensor_url = "{mcu.port}"
+sensor_timeout_s = 3600
 """)
+    events: list[str] = []
+    agent = Agent(cfg, clock=clock, on_event=lambda kind, data: events.append(kind))
     try:
-        agent = Agent(cfg, clock=clock)
         assert agent.board_clock is clock and agent.reader.clock is clock and agent.governor.clock is clock
-        assert agent.sensor._clock is clock
+        # Behaviour, not only wiring: the MCU is silent, and the sensor goes stale, and the agent says so, when
+        # the injected clock says so, not when real time passes.
+        agent.sensor.start()
+        assert agent.sensor.wait_until(lambda h: h.connected, timeout=10)
+        clock.advance(cfg.drivers.sensor_timeout_s + 1)  # an hour of silence, on the injected clock only
+        assert agent.sensor.wait_until(lambda h: h.state.value == "stale", timeout=10)
+        agent._watch()
+        assert events == ["sensor_fault"] and agent.status()["faults"]["sensor"]["for_s"] == 0.0
+        clock.advance(42)
+        assert agent.status()["faults"]["sensor"]["for_s"] == 42.0
     finally:
+        agent.sensor.stop()
+        agent.io.close()
         mcu.close()
 
 
