@@ -34,6 +34,22 @@ class UpdateConfig:
                         **_NAME)
     timeout_s: float = setting(30.0, "Network timeout of one request (connect, and the longest silence).",
                                minimum=1, maximum=3600)
+    trial_s: float = setting(
+        600.0, "How long a new model serves on trial (seconds of the agent's clock) before it is committed; the "
+               "trial also needs trial_min_windows windows, and waits for them on an idle board.",
+        minimum=1, maximum=7 * 86400)
+    trial_min_windows: int = setting(
+        50, "Windows the new model must classify before its trial can pass; latency and shadow agreement are "
+            "judged only from this many on.", minimum=1, maximum=1_000_000)
+    latency_factor: float = setting(
+        1.5, "The new model's median latency may be at most this times the previous model's, both measured on "
+             "this board; beyond it the trial fails (E_HEALTH).", minimum=1, maximum=100)
+    shadow: bool = setting(
+        True, "During a trial the previous model (the fallback slot, or the bundled model) also classifies each "
+              "window (a second worker, not in the saver and critical levels), and the two must agree.")
+    min_agreement: float = setting(
+        0.9, "With the shadow: the share of windows on which the new and the previous model give the same label "
+             "below which the trial fails (E_HEALTH).", minimum=0, maximum=1)
 
     def validate(self) -> list[tuple[str, str]]:
         """Updates need both ends: a trusted root and a repository, or neither (updates off)."""
