@@ -204,3 +204,44 @@ class World:
         return Repository(os.path.join(str(self.tmp), name, "metadata"), root=self.root,
                           metadata_url=base + "metadata/", targets_url=base + "targets/", grants_url=base + "grants/",
                           **kw)
+
+
+def run_repo(*argv: str) -> dict:
+    """``fieldnode repo ARGV --json`` in this process without capsys (for module-scoped fixtures); returns the
+    printed object (asserts exit 0)."""
+    import contextlib
+
+    from device.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["repo", *argv, "--json"])
+    assert rc == 0, (rc, out.getvalue())
+    return json.loads(out.getvalue())
+
+
+def model_repo(path: str, versions: dict, boards: dict, *, hwclass=("rpi4",), name: str = "vibration") -> bytes:
+    """A published repository of whole model versions, made with ``fieldnode repo`` (the installer's tests).
+
+    Args:
+        path: The new repository's directory.
+        versions: ``{version: {variant: (model file, test-vectors file or None)}}``, added in version order.
+        boards: ``{device id: age recipient}``; every version is granted to every board.
+        hwclass: The hardware classes of every release.
+        name: The model name.
+
+    Returns:
+        The trusted root a board is provisioned with (``metadata/1.root.json``).
+    """
+    run_repo("init", path)
+    for version in sorted(versions):
+        for variant, (model, vectors) in versions[version].items():
+            extra = ["--test-vectors", vectors] if vectors else []
+            run_repo("add-model", path, "--model", model, "--name", name, "--variant", variant, "--version",
+                     str(version), "--hwclass", *hwclass, *extra)
+        for device, recipient in boards.items():
+            run_repo("grant", path, "--device", device, "--recipient", recipient, "--name", name, "--version",
+                     str(version))
+    run_repo("publish", path)
+    with open(os.path.join(path, "metadata", "1.root.json"), "rb") as fh:
+        return fh.read()
