@@ -3,7 +3,8 @@
 :class:`Runtime` picks the backend and delegate plan from the configuration, starts an engine (an isolated
 worker by default) for the active variant, and serves :meth:`Runtime.infer`. Switching variant or thread
 count is a hot swap: the new engine loads and warms up while the old one keeps serving, then takes over
-between two requests, so no request is dropped or fails. Swaps, starts and reconfigurations are serial (one
+between two requests, so no request is dropped or fails; so is a switch to another model
+(:meth:`Runtime.switch_model`: an update's new slot, or back). Swaps, starts and reconfigurations are serial (one
 swap lock), so two threads asking at once never swap twice for one change nor leave a stale request.
 
 A model fault never stops the runtime from starting. A variant whose worker crashes or hangs while loading
@@ -86,6 +87,7 @@ class Prediction:
     scores: np.ndarray
     label: str
     index: int
+    model: ModelManifest | None = None  # the model that answered (a switch may have installed another since)
 
     @property
     def score(self) -> float:
@@ -192,13 +194,14 @@ class Runtime:
             InferenceFailed: and its subclasses, see :meth:`ProcessEngine.infer`.
         """
         r, engine = self._serve(values)
+        m = engine.manifest  # the engine's own model: a model switch may have installed another one since
         scores = dequantize(engine.outputs[0], r.outputs[0]).reshape(-1)
-        if self.manifest.meta.get("output") == "logits":  # report probabilities, not raw logits
+        if m.meta.get("output") == "logits":  # report probabilities, not raw logits
             e = np.exp(scores - scores.max())
             scores = e / e.sum()
         i = int(np.argmax(scores))
-        labels = self.manifest.labels
-        return Prediction(r, engine.info.get("variant"), scores, labels[i] if i < len(labels) else str(i), i)
+        labels = m.labels
+        return Prediction(r, engine.info.get("variant"), scores, labels[i] if i < len(labels) else str(i), i, m)
 
     def _serve(self, values: Sequence) -> tuple:
         try:
@@ -303,6 +306,39 @@ class Runtime:
                 self._fallback = {"from": target, "to": engine.info.get("variant"), "reason": str(exc)}
                 raise
 
+    def switch_model(self, manifest: ModelManifest) -> None:
+        """Hot-swaps to another model (an update's slot, or back): like a variant swap, its worker loads and
+        warms up while the model before serves, takes over between two requests, and the old one is retired.
+        The requested variant and threads carry over (a variant the new model lacks becomes ``auto``), its
+        variants fall back as at a start, and the latency histogram starts afresh. Emits ``model_changed``
+        {model, from_version, to_version, variant}. Before :meth:`start` it only changes what will start.
+
+        Raises:
+            NotServing: no variant of the new model can serve (the model before keeps serving, or stays down).
+            DelegateUnavailable: the explicit delegate cannot run it (the model before keeps serving).
+        """
+        with self._swap_lock:
+            old, was_down = self.manifest, self._started and self._engine is None
+            opener = EngineOpener(self.settings, manifest, self.quarantine, self._emit)
+            want = self._requested_variant if self._requested_variant in manifest.variants else "auto"
+            target = resolve_variant(manifest, want, self.settings.delegate)
+            if not self._started:
+                self.manifest, self._opener, self._requested_variant = manifest, opener, want
+                return
+            engine, failures = opener.first_that_serves(target, self._threads)
+            if engine is None:
+                why = "; ".join(f"{n}: {exc}" for n, exc in failures) or "no variant to load"
+                raise E.NotServing(f"model {manifest.name} {manifest.version} cannot serve: {why}")
+            self._requested_variant = want
+            self._install(engine, manifest, opener)
+            self.latency.reset()
+            self.swaps += 1
+            self._note_fallback(target, engine, failures)
+            self._emit("model_changed", {"model": manifest.name, "from_version": old.version,
+                                         "to_version": manifest.version, "variant": self.variant})
+            if was_down:
+                self._emit("serving", {"variant": self.variant, "threads": self._threads})
+
     # ----- bringing variants up --------------------------------------------------------------------------
 
     def _bring_up(self, raising: bool = True) -> bool:
@@ -353,10 +389,14 @@ class Runtime:
         self._note_fallback(target, engine, failures)
         return True
 
-    def _install(self, engine) -> None:
-        """Puts ``engine`` in service between two requests and retires the one it replaces."""
+    def _install(self, engine, manifest: ModelManifest | None = None, opener=None) -> None:
+        """Puts ``engine`` in service between two requests and retires the one it replaces (with a model
+        switch, the model and its opener change in the same step)."""
+        engine.manifest = manifest or self.manifest
         with self._lock:
             old, self._engine = self._engine, engine
+            if manifest is not None:
+                self.manifest, self._opener = manifest, opener
         self._down = None
         self._retry_at = 0.0
         if old is not None:
