@@ -40,15 +40,15 @@ import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 from device.clock import SYSTEM_CLOCK
 from device.errors import ConfigError, FieldnodeError
-from device.runtime.manifest import MANIFEST_NAME, ModelManifest
+from device.runtime.manifest import MANIFEST_NAME
 from device.statefile import write_atomic
-from device.update.errors import Deferred, RollbackError, StoreError, TargetRefused, UpdateError, ValidationFailed
+from device.update.errors import Deferred, StoreError, UpdateError, ValidationFailed
 from device.update.install_model import build_manifest, manifest_bytes, model_file, validate, vectors_file
+from device.update.install_plan import Candidate, Current, explicit, plan
 from device.update.storestaging import os_error
 
 log = logging.getLogger(__name__)
@@ -57,66 +57,6 @@ STEPS = ("refresh", "target", "defer", "begin", "grant", "download", "decrypt", 
          "done")
 CHECK_FILE = "last-check.json"  # in the store's directory: what the last check found, for status
 MAX_CHECK_BYTES = 256 * 1024
-
-
-@dataclass(frozen=True)
-class Current:
-    """The model that serves now, and the template of the next slot's manifest.
-
-    Attributes:
-        name: Its model name. version: Its release version (0 for a model that is not an installed release).
-        source: ``store`` (an installed slot) or ``bundled`` (the configured or shipped model).
-        manifest: Its manifest. slot: The slot letter, or None. state: ``trial``/``committed``, or None.
-    """
-
-    name: str
-    version: int
-    source: str
-    manifest: ModelManifest
-    slot: str | None = None
-    state: str | None = None
-
-    def as_json(self) -> dict:
-        return {"name": self.name, "version": self.version if self.source == "store" else None,
-                "source": self.source, "slot": self.slot, "state": self.state}
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A release (or a whole version, ``variant`` None) this board will not install, and why."""
-
-    version: int | None
-    variant: str | None
-    error: UpdateError
-
-    def as_json(self) -> dict:
-        return {"version": self.version, "variant": self.variant, "code": self.error.code, "message": str(self.error)}
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A model version to install: its releases for this board, one per variant."""
-
-    name: str
-    version: int
-    releases: tuple
-
-    @property
-    def size_hint(self) -> int:
-        """Bytes the install may write under the store: every ciphertext and every plaintext."""
-        total = 0
-        for r in self.releases:
-            for art in (r.model, r.test_vectors):
-                if art is not None:
-                    total += art.target.length + art.plaintext_length
-        return total
-
-    def as_json(self) -> dict:
-        variants = [{"variant": r.variant, "release": r.release_id, "bytes": r.plaintext_length,
-                     "download_bytes": r.target.length + (r.test_vectors.target.length if r.test_vectors else 0),
-                     "test_vectors": r.test_vectors is not None} for r in self.releases]
-        return {"name": self.name, "version": self.version, "variants": variants,
-                "download_bytes": sum(v["download_bytes"] for v in variants), "install_bytes": self.size_hint}
 
 
 class Installer:
@@ -227,56 +167,6 @@ class Installer:
             return Current(manifest.name, 0, "bundled", manifest)
         return Current(active.name, active.version, "store", manifest, active.slot, active.state)
 
-    def _versions(self, name: str) -> dict:
-        out: dict = {}
-        for r in self.repo.releases():
-            if r.name == name:
-                out.setdefault(r.version, []).append(r)
-        return out
-
-    def _for_board(self, releases) -> tuple:
-        ok, refused = [], []
-        for r in releases:
-            try:
-                self.repo.check_target(r, self.facts)
-                ok.append(r)
-            except TargetRefused as exc:
-                refused.append(Refusal(r.version, r.variant, exc))
-        return ok, refused
-
-    def _plan(self, cur: Current) -> tuple:
-        """``(Candidate or None, [Refusal])``: the newest installable version above what serves."""
-        versions = self._versions(cur.name)
-        refused = [Refusal(None, None, exc) for exc in self.repo.refused]
-        floor, failed = self.store.floor(cur.name), self.store.failed_versions(cur.name)
-        for v in sorted(versions, reverse=True):
-            if v <= cur.version:
-                break
-            if floor is not None and v < floor:
-                refused.append(Refusal(v, None, RollbackError(f"{cur.name} v{v} is below this board's floor "
-                                                              f"v{floor} (its highest committed version)")))
-                continue
-            if v in failed:
-                refused.append(Refusal(v, None, RollbackError(f"{cur.name} v{v} failed on this board before and is "
-                                                              f"never retried ({failed[v]['reason']})")))
-                continue
-            ok, why = self._for_board(versions[v])
-            refused.extend(why)
-            if ok:
-                return Candidate(cur.name, v, tuple(ok)), refused
-        return None, refused
-
-    def _explicit(self, cur: Current, version: int) -> Candidate:
-        versions = self._versions(cur.name)
-        if version not in versions:
-            listed = ", ".join(str(v) for v in sorted(versions)) or "none"
-            raise TargetRefused(f"{cur.name} v{version}: no such release in the repository (versions listed: "
-                                f"{listed})")
-        ok, refused = self._for_board(versions[version])
-        if not ok:
-            raise refused[0].error
-        return Candidate(cur.name, version, tuple(ok))
-
     # --- check ------------------------------------------------------------------------------------------
 
     def check(self) -> dict:
@@ -292,7 +182,7 @@ class Installer:
         self._step("refresh")
         self.repo.refresh()
         cur = self.current()
-        candidate, refused = self._plan(cur)
+        candidate, refused = plan(self.repo, self.store, self.facts, cur)
         result = {"checked_at": self.clock.time(), "model": cur.name, "installed": cur.as_json(),
                   "available": candidate.as_json() if candidate else None,
                   "refused": [r.as_json() for r in refused]}
@@ -321,14 +211,14 @@ class Installer:
         cur = self.current()
         self._step("target")
         if version is None:
-            candidate, refused = self._plan(cur)
+            candidate, refused = plan(self.repo, self.store, self.facts, cur)
             if candidate is None:
                 newer = [r for r in refused if r.version is not None]
                 if newer:
                     raise newer[0].error
                 return {"installed": False, "name": cur.name, "reason": "up to date", "serving": cur.as_json()}
         else:
-            candidate = self._explicit(cur, version)
+            candidate = explicit(self.repo, self.facts, cur, version)
         if not force and self.defer is not None:
             self._step("defer")
             reason = self.defer()
@@ -397,24 +287,12 @@ class Installer:
     # --- status, rollback -------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        """The store's status (:meth:`~device.update.store.ModelStore.status`) and the last check's result."""
-        out = self.store.status()
-        out["last_check"] = self._last_check if self._last_check is not None else self._read_last_check()
-        return out
+        """See :func:`status` (with this installer's last check, if it made one)."""
+        return status(self.store, self._last_check)
 
     def rollback(self, reason: str) -> dict:
-        """Goes back to the previous model and marks the one that served as failed (never installed again).
-
-        Returns:
-            ``{"rolled_back": {"name", "version"}, "reason", "serving": slot or "bundled"}``.
-
-        Raises:
-            StoreError: Nothing is installed. Busy: An install or a trial judgement holds the store lock.
-        """
-        before = self.store.active()
-        now = self.store.rollback(reason)
-        return {"rolled_back": {"name": before.name, "version": before.version} if before else None,
-                "reason": reason, "serving": now.as_json() if now is not None else "bundled"}
+        """See :func:`rollback`."""
+        return rollback(self.store, reason)
 
     # --- internals --------------------------------------------------------------------------------------
 
@@ -429,13 +307,38 @@ class Installer:
         except OSError as exc:
             log.warning("cannot record the update check in %s: %s", self.store.root, exc.strerror or exc)
 
-    def _read_last_check(self) -> dict | None:
-        try:
-            with open(os.path.join(self.store.root, CHECK_FILE), "rb") as fh:
-                doc = json.loads(fh.read(MAX_CHECK_BYTES).decode())
-            return doc if isinstance(doc, dict) else None
-        except (OSError, ValueError):
-            return None
+
+def status(store, last: dict | None = None) -> dict:
+    """The store's status (:meth:`~device.update.store.ModelStore.status`) and the last check's result (``last``,
+    else the one recorded in the store's directory, else None). Needs no repository: works with updates off."""
+    out = store.status()
+    out["last_check"] = last if last is not None else last_check(store)
+    return out
+
+
+def rollback(store, reason: str) -> dict:
+    """Goes back to the previous model and marks the one that served as failed (never installed again).
+
+    Returns:
+        ``{"rolled_back": {"name", "version"}, "reason", "serving": slot or "bundled"}``.
+
+    Raises:
+        StoreError: Nothing is installed. Busy: An install or a trial judgement holds the store lock.
+    """
+    before = store.active()
+    now = store.rollback(reason)
+    return {"rolled_back": {"name": before.name, "version": before.version} if before else None,
+            "reason": reason, "serving": now.as_json() if now is not None else "bundled"}
+
+
+def last_check(store) -> dict | None:
+    """What the last check on this board found (recorded in the store's directory), or None."""
+    try:
+        with open(os.path.join(store.root, CHECK_FILE), "rb") as fh:
+            doc = json.loads(fh.read(MAX_CHECK_BYTES).decode())
+        return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _prune(directory: str, keep: set) -> None:
