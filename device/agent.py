@@ -18,7 +18,11 @@
   :class:`device.link.spool.Spool` in the state directory, with the command registry of
   :mod:`device.agent_commands`. The spool and the link come up before the runtime, so a model that cannot
   serve (every variant crashing or quarantined, a requested delegate missing) leaves the board reachable and
-  saying why (``runtime_fault`` event, ``status``), and a signed ``quarantine.release`` can still reach it.
+  saying why (``runtime_fault`` event, ``status``), and a signed ``quarantine.release`` can still reach it;
+* **updates**: :class:`device.update.agentside.AgentUpdates` recovers the A/B store of the state directory and
+  says which model the runtime loads (the active slot, else the bundled model; ``runtime.model`` overrides
+  both). A slot on trial is watched by the health gate, fed from the inference loop, which also acts on its
+  verdict (commit, or roll back and switch the runtime back); installs run on their own thread.
 
 ``fieldnode run`` runs it in the foreground until SIGTERM or SIGINT; the daemon issue adds sd_notify and the
 watchdog around the same object.
@@ -40,7 +44,8 @@ from device.watch import FaultWatch
 log = logging.getLogger(__name__)
 
 # Events after which the retained birth is published again: it says which variant serves, and whether any does.
-_BIRTH_CHANGES = frozenset({"serving", "not_serving", "variant_changed", "variant_fallback"})
+_BIRTH_CHANGES = frozenset({"serving", "not_serving", "variant_changed", "variant_fallback", "model_changed",
+                            "update_trial", "update_committed", "update_rolled_back"})
 
 
 class Agent:
@@ -64,6 +69,7 @@ class Agent:
         from device.applier import PlanApplier
         from device.hardware import BoardIO
         from device.runtime.runtime import Runtime, RuntimeSettings
+        from device.update.agentside import AgentUpdates
         from drivers.accel import discover
         from drivers.cpufreq import CpuFreq
         from drivers.sensor import SerialSensor
@@ -87,7 +93,7 @@ class Agent:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._early: list[tuple[str, dict]] = []  # events from before the link exists (a corrupt spool...)
-        self.link = None
+        self.link = self.updates = None
         self.results = 0
         self.failures = 0
         self.last_result: dict | None = None
@@ -126,8 +132,10 @@ class Agent:
             raise
         self.accelerators = discover(fs)
         self._started = False
-        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), on_event=self.event, clock=clock,
-                               quarantine_path=os.path.join(self.state_dir, "quarantine.json"))
+        self.updates = AgentUpdates(cfg, self.event, lambda: self.governor.level.label, clock=clock)
+        self.runtime = Runtime(RuntimeSettings.from_config(cfg.runtime), self.updates.manifest, self.event,
+                               clock=clock, quarantine_path=os.path.join(self.state_dir, "quarantine.json"))
+        self.updates.attach(self.runtime)
         policies = CpuFreq(fs).policies()
         self.reader = BoardReader(fs, clock=self.board_clock, slope_window_s=self.policy.slope_window_s,
                                   power_good=self.io.read_power_good if self.io.power_good is not None else None)
@@ -195,7 +203,7 @@ class Agent:
                 "models": {m.name: {"version": m.version, "variants": list(m.variants)}},
                 "variant": st["variant"], "backend": st["backend"], "backend_version": st["backend_version"],
                 "delegate": st["delegate"], "serving": self.serving, "level": self.governor.level.label,
-                "accelerators": self.accelerators.summary(), **self._simulation()}
+                "accelerators": self.accelerators.summary(), "update": self.updates.summary(), **self._simulation()}
 
     def _simulation(self) -> dict:
         """How a board says whether it is simulated: in the birth message, ``status`` and every result."""
@@ -215,6 +223,8 @@ class Agent:
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
         log.info("event %s: %s", kind, data)
+        if self.updates is not None:
+            self.updates.on_event(kind, data)  # a fault of a model on trial fails its trial
         if kind in _BIRTH_CHANGES and self.link is not None:
             self.link.refresh_birth()  # the retained state says which variant serves, and whether any does
         if self._on_event is not None:
@@ -240,7 +250,8 @@ class Agent:
                 "link": self.link.status() if self.link is not None else None,
                 "spool": self.spool.stats() if self.spool is not None else None,
                 "trust_problems": getattr(self, "trust", None) and self.trust.problems,
-                "hardware": self.io.describe(), "accelerators": self.accelerators.summary()}
+                "hardware": self.io.describe(), "accelerators": self.accelerators.summary(),
+                "update": self.updates.status()}
 
     def _faults(self) -> dict:
         """What is wrong now, by part: ``{"sensor": {"problem", "for_s"}, "runtime": {"problem"}}``."""
@@ -270,7 +281,7 @@ class Agent:
         """Classifies one window; spools and returns the result."""
         t0 = self.clock.monotonic()
         p = self.runtime.predict(window)
-        m = self.runtime.manifest
+        m = p.model or self.runtime.manifest  # the model that answered, even if a switch came since
         result = {"model": m.name, "variant": p.variant, "label": p.label, "score": round(float(p.score), 5),
                   "scores": {lab: round(float(s), 5) for lab, s in zip(m.labels, p.scores)},
                   "latency_ms": round((self.clock.monotonic() - t0) * 1000.0, 3), "time": self.clock.time(),
@@ -281,6 +292,10 @@ class Agent:
         self.last_result = result
         if self._on_result is not None:
             self._on_result(result)
+        try:
+            self.updates.observe(window, p)  # after publishing: the shadow's time never delays a result
+        except Exception:  # the health gate must never take a result down with it
+            log.exception("the update trial could not observe a result")
         return result
 
     def _on_trigger(self, stamp: float) -> None:
@@ -360,6 +375,7 @@ class Agent:
         except DelegateUnavailable:
             pass  # the runtime is down with the reason (its not_serving event) and retries by itself
         self._started = True
+        self.updates.started()
         if self.link is not None:
             self.link.refresh_birth()  # the first birth went out before the model had loaded
         self._watch()
@@ -394,6 +410,10 @@ class Agent:
                         self._watch()
                     except Exception:  # the watch (LED, GPIO) must never take the agent down
                         log.exception("watching the sensor and runtime failed")
+                try:
+                    self.updates.tick()  # a trial's verdict: commit, or roll back (serving or not)
+                except Exception:
+                    log.exception("the update trial's verdict could not be applied")
                 if not self.runtime.serving:
                     self.runtime.retry_if_due()  # paced by runtime.not_serving_retry_s: a plugged-in TPU...
                     continue
@@ -436,6 +456,7 @@ class Agent:
             self.link.stop()
         if self.spool is not None:
             self.spool.close()
+        self.updates.close()
         self.runtime.close()
         self.io.close()
         if self.board is not None:

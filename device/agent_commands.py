@@ -1,5 +1,4 @@
-"""The agent's MQTT commands (the first set; the update and daemon issues add ``update.*``, ``diag``,
-``restart`` to the same registry).
+"""The agent's MQTT commands (the daemon issue adds ``diag`` and ``restart`` to the same registry).
 
 | command | privileged | args | does |
 | --- | --- | --- | --- |
@@ -10,6 +9,14 @@
 | ``variant`` | yes | ``variant`` (a name, or ``auto``) | pins the model variant; ``auto`` hands it back to the governor |
 | ``governor`` | yes | ``level`` (a level, or ``auto``), ``ttl_s`` | overrides the power level for a while; ``auto`` ends it |
 | ``quarantine.release`` | yes | ``sha256`` (as ``status`` lists it) | lifts a model file's quarantine |
+| ``update.status`` | no | - | installed versions, floors, failed versions, the trial, the last install |
+| ``update.check`` | yes | - | refreshes the repository and says what ``update.install`` would install |
+| ``update.install`` | yes | ``version`` (optional), ``force`` | starts an install and replies ``started``; ``update_install`` events follow, then the trial's |
+| ``update.rollback`` | yes | ``reason`` | back to the previous model now; the version is marked failed |
+
+The update commands are :class:`device.update.agentside.AgentUpdates`'s; their errors carry the update codes
+(``E_BUSY``, ``E_STORE``...). An install runs on its own thread (it downloads, decrypts and validates: minutes
+on a slow link), so the command thread answers at once and never holds other commands up.
 """
 
 from __future__ import annotations
@@ -75,6 +82,18 @@ def build_registry(agent) -> Registry:
             raise CommandFailed(f"no quarantined model file has the digest {sha}")
         return {"released": sha, "quarantined": agent.runtime.status()["quarantined"]}
 
+    def update_status(args: dict, ctx: CallContext):
+        return agent.updates.status()
+
+    def update_check(args: dict, ctx: CallContext):
+        return agent.updates.check()
+
+    def update_install(args: dict, ctx: CallContext):
+        return agent.updates.start_install(args.get("version"), args["force"], by=ctx.signer)
+
+    def update_rollback(args: dict, ctx: CallContext):
+        return agent.updates.rollback(args["reason"], by=ctx.signer)
+
     reg.register("status", status, doc="runtime, governor, sensor, link and spool status")
     reg.register("infer", infer, doc="classify the latest sensor window now")
     reg.register("config.get", config_get, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),
@@ -92,4 +111,14 @@ def build_registry(agent) -> Registry:
     reg.register("quarantine.release", quarantine_release, privileged=True,
                  args=(Arg("sha256", str, required=True, doc="the model file's digest, as status lists it"),),
                  doc="lift a model file's quarantine; the next start or variant swap may load it again")
+    reg.register("update.status", update_status, doc="installed model versions, the trial in progress, the last install")
+    reg.register("update.check", update_check, privileged=True,
+                 doc="refresh the update repository and say what update.install would install")
+    reg.register("update.install", update_install, privileged=True,
+                 args=(Arg("version", int, minimum=0, doc="the release version (default: the newest)"),
+                       Arg("force", bool, default=False, doc="install even when the power governor says wait")),
+                 doc="start installing a model update (update_install events follow; the new model serves on trial)")
+    reg.register("update.rollback", update_rollback, privileged=True,
+                 args=(Arg("reason", str, default="rolled back by an operator", doc="why, kept with the version"),),
+                 doc="go back to the previous model now; the version that served is marked failed")
     return reg
