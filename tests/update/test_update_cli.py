@@ -164,3 +164,31 @@ def test_the_console_script_exits_with_the_code_and_prints_one_json_object(repo,
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "E_TARGET"
     assert bad.stderr.startswith("fieldnode update: error [E_TARGET]: vibration v7: no such release")
+
+
+def test_the_installing_example_in_docs_runs_after_the_worked_example(tmp_path):
+    with open(os.path.join(ROOT, "docs", "updates.md"), encoding="utf-8") as fh:
+        text = fh.read()
+
+    def block(heading: str) -> str:
+        return text.split(heading, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").chmod(0o755)
+    (shims / "python3").symlink_to(sys.executable)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    script = block("### Worked example") + block("### Installing")
+    done = subprocess.run(["bash", "-e", "-c", script], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "vibration: v2 available (variants full; " in done.stdout
+    assert "installed vibration v2 in slot a, on trial (variants full)" in done.stdout
+    assert "serving: vibration v2 (slot a, trial)" in done.stdout
+    from device.runtime.manifest import load_manifest
+
+    m = load_manifest(str(work / "board-state" / "update" / "slots" / "a"))
+    assert (m.version, list(m.variants), m.labels) == ("2", ["full"], load_manifest(SHIPPED).labels)
