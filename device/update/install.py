@@ -326,8 +326,10 @@ def rollback(store, reason: str) -> dict:
         StoreError: Nothing is installed. Busy: An install or a trial judgement holds the store lock.
     """
     before = store.active()
+    if before is None:  # said before the store takes its lock, which would create the state directory
+        raise StoreError("nothing to roll back: the bundled model serves")
     now = store.rollback(reason)
-    return {"rolled_back": {"name": before.name, "version": before.version} if before else None,
+    return {"rolled_back": {"name": before.name, "version": before.version},
             "reason": reason, "serving": now.as_json() if now is not None else "bundled"}
 
 
