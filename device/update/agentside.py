@@ -249,7 +249,7 @@ class AgentUpdates:
             ConfigError: updates are off. Busy: an install runs. UpdateError: the refresh failed.
         """
         self._refuse_if_busy()
-        return self._installer().check()
+        return self._installer(progress=None).check()
 
     def start_install(self, version: int | None = None, force: bool = False, by: str | None = None) -> dict:
         """Starts an install on its own thread and returns at once (``update_install`` events follow).
@@ -259,7 +259,7 @@ class AgentUpdates:
                 overrides the store.
         """
         self._refuse_if_busy()
-        installer = self._installer()
+        installer = self._installer(progress=self._progress)
         with self._mu:
             if self._trial is not None:
                 raise Busy(f"{self._trial.name} v{self._trial.version} is on trial: wait for its verdict or roll "
@@ -279,11 +279,11 @@ class AgentUpdates:
         if job is not None and job.is_alive():
             raise Busy("an install is already running (see update.status)")
 
-    def _installer(self):
+    def _installer(self, progress):
         from device.update.install import Installer
 
         return Installer.from_config(self.cfg, store=self.store, who="agent", defer=self._defer,
-                                     progress=self._progress, clock=self._clock)
+                                     progress=progress, clock=self._clock)
 
     def _defer(self) -> str | None:
         level = self._level()
