@@ -20,6 +20,7 @@ Two kinds of bytes travel:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from tuf.ngclient import FetcherInterface
 
 from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.statefile import fsync_dir
-from device.update.errors import DownloadError, HashMismatch, SizeError
+from device.update.errors import DownloadError, HashMismatch, NoSpace, SizeError
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,9 @@ def download_target(target, url: str, source: RangeSource, partial_dir: str, *, 
                 os.remove(partial)
                 raise
             except Exception as exc:  # a dropped connection, a broker gone, a pulled stick: resume
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not the network's
+                    raise NoSpace(f"{target.path}: no space left for the download in {partial_dir} (what arrived "
+                                  f"is kept; the next attempt resumes there)") from exc
                 problem = f"{type(exc).__name__}: {exc}"
                 have = os.path.getsize(partial) if os.path.exists(partial) else 0
             if problem is None and have < target.length:

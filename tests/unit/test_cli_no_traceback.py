@@ -43,6 +43,8 @@ MISSING_FILES = [
     (["send", "--broker", "mqtt://127.0.0.1:9", "--device", "d1", "--sign", MISSING, "ping"], {1, 2}),
     (["send", "--broker", "mqtts://127.0.0.1:9", "--device", "d1", "--ca", MISSING, "ping"], {1, 2}),
     (["keys", "sign", MISSING, "--device", "d1", "ping"], {1, 2}),
+    (["repo", "status", MISSING], {1, 2}),
+    (["repo", "add-model", MISSING, "--model", MISSING, "--name", "m", "--variant", "v", "--version", "1"], {1, 2}),
 ]
 
 BAD_VALUES = [
@@ -110,6 +112,9 @@ def empty_state(tmp_path):
     (["power", "status", "--sim", "rpi5"], {0}),
     (["run", "--sim", "--seconds", "3"], {0}),
     (["run", "--seconds", "1"], {2}),
+    (["update", "check"], {2}),  # updates off: the config key says so
+    (["update", "status", "--json"], {0}),
+    (["update", "rollback"], {1}),  # nothing to roll back
 ], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
 def test_empty_state_directory(empty_state, args, codes):
     env, _state = empty_state

@@ -156,3 +156,27 @@ def test_local_path_refuses_a_remote_file_url():
     assert local_path("file:///media/usb/x%20y") == "/media/usb/x y"
     with pytest.raises(DownloadHTTPError):
         local_path("file://otherhost/x")
+
+
+def test_a_full_disk_is_no_space_not_a_network_failure(repo, tmp_path):
+    """A download that fills the disk says E_SPACE at once (retrying the network would not help), and keeps what
+    arrived for the next attempt."""
+    import subprocess
+
+    from device.update.errors import NoSpace
+
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.fail(f"cannot mount a small tmpfs (this test needs root): {run.stderr.strip()}")
+    try:
+        www, target, data, path = repo  # a 1 MiB target into 512 KiB
+        with RangeServer(str(www)) as srv:
+            clock = NoSleep()
+            with pytest.raises(NoSpace) as err:
+                download_target(target, srv.url + path, HttpSource(), str(mnt / "st"), clock=clock)
+            assert err.value.code == "E_SPACE" and clock.slept == [] and len(srv.requests) == 1
+        assert 0 < os.path.getsize(mnt / "st" / (target.hashes["sha256"] + ".part")) < len(data)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
