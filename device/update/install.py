@@ -231,6 +231,9 @@ class Installer:
                 checks, downloads = self._fill(staging, candidate, cur)
                 self._step("activate")
                 info = self.store.activate(staging, trial=True)
+            except ValidationFailed as exc:  # this model does not pass on this board: never tried again
+                staging.fail(f"{exc.code}: {exc}")
+                raise
             except OSError as exc:
                 raise os_error(exc, f"cannot install {candidate.name} v{candidate.version}", space=True) from exc
         for path in downloads:  # the switch is done: the ciphertexts served their purpose

@@ -13,7 +13,7 @@ import shutil
 
 from device.statefile import fsync_dir
 from device.update.errors import NoSpace, StoreError, UpdateError, ValidationFailed
-from device.update.storefiles import SLOT_META, StoreState
+from device.update.storefiles import SLOT_META, SlotRef, StoreState
 
 DOWNLOADS = "downloads"  # the installer's resumable downloads: the only thing in staging a clean-up keeps
 
@@ -65,6 +65,13 @@ class Staging:
                 os.fsync(f.fileno())
         except OSError as exc:
             raise os_error(exc, f"cannot write {rel} in staging", space=True) from exc
+
+    def fail(self, reason: str) -> None:
+        """Marks this version failed on this board (never installed again: its model does not pass here), then
+        discards it like :meth:`abort`. Validation failures call it; a download or a grant problem does not."""
+        if not self.closed:
+            self.store._mark_failed(SlotRef(self.slot, self.name, self.version), reason)
+        self.abort()
 
     def abort(self) -> None:
         """Discards the staged files and releases the lock (nothing outside staging was touched)."""

@@ -98,12 +98,16 @@ def model_state(store: ModelStore) -> dict:
     return out
 
 
-def refused(inst: Installer, call) -> UpdateError:
-    """Runs ``call``; asserts it raised an UpdateError and left the model and the staging area as they were."""
+def refused(inst: Installer, call, *, marks_failed: bool = False) -> UpdateError:
+    """Runs ``call``; asserts it raised an UpdateError and left the model and the staging area as they were (and,
+    unless ``marks_failed``, the store's state files: a model that fails validation is marked failed)."""
     before = model_state(inst.store)
     with pytest.raises(UpdateError) as info:
         call()
-    assert model_state(inst.store) == before
+    after = model_state(inst.store)
+    if marks_failed:
+        assert after.pop("failed.json") != before.pop("failed.json")
+    assert after == before
     staging = inst.store.staging_dir
     assert not os.path.exists(staging) or set(os.listdir(staging)) <= {"downloads"}
     return info.value
@@ -238,12 +242,14 @@ def test_a_plaintext_that_is_not_the_signed_one_is_refused(board, world, tmp_pat
 def test_a_model_that_misses_its_test_vectors_is_refused_naming_the_variant(board):
     inst = board()
     assert inst.check()["available"]["version"] == 3
-    err = refused(inst, inst.install)  # the newest version: full and lite swapped
+    err = refused(inst, inst.install, marks_failed=True)  # the newest version: full and lite swapped
     assert err.code == "E_VALIDATE" and "variant full" in str(err) and "worst difference" in str(err)
-    kept = sorted(os.listdir(inst.store.downloads_dir))
-    assert len(kept) == 4  # verified ciphertexts stay for the next attempt...
-    refused(inst, lambda: inst.install(version=3))
-    assert sorted(os.listdir(inst.store.downloads_dir)) == kept  # ...which does not download them again
+    assert 3 in inst.store.failed_versions("vibration")  # it does not pass here: never validated again
+    err = refused(inst, lambda: inst.install(version=3))
+    assert err.code == "E_ROLLBACK" and "failed on this board before" in str(err)
+    check = inst.check()
+    assert check["available"] is None and any(r["version"] == 3 and r["code"] == "E_ROLLBACK"
+                                              for r in check["refused"])
 
 
 def test_an_install_while_another_process_holds_the_store_lock_is_busy(board):
