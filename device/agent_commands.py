@@ -111,7 +111,8 @@ def build_registry(agent) -> Registry:
     reg.register("quarantine.release", quarantine_release, privileged=True,
                  args=(Arg("sha256", str, required=True, doc="the model file's digest, as status lists it"),),
                  doc="lift a model file's quarantine; the next start or variant swap may load it again")
-    reg.register("update.status", update_status, doc="installed model versions, the trial in progress, the last install")
+    reg.register("update.status", update_status,
+                 doc="installed model versions, the trial in progress, the last install")
     reg.register("update.check", update_check, privileged=True,
                  doc="refresh the update repository and say what update.install would install")
     reg.register("update.install", update_install, privileged=True,

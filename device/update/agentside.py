@@ -79,7 +79,8 @@ class AgentUpdates:
         self._job: threading.Thread | None = None
         self._job_state: dict | None = None
         self._recovering = True
-        self.store = ModelStore.for_state_dir(cfg.device.state_dir, who="agent", clock=clock, on_event=self._store_event)
+        self.store = ModelStore.for_state_dir(cfg.device.state_dir, who="agent", clock=clock,
+                                              on_event=self._store_event)
         try:
             self.recovery = self.store.recover(restarted=not self.override).value
         except UpdateError as exc:  # the CLI holds the lock, or the state directory is read-only: serve anyway

@@ -124,24 +124,32 @@ def test_a_healthy_model_on_trial_is_committed(tmp_path):
     assert not r.of("update_rolled_back")
 
 
-def test_a_model_that_disagrees_with_the_previous_one_is_rolled_back(tmp_path):
+@pytest.mark.parametrize("previous", ["bundled", "slot"])
+def test_a_model_that_disagrees_with_the_previous_one_is_rolled_back(tmp_path, previous):
     state = str(tmp_path / "state")
+    if previous == "slot":  # v2 committed in slot a: it is the shadow, and what serves after the rollback
+        put_on_trial(state, 2)
+        ModelStore.for_state_dir(state, who="test").commit(2)
     put_on_trial(state, 3, mutate=lambda d: edit_manifest(d, labels=DERANGED))
     with Running(agent_config(tmp_path, trial_s=60)) as r:
         a = r.agent
         r.wait(lambda: r.of("update_rolled_back"), what="the rollback")
-        # the board goes on classifying, with the bundled model
+        # the board goes on classifying, with the previous model
         n = a.results
         r.wait(lambda: a.results >= n + 2 and a.last_result["model"] == "vibration", what="results after it")
         labels_after = a.last_result["scores"]
     rb = r.of("update_rolled_back")[0]
-    assert rb["version"] == 3 and rb["code"] == "E_HEALTH" and "disagrees" in rb["reason"] and rb["to"] == "bundled"
+    back_to, back_version = ("bundled", "1.0.0") if previous == "bundled" else ("vibration v2", "2")
+    assert rb["version"] == 3 and rb["code"] == "E_HEALTH" and "disagrees" in rb["reason"] and rb["to"] == back_to
     assert r.of("update_trial")[-1]["verdict"] == "fail"
-    assert [(d["from_version"], d["to_version"]) for d in r.of("model_changed")] == [("3", "1.0.0")]
-    assert a.runtime.manifest.root == bundled_model_dir() and a.updates.source == "bundled"
+    assert r.of("update_shadow")[0]["model_version"] == back_version
+    assert [(d["from_version"], d["to_version"]) for d in r.of("model_changed")] == [("3", back_version)]
+    back_dir = bundled_model_dir() if previous == "bundled" else os.path.join(state, "update", "slots", "a")
+    assert a.runtime.manifest.root == back_dir and a.updates.source == ("bundled" if previous == "bundled" else "store")
     assert list(labels_after) == ["normal", "imbalance", "bearing_fault", "loose_mount"]
     store = ModelStore.for_state_dir(state)
-    assert store.active() is None and 3 in store.failed_versions("vibration")
+    assert (store.active().version if store.active() else None) == (None if previous == "bundled" else 2)
+    assert 3 in store.failed_versions("vibration")
     assert "disagrees" in store.failed_versions("vibration")[3]["reason"]
     assert not r.of("update_committed")
 

@@ -38,7 +38,8 @@ class Board:
         self.dispatcher = Dispatcher(build_registry(agent), verifier=Verifier(TrustStore(str(trust)), device_id=DEV))
 
     def send(self, cmd: str, args: dict | None = None, signed: bool = True) -> dict:
-        body = sign_envelope(self.key, device=DEV, cmd=cmd, args=args or {}, ttl_s=60) if signed else {"args": args or {}}
+        args = args or {}
+        body = sign_envelope(self.key, device=DEV, cmd=cmd, args=args, ttl_s=60) if signed else {"args": args}
         payload = json.dumps({"request_id": uuid.uuid4().hex[:12], **body}).encode()
         return json.loads(self.dispatcher.handle(cmd, payload).body)
 
