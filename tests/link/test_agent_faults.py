@@ -222,7 +222,8 @@ def test_no_variant_can_serve_the_board_says_so_and_takes_quarantine_release(tmp
     op = Operator(broker)
     try:
         assert agent.link.wait_connected(30)
-        wait_for(lambda: len(agent.runtime.status()["quarantined"]) == 2, timeout=120, what="both quarantined")
+        wait_for(lambda: len(agent.runtime.status()["quarantined"]) == 2
+                 and agent.runtime.status()["not_serving_reason"], timeout=120, what="both quarantined, not serving")
         st = op.send("status", {})["result"]
         assert st["serving"] is False and st["runtime"]["not_serving_reason"]
         wait_for(lambda: watcher.events("not_serving"), what="not_serving on the broker")
