@@ -22,7 +22,7 @@ venv: $(VENV)/.installed
 $(TFLITE_VENV)/.installed: setup.cfg pyproject.toml
 	@test -n "$(TFLITE_PYTHON)" || { echo "tflite-runtime needs Python 3.9-3.11 (no wheels for 3.12+); install python3.11 or set TFLITE_PYTHON" >&2; exit 1; }
 	@test -x $(TFLITE_VENV)/bin/python || $(TFLITE_PYTHON) -m venv $(TFLITE_VENV)
-	$(TFLITE_VENV)/bin/python -m pip install -q --disable-pip-version-check 'numpy<2' tflite-runtime paho-mqtt pyserial cryptography 'tomli; python_version < "3.11"' pytest pytest-mock pytest-timeout
+	$(TFLITE_VENV)/bin/python -m pip install -q --disable-pip-version-check 'numpy<2' tflite-runtime paho-mqtt pyserial cryptography 'tuf>=7,<8' 'tomli; python_version < "3.11"' pytest pytest-mock pytest-timeout
 	$(TFLITE_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
@@ -50,7 +50,7 @@ wheel: venv
 
 test: venv tflite-venv mosquitto wheel-check
 	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS)
-	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests
+	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime
 
 bench: venv
 	@for b in tests/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import tempfile
 
@@ -148,3 +149,27 @@ def short_error(exc: BaseException) -> str:
         return exc.strerror
     text = str(exc)
     return text if len(text) <= 120 else text[:117] + "..."
+
+def write_new(path: str, data: bytes, mode: int) -> None:
+    """Writes a new file durably and never replaces an existing one (FileExistsError).
+
+    Temp file in the same directory, fsync, then a hard link to the final name, which fails if the name exists
+    (on filesystems without hard links, such as FAT on a USB stick: a check, then a rename), then fsync the
+    directory.
+    """
+    tmp = write_temp(path, data, mode)
+    try:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                raise
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from exc
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

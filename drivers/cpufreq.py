@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from drivers.errors import SysfsError, SysfsPermissionError
+from drivers.errors import SysfsPermissionError
 from drivers.sysfs import Sysfs
 
 CPUFREQ_DIR = "sys/devices/system/cpu/cpufreq"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import subprocess
 
 import pytest
 
@@ -65,3 +66,25 @@ def single_model(tmp_path):
         return load_manifest(str(dst))
 
     return make
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mounts small real filesystems for full-disk tests: ``tmpfs(size_bytes) -> path``, unmounted afterwards
+    whatever the test did. Needs root, as CI runs; fails, never skips, when it cannot mount."""
+    mounts: list[pathlib.Path] = []
+
+    def mount(size: int) -> str:
+        mnt = tmp_path / f"tmpfs-{len(mounts)}"
+        mnt.mkdir()
+        run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.fail(f"cannot mount a {size}-byte tmpfs at {mnt} (these tests need root): "
+                        f"{(run.stderr or run.stdout).strip()}")
+        mounts.append(mnt)
+        return str(mnt)
+
+    yield mount
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import errno
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from device.link import envelope
 from device.link.errors import EnvelopeError
 from device.cli import positive_seconds
 from device.update import age
-from device.statefile import fsync_dir, write_temp
+from device.statefile import write_new
 
 TRUST_DIR = envelope.DEFAULT_TRUST_DIR
 DEFAULT_MAX_TTL_S = 600  # the boards' default limit (Verifier.max_ttl_s)
@@ -123,9 +122,9 @@ def _generate(name: str, out: str) -> int:
     pub_pem = private.public_key().public_bytes(serialization.Encoding.PEM,
                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        _write_new(key_path, key_pem, 0o600)
+        write_new(key_path, key_pem, 0o600)
         try:
-            _write_new(pub_path, pub_pem, 0o644)
+            write_new(pub_path, pub_pem, 0o644)
         except BaseException:
             # Leave nothing half-made: a .key without its .pub would block the next attempt for no reason.
             with contextlib.suppress(OSError):
@@ -150,7 +149,7 @@ def _generate_recipient(name: str, out: str) -> int:
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     text = f"# created: {created}\n# public key: {recipient}\n{identity}\n"
     try:
-        _write_new(path, text.encode("ascii"), 0o600)
+        write_new(path, text.encode("ascii"), 0o600)
     except FileExistsError as exc:  # created by someone else since the check above
         raise _BadInput(f"refusing to overwrite {exc.filename}; choose another name or --out") from exc
     print(f"recipient: {recipient}")
@@ -186,28 +185,5 @@ def _load_any_key(path: str):
     return envelope.load_private_key(path) if is_private else envelope.load_public_key(path)
 
 
-def _write_new(path: str, data: bytes, mode: int) -> None:
-    """Writes a new file durably and never replaces an existing one (FileExistsError).
-
-    Temp file in the same directory, fsync, then a hard link to the final name, which fails if the name exists
-    (on filesystems without hard links, such as FAT on a USB stick: a check, then a rename), then fsync the
-    directory.
-    """
-    tmp = write_temp(path, data, mode)
-    try:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                raise
-            if os.path.lexists(path):
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from exc
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

@@ -14,12 +14,10 @@ No key is ever created implicitly or shipped with the project: every key comes f
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import stat
 
-from device.statefile import fsync_dir, write_temp
+from device.statefile import fsync_dir, write_new
 from device.update.errors import RepositoryError
 
 RETIRED = "retired"
@@ -55,29 +53,13 @@ def write_secret(path: str, data: bytes) -> None:
     Raises:
         RepositoryError: The file exists already, or cannot be written.
     """
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        tmp = write_temp(path, data, 0o600)
-        try:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
-                    raise
-                if os.path.lexists(path):
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from exc
-                os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        write_new(path, data, 0o600)
     except FileExistsError as exc:
         raise RepositoryError(f"{path}: exists already; refusing to overwrite a key file") from exc
     except OSError as exc:
         raise RepositoryError(f"{path}: cannot write the key file ({exc.strerror or exc})") from exc
-    fsync_dir(directory)
 
 
 def read_secret(path: str, what: str) -> bytes:

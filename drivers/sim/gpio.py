@@ -15,7 +15,6 @@ simulated time by the timeout and returns at once, so tests drive the pin first 
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from typing import Any, Sequence
 

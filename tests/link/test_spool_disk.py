@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
 
@@ -21,19 +20,9 @@ FS_BYTES = 2 * 1024 * 1024
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A fresh 2 MB tmpfs, unmounted afterwards whatever the test did."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.fail(f"cannot mount a {FS_BYTES}-byte tmpfs at {mnt} (these tests need root): "
-                    f"{(run.stderr or run.stdout).strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmpfs):
+    """A fresh tmpfs of FS_BYTES (the shared ``tmpfs`` fixture: root, never skipped)."""
+    return tmpfs(FS_BYTES)
 
 
 def fill(directory: str) -> str:

@@ -12,7 +12,6 @@ import tracemalloc
 
 from device.link import spoolopen, spooldisk
 from device.link.spool import Spool
-from drivers.sim.clock import SimClock
 
 from tests.link.spoolhelp import E, R, all_messages, wait_until  # noqa: F401
 from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)

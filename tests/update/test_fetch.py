@@ -158,25 +158,16 @@ def test_local_path_refuses_a_remote_file_url():
         local_path("file://otherhost/x")
 
 
-def test_a_full_disk_is_no_space_not_a_network_failure(repo, tmp_path):
+def test_a_full_disk_is_no_space_not_a_network_failure(repo, tmpfs):
     """A download that fills the disk says E_SPACE at once (retrying the network would not help), and keeps what
     arrived for the next attempt."""
-    import subprocess
-
     from device.update.errors import NoSpace
 
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.fail(f"cannot mount a small tmpfs (this test needs root): {run.stderr.strip()}")
-    try:
-        www, target, data, path = repo  # a 1 MiB target into 512 KiB
-        with RangeServer(str(www)) as srv:
-            clock = NoSleep()
-            with pytest.raises(NoSpace) as err:
-                download_target(target, srv.url + path, HttpSource(), str(mnt / "st"), clock=clock)
-            assert err.value.code == "E_SPACE" and clock.slept == [] and len(srv.requests) == 1
-        assert 0 < os.path.getsize(mnt / "st" / (target.hashes["sha256"] + ".part")) < len(data)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    mnt = tmpfs(512 * 1024)
+    www, target, data, path = repo  # a 1 MiB target into 512 KiB
+    with RangeServer(str(www)) as srv:
+        clock = NoSleep()
+        with pytest.raises(NoSpace) as err:
+            download_target(target, srv.url + path, HttpSource(), os.path.join(mnt, "st"), clock=clock)
+        assert err.value.code == "E_SPACE" and clock.slept == [] and len(srv.requests) == 1
+    assert 0 < os.path.getsize(os.path.join(mnt, "st", target.hashes["sha256"] + ".part")) < len(data)

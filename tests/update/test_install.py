@@ -268,21 +268,9 @@ FS_BYTES = 4 * 1024 * 1024
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A fresh 4 MiB tmpfs (needs root, as CI runs; fails, never skips, when it cannot mount)."""
-    import subprocess
-
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.fail(f"cannot mount a {FS_BYTES}-byte tmpfs at {mnt} (these tests need root): "
-                    f"{(run.stderr or run.stdout).strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmpfs):
+    """A fresh tmpfs of FS_BYTES (the shared ``tmpfs`` fixture: root, never skipped)."""
+    return tmpfs(FS_BYTES)
 
 
 def test_an_install_the_disk_cannot_take_is_refused_before_a_byte_is_downloaded(world, base_state,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -399,19 +398,9 @@ FS_BYTES = 1024 * 1024
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A fresh 1 MiB tmpfs (needs root, as CI runs; fails, never skips, when it cannot mount)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    run = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FS_BYTES}", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.fail(f"cannot mount a {FS_BYTES}-byte tmpfs at {mnt} (these tests need root): "
-                    f"{(run.stderr or run.stdout).strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(tmpfs):
+    """A fresh tmpfs of FS_BYTES (the shared ``tmpfs`` fixture: root, never skipped)."""
+    return tmpfs(FS_BYTES)
 
 
 def free(path: str) -> int:
