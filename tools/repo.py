@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-ACTIONS = ("init", "add-model", "grant", "publish", "rotate", "export", "status")
+ACTIONS = ("init", "add-model", "grant", "publish", "rotate", "export", "status", "serve")
 ROLE_NAMES = ("root", "targets", "snapshot", "timestamp")
 
 
@@ -101,6 +101,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--valid-days", type=number(float, above=0, maximum=366), default=30.0, metavar="D",
                    help="days the stick stays valid (default 30)")
     action("status", "show roles, versions, expiries, thresholds, releases and grants", keys=True, online=True)
+    sv = action("serve", "answer the boards' MQTT chunk requests (MQTT 5 shared subscription) until SIGTERM")
+    sv.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    sv.add_argument("--group", default="fieldnode-repo", metavar="G", help="shared subscription group")
+    sv.add_argument("--root", default="fieldnode/v1/repo", metavar="R", help="topic root of the requests")
+    sv.add_argument("--ca", default="", metavar="FILE", help="CA file (mqtts)")
+    sv.add_argument("--cert", default="", metavar="FILE", help="client certificate (mqtts)")
+    sv.add_argument("--key", default="", metavar="FILE", help="client key (mqtts)")
+    sv.add_argument("--stats-s", type=number(float, above=0), default=60.0, metavar="S",
+                    help="seconds between count lines on stderr (default 60)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -196,6 +205,14 @@ def _dispatch(args) -> tuple:
         return res, [f"exported {res['files']} file(s) to {res['out']}: timestamp version {res['timestamp_version']} "
                      f"valid until {res['valid_until']}; the online repository is now at timestamp version "
                      f"{res['online_timestamp_version']}"]
+    if action == "serve":
+        from device.link.url import TlsFiles
+        from tools.repo_serve import serve
+
+        res = serve(args.dir, args.broker, tls=TlsFiles(args.ca, args.cert, args.key), group=args.group,
+                    root=args.root, stats_s=args.stats_s)
+        return res, [f"served {res['requests']} request(s) {json.dumps(res['status'], sort_keys=True)}, "
+                     f"{res['bytes']} bytes"]
     from tools.repo_release import status
 
     res = status(_repo(args))
