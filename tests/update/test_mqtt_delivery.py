@@ -266,3 +266,24 @@ def test_repository_urls_name_a_broker_and_a_topic_root():
         with pytest.raises(BrokerUrlError):
             split_repository_url(bad)
     assert repository_path("mqtt://h/fieldnode/v1/repo/targets/a%20b", DEFAULT_ROOT) == "targets/a b"
+
+
+def test_transport_for_takes_the_broker_root_and_credentials_from_the_board_config(world, broker, servers,
+                                                                                   tmp_path):
+    from device import config
+    from device.link.errors import BrokerUrlError
+    from device.update.mqttfetch import transport_for
+
+    cfg = config.loads(f'[device]\nid = "board-a"\n[update]\ntimeout_s = 4\n[link]\nusername = "u"\n'
+                       f'password_file = "{tmp_path / "pw"}"\n')
+    with pytest.raises(BrokerUrlError, match="password file"):
+        transport_for(f"{broker.url}/fleet/repo", cfg)
+    (tmp_path / "pw").write_text("secret\n")
+    servers(world.path, broker.url, "--root", "fleet/repo")
+    with transport_for(f"{broker.url}/fleet/repo", cfg) as transport:
+        assert (transport.root, transport.timeout_s) == ("fleet/repo", 4.0)
+        assert transport.response_topic.startswith("fleet/repo/resp/board-a/")
+        status, size, data = transport.request("metadata/1.root.json")
+        assert status == 200 and data == pathlib.Path(world.file("metadata/1.root.json")).read_bytes()
+    with pytest.raises(BrokerUrlError, match="TLS"):  # TLS files of the link for a plain URL
+        transport_for(broker.url, config.loads(f'[link]\nca_file = "{tmp_path / "pw"}"\n'))
