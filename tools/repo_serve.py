@@ -134,10 +134,10 @@ class Server:
 
     def stop(self) -> None:
         """Disconnects and stops paho's thread."""
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        c, self._client = self._client, None  # first: a clean stop is not a lost link
+        if c is not None:
+            c.disconnect()
+            c.loop_stop()
 
     def wait_subscribed(self, timeout: float) -> bool:
         """True once the shared subscription is in place."""
