@@ -90,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
         store = ModelStore.for_state_dir(cfg.device.state_dir, who=who)
         result = inst.status(store) if args.update_action == "status" else inst.rollback(store, args.reason)
     else:
-        installer = inst.Installer.from_config(cfg, who=who, progress=DownloadProgress())
-        if args.update_action == "check":
-            result = installer.check()
-        else:
-            result = installer.install(args.version, force=args.force)
+        with inst.Installer.from_config(cfg, who=who, progress=DownloadProgress()) as installer:
+            if args.update_action == "check":
+                result = installer.check()
+            else:
+                result = installer.install(args.version, force=args.force)
     if args.json:
         print(json.dumps({"ok": True, **result}))
     else:

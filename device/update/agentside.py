@@ -250,7 +250,8 @@ class AgentUpdates:
             ConfigError: updates are off. Busy: an install runs. UpdateError: the refresh failed.
         """
         self._refuse_if_busy()
-        return self._installer(progress=None).check()
+        with self._installer(progress=None) as installer:
+            return installer.check()
 
     def start_install(self, version: int | None = None, force: bool = False, by: str | None = None) -> dict:
         """Starts an install on its own thread and returns at once (``update_install`` events follow).
@@ -302,7 +303,8 @@ class AgentUpdates:
         rt = self.runtime
         baseline = rt.latency.percentile_ms(50) if rt is not None else None  # the model before, on this board
         try:
-            result = installer.install(version, force=force)
+            with installer:
+                result = installer.install(version, force=force)
         except Exception as exc:  # noqa: BLE001 - every failure ends in an event, never a dead thread
             code = getattr(exc, "code", "E_UPDATE")
             if not isinstance(exc, FieldnodeError):

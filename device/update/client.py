@@ -139,7 +139,9 @@ def _location(url: str, what: str) -> tuple:
         return "file", url
     if scheme in ("http", "https"):
         return "http", url
-    raise DownloadError(f"{what} {url!r}: expected a file://, http:// or https:// URL")
+    if scheme in ("mqtt", "mqtts"):
+        return "mqtt", url
+    raise DownloadError(f"{what} {url!r}: expected a file://, http(s):// or mqtt(s):// URL")
 
 
 def _base(url: str) -> str:
@@ -170,6 +172,8 @@ class Repository:
         self.metadata_dir = metadata_dir
         self.root = bytes(root)
         kind, self.metadata_url = _location(metadata_url, "metadata_url")
+        if kind == "mqtt" and (fetcher is None or source is None):
+            raise DownloadError("an mqtt:// repository needs the MQTT fetcher and source (device.update.mqttfetch)")
         self.fetcher = fetcher if fetcher is not None else (DirectoryFetcher() if kind == "file" else None)
         self.targets_url = _base(_location(targets_url, "targets_url")[1])
         self.grants_url = _base(_location(grants_url, "grants_url")[1])

@@ -22,8 +22,9 @@ class UpdateConfig:
         "", "The repository's trusted root metadata (its 1.root.json), installed when the board is provisioned; "
             "never fetched on trust. Empty: updates are off.")
     repository: str = setting(
-        "", "Where the repository is: a base URL (https://updates.example/fleet/) or a directory (a USB stick, "
-            "/media/usb/fleet-repo or file:///...), holding metadata/, targets/ and grants/.")
+        "", "Where the repository is: a base URL (https://updates.example/fleet/), an MQTT broker serving it "
+            "(mqtts://broker:8883/fieldnode/v1/repo, with [link]'s TLS files; fieldnode repo serve) or a directory "
+            "(a USB stick, /media/usb/fleet-repo or file:///...), holding metadata/, targets/ and grants/.")
     identity_file: str = setting(
         "/etc/fieldnode/update.age", "This board's age identity (fieldnode keys generate NAME --kind recipient), "
                                      "mode 0600: it opens the board's release-key files.",

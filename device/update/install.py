@@ -134,6 +134,15 @@ class Installer:
 
                 fetcher = fetcher or Urllib3Fetcher(socket_timeout=max(1, round(u.timeout_s)))
                 source = source or HttpSource(timeout_s=u.timeout_s)
+            elif base.split("://", 1)[0].lower() in ("mqtt", "mqtts"):
+                from device.link.errors import BrokerUrlError
+                from device.update.mqttfetch import MqttFetcher, MqttSource, transport_for
+
+                try:
+                    transport = transport_for(base, cfg)
+                except BrokerUrlError as exc:
+                    raise ConfigError(str(exc), "update.repository", cfg.source) from exc
+                fetcher, source = fetcher or MqttFetcher(transport), source or MqttSource(transport)
         else:
             def join(part):
                 return os.path.join(base, part)
@@ -288,6 +297,19 @@ class Installer:
         return checks, list(ciphers.values())
 
     # --- status, rollback -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases what the delivery path holds (an MQTT transport's connection and thread)."""
+        for part in (self.repo.fetcher, *self.repo._sources.values()):
+            transport = getattr(part, "transport", None)
+            if transport is not None:
+                transport.close()
+
+    def __enter__(self) -> "Installer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def status(self) -> dict:
         """See :func:`status` (with this installer's last check, if it made one)."""

@@ -107,25 +107,12 @@ def transports():
         t.close()
 
 
-@pytest.fixture
-def mqtt_urls(monkeypatch):
-    """The board's Repository takes mqtt:// locations (the client's URL check knows file and http(s) only)."""
-    original = client_mod._location
-
-    def location(url: str, what: str) -> tuple:
-        if url.split("://", 1)[0].lower() in ("mqtt", "mqtts"):
-            return "mqtt", url
-        return original(url, what)
-
-    monkeypatch.setattr(client_mod, "_location", location)
-
-
 def board(world: World, transport: MqttTransport, base: str, chunk: int):
     return world.client(base=base, fetcher=MqttFetcher(transport, chunk), source=MqttSource(transport, chunk))
 
 
 def test_a_board_refreshes_fetches_its_grant_and_resumes_a_download_across_a_broker_restart(
-        world, broker, servers, transports, mqtt_urls, tmp_path):
+        world, broker, servers, transports, tmp_path):
     server = servers(world.path, broker.url)
     transport = transports(broker.url, identity="board-a")
     base = f"{broker.url}/{DEFAULT_ROOT}/"
@@ -287,3 +274,29 @@ def test_transport_for_takes_the_broker_root_and_credentials_from_the_board_conf
         assert status == 200 and data == pathlib.Path(world.file("metadata/1.root.json")).read_bytes()
     with pytest.raises(BrokerUrlError, match="TLS"):  # TLS files of the link for a plain URL
         transport_for(broker.url, config.loads(f'[link]\nca_file = "{tmp_path / "pw"}"\n'))
+
+
+def test_an_mqtt_repository_is_read_through_the_mqtt_transport_only(tmp_path):
+    """From the config: an mqtt(s):// repository gets the MQTT fetcher and source (never the HTTP ones), and a
+    Repository given an mqtt:// location without them refuses rather than guessing."""
+    import os
+
+    from device import config
+    from device.update import age
+    from device.update.errors import DownloadError
+    from device.update.install import Installer
+
+    with pytest.raises(DownloadError, match="MQTT fetcher"):
+        client_mod.Repository(str(tmp_path / "md"), root=b"{}", metadata_url="mqtt://h/r/metadata/",
+                              targets_url="mqtt://h/r/targets/", grants_url="mqtt://h/r/grants/")
+    root = tmp_path / "root.json"
+    root.write_bytes(b"{}")  # parsed by the first refresh, not here
+    identity, _recipient = age.generate_identity()
+    ident = tmp_path / "board.age"
+    ident.write_text(identity + "\n")
+    os.chmod(ident, 0o600)
+    cfg = config.loads(f'[device]\nid = "b1"\nstate_dir = "{tmp_path / "state"}"\n[update]\nroot_file = "{root}"\n'
+                       f'repository = "mqtt://127.0.0.1:1883/fieldnode/v1/repo"\nidentity_file = "{ident}"\n')
+    inst = Installer.from_config(cfg)
+    assert isinstance(inst.repo.fetcher, MqttFetcher)
+    assert isinstance(inst.repo._sources["targets"], MqttSource) and isinstance(inst.repo._sources["grants"], MqttSource)
