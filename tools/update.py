@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         store = ModelStore.for_state_dir(cfg.device.state_dir, who=who)
         result = inst.status(store) if args.update_action == "status" else inst.rollback(store, args.reason)
     else:
-        with inst.Installer.from_config(cfg, who=who, progress=DownloadProgress()) as installer:
+        with inst.Installer.from_config(cfg, who=who, progress=DownloadProgress(),
+                                        defer=board_defer(cfg)) as installer:
             if args.update_action == "check":
                 result = installer.check()
             else:
@@ -101,6 +102,27 @@ def run(args: argparse.Namespace) -> int:
         for line in RENDER[args.update_action](result):
             print(line)
     return 0
+
+
+def board_defer(cfg):
+    """Why this board should not install now, as the agent judges it: the level the power policy calls for on
+    a fresh reading of the board (battery low and not charging, hot, power-good low...) is saver or critical.
+    The agent asks its running governor instead; ``--force`` installs anyway."""
+
+    def defer() -> str | None:
+        from device.update.agentside import QUIET_LEVELS
+        from drivers.sysfs import Sysfs, resolve_root
+        from power.governor import Governor
+        from power.policy import Policy
+        from power.snapshot import BoardReader
+
+        snap = BoardReader(Sysfs(resolve_root(cfg.drivers.sysfs_root))).read()
+        plan = Governor(Policy.from_config(cfg.power), lambda: snap).step()
+        if plan.level.label in QUIET_LEVELS:
+            return f"the power policy calls for {plan.level.label} ({plan.reason})"
+        return None
+
+    return defer
 
 
 # --- output for people ------------------------------------------------------------------------------------

@@ -192,3 +192,20 @@ def test_the_installing_example_in_docs_runs_after_the_worked_example(tmp_path):
 
     m = load_manifest(str(work / "board-state" / "update" / "slots" / "a"))
     assert (m.version, list(m.variants), m.labels) == ("2", ["full"], load_manifest(SHIPPED).labels)
+
+
+def test_install_waits_when_the_board_is_low_on_power_unless_forced(repo, tmp_path, capsys):
+    """The CLI judges the board as the agent's governor would: a battery at 20 % and not charging is 'saver',
+    so an install is deferred (E_DEFERRED, nothing installed) until --force."""
+    from drivers.sim.board import VirtualBoard
+
+    VirtualBoard(str(tmp_path / "sys"), "rpi4", battery_mah=2000, soc_pct=20, mains=False)
+    config = write_config(tmp_path, repo)
+    with open(config, "a") as f:
+        f.write(f'\n[drivers]\nsysfs_root = "{tmp_path / "sys"}"\n')
+    rc, out, err = cli(capsys, config, "install", "--version", "2", "--json")
+    assert rc == 1 and json.loads(out)["error"]["code"] == "E_DEFERRED" and "saver" in err
+    rc, out, _ = cli(capsys, config, "status", "--json")
+    assert json.loads(out)["active"] is None  # nothing was installed
+    rc, out, _ = cli(capsys, config, "install", "--version", "2", "--force", "--json")
+    assert rc == 0 and json.loads(out)["installed"] is True
