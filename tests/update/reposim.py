@@ -245,3 +245,39 @@ def model_repo(path: str, versions: dict, boards: dict, *, hwclass=("rpi4",), na
     run_repo("publish", path)
     with open(os.path.join(path, "metadata", "1.root.json"), "rb") as fh:
         return fh.read()
+
+
+def distinct_release(out_dir: str, tag: str) -> dict:
+    """The shipped vibration model's variants and test vectors, with bytes of their own for ``tag``.
+
+    For repositories whose versions must differ byte for byte yet all pass validation (the install crash tests
+    tell the old model from the new one by their bytes): each ``.tflite`` is the shipped one with ``tag``
+    appended after the FlatBuffer (the interpreter reads from the buffer's root offset and ignores what
+    trails it), and the vectors are the shipped arrays plus a ``release`` array holding ``tag``.
+
+    Args:
+        out_dir: A new directory for the files.
+        tag: What makes this release's bytes its own (a version, say).
+
+    Returns:
+        ``{"full": (model file, test-vectors file), "lite": (...)}``, as :func:`model_repo` takes them.
+    """
+    import numpy as np
+
+    from device.runtime.manifest import bundled_model_dir
+
+    shipped = bundled_model_dir()
+    os.makedirs(out_dir)
+    vectors = os.path.join(out_dir, "vibration_testvectors.npz")
+    with np.load(os.path.join(shipped, "vibration_testvectors.npz"), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(vectors, release=np.array(tag), **arrays)
+    out = {}
+    for variant in ("full", "lite"):
+        name = f"vibration_{variant}.tflite"
+        with open(os.path.join(shipped, name), "rb") as fh:
+            data = fh.read()
+        with open(os.path.join(out_dir, name), "wb") as fh:
+            fh.write(data + b"\0" * 64 + f"fieldnode release {tag}".encode())
+        out[variant] = (os.path.join(out_dir, name), vectors)
+    return out
