@@ -136,4 +136,27 @@ def _clean(store, s: StoreState) -> list:
     tmp = [n for n in os.listdir(store.root) if n.startswith(".") and n.endswith(".tmp")]
     for n in tmp:  # a write_atomic cut short before its rename
         os.unlink(os.path.join(store.root, n))
-    return removed + gone + tmp
+    return removed + gone + tmp + _clean_metadata(os.path.join(store.root, "metadata"), store._clock.time())
+
+
+def _clean_metadata(directory: str, now: float, min_age_s: float = 60.0) -> list:
+    """Temporary files a refresh cut short left in the TUF metadata directory (python-tuf's ``tmpXXXXXXXX`` and
+    our ``.not-before.json.*.tmp``): every file that belongs there ends in ``.json``, ``root.json`` is a link and
+    ``root_history`` a directory. Only files older than ``min_age_s`` go, so a refresh running now outside the
+    store lock (the CLI's ``check``) keeps its own; ``now`` is the store's clock."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    gone = []
+    for e in entries:
+        if e.name.endswith(".json") or not e.is_file(follow_symlinks=False):
+            continue
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
+                continue
+            os.unlink(e.path)
+        except FileNotFoundError:
+            continue
+        gone.append(f"metadata/{e.name}")
+    return gone
