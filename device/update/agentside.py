@@ -39,7 +39,7 @@ from typing import Callable
 from device.clock import SYSTEM_CLOCK
 from device.errors import FieldnodeError
 from device.runtime.manifest import bundled_model_dir, load_manifest
-from device.update.errors import Busy, StoreError, UpdateError
+from device.update.errors import Busy, Deferred, StoreError, UpdateError
 from device.update.store import ModelStore
 from device.update.trial import Trial, TrialSettings
 
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 CRASH_EVENTS = frozenset({"worker_crashed", "worker_timeout", "model_quarantined", "not_serving"})
 QUIET_LEVELS = frozenset({"saver", "critical"})  # no shadow (and installs deferred) at these governor levels
 RETRY_S = 5.0  # a verdict the store could not record yet (its lock is held) is tried again this much later
+DEFERRED_RETRY_S = 300.0  # a deferred install is tried again this often once the governor leaves saver/critical
 
 
 class AgentUpdates:
@@ -78,6 +79,7 @@ class AgentUpdates:
         self._retry_at = 0.0
         self._job: threading.Thread | None = None
         self._job_state: dict | None = None
+        self._deferred: tuple | None = None  # (version, by, when) of an install deferred for power or heat
         self._recovering = True
         self.store = ModelStore.for_state_dir(cfg.device.state_dir, who="agent", clock=clock,
                                               on_event=self._store_event)
@@ -149,9 +151,13 @@ class AgentUpdates:
         trial.shadow(prediction.label, sp.label, sp.result.latency_ns / 1e6)
 
     def tick(self) -> None:
-        """Acts on the trial's verdict (the inference loop's thread, every turn); never waits for a change."""
+        """Acts on the trial's verdict (the inference loop's thread, every turn); never waits for a change. Also
+        starts again an install deferred for power or heat once the governor allows it."""
         trial = self._trial
-        if trial is None or self._clock.monotonic() < self._retry_at:
+        if trial is None:
+            self._retry_deferred()
+            return
+        if self._clock.monotonic() < self._retry_at:
             return
         verdict = trial.verdict()
         if verdict is None or not self._change.acquire(blocking=False):
@@ -305,6 +311,12 @@ class AgentUpdates:
         try:
             with installer:
                 result = installer.install(version, force=force)
+        except Deferred as exc:  # power or heat: started again by tick() once the governor allows it
+            self._deferred = (version, by, self._clock.monotonic())
+            self._job_done({"state": "deferred", "version": version, "code": exc.code, "message": str(exc),
+                            "retry": f"when the governor leaves {'/'.join(sorted(QUIET_LEVELS))}, at most every "
+                                     f"{DEFERRED_RETRY_S:g} s"})
+            return
         except Exception as exc:  # noqa: BLE001 - every failure ends in an event, never a dead thread
             code = getattr(exc, "code", "E_UPDATE")
             if not isinstance(exc, FieldnodeError):
@@ -317,6 +329,20 @@ class AgentUpdates:
         self._job_done({"state": "installed", "name": result["name"], "version": result["version"],
                         "slot": result["slot"], "variants": result.get("variants"), "by": by})
         self.begin_trial(baseline)
+
+    def _retry_deferred(self) -> None:
+        deferred = self._deferred
+        if deferred is None or self._level() in QUIET_LEVELS:
+            return
+        version, by, when = deferred
+        if self._clock.monotonic() - when < DEFERRED_RETRY_S:
+            return
+        self._deferred = None
+        try:
+            self.start_install(version, force=False, by=by)
+        except UpdateError as exc:  # busy, or the store is overridden now: said once, not retried
+            self._emit("update_install", {"state": "failed", "version": version, "code": exc.code,
+                                          "message": str(exc)})
 
     def _job_done(self, state: dict) -> None:
         with self._mu:

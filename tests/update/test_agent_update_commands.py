@@ -111,3 +111,27 @@ def test_install_by_command_replies_at_once_then_the_new_model_serves_on_trial(t
     assert checked["ok"] and checked["result"]["available"] is None  # nothing newer than what is installed
     store = ModelStore.for_state_dir(str(tmp_path / "state"))
     assert store.active().version == 2 and store.active().state == "committed" and store.floor("vibration") == 2
+
+
+def test_an_install_deferred_for_power_starts_again_by_itself_when_the_governor_allows(tmp_path, repository,
+                                                                                        monkeypatch):
+    """E_DEFERRED is 'retried later': the agent keeps the request and starts it again once the governor leaves
+    saver/critical (the retry interval is shortened here; it is a pacing constant, not what is tested)."""
+    from device.update import agentside
+
+    monkeypatch.setattr(agentside, "DEFERRED_RETRY_S", 0.0)
+    data = agent_config(tmp_path, trial_s=1, min_windows=4).to_dict()
+    data["update"].update(root_file=str(repository / "root.json"), repository=str(repository / "repo"),
+                          identity_file=str(repository / "board.age"), hwclass="rpi4")
+    cfg = config.from_mapping(data)
+    with Running(cfg) as r:
+        board = Board(tmp_path, r.agent)
+        r.wait(lambda: r.agent.results >= 1, what="the bundled model serving")
+        assert board.send("governor", {"level": "saver", "ttl_s": 600})["ok"]  # as on a low battery
+        assert board.send("update.install", {})["ok"]
+        r.wait(lambda: [d for d in r.of("update_install") if d["state"] == "deferred"], what="the install deferred")
+        assert not r.of("update_committed") and ModelStore.for_state_dir(str(tmp_path / "state")).active() is None
+        assert board.send("governor", {"level": "auto"})["ok"]  # the battery is charged again
+        r.wait(lambda: r.of("update_committed"), timeout=40, what="the deferred install done by itself")
+    states = [d["state"] for d in r.of("update_install")]
+    assert states.count("started") == 2 and "deferred" in states and states[-1] == "installed"
