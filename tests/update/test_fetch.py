@@ -135,7 +135,7 @@ def test_a_finished_file_is_checked_again_before_it_is_handed_out(repo, tmp_path
     www, target, data, path = repo
     staging = tmp_path / "st"
     staging.mkdir()
-    (staging / target.hashes["sha256"]).write_bytes(data[:-1] + b"\0")  # tampered with on the board's disk
+    (staging / target.hashes["sha256"]).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # tampered with on the board
     with pytest.raises(HashMismatch):
         download_target(target, "file:///nonexistent", DirectorySource(), str(staging))
 
