@@ -208,7 +208,9 @@ def leftovers(world: World, store: ModelStore, where: str) -> None:
     assert set(os.listdir(store.root)) <= STATE_NAMES, (where, os.listdir(store.root))
     metadata = listing(os.path.join(store.root, "metadata"))
     assert metadata_temps(metadata) == [], (where, metadata)  # recover() cleaned what a cut refresh left
-    assert metadata == world.metadata, where
+    # python-tuf's cache: a refresh cut short may leave fewer files (the next refresh writes them again, which
+    # the follow-up installs show), never other ones.
+    assert set(metadata) <= set(world.metadata), (where, metadata)
     assert set(os.listdir(store.staging_dir)) <= {"downloads"}, (where, os.listdir(store.staging_dir))
     for n in os.listdir(store.downloads_dir):
         sha, _, suffix = n.partition(".")
