@@ -60,6 +60,7 @@ from tuf.ngclient import FetcherInterface  # noqa: E402
 from device.update import age  # noqa: E402
 from device.update.client import Repository  # noqa: E402
 from device.update.fetch import DirectoryFetcher, DirectorySource  # noqa: E402
+from tests.benchmarks.bench_age import _Generated  # noqa: E402 (the same plaintext generator)
 from tests.update.reposim import run_repo  # noqa: E402
 
 BOARD = "board-0001"
@@ -127,18 +128,6 @@ else:
     dt = time.perf_counter() - t0
 print(json.dumps({"s": dt, "sha": sha, "idle_rss_mb": before, "extra_rss_mb": peak_mb() - before}))
 """
-
-
-class _Generated:
-    """The benchmark's plaintext, the same bytes each time it is read (bench_age.py's generator)."""
-
-    def __init__(self, size: int):
-        self.left, self.rng = size, random.Random(200)
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        self.left -= n
-        return self.rng.randbytes(n)
 
 
 def _stored_target(repo_dir: str, target_path: str) -> str:
