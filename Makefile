@@ -8,7 +8,7 @@ TFLITE_VENV ?= .venv-tflite
 DEMO_SECONDS ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: all demo test wheel wheel-check bench venv tflite-venv mosquitto models clean
+.PHONY: all demo test wheel wheel-check systemd-tools bench venv tflite-venv mosquitto models clean
 
 all: test
 
@@ -37,6 +37,16 @@ mosquitto:
 		echo "mosquitto is missing: run 'sudo apt-get install -y mosquitto' (or run make test as root)" >&2; exit 1; \
 	fi
 
+# systemd-analyze, systemd-sysusers and systemd-tmpfiles check the unit files in systemd/ (Debian's systemd).
+systemd-tools:
+	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing systemd (for systemd-analyze) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
+	else \
+		echo "systemd-analyze is missing: run 'sudo apt-get install -y systemd' (or run make test as root)" >&2; exit 1; \
+	fi
+
 demo: venv
 	$(VENV)/bin/fieldnode demo --seconds $(DEMO_SECONDS)
 
@@ -48,7 +58,7 @@ wheel-check: venv
 wheel: venv
 	$(PY) tests/wheelcheck.py --out dist
 
-test: venv tflite-venv mosquitto wheel-check
+test: venv tflite-venv mosquitto systemd-tools wheel-check
 	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS)
 	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime
 
