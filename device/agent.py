@@ -92,6 +92,7 @@ class Agent:
                               cfg.source) from exc
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.notifier = self.watchdog = None  # sd_notify and the watchdog: made by start()
         self._early: list[tuple[str, dict]] = []  # events from before the link exists (a corrupt spool...)
         self.link = self.updates = None
         self.results = 0
@@ -328,6 +329,7 @@ class Agent:
     def _govern(self) -> None:
         speed = getattr(self.board_clock, "factor", 1.0)
         while not self._stop.is_set():
+            self.health.beat("governor")
             try:
                 self.governor.step()
                 applied = self.applier.apply(lambda: self.governor.plan)  # the latest, were a command faster
@@ -362,6 +364,9 @@ class Agent:
         events are spooled. A runtime that cannot start at all (a requested delegate that is missing) is a
         runtime fault, not the end of the agent.
         """
+        from device.sdnotify import Health, Notifier
+
+        self.notifier, self.health = Notifier(), Health(self.clock)
         if self.spool is not None:
             self.spool.start()
         if self.link is not None:
@@ -386,6 +391,18 @@ class Agent:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self._notify_ready()
+
+    def _notify_ready(self) -> None:
+        """``READY=1`` with a readable status, and the watchdog (when systemd gave one) from now on."""
+        from device.sdnotify import describe, start_watchdog
+
+        # The loop turns at least every 0.5 s (its sensor poll); the governor every step (on the board's time).
+        self.health.require("loop", lambda: 3 * 0.5 + self.governor.plan.interval_ms / 1000.0)
+        self.health.require("governor", max(1.0, 3 * self.policy.step_s / getattr(self.board_clock, "factor", 1.0)))
+        self.health.beat("loop")  # about to start on the caller's thread
+        self.notifier.ready(describe(self.runtime.status(), self.cfg.link.broker, self.simulated))
+        self.watchdog = start_watchdog(self.notifier, self.health)
 
     def run(self, seconds: float | None = None) -> int:
         """Runs the inference loop until :meth:`stop` (or ``seconds``).
@@ -403,6 +420,7 @@ class Agent:
             deadline = None if seconds is None else self.clock.monotonic() + seconds
             while not self._stop.is_set() and (deadline is None or self.clock.monotonic() < deadline):
                 window = self.sensor.next_window(timeout=0.5)
+                self.health.beat("loop")  # progress (a hung read, worker or update stops the watchdog pings)
                 now = self.clock.monotonic()
                 if now - watched >= 1.0:
                     watched = now
@@ -445,6 +463,10 @@ class Agent:
 
     def close(self) -> None:
         """Stops every thread; the link publishes ``offline``; the spool commits what it holds."""
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self._stop.set()
         for t in self._threads:
             t.join(10)
