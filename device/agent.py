@@ -39,6 +39,7 @@ from device import __version__, config
 from device.clock import SYSTEM_CLOCK
 from device.errors import ConfigError
 from device.runtime.errors import DelegateUnavailable
+from device.sdnotify import Health, Notifier, describe, start_watchdog
 from device.watch import FaultWatch
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,8 @@ class Agent:
                 if self.board is not None:
                     self._load_board(plan, applied)
                 self._watch()
+                self.notifier.status_if_changed(describe(self.runtime.status(), self.cfg.link.broker,
+                                                         self.simulated, self.governor.level.label))
             except Exception:  # the governor must never take the agent down
                 log.exception("governor step failed")
             self._stop.wait(self.policy.step_s / speed)
@@ -364,8 +367,6 @@ class Agent:
         events are spooled. A runtime that cannot start at all (a requested delegate that is missing) is a
         runtime fault, not the end of the agent.
         """
-        from device.sdnotify import Health, Notifier
-
         self.notifier, self.health = Notifier(), Health(self.clock)
         if self.spool is not None:
             self.spool.start()
@@ -395,13 +396,12 @@ class Agent:
 
     def _notify_ready(self) -> None:
         """``READY=1`` with a readable status, and the watchdog (when systemd gave one) from now on."""
-        from device.sdnotify import describe, start_watchdog
-
         # The loop turns at least every 0.5 s (its sensor poll); the governor every step (on the board's time).
         self.health.require("loop", lambda: 3 * 0.5 + self.governor.plan.interval_ms / 1000.0)
         self.health.require("governor", max(1.0, 3 * self.policy.step_s / getattr(self.board_clock, "factor", 1.0)))
         self.health.beat("loop")  # about to start on the caller's thread
-        self.notifier.ready(describe(self.runtime.status(), self.cfg.link.broker, self.simulated))
+        self.notifier.ready(describe(self.runtime.status(), self.cfg.link.broker, self.simulated,
+                                     self.governor.level.label))
         self.watchdog = start_watchdog(self.notifier, self.health)
 
     def run(self, seconds: float | None = None) -> int:

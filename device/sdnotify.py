@@ -38,6 +38,8 @@ class Notifier:
         # "@name" is an abstract socket: its address starts with a NUL byte.
         self.address: str | None = ("\0" + raw[1:] if raw.startswith("@") else raw) or None
         self._failed = False
+        self._said: str | None = None  # the last STATUS= text
+        self._ready = False
 
     @property
     def enabled(self) -> bool:
@@ -63,11 +65,20 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> bool:
         """``READY=1`` (with a ``STATUS=`` line): the model is warm and the link has started."""
+        self._said, self._ready = status, True
         return self.send("READY=1", *([_status_line(status)] if status else []))
 
     def status(self, text: str) -> bool:
         """A ``STATUS=`` line shown by ``systemctl status``."""
+        self._said = text
         return self.send(_status_line(text))
+
+    def status_if_changed(self, text: str) -> bool:
+        """:meth:`status`, only when ``text`` differs from the last one said (a loop may call it each step), and
+        only after :meth:`ready` (whose own status says how the agent started)."""
+        if not self._ready or text == self._said:
+            return False
+        return self.status(text)
 
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
@@ -100,13 +111,14 @@ def _status_line(text: str) -> str:
     return "STATUS=" + " ".join(str(text).split())  # one line: a newline would start another assignment
 
 
-def describe(runtime_status: dict, broker: str, simulated: bool) -> str:
+def describe(runtime_status: dict, broker: str, simulated: bool, level: str | None = None) -> str:
     """One line for ``systemctl status``: what serves, on what, and the link.
 
     Args:
         runtime_status: :meth:`device.runtime.runtime.Runtime.status`.
         broker: The broker URL (its user and password, if any, are left out), or ``""`` without a link.
         simulated: The board is virtual.
+        level: The governor's level, when known.
     """
     st = runtime_status
     if st.get("serving"):
@@ -117,7 +129,8 @@ def describe(runtime_status: dict, broker: str, simulated: bool) -> str:
     if "@" in broker:  # scheme://user:password@host: the status is readable by anyone on the board
         scheme, _, rest = broker.partition("://")
         broker = f"{scheme}://{rest.rpartition('@')[2]}" if rest else broker.rpartition("@")[2]
-    return f"{what}; link {broker or 'off'}{'; SIMULATED board' if simulated else ''}"
+    return (f"{what}; {f'level {level}; ' if level else ''}link {broker or 'off'}"
+            f"{'; SIMULATED board' if simulated else ''}")
 
 
 def start_watchdog(notifier: Notifier, health: Health) -> Watchdog | None:

@@ -117,6 +117,13 @@ def test_ready_then_pings_while_healthy_none_while_a_part_hangs_then_stopping(tm
         assert "STATUS=serving vibration" in ready and "link off" in ready and "SIMULATED" in ready, ready
         assert listener.messages()[0] == ready  # nothing before READY
         wait_for(lambda: len(listener.pings()) >= 4, timeout=30, what="watchdog pings while healthy")
+        # A level change shows in `systemctl status` (said by the governor loop, once).
+        level = "saver" if agent.governor.level.label != "saver" else "performance"
+        agent.governor.override(level, 600)
+        wait_for(lambda: any(m.startswith("STATUS=") and f"level {level};" in m for m in listener.messages()),
+                 timeout=30, what=f"a STATUS= line with level {level}")
+        statuses = [m for m in listener.messages() if m.startswith("STATUS=")]
+        assert len(statuses) == len(set(statuses)) and f"level {level};" not in ready  # each said once
 
         gate.open.clear()  # hang it
         assert gate.blocked.wait(30)

@@ -62,6 +62,20 @@ def test_each_message_is_one_exact_datagram(which, request):
     assert _nothing_waiting(s)
 
 
+def test_a_status_is_said_again_only_when_it_changes_and_only_after_ready(path_socket):
+    address, s = path_socket
+    n = Notifier({"NOTIFY_SOCKET": address})
+    assert n.status_if_changed("starting") is False  # before READY: READY's own status says how it started
+    assert _nothing_waiting(s)
+    n.ready("serving; level balanced")
+    assert s.recv(4096) == b"READY=1\nSTATUS=serving; level balanced"
+    assert n.status_if_changed("serving; level balanced") is False
+    assert n.status_if_changed("serving; level saver") is True
+    assert s.recv(4096) == b"STATUS=serving; level saver"
+    assert n.status_if_changed("serving; level saver") is False
+    assert _nothing_waiting(s)
+
+
 def test_without_notify_socket_every_call_is_a_no_op():
     n = Notifier({"WATCHDOG_USEC": "1000000"})
     assert not n.enabled
@@ -151,5 +165,7 @@ def test_describe_reads_like_a_status_and_hides_a_password():
           "backend": "litert", "delegate": "xnnpack"}
     assert describe(st, "mqtts://user:secret@broker.example:8883", False) == \
         "serving vibration v1.2.0 (full) on litert/xnnpack; link mqtts://broker.example:8883"
+    assert describe(st, "", False, "saver") == \
+        "serving vibration v1.2.0 (full) on litert/xnnpack; level saver; link off"
     down = {"serving": False, "model": "vibration", "not_serving_reason": "every variant quarantined"}
     assert describe(down, "", True) == "not serving vibration: every variant quarantined; link off; SIMULATED board"
