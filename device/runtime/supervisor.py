@@ -53,8 +53,9 @@ _FAILED_CODES = {cls.code: cls for cls in (E.ModelInvalid, E.BackendUnavailable,
 
 
 def _worker_env() -> dict:
-    """The worker's environment: ours, with this package's parent directory first on PYTHONPATH."""
-    env = dict(os.environ)
+    """The worker's environment: ours, with this package's parent directory first on PYTHONPATH, and without
+    systemd's notification variables (only the agent speaks to systemd)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env

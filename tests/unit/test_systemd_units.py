@@ -109,7 +109,7 @@ def test_security_score_rises_without_the_sandbox(tmp_path):
 
 def test_service_keeps_the_choices_docs_explain():
     d = _directives(SERVICE.read_text())
-    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"] and d["WatchdogSec"] == ["30s"]
+    assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"] and d["WatchdogSec"] == ["90s"]
     assert d["ExecStart"] == ["/opt/fieldnode/venv/bin/fieldnode run"]
     assert d["User"] == ["fieldnode"] and d["Group"] == ["fieldnode"]
     assert d["CapabilityBoundingSet"] == [""] and d["AmbientCapabilities"] == [""]
