@@ -71,6 +71,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
     from device.runtime.backends import load_backend
     from device.runtime.manifest import load_manifest
     from device.runtime.runtime import Runtime, RuntimeSettings
+    from device.runtime.tensors import random_input
 
     manifest = load_manifest(model)
     settings = RuntimeSettings(backend=backend, delegate=delegate, isolation=isolation, threads=threads,
@@ -82,14 +83,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
     try:
         eng = rt._engine
         rng = np.random.default_rng(0)
-        inputs = []
-        for s in eng.inputs:
-            dt = s.np_dtype
-            if dt.kind in "iu":
-                info = np.iinfo(dt)
-                inputs.append(rng.integers(info.min, info.max, size=s.shape, endpoint=True).astype(dt))
-            else:
-                inputs.append(rng.standard_normal(s.shape).astype(dt))
+        inputs = [random_input(s, rng) for s in eng.inputs]
         t0 = time.perf_counter_ns()
         rt.infer(*inputs)
         first_ms = (time.perf_counter_ns() - t0) / 1e6

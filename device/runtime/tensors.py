@@ -114,3 +114,12 @@ def dequantize(spec: TensorSpec, raw: np.ndarray) -> np.ndarray:
     if spec.quantized:
         return (raw.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
     return raw.astype(np.float32, copy=False)
+
+
+def random_input(spec: TensorSpec, rng: np.random.Generator) -> np.ndarray:
+    """A random input for ``spec``: its whole integer range, or standard-normal floats (benchmarks and probes)."""
+    dt = spec.np_dtype
+    if dt.kind in "iu":
+        info = np.iinfo(dt)
+        return rng.integers(info.min, info.max, size=spec.shape, endpoint=True).astype(dt)
+    return rng.standard_normal(spec.shape).astype(dt)

@@ -146,19 +146,12 @@ def _missed(where: str, result: dict, tolerance: int) -> str:
 
 def _probe(rt, where: str, name: str, rng: np.random.Generator) -> dict:
     """Random inputs across each input tensor's range; every output must be finite."""
-    from device.runtime.tensors import dequantize
+    from device.runtime.tensors import dequantize, random_input
 
     # The runtime has no public accessor for its tensor specs; fieldnode bench reads them the same way.
     engine = rt._engine
     for _ in range(PROBE_RUNS):
-        inputs = []
-        for spec in engine.inputs:
-            dt = spec.np_dtype
-            if dt.kind in "iu":
-                info = np.iinfo(dt)
-                inputs.append(rng.integers(info.min, info.max, size=spec.shape, endpoint=True).astype(dt))
-            else:
-                inputs.append(rng.standard_normal(spec.shape).astype(dt))
+        inputs = [random_input(spec, rng) for spec in engine.inputs]
         result = rt.infer(*inputs)
         for spec, raw in zip(engine.outputs, result.outputs):
             if not np.all(np.isfinite(dequantize(spec, raw))):

@@ -86,11 +86,16 @@ def repository(tmp_path_factory):
     return base
 
 
-def test_install_by_command_replies_at_once_then_the_new_model_serves_on_trial(tmp_path, repository):
+def updating_config(tmp_path, repository):
+    """An agent whose updates come from ``repository`` (a short trial)."""
     data = agent_config(tmp_path, trial_s=1, min_windows=4).to_dict()
     data["update"].update(root_file=str(repository / "root.json"), repository=str(repository / "repo"),
                           identity_file=str(repository / "board.age"), hwclass="rpi4")
-    cfg = config.from_mapping(data)
+    return config.from_mapping(data)
+
+
+def test_install_by_command_replies_at_once_then_the_new_model_serves_on_trial(tmp_path, repository):
+    cfg = updating_config(tmp_path, repository)
     with Running(cfg) as r:
         board = Board(tmp_path, r.agent)
         r.wait(lambda: r.agent.results >= 1, what="the bundled model serving")
@@ -120,10 +125,7 @@ def test_an_install_deferred_for_power_starts_again_by_itself_when_the_governor_
     from device.update import agentside
 
     monkeypatch.setattr(agentside, "DEFERRED_RETRY_S", 0.0)
-    data = agent_config(tmp_path, trial_s=1, min_windows=4).to_dict()
-    data["update"].update(root_file=str(repository / "root.json"), repository=str(repository / "repo"),
-                          identity_file=str(repository / "board.age"), hwclass="rpi4")
-    cfg = config.from_mapping(data)
+    cfg = updating_config(tmp_path, repository)
     with Running(cfg) as r:
         board = Board(tmp_path, r.agent)
         r.wait(lambda: r.agent.results >= 1, what="the bundled model serving")
