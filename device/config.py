@@ -62,6 +62,16 @@ class DeviceConfig:
         pattern=r"(?s).*\S.*", expect="a non-empty directory path",
     )
     log_level: str = setting("info", "Minimum level of log messages.", choices=("debug", "info", "warning", "error"))
+    log_format: str = setting(
+        "auto", "Log line format: auto is journal under systemd (JOURNAL_STREAM: <N> priority prefixes, no "
+                "timestamps) and text with timestamps in a terminal; json is one object a line.",
+        choices=("auto", "journal", "text", "json"),
+    )
+    runtime_dir: str = setting(
+        "/run/fieldnode", "Directory of the local control socket (systemd's RuntimeDirectory), where "
+                          "fieldnode status finds the running agent.",
+        pattern=r"(?s).*\S.*", expect="a non-empty directory path",
+    )
 
 
 @dataclass(frozen=True)
