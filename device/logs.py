@@ -195,6 +195,22 @@ def _ours(handler: logging.Handler) -> bool:
     return getattr(handler, "_fieldnode", False) or type(handler) is logging.StreamHandler
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (as logging's last-resort handler does), so a
+    handler installed once never writes to a stream that was replaced and closed since."""
+
+    def __init__(self):
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.setStream: stderr is followed, not pinned
+        pass
+
+
 def _thread_excepthook(args) -> None:
     """An exception that ends a thread goes through logging (one record, in the format in force) instead of
     being printed bare to stderr, where the journal would keep each line of its traceback at info."""
@@ -217,15 +233,15 @@ def setup(level: str = "info", fmt: str = "auto", *, verbose: bool = False, envi
         fmt: One of :data:`FORMATS` (``device.log_format`` or ``--log-format``).
         verbose: ``-v``: debug level whatever ``level`` says.
         environ: Where ``JOURNAL_STREAM`` is read (default: ours).
-        stream: Where lines go (default: ``sys.stderr`` at the time of the call).
+        stream: Where lines go (default: ``sys.stderr``, looked up at each line; ``auto`` looks at the one
+            in place now).
 
     Raises:
         ConfigError: An unknown level or format.
     """
-    stream = sys.stderr if stream is None else stream
     levelno = logging.DEBUG if verbose else _level(level)
-    name = resolve_format(fmt, stream, environ)
-    handler = logging.StreamHandler(stream)
+    name = resolve_format(fmt, sys.stderr if stream is None else stream, environ)
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(FORMATTERS[name]())
     handler._fieldnode = True  # type: ignore[attr-defined]
     root = logging.getLogger()

@@ -138,6 +138,15 @@ def test_setup_replaces_its_handler_and_basic_config_but_keeps_others(root_logge
     kept.close()
 
 
+def test_default_stream_follows_sys_stderr(root_logger, monkeypatch):
+    logs.setup("info", "journal")
+    for _ in range(2):  # a replaced stderr (pytest's capture, a daemon's redirect) is followed, never pinned
+        now = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", now)
+        logging.getLogger("device.x").warning("here")
+        assert now.getvalue() == "<4>device.x: here\n"
+
+
 def test_setup_levels(root_logger):
     stream = io.StringIO()
     logs.setup("error", "journal", stream=stream)
