@@ -476,3 +476,177 @@ def test_the_timeout_counts_from_the_start_of_the_command(broker: Broker, mqtt_c
     assert (code, out) == (3, "") and "no reply within 10 s" in err
     (request,) = watcher.wait_for_messages(1)
     assert 1 <= request.properties.MessageExpiryInterval <= 2
+
+
+# -- on the board: no --broker, the board's config --------------------------------------------------------------
+
+
+def _board_send(capsys, conf, *argv: str) -> tuple:
+    """``fieldnode send --config CONF ...`` through the real command line entry; (exit code, stdout, stderr)."""
+    from device import cli
+
+    code = cli.main(["send", "--config", str(conf), *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _sign_csr(pki, csr_pem: bytes) -> bytes:
+    """The fleet CA's part of provisioning: a client certificate for the board's request (its CN, its key)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
+    ca_key = pki.authority._key  # the test CA's key: this test plays the fleet CA
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(pki.authority.certificate.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def board_link(tmp_path):
+    """``board_link(cfg)``: the board's real link built from its config (as the agent wires it), with ``ping`` and a
+    ``status`` command; stopped at teardown."""
+    from device import config
+    from device.link.client import Link
+    from device.link.commands import Dispatcher, Registry, register_builtin
+    from device.link.spool import Spool
+
+    made = []
+
+    def make(cfg):
+        registry = Registry()
+        register_builtin(registry, version="test")
+        registry.register("status", lambda args, ctx: {"state": "serving", "device": config.device_id(cfg)})
+        spool = Spool(str(tmp_path / f"spool-{len(made)}.db"), commit_interval_s=0.02)
+        spool.start()
+        lc = cfg.link
+        link = Link(lc.broker, config.device_id(cfg), spool, prefix=lc.prefix, protocol=lc.protocol, tls=lc.tls(),
+                    backoff=(0.05, 0.5), dispatcher=Dispatcher(registry))
+        made.append((link, spool))
+        link.start()
+        assert link.wait_connected(20)
+        return link
+
+    yield make
+    for link, spool in made:
+        link.stop()
+        spool.close()
+
+
+def test_a_provisioned_board_sends_status_with_only_its_config(acl_broker: Broker, pki, board_link, capsys, tmp_path):
+    """The first-boot flow end to end: provision, the fleet CA signs the request, the certificate is installed at
+    link.cert_file; then ``fieldnode send status`` on the board, with no flag but --config, reaches the board's own
+    link through mutual TLS and the ACL, as the board's identity."""
+    from device import config
+    from tools import provision
+
+    conf = tmp_path / "etc" / "fieldnode.toml"
+    conf.parent.mkdir()
+    conf.write_text(f'# pole 17\n[link]\nbroker = "{acl_broker.url}"\nca_file = "{pki.ca}"\n')
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    provision.add_arguments(parser)
+    assert provision.run(parser.parse_args(["--config", str(conf), "--device-id", "pole-17", "--json"])) == 0
+    done = json.loads(capsys.readouterr().out)
+    with open(done["files"]["csr"], "rb") as fh:
+        cert = _sign_csr(pki, fh.read())
+    with open(done["files"]["certificate"], "wb") as fh:
+        fh.write(cert)
+    cfg = config.load(str(conf))
+    assert [key for key, _ in config.agent_problems(cfg)] == ["drivers.sensor_url"]  # the link's files are all there
+    board_link(cfg)
+
+    code, out, err = _board_send(capsys, conf, "status")
+
+    assert (code, err) == (0, "")
+    assert json.loads(out[len("ok: "):]) == {"state": "serving", "device": "pole-17"}
+    connected = [line for line in acl_broker.log_text().splitlines() if " as fn-send-" in line]
+    assert len(connected) == 1 and connected[0].endswith("u'pole-17').")  # the provisioned certificate
+
+
+@PROTOCOLS
+def test_the_config_gives_what_no_flag_does(broker: Broker, mqtt_client, capsys, tmp_path, protocol: str) -> None:
+    conf = tmp_path / "fieldnode.toml"
+    conf.write_text(f'[device]\nid = "dev-a"\n[link]\nbroker = "{broker.url}"\nprotocol = "{protocol}"\n')
+    responder = Responder(mqtt_client, broker, protocol)
+
+    code, out, err = _board_send(capsys, conf, "echo", "--args", '{"n": 1}', "--json")
+
+    assert (code, err) == (0, "")
+    assert json.loads(out)["result"] == {"args": {"n": 1}}
+    (request,) = responder.requests
+    assert request["topic"] == f"{PREFIX}/cmd/echo"  # the device id and prefix of the config
+    assert (request["response_topic"] is not None) == (protocol == "5")  # link.protocol
+
+
+def test_flags_win_over_the_config(broker: Broker, mqtt_client, capsys, tmp_path) -> None:
+    conf = tmp_path / "fieldnode.toml"
+    conf.write_text(f'[device]\nid = "dev-b"\n[link]\nbroker = "{broker.url}"\nprotocol = "3.1.1"\n'
+                    f'prefix = "elsewhere/dev-b"\n')
+    responder = Responder(mqtt_client, broker, "5")
+
+    code, out, err = _board_send(capsys, conf, "echo", "--device", "dev-a", "--prefix", PREFIX, "--mqtt", "5")
+
+    assert (code, err) == (0, ""), err
+    (request,) = responder.requests
+    assert request["topic"] == f"{PREFIX}/cmd/echo" and request["response_topic"].startswith(f"{PREFIX}/reply/")
+
+
+def test_with_broker_no_config_is_read(broker: Broker, mqtt_client, capsys, tmp_path) -> None:
+    Responder(mqtt_client, broker)
+
+    code, _, err = _board_send(capsys, tmp_path / "absent.toml", "--broker", broker.url, "--device", "dev-a", "echo")
+
+    assert (code, err) == (0, "")  # an operator's laptop has no board config, and needs none
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('[device]\nid = "dev-a"\n', "no --broker given, and link.broker is not set in {conf}: give --broker URL"),
+    ('[link]\nbroker = "mqtts://127.0.0.1:1"\nca_file = "{tmp}/ca.pem"\n', "link.ca_file: CA file {tmp}/ca.pem: "
+                                                                         "cannot read it (No such file or directory)"),
+    ('[link]\nbroker = "mqtt://127.0.0.1:1"\nusername = "ops"\npassword_file = "{tmp}/pw"\n',
+     "link.password_file {tmp}/pw: cannot read it"),
+    ('[link]\nbroker = "mqtt://127.0.0.1:1"\nprefix = "a/#"\n', "{conf}: link.prefix: "),
+])
+def test_a_config_without_what_send_needs_exits_2(capsys, tmp_path, text: str, problem: str) -> None:
+    conf = tmp_path / "fieldnode.toml"
+    conf.write_text(text.format(tmp=tmp_path))
+
+    code, out, err = _board_send(capsys, conf, "status", "--json")
+
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert problem.format(conf=conf, tmp=tmp_path) in err, err
+    doc = json.loads(out)
+    assert doc["ok"] is False and doc["error"]["code"] in ("bad_input", "config_invalid")
+
+
+def test_no_config_file_at_all_names_the_default_path(capsys, tmp_path, monkeypatch) -> None:
+    from device import config
+
+    monkeypatch.delenv("FIELDNODE_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "fieldnode.toml"))  # this machine's /etc stays out
+    parser = argparse.ArgumentParser(prog="fieldnode send")
+    send.add_arguments(parser)
+
+    code = send.run(parser.parse_args(["status"]))
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == (f"fieldnode send: no --broker given, and there is no config file at {tmp_path}/fieldnode.toml: "
+                   f"give --broker URL (and --device ID), or set link.broker in the board's config\n")
+
+
+def test_broker_without_device_exits_2(capsys) -> None:
+    code, out, err = _run(capsys, "--broker", _closed_url(), "status")
+
+    assert (code, out) == (2, "") and "--device ID is needed with --broker" in err
