@@ -124,7 +124,7 @@ def test_the_socket_is_0660_in_a_0750_directory_of_the_group(tmp_path):
 
 
 def test_a_group_that_does_not_exist_is_skipped_quietly(path, caplog):
-    caplog.set_level(logging.DEBUG, logger="device.control")
+    caplog.set_level(logging.DEBUG, logger="device.controlserver")
     with ControlServer(path, handlers(), group="no-such-group-fieldnode"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         assert request(path, "status")["device"] == "dev-a"
