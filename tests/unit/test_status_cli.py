@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -211,3 +212,25 @@ def test_any_status_shape_is_printed_without_a_crash():
     assert "level=saver(override)" in ln and "link=down backlog=3 dropped=2" in ln and "faults=sensor,runtime" in ln
     assert not ln.endswith("SIMULATED")
     assert "board simulated or real: not said by this agent" in status_tool.block({})[0]
+
+
+def test_ctrl_c_ends_a_watch_cleanly(tmp_path):
+    cfg_path = write_config(str(tmp_path), str(tmp_path / "run"))
+    path = socket_path(config.load(cfg_path))
+    with ControlServer(path, {"status": lambda a: {"device": "dev-c", "simulated": True, "virtual_board": "rpi5"}},
+                       group=None):
+        p = subprocess.Popen([sys.executable, "-c", ENTRY, "status", "--config", cfg_path, "--watch",
+                              "--interval", "0.05"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
+            header = p.stdout.readline()
+            first = p.stdout.readline()
+            p.send_signal(signal.SIGINT)
+            rest, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert header.startswith("fieldnode status: device dev-c, agent pid ") and "SIMULATED board rpi5" in header
+    assert first.startswith("t=") and first.rstrip().endswith("SIMULATED")
+    assert p.returncode == 0 and err == "", err  # the usual end of a watch: no traceback, no error
+    assert all(ln.startswith("t=") for ln in rest.splitlines())
