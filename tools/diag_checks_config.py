@@ -43,6 +43,8 @@ def check_config(ctx) -> Check:
     if err is not None:
         key = getattr(err, "key_path", "")
         where = getattr(err, "source", "") or "the config file"
+        if where == config.DEFAULTS_SOURCE:  # no file: the defaults were used
+            where = f"{config.DEFAULT_PATH} (it does not exist yet: fieldnode config defaults prints one)"
         fix = f"fix {key} in {where}" if key else f"fix {where}"
         return fail("config", str(err), f"{fix}; 'fieldnode config check' says the same as 'fieldnode run'")
     cfg = ctx.cfg
@@ -239,7 +241,8 @@ def check_update_store(ctx) -> Check:
     for key, info in (("active", st.get("active")), ("fallback", st.get("fallback"))):
         if not info:
             continue
-        why = check_slot(info["dir"], SlotRef(info["slot"], info["name"], info["version"]))
+        slot_dir = os.path.join(store.slots_dir, info["slot"])
+        why = check_slot(slot_dir, SlotRef(info["slot"], info["name"], info["version"]))
         if why:
             what = f"{key} slot {info['slot']} ({info['name']} v{info['version']}): {why}"
             found.append(fail("update_store", what, rerun) if key == "active" else
