@@ -1,9 +1,10 @@
-"""The agent's MQTT commands (the daemon issue adds ``diag`` and ``restart`` to the same registry).
+"""The agent's MQTT commands, each calling one of the few operations it needs (:class:`Ops`), not the agent.
 
 | command | privileged | args | does |
 | --- | --- | --- | --- |
 | ``ping`` | no | - | liveness: version and time |
-| ``status`` | no | - | runtime, governor, sensor, link, spool |
+| ``status`` | no | - | runtime, governor, sensor, link, spool (the same object as ``fieldnode status``) |
+| ``diag`` | no | - | ``fieldnode diag``'s checks on the board, as one object (``checks``, ``summary``) |
 | ``infer`` | no | - | classifies the latest complete sensor window now |
 | ``config.get`` | no | ``key`` (dotted, optional) | the effective configuration, or one key |
 | ``variant`` | yes | ``variant`` (a name, or ``auto``) | pins the model variant; ``auto`` hands it back to the governor |
@@ -21,28 +22,69 @@ on a slow link), so the command thread answers at once and never holds other com
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
 from device import __version__
 from device.link.commands import Arg, CallContext, Registry, register_builtin
 from device.link.errors import CommandFailed, NoWindow
 from device.runtime.quarantine import SHA256_RE
 
 
-def build_registry(agent) -> Registry:
-    """The registry of ``agent``'s commands."""
+@dataclass(frozen=True)
+class Ops:
+    """What commands may do to the agent, and nothing more.
+
+    Attributes:
+        clock: The agent's clock (``ping``'s time).
+        status: The agent's status (the control socket answers from the same function).
+        latest_window: ``latest_window(max_age_s)``: the newest complete sensor window, or None.
+        sensor_state: The sensor's state, for the message when there is no window.
+        infer: Classifies a window and returns its :class:`device.results.Result`.
+        config: The effective configuration as a dict.
+        variants: The serving model's variant names.
+        pin_variant: ``pin_variant(name_or_None, by)``: pins a variant (None: the plan decides); returns what is
+            in force.
+        set_level: ``set_level(level, ttl_s, by)``: a governor override (``auto`` ends it); returns the
+            governor's status; raises ValueError for a level or TTL the governor refuses.
+        release_quarantine: ``release_quarantine(sha256, by)``: whether a quarantined file had that digest.
+        quarantined: The quarantined files, as ``status`` lists them.
+        updates: :class:`device.update.agentside.AgentUpdates` (``status``, ``check``, ``start_install``,
+            ``rollback``).
+        diag: Runs the board's diagnostic checks and returns their JSON object, or None when not available.
+    """
+
+    clock: Any
+    status: Callable[[], dict]
+    latest_window: Callable[[float], Any]
+    sensor_state: Callable[[], str]
+    infer: Callable[[Any], Any]
+    config: Callable[[], dict]
+    variants: Callable[[], list]
+    pin_variant: Callable[[Optional[str], Optional[str]], dict]
+    set_level: Callable[[str, float, str], dict]
+    release_quarantine: Callable[[str, Optional[str]], bool]
+    quarantined: Callable[[], Any]
+    updates: Any
+    diag: Optional[Callable[[], dict]] = None
+
+
+def build_registry(ops: Ops) -> Registry:
+    """The registry of the agent's commands, calling ``ops``."""
     reg = Registry()
-    register_builtin(reg, version=__version__, clock=agent.clock)
+    register_builtin(reg, version=__version__, clock=ops.clock)
 
     def status(args: dict, ctx: CallContext):
-        return agent.status()
+        return ops.status()
 
     def infer(args: dict, ctx: CallContext):
-        window = agent.sensor.latest_window(max_age_s=10.0)
+        window = ops.latest_window(10.0)
         if window is None:
-            raise NoWindow(f"no complete sensor window in the last 10 s (sensor {agent.sensor.health().state.value})")
-        return agent.infer_once(window)
+            raise NoWindow(f"no complete sensor window in the last 10 s (sensor {ops.sensor_state()})")
+        return ops.infer(window).to_dict()
 
     def config_get(args: dict, ctx: CallContext):
-        data = agent.cfg.to_dict()
+        data = ops.config()
         key = args.get("key")
         if not key:
             return data
@@ -55,45 +97,43 @@ def build_registry(agent) -> Registry:
 
     def variant(args: dict, ctx: CallContext):
         name = args["variant"]
-        manifest = agent.runtime.manifest
-        if name != "auto" and name not in manifest.variants:
-            raise ValueError(f"variant must be 'auto' or one of {', '.join(manifest.variants)}, got {name!r}")
-        applied = agent.applier.pin(None if name == "auto" else name, lambda: agent.governor.plan)
-        agent.event("variant_set", {"variant": name, "by": ctx.signer})
-        return {"variant": agent.runtime.variant, "pinned": agent.applier.pinned_variant, "applied": applied}
+        names = ops.variants()
+        if name != "auto" and name not in names:
+            raise ValueError(f"variant must be 'auto' or one of {', '.join(names)}, got {name!r}")
+        return ops.pin_variant(None if name == "auto" else name, ctx.signer)
 
     def governor(args: dict, ctx: CallContext):
-        level = args["level"]
         try:
-            if level == "auto":
-                agent.governor.clear_override(by=ctx.signer or "operator")
-            else:
-                agent.governor.override(level, args["ttl_s"], by=ctx.signer or "operator")
+            return ops.set_level(args["level"], args["ttl_s"], ctx.signer or "operator")
         except ValueError as exc:
             raise CommandFailed(str(exc)) from exc
-        agent.applier.apply(lambda: agent.governor.plan)  # the latest plan, even if the governor stepped since
-        return agent.governor.status()
 
     def quarantine_release(args: dict, ctx: CallContext):
         sha = args["sha256"]
         if not SHA256_RE.fullmatch(sha):
             raise ValueError(f"sha256 must be 64 lowercase hex characters, got {sha[:80]!r}")
-        if not agent.runtime.release_quarantine(sha, by=ctx.signer):
+        if not ops.release_quarantine(sha, ctx.signer):
             raise CommandFailed(f"no quarantined model file has the digest {sha}")
-        return {"released": sha, "quarantined": agent.runtime.status()["quarantined"]}
+        return {"released": sha, "quarantined": ops.quarantined()}
+
+    def diag(args: dict, ctx: CallContext):
+        if ops.diag is None:
+            raise CommandFailed("diag is not available on this board")
+        return ops.diag()
 
     def update_status(args: dict, ctx: CallContext):
-        return agent.updates.status()
+        return ops.updates.status()
 
     def update_check(args: dict, ctx: CallContext):
-        return agent.updates.check()
+        return ops.updates.check()
 
     def update_install(args: dict, ctx: CallContext):
-        return agent.updates.start_install(args.get("version"), args["force"], by=ctx.signer)
+        return ops.updates.start_install(args.get("version"), args["force"], by=ctx.signer)
 
     def update_rollback(args: dict, ctx: CallContext):
-        return agent.updates.rollback(args["reason"], by=ctx.signer)
+        return ops.updates.rollback(args["reason"], by=ctx.signer)
 
+    reg.register("diag", diag, doc="run fieldnode diag's checks on the board (offline ones and the broker)")
     reg.register("status", status, doc="runtime, governor, sensor, link and spool status")
     reg.register("infer", infer, doc="classify the latest sensor window now")
     reg.register("config.get", config_get, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),

@@ -20,6 +20,7 @@ import threading
 from typing import Callable
 
 from device.errors import FieldnodeError
+from device.results import Applied
 from drivers.cpufreq import CpuFreq
 from drivers.errors import SysfsError
 
@@ -41,7 +42,7 @@ class PlanApplier:
         self._on_event = on_event
         self._lock = threading.Lock()  # one plan at a time: the governor's thread and the command thread
         self._warned: set[str] = set()
-        self.applied: dict = {}
+        self.applied: Applied | None = None  # what the last plan put in force
         self.pinned_variant: str | None = None  # set by the operator's `variant` command; None: the plan decides
 
     def resolve_variant(self, name: str) -> str:
@@ -59,7 +60,7 @@ class PlanApplier:
                                          f"have ({', '.join(manifest.variants)}); using its default")
         return "auto"
 
-    def apply(self, plan) -> dict:
+    def apply(self, plan) -> Applied:
         """Applies ``plan``; never raises for a board or model that cannot do what it asks.
 
         Args:
@@ -68,38 +69,39 @@ class PlanApplier:
                 read before waiting for the other.
 
         Returns:
-            What is in force: ``cpu_max_khz`` (per policy, as written), ``variant``, ``threads``,
-            ``interval_ms``, ``telemetry_s`` and ``swapped``.
+            What is in force: the cap written per policy, the variant and threads serving, the interval and
+            telemetry period, and whether the runtime swapped.
         """
         with self._lock:
             return self._apply(plan() if callable(plan) else plan)
 
-    def pin(self, variant: str | None, plan) -> dict:
+    def pin(self, variant: str | None, plan) -> Applied:
         """Pins a variant (``None``: the plan decides again) and applies ``plan`` (as for :meth:`apply`), in one
         step under the lock."""
         with self._lock:
             self.pinned_variant = variant
             return self._apply(plan() if callable(plan) else plan)
 
-    def _apply(self, plan) -> dict:
-        out = {"interval_ms": plan.interval_ms, "telemetry_s": plan.telemetry_s, "swapped": False}
+    def _apply(self, plan) -> Applied:
+        cap = problem = variant = threads = None
+        swapped = False
         if self.cpufreq is not None and plan.cpu_max_khz is not None:
             try:
-                out["cpu_max_khz"] = self.cpufreq.set_max_khz(plan.cpu_max_khz)
+                cap = self.cpufreq.set_max_khz(plan.cpu_max_khz)
             except (SysfsError, ValueError) as exc:
                 self._problem("cpufreq", f"cannot cap the CPU frequency: {exc}")
-            if self.cpufreq.permission_problem:
-                out["cpufreq_problem"] = self.cpufreq.permission_problem
+            problem = self.cpufreq.permission_problem
         if self.runtime is not None:
-            variant = self.pinned_variant or self.resolve_variant(plan.variant)
+            wanted = self.pinned_variant or self.resolve_variant(plan.variant)
             try:
-                out["swapped"] = self.runtime.reconfigure(variant=variant, threads=plan.threads)
+                swapped = self.runtime.reconfigure(variant=wanted, threads=plan.threads)
             except (FieldnodeError, ValueError) as exc:
-                self._problem(f"swap:{variant}:{plan.threads}", f"cannot switch to variant {variant} with "
-                                                                f"{plan.threads} threads: {exc}")
-            out["variant"], out["threads"] = self.runtime.variant, self.runtime.status()["threads"]
-        self.applied = out
-        return out
+                self._problem(f"swap:{wanted}:{plan.threads}", f"cannot switch to variant {wanted} with "
+                                                               f"{plan.threads} threads: {exc}")
+            variant, threads = self.runtime.variant, self.runtime.status()["threads"]
+        self.applied = Applied(interval_ms=plan.interval_ms, telemetry_s=plan.telemetry_s, swapped=bool(swapped),
+                               variant=variant, threads=threads, cpu_max_khz=cap, cpufreq_problem=problem)
+        return self.applied
 
     def _problem(self, key: str, message: str) -> None:
         if key in self._warned:

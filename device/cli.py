@@ -189,10 +189,11 @@ _lazy("device.demo", "demo", "run inference on the virtual board's simulated vib
 _lazy("device.selftest", "selftest", "check every variant of a model against its shipped test vectors")
 _lazy("tools.power", "power", "the power governor: read this board's state, or simulate a policy on a virtual board")
 _lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, sign")
-_lazy("device.agent", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
+_lazy("device.daemon", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
 _lazy("device.link.send", "send", "send one command to a board and print its reply")
 _lazy("tools.repo", "repo", "the operator's update repository: init, add-model, grant, publish, rotate, export")
 _lazy("tools.update", "update", "model updates on this board: check, install, status, rollback")
+_lazy("tools.status", "status", "ask the running agent what it is doing (local control socket, no broker)")
 
 
 def _common(suppress: bool) -> argparse.ArgumentParser:
@@ -230,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from device import logs
+
+    logs.setup("warning", "auto", verbose=args.verbose)  # `run` sets the configured level and format again
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

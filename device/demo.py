@@ -91,13 +91,13 @@ class _Score:
         self.last = ("-", 0.0)
         self._prev = None
 
-    def add(self, result: dict) -> None:
+    def add(self, result) -> None:
         state = self.source.state
-        self.counts[result["label"]] = self.counts.get(result["label"], 0) + 1
-        self.last = (result["label"], result["score"])
+        self.counts[result.label] = self.counts.get(result.label, 0) + 1
+        self.last = (result.label, result.score)
         if state == self._prev:
             self.judged += 1
-            self.correct += result["label"] == state
+            self.correct += result.label == state
         self._prev = state
 
     def agreement(self, digits: int) -> str:

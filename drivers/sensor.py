@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import threading
 from collections import deque
@@ -341,7 +342,9 @@ class SerialSensor:
         except (serial.SerialException, OSError) as exc:
             with self._cond:
                 self._n["open_failures"] += 1
-                self._last_error = f"cannot open {self.url}: {exc}"
+                # pyserial's own message names the port twice already: the errno says it once
+                why = os.strerror(exc.errno) if isinstance(getattr(exc, "errno", None), int) else str(exc)
+                self._last_error = f"cannot open {self.url}: {why}"
                 self._state = SensorState.DISCONNECTED
                 self._schedule_retry()
                 self._cond.notify_all()

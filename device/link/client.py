@@ -119,6 +119,7 @@ class Link:
         self._rebirth = False
         self.clock = clock
         self._on_event = on_event
+        self.on_turn: Callable[[], None] | None = None  # called at each turn of the network thread (the watchdog)
         self._rng = rng or random.Random()
         self._client: mqtt.Client | None = None
         self._connected = False
@@ -207,6 +208,8 @@ class Link:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.on_turn is not None:
+                self.on_turn()
             try:
                 if self._client is None and not self._connect():
                     self._backoff_wait()

@@ -84,8 +84,10 @@ class EngineOpener:
         """Starts an engine for variant ``name`` once (load and warm-up); raises its fault."""
         s = self.settings
         candidates, notes = plan(self.manifest, name, s.delegate, s.delegate_fallback)
+        explicit = s.delegate not in ("auto", "cpu")  # asked for by name: its fallback is a warning and an event
         for n in notes:
-            self.say(n, logging.INFO)
+            if self.say(n, logging.WARNING if explicit else logging.INFO) and explicit:
+                self._emit("delegate_fallback", {"reason": n})
         spec = WorkerSpec(s.backend, tuple(candidates), threads, s.warmup_runs, s.edgetpu_device, s.gpu_delegate,
                           label=f"{self.manifest.name}/{name}")
         if s.isolation == "inline":

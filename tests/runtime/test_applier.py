@@ -35,24 +35,24 @@ def test_a_saver_plan_caps_the_cpu_and_swaps_to_the_cheapest_variant(rig):
     window = VibrationSource(seed=3).read(WINDOW)
     assert rt.predict(window).variant == "full"
     out = applier.apply(plan(Level.SAVER, khz=900000, threads=1, variant="cheapest", interval_ms=100))
-    assert out["cpu_max_khz"] == {"policy0": 900000}
+    assert out.cpu_max_khz == {"policy0": 900000}
     assert board.fs.read_int("sys/devices/system/cpu/cpufreq/policy0/scaling_max_freq") == 900000
-    assert out["swapped"] and out["variant"] == "lite" and out["threads"] == 1
-    assert out["interval_ms"] == 100
+    assert out.swapped and out.variant == "lite" and out.threads == 1
+    assert out.interval_ms == 100
     assert rt.predict(window).variant == "lite"
     # the same plan again changes nothing (no needless hot swap)
     swaps = rt.swaps
-    assert applier.apply(plan(Level.SAVER, khz=900000, threads=1, variant="cheapest"))["swapped"] is False
+    assert applier.apply(plan(Level.SAVER, khz=900000, threads=1, variant="cheapest")).swapped is False
     assert rt.swaps == swaps
     # back to performance: the default variant, more threads, the cap lifted
     out = applier.apply(plan(threads=2))
-    assert out["variant"] == "full" and out["threads"] == 2 and out["cpu_max_khz"] == {"policy0": 1500000}
+    assert out.variant == "full" and out.threads == 2 and out.cpu_max_khz == {"policy0": 1500000}
 
 
 def test_auto_is_the_plans_word_for_what_the_runtime_picks(rig):
     rt, _, applier, events = rig
     applier.apply(plan(Level.SAVER, khz=900000, threads=1, variant="cheapest"))
-    assert applier.apply(plan(variant="auto"))["variant"] == "full"
+    assert applier.apply(plan(variant="auto")).variant == "full"
     assert [k for k, _ in events if k == "plan_problem"] == []
     # One vocabulary: "default" is no plan word (a bare .tflite's only variant is named so), here a problem.
     applier.apply(plan(variant="default"))
@@ -64,7 +64,7 @@ def test_an_unknown_variant_falls_back_to_the_default_and_is_reported_once(rig, 
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             out = applier.apply(plan(variant="turbo"))
-    assert out["variant"] == "full"
+    assert out.variant == "full"
     problems = [d["message"] for kind, d in events if kind == "plan_problem"]
     assert len(problems) == 1 and "'turbo'" in problems[0] and "full, lite" in problems[0]
 
@@ -80,14 +80,14 @@ def test_a_refused_cpufreq_write_still_applies_the_other_knobs(rig, mocker):
 
     mocker.patch("drivers.sysfs.os.open", side_effect=refuse)
     out = applier.apply(plan(Level.SAVER, khz=900000, threads=1, variant="cheapest"))
-    assert "not writable" in out["cpufreq_problem"] and "systemd units" in out["cpufreq_problem"]
-    assert out["cpu_max_khz"] == {}
-    assert out["variant"] == "lite" and out["threads"] == 1
+    assert "not writable" in out.cpufreq_problem and "systemd units" in out.cpufreq_problem
+    assert out.cpu_max_khz == {}
+    assert out.variant == "lite" and out.threads == 1
 
 
 def test_no_runtime_and_no_cpufreq_is_a_no_op():
     out = PlanApplier(None, None).apply(plan(interval_ms=250))
-    assert out == {"interval_ms": 250, "telemetry_s": 10.0, "swapped": False}
+    assert out.to_dict() == {"interval_ms": 250, "telemetry_s": 10.0, "swapped": False}
 
 
 def test_a_waiting_apply_applies_the_latest_plan_not_the_one_it_was_given_before_waiting(rig):
@@ -102,6 +102,6 @@ def test_a_waiting_apply_applies_the_latest_plan_not_the_one_it_was_given_before
         waiting.start()
         current["plan"] = plan(threads=2)  # the governor stepped meanwhile
     waiting.join(60)
-    assert applier.applied["variant"] == "full" and applier.applied["cpu_max_khz"] == {"policy0": 1500000}
+    assert applier.applied.variant == "full" and applier.applied.cpu_max_khz == {"policy0": 1500000}
     out = applier.pin("lite", lambda: current["plan"])  # pinning and applying are one step
-    assert out["variant"] == "lite" and applier.pinned_variant == "lite"
+    assert out.variant == "lite" and applier.pinned_variant == "lite"

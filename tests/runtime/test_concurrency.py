@@ -83,9 +83,9 @@ def test_plans_applied_by_the_command_and_governor_threads_leave_exactly_one_pla
         cap = board.fs.read_int(CAP)
         state = (runtime.variant, runtime.status()["threads"])
         assert state == expected[cap], f"round {i}: cap {cap} with {state}: a mix of two plans"
-        assert applier.applied["cpu_max_khz"] == {"policy0": cap}
-        assert (applier.applied["variant"], applier.applied["threads"]) == state
+        assert applier.applied.cpu_max_khz == {"policy0": cap}
+        assert (applier.applied.variant, applier.applied.threads) == state
         for out, p in zip(outs, (first, second)):
-            assert out["interval_ms"] == p.interval_ms
+            assert out.interval_ms == p.interval_ms
         if first is second:
             assert runtime.swaps - swaps <= 1, f"round {i}: one change swapped {runtime.swaps - swaps} times"

@@ -16,6 +16,9 @@ MISSING = "/nonexistent/fieldnode-test"
 # (arguments, expected exit codes). 0 is success, 1 a failure the command explains, 2 a usage or config error.
 NO_CONFIG = [
     ([], {2}),
+    (["status"], {1}),  # no agent running: one line saying so
+    (["status", "--json"], {1}),
+    (["status", "--watch", "--count", "1"], {1}),
     (["--help"], {0}),
     (["version"], {0}),
     (["version", "--json"], {0}),
@@ -48,6 +51,7 @@ MISSING_FILES = [
 ]
 
 BAD_VALUES = [
+    (["status", "--interval", "0"], {2}),
     (["bench", "device/models/vibration", "--runs", "0"], {2}),
     (["demo", "--battery", "150"], {2}),
     (["demo", "--sim", "pi99"], {2}),

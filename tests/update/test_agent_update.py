@@ -136,8 +136,8 @@ def test_a_model_that_disagrees_with_the_previous_one_is_rolled_back(tmp_path, p
         r.wait(lambda: r.of("update_rolled_back"), what="the rollback")
         # the board goes on classifying, with the previous model
         n = a.results
-        r.wait(lambda: a.results >= n + 2 and a.last_result["model"] == "vibration", what="results after it")
-        labels_after = a.last_result["scores"]
+        r.wait(lambda: a.results >= n + 2 and a.last_result.model == "vibration", what="results after it")
+        labels_after = a.last_result.scores
     rb = r.of("update_rolled_back")[0]
     back_to, back_version = ("bundled", "1.0.0") if previous == "bundled" else ("vibration v2", "2")
     assert rb["version"] == 3 and rb["code"] == "E_HEALTH" and "disagrees" in rb["reason"] and rb["to"] == back_to

@@ -35,7 +35,7 @@ class Board:
         trust.mkdir(mode=0o700)
         (trust / "operator.pub").write_bytes(self.key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        self.dispatcher = Dispatcher(build_registry(agent), verifier=Verifier(TrustStore(str(trust)), device_id=DEV))
+        self.dispatcher = Dispatcher(build_registry(agent.command_ops()), verifier=Verifier(TrustStore(str(trust)), device_id=DEV))
 
     def send(self, cmd: str, args: dict | None = None, signed: bool = True) -> dict:
         args = args or {}

@@ -1,0 +1,50 @@
+"""``fieldnode run``: the agent in the foreground, as a terminal program and as a systemd service.
+
+* **Signals**: SIGTERM and SIGINT drain (the in-flight inference ends, the threads stop, the spool commits,
+  ``offline`` is published) and the exit is 0; SIGHUP asks the agent to reload its config, which the inference
+  thread does at its next turn (:mod:`device.reload`), never inside the handler.
+* **Logs** (:mod:`device.logs`): ``<N>`` priority prefixes and no timestamps under systemd's journal, timestamps
+  in a terminal, or one JSON object a line (``--log-format json``); ``-v`` logs debug messages.
+* **One agent per state directory**: a second ``fieldnode run`` on the same ``device.state_dir`` says which
+  process holds it and exits 1 (:mod:`device.statelock`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from device import __version__
+
+log = logging.getLogger("device.agent")
+
+
+def add_arguments(p) -> None:
+    from device.cli import nonnegative_float, sim_argument
+    from device.logs import add_log_format_argument
+
+    p.add_argument("--seconds", type=nonnegative_float, default=None,
+                   help="stop after this long and exit 1 if the sensor or the runtime is faulty then "
+                        "(default: until SIGTERM)")
+    sim_argument(p, "run on a simulated board of this profile (default rpi4): simulated sensor, sysfs and "
+                    "battery, and every result says so")
+    add_log_format_argument(p)
+
+
+def run(args) -> int:
+    from device import logs
+    from device.agent import Agent
+    from device.cli import load_config
+
+    cfg = load_config(args)
+    if args.sim:
+        cfg = cfg.with_overrides({"drivers.virtual_board": args.sim})
+    logs.setup(cfg.device.log_level, getattr(args, "log_format", None) or cfg.device.log_format,
+               verbose=getattr(args, "verbose", False))
+    agent = Agent(cfg)
+    log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,
+             cfg.link.broker or "off", f", SIMULATED board {cfg.drivers.virtual_board}" if agent.simulated else "")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop())
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
+    return agent.run(args.seconds)
