@@ -6,17 +6,14 @@
 3. Nothing is written until every check passed: keys that exist are refused unless ``--force`` (a re-provisioned
    board gets new keys, and its old certificate and recipient stop working), and the config edit is made in
    memory and proven (parsed again: every other value unchanged, and ``device.config`` loads it).
-4. Written: the age X25519 identity the board decrypts its updates with (``age-keygen``'s file format, as
-   ``fieldnode keys generate --kind recipient`` writes it), the TLS client key (EC P-256, PKCS8) and a CSR for the
-   fleet CA (subject CN = the device id). Private files are 0600 and owned by the service user ``fieldnode`` when
-   it exists (in ``DIR/etc/passwd`` with ``--root``) and we are root: the agent reads them, and nobody else but
-   root (not even technicians in the ``fieldnode`` group, who may read the control socket). Then the config:
-   ``device.id`` always, ``link.key_file``, ``link.cert_file`` and ``update.identity_file`` when unset, every other
-   line and comment kept. Each file is written atomically (temporary file, fsync, rename, fsync the directory).
+4. Written, each atomically: the age X25519 identity the board decrypts its updates with (``age-keygen``'s format),
+   the TLS client key (EC P-256) and a CSR for the fleet CA (CN = the device id); private files 0600, owned by the
+   service user ``fieldnode`` when it exists and we are root (the agent reads them; nobody else but root). Then
+   the config, every other line and comment kept.
 5. Printed: the device id, the age recipient, the CSR and where each file went (``--json``: one object).
 
 With ``--root DIR`` every path is inside a mounted image (how boards are flashed); the config keeps the board's
-own paths. No default credentials exist anywhere: each board makes its own.
+own paths. No default credentials exist anywhere. See docs/provisioning.md.
 """
 
 from __future__ import annotations
@@ -177,8 +174,9 @@ def make_plan(device_id: str, root: str, config_path: str, text: str) -> tuple[P
 def set_toml_keys(text: str, values: dict, *, source: str = "<config>") -> str:
     """Sets string keys of top-level tables in TOML text, keeping every other line, comment and blank as it is.
 
-    A key in its ``[table]`` gets its value replaced on its own line (a trailing comment stays); a missing key is
-    added after the table's last statement; a missing table is appended. The result is parsed again and must
+    A key in its ``[table]`` gets its value replaced on its own line (a trailing comment stays); a missing key
+    replaces its commented-out line (``#key = default``) or is added after the table's last statement; a missing
+    table is appended. The result is parsed again and must
     hold exactly the old data plus the new values, so an edit this cannot make safely (a table written as dotted
     keys or an inline table, a multi-line value) is refused, never half-made.
 
@@ -215,7 +213,11 @@ def set_toml_keys(text: str, values: dict, *, source: str = "<config>") -> str:
         end = next((i for i in starts if i > header and lines[i].lstrip().startswith("[")), len(lines))
         key_re = re.compile(r"(\s*(?:%s|\"%s\"|'%s')\s*=\s*)(.*?)(\r?\n)?\Z" % ((re.escape(key),) * 3), re.S)
         found = [i for i in starts if header < i < end and key_re.match(lines[i])]
-        if found:
+        # A key shown commented out at its default (as fieldnode install writes the config) is set in its place.
+        shown = [i for i in starts if header < i < end and re.match(r"\s*#\s*%s\s*=" % re.escape(key), lines[i])]
+        if not found and shown:
+            lines[shown[0]] = f"{key} = {_toml_string(value)}{newline}"
+        elif found:
             m = key_re.match(lines[found[0]])
             rest = _after_value(m.group(2))
             if rest is None:
@@ -395,8 +397,8 @@ def run(args: argparse.Namespace) -> int:
     if owner is None:
         where = "on this board" if root == "/" else f"in {root}/etc/passwd"
         plan.warnings.append(f"user {SERVICE_USER} does not exist {where}: the private keys are owned by root, and the "
-                             f"agent (user {SERVICE_USER}) cannot read them; once the user exists (systemd-sysusers "
-                             f"makes it from fieldnode's sysusers file, at first boot or with --root now), run "
+                             f"agent (user {SERVICE_USER}) cannot read them; once the user exists (fieldnode install "
+                             f"makes it, with --root in an image; systemd-sysusers at first boot), run "
                              f"chown {SERVICE_USER}:{SERVICE_USER} {plan.identity} {plan.key}")
     elif os.geteuid() != 0 and owner[0] != os.geteuid():
         plan.warnings.append(f"not root: the private keys stay owned by uid {os.geteuid()}, which the agent (user "

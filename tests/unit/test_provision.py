@@ -216,6 +216,25 @@ def test_the_default_config_changes_only_the_provisioned_lines(image, capsys):
                        ('key_file = ""', 'key_file = "/etc/fieldnode/client.key"')]  # identity_file was set
 
 
+def test_keys_shown_commented_out_are_set_in_their_place(image, capsys):
+    """The config fieldnode install writes: every key commented out at its default under its doc."""
+    conf = image / CONF
+    conf.parent.mkdir(parents=True)
+    text = ("# written by fieldnode install\n\n[device]\n# Device id; empty derives it from /etc/machine-id.\n"
+            '#id = ""\n# Directory for the state.\n#state_dir = "/var/lib/fieldnode"\n\n[link]\n# Broker URL.\n'
+            '#broker = ""\n# Client key.\n#key_file = ""\n\n[update]\n# The identity.\n'
+            '#identity_file = "/etc/fieldnode/update.age"\n')
+    conf.write_text(text)
+
+    assert call(capsys, "--device-id", "pole-17", "--root", str(image))[0] == 0
+
+    diff = [line for line in difflib.ndiff(text.splitlines(), conf.read_text().splitlines()) if line[0] in "+-"]
+    assert diff == ['- #id = ""', '+ id = "pole-17"', '- #key_file = ""', '+ key_file = "/etc/fieldnode/client.key"',
+                    '+ cert_file = "/etc/fieldnode/client.pem"',  # not shown: after the table's last statement
+                    '- #identity_file = "/etc/fieldnode/update.age"', '+ identity_file = "/etc/fieldnode/update.age"']
+    assert config.load(str(conf)).link.cert_file == "/etc/fieldnode/client.pem"
+
+
 def test_paths_already_in_the_config_are_used(image, capsys):
     conf = image / CONF
     conf.parent.mkdir(parents=True)
