@@ -109,15 +109,20 @@ class Context:
         sim: The virtual board profile with ``--sim``, else None.
         deadline: ``time.monotonic()`` by which every check must have finished.
         sample_s: How long the sensor is sampled.
+        clock: Wall time for the clock check (a board with an unset clock is a test's clock).
     """
 
-    def __init__(self, cfg, *, sim: str | None, deadline: float, sample_s: float):
+    def __init__(self, cfg, *, sim: str | None, deadline: float, sample_s: float, clock=None):
+        from device.clock import SYSTEM_CLOCK
+
         self.cfg = cfg
+        self.clock = clock or SYSTEM_CLOCK
         self.sim = sim
         self.deadline = deadline
         self.sample_s = sample_s
         self.state_dir = cfg.device.state_dir
         self._lock = threading.Lock()
+        self._agent_lock = threading.Lock()
         self._board = None
         self._board_dir: tempfile.TemporaryDirectory | None = None
         self._fs = None
@@ -164,7 +169,7 @@ class Context:
             ``(status, why)``: the status dict when the agent answers (``why`` says where from), else ``None``
             and why not (no agent holds the state directory, it does not answer, or this build has no socket).
         """
-        with self._lock:
+        with self._agent_lock:  # not the board's lock: asking may take its whole timeout
             if self._agent is None:
                 self._agent = ask_agent(self.cfg, self.remaining(2.0))
             return self._agent

@@ -180,9 +180,7 @@ def clock_synced(timeout: float = 2.0) -> tuple[bool | None, str]:
 
 @register("clock", needs_config=False)
 def check_clock(ctx) -> Check:
-    import time
-
-    now, floor = time.time(), build_floor()
+    now, floor = ctx.clock.time(), build_floor()
     if now < floor - CLOCK_SLACK_S:
         return fail("clock", f"the clock reads {_utc(now)}, before this fieldnode was built or installed "
                              f"({_utc(floor)}): TLS certificates and signed commands are refused",

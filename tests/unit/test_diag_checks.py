@@ -376,3 +376,54 @@ def test_socket_that_hangs_is_bounded(tmp_path):
         srv.listen(1)
         c = check_agent(ctx_for(cfg, seconds=0.5))
     assert c.status == WARN and "no agent runs" in c.detail
+
+
+def test_clock_before_the_build_fails(tmp_path):
+    """A board without an RTC boots in 1970 (the clock seam stands for it)."""
+    from tools.diag_checks_config import build_floor, check_clock
+
+    class Unset:
+        def time(self):
+            return 86400.0 * 3
+
+    c = check_clock(Context(make_cfg(tmp_path), sim=None, deadline=time.monotonic() + 5, sample_s=0.1,
+                            clock=Unset()))
+    assert c.status == FAIL and "1970-01-04" in c.detail and "before this fieldnode was built" in c.detail
+    assert "NTP" in c.remedy
+    assert check_clock(ctx_for(make_cfg(tmp_path))).status in (OK, WARN, SKIP)
+    assert build_floor() <= time.time()
+
+
+def test_battery_nearly_empty_warns(tmp_path):
+    from drivers.sim.board import VirtualBoard
+    from tools.diag_checks_board import check_battery
+
+    board = VirtualBoard(str(tmp_path / "board"), "rpi4", battery_mah=5000.0, soc_pct=4.0, mains=False)
+    c = check_battery(ctx_for(make_cfg(tmp_path, drivers={"sysfs_root": board.root})))
+    assert c.status == WARN and "nearly empty" in c.detail and "4 %" in c.detail and "mains" in c.remedy
+    board.plug(True)
+    c = check_battery(ctx_for(make_cfg(tmp_path, drivers={"sysfs_root": board.root})))
+    assert c.status == OK, c
+
+
+def test_latency_against_the_recorded_baseline(tmp_path):
+    import json
+
+    from device.runtime.manifest import bundled_model_dir
+    from tools.diag_checks_model import BASELINE_FILE, _latency
+
+    cfg = make_cfg(tmp_path)
+    os.makedirs(cfg.device.state_dir)
+    first = _latency(ctx_for(cfg), bundled_model_dir())
+    assert first.status == OK and "recorded as this board's baseline" in first.detail
+    path = os.path.join(cfg.device.state_dir, BASELINE_FILE)
+    again = _latency(ctx_for(cfg), bundled_model_dir())
+    assert again.status == OK and "(baseline " in again.detail
+    with open(path) as f:
+        data = json.load(f)
+    for entry in data.values():  # as if the board had once been a hundred times faster
+        entry["p50_ms"] /= 100.0
+    with open(path, "w") as f:
+        json.dump(data, f)
+    slow = _latency(ctx_for(cfg), bundled_model_dir())
+    assert slow.status == WARN and "x the baseline" in slow.detail and "throttle" in slow.remedy, slow
