@@ -427,3 +427,27 @@ def test_latency_against_the_recorded_baseline(tmp_path):
         json.dump(data, f)
     slow = _latency(ctx_for(cfg), bundled_model_dir())
     assert slow.status == WARN and "x the baseline" in slow.detail and "throttle" in slow.remedy, slow
+
+
+@pytest.mark.parametrize("fallback, status", [(False, FAIL), (True, WARN)])
+def test_explicit_edgetpu_that_does_not_load(tmp_path, fallback, status):
+    """No libedgetpu on this machine: the real loader, in its child process, says so."""
+    from tools.diag_checks_model import check_delegates
+
+    cfg = make_cfg(tmp_path, runtime={"delegate": "edgetpu", "delegate_fallback": fallback})
+    c = check_delegates(ctx_for(cfg))
+    assert c.status == status and "libedgetpu.so.1" in c.detail and "libedgetpu" in c.remedy, c
+
+
+def test_sensor_held_by_the_agent_is_read_from_its_status(tmp_path):
+    from device.control import ControlServer, socket_path
+    from tools.diag_checks_board import check_sensor
+
+    cfg = make_cfg(tmp_path, drivers={"sensor_url": "/dev/ttyAMA0"})
+    health = {"state": "disconnected", "frames": 0, "crc_errors": 0, "seq_gaps": 0, "reconnects": 0,
+              "last_error": "cannot open /dev/ttyAMA0: [Errno 13] Permission denied"}
+    with ControlServer(socket_path(cfg), {"status": lambda args: {"sensor": health}}):
+        c = check_sensor(ctx_for(cfg))
+        assert c.status == FAIL and "held by the agent" in c.detail and "dialout" in c.remedy, c
+        health.update(state="ok", frames=5000, last_error=None)
+        assert check_sensor(ctx_for(cfg)).status == OK
