@@ -9,6 +9,7 @@ status instead of being opened a second time.
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 from tools.diag_checks import Check, fail, ok, register, skip, warn, worst
@@ -89,8 +90,6 @@ def check_sensor(ctx) -> Check:
     if ctx.sim:
         from drivers.sim.mcu import SimulatedMcu
         from drivers.sim.signal import VibrationSource
-
-        import tempfile
 
         with tempfile.TemporaryDirectory(prefix="fieldnode-diag-mcu-") as tmp:
             mcu = SimulatedMcu(VibrationSource(seed=7), link_dir=tmp)

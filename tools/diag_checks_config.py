@@ -115,7 +115,7 @@ def _cert_findings(path: str, what: str, device: str | None) -> list[Check]:
             certs = x509.load_pem_x509_certificates(f.read())
     except OSError as exc:
         return [fail(name, f"{what} {path}: cannot read it ({exc.strerror or exc})",
-                     f"check the file exists and is readable by the fieldnode user")]
+                     "check the file exists and is readable by the fieldnode user")]
     except ValueError as exc:
         return [fail(name, f"{what} {path}: not a PEM certificate ({exc})", f"replace {path} with the PEM file")]
     out = []
