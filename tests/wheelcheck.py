@@ -5,8 +5,9 @@
 1. copies the files git tracks (and new files it does not ignore) into a temporary directory, so nothing
    left in the checkout (an old ``build/``, an editable install's metadata) can leak into the wheel;
 2. builds the wheel there and checks its contents: every package of ``device``, ``drivers``, ``power`` and
-   ``tools`` has its modules, the bundled model ships, and dev-only files (``tools/make_models.py``) and the
-   tests do not;
+   ``tools`` has its modules, the bundled model ships, the systemd files ship as package data
+   (``device/data/systemd/``, byte for byte the checkout's ``systemd/``), and dev-only files
+   (``tools/make_models.py``) and the tests do not;
 3. installs it (not editable) into a new venv and, from a neutral directory with no config file and an empty
    state directory, runs ``fieldnode --help``, ``fieldnode version --json`` and ``fieldnode selftest --json``
    and checks that each imports the installed copy and succeeds.
@@ -30,7 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("device", "drivers", "power", "tools")
 MUST_SHIP = ("device/runtime/__init__.py", "device/runtime/worker.py", "device/link/client.py",
              "device/models/vibration/model.json", "device/models/vibration/vibration_full.tflite",
-             "drivers/sim/board.py", "power/governor.py", "tools/bench.py")
+             "drivers/sim/board.py", "power/governor.py", "tools/bench.py", "tools/install.py")
+# systemd/NAME ships as device/data/systemd/NAME: `fieldnode install` writes them onto the board.
+SYSTEMD_FILES = ("fieldnode.service", "fieldnode.sysusers", "fieldnode.tmpfiles", "99-fieldnode-edgetpu.rules")
+SYSTEMD_DATA = "device/data/systemd/"
 DEV_ONLY = ("tools/make_models.py",)
 
 
@@ -71,14 +75,20 @@ def build_wheel(work: str, files: list[str]) -> str:
 
 
 def check_contents(wheel: str, files: list[str]) -> None:
-    names = set(zipfile.ZipFile(wheel).namelist())
-    missing = sorted((expected_modules(files) | set(MUST_SHIP)) - names)
+    zf = zipfile.ZipFile(wheel)
+    names = set(zf.namelist())
+    systemd = {SYSTEMD_DATA + name for name in SYSTEMD_FILES}
+    missing = sorted((expected_modules(files) | set(MUST_SHIP) | systemd) - names)
     if missing:
         raise CheckFailed(f"the wheel lacks {len(missing)} file(s), e.g. {missing[:5]} (a folder without "
                           f"__init__.py is left out by packages = find:)")
     leaked = sorted(n for n in names if n in DEV_ONLY or n.startswith("tests/"))
     if leaked:
         raise CheckFailed(f"dev-only files in the wheel: {leaked}")
+    for name in SYSTEMD_FILES:
+        with open(os.path.join(ROOT, "systemd", name), "rb") as f:
+            if zf.read(SYSTEMD_DATA + name) != f.read():
+                raise CheckFailed(f"the wheel's {SYSTEMD_DATA}{name} differs from systemd/{name}")
 
 
 def check_install(work: str, wheel: str) -> dict:
