@@ -208,7 +208,8 @@ def _summary(status: dict) -> str:
     rt = status.get("runtime") if isinstance(status.get("runtime"), dict) else {}
     gov = status.get("governor") if isinstance(status.get("governor"), dict) else {}
     sensor = status.get("sensor") if isinstance(status.get("sensor"), dict) else {}
-    parts = [f"device {status.get('device')}" if status.get("device") else "",
+    parts = [f"pid {status.get('pid')}" if status.get("pid") else "",
+             f"device {status.get('device')}" if status.get("device") else "",
              f"variant {rt.get('variant')}" if rt.get("variant") else "",
              f"level {gov.get('level')}" if gov.get("level") else "",
              f"sensor {sensor.get('state')}" if sensor.get("state") else "",

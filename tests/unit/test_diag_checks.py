@@ -451,3 +451,28 @@ def test_sensor_held_by_the_agent_is_read_from_its_status(tmp_path):
         assert c.status == FAIL and "held by the agent" in c.detail and "dialout" in c.remedy, c
         health.update(state="ok", frames=5000, last_error=None)
         assert check_sensor(ctx_for(cfg)).status == OK
+
+
+def test_a_real_running_agent_answers(tmp_path):
+    """fieldnode run --sim as a process of its own: diag finds it by its state lock and its control socket."""
+    import subprocess
+    import sys
+
+    from tools.diag_checks_link import check_agent
+
+    path = tmp_path / "fieldnode.toml"
+    path.write_text(f'[device]\nid = "dev-a"\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
+    cfg = config.load(str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "--config", str(path), "run", "--sim", "--seconds",
+                             "40"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        c = check_agent(ctx_for(cfg))
+        while c.status != OK and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            c = check_agent(ctx_for(cfg))
+        assert c.status == OK, (c, proc.poll())
+        assert f"pid {proc.pid}" in c.detail and "device dev-a" in c.detail and "SIMULATED" in c.detail
+    finally:
+        proc.terminate()
+        proc.wait(20)
