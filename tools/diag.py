@@ -60,7 +60,7 @@ def _load_checks() -> None:
 
 
 def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sample_s: float = 2.0, on_check=None,
-               config_error: Exception | None = None) -> list[Check]:
+               config_error: Exception | None = None, agent_status: dict | None = None) -> list[Check]:
     """Runs every check, side by side, within ``budget_s``.
 
     Args:
@@ -72,6 +72,8 @@ def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sampl
             are done, so output streams in a stable order.
         config_error: The error the config file gave when it did not load (``cfg`` is then the defaults): the
             config check fails with it, and the checks that need the board's config are skipped.
+        agent_status: The agent's own status when the agent itself runs the diagnosis (the MQTT ``diag``
+            command): what it holds (sensor, GPIO, spool) is read from it, never opened a second time.
 
     Returns:
         One :class:`Check` per registered check, in :data:`ORDER`.
@@ -82,6 +84,8 @@ def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sampl
     start = time.monotonic()
     ctx = Context(cfg, sim=sim, deadline=start + max(0.5, budget_s - MARGIN_S), sample_s=sample_s)
     ctx.config_error = config_error
+    if agent_status is not None:
+        ctx.use_agent_status(agent_status)
     results: list[Check | None] = [None] * len(specs)
     cond = threading.Condition()
 
@@ -147,11 +151,12 @@ def to_json(checks: list[Check], *, simulated: bool) -> dict:
             "simulated": simulated}
 
 
-def diagnose(cfg, *, sim: str | None = None) -> dict:
-    """The whole diagnosis as the ``--json`` object (what the MQTT ``diag`` command replies); a config with
-    ``drivers.virtual_board`` is diagnosed on a virtual board of that profile, and says so."""
+def diagnose(cfg, *, sim: str | None = None, agent_status: dict | None = None) -> dict:
+    """The whole diagnosis as the ``--json`` object: what the MQTT ``diag`` command replies, with the agent's
+    own ``status()`` as ``agent_status`` (see :func:`run_checks`). A config with ``drivers.virtual_board`` is
+    diagnosed on a virtual board of that profile, and says so."""
     sim = sim or cfg.drivers.virtual_board or None
-    return to_json(run_checks(cfg, sim=sim), simulated=bool(sim))
+    return to_json(run_checks(cfg, sim=sim, agent_status=agent_status), simulated=bool(sim))
 
 
 def line(c: Check) -> str:

@@ -174,6 +174,11 @@ class Context:
                 self._agent = ask_agent(self.cfg, self.remaining(2.0))
             return self._agent
 
+    def use_agent_status(self, status: dict) -> None:
+        """The agent runs this diagnosis itself and hands its status over (no round trip through its socket)."""
+        with self._agent_lock:
+            self._agent = (status, "the agent itself")
+
     def holder(self) -> dict | None:
         """Who holds the state directory's lock (the running agent), or None; None too when it cannot tell."""
         try:

@@ -177,3 +177,17 @@ def test_redaction():
         {"a": {"api_token": diag.REDACTED, "password_file": "", "key_file": "/k"}, "secret": diag.REDACTED}
     assert diag.redact_toml('password_file = "/p"\n  "my.token" = \'x\'\nkey_file = "/k"\n') == \
         'password_file = "<redacted>"\n  "my.token" = "<redacted>"\nkey_file = "/k"\n'
+
+
+def test_the_agent_diagnosing_itself_reads_what_it_holds_from_its_status(tmp_path):
+    """The MQTT diag command: the agent's sensor port is never opened a second time."""
+    from device import config
+
+    cfg = config.load(write_config(tmp_path, '\n[drivers]\nsensor_url = "/dev/ttyAMA0"\n'))
+    status = {"pid": 4242, "device": "dev-a", "faults": {},
+              "sensor": {"state": "ok", "frames": 900, "crc_errors": 0, "seq_gaps": 0, "reconnects": 0}}
+    out = diag.diagnose(cfg, agent_status=status)
+    by = {c["name"]: c for c in out["checks"]}
+    assert out["simulated"] is False and set(out) == {"checks", "summary", "exit", "simulated"}
+    assert by["sensor"]["status"] == OK and "held by the agent" in by["sensor"]["detail"]
+    assert by["agent"]["status"] == OK and "pid 4242" in by["agent"]["detail"]
