@@ -67,6 +67,8 @@ class Agent:
             the run simulated, and everything it publishes says so.
         on_event: Also called with every event (the demo prints them).
         on_result: Called with every :class:`device.results.Result` (the demo scores them).
+        control: Answer ``fieldnode status`` on the local control socket of ``device.runtime_dir`` (the demo, a
+            tool beside a running service, does not: the socket is the service's).
 
     Raises:
         ConfigError: A configuration problem only the agent sees (no sensor and no virtual board, a state
@@ -74,7 +76,8 @@ class Agent:
         StateDirBusy: Another agent holds the state directory.
     """
 
-    def __init__(self, cfg: config.Config, clock=SYSTEM_CLOCK, *, board=None, on_event=None, on_result=None):
+    def __init__(self, cfg: config.Config, clock=SYSTEM_CLOCK, *, board=None, on_event=None, on_result=None,
+                 control: bool = True):
         from device import wiring
         from device.loops import Pipeline, PowerLoop
         from device.statelock import StateLock
@@ -97,6 +100,7 @@ class Agent:
         self.link = self.updates = None
         self.last_trigger: dict | None = None
         self._on_event = on_event
+        self._control = control
         self._started = False
         self._sensor_frames = -1
         try:
@@ -328,7 +332,8 @@ class Agent:
             self.spool.start()
         if self.link is not None:
             self.link.start()
-        self._start_control()
+        if self._control:
+            self._start_control()
         if self.board is not None:
             speed = getattr(self.board_clock, "factor", 1.0)
             self.board.start(period_s=max(0.005, min(0.05, 1.0 / speed)))  # about one board second a step
@@ -378,8 +383,9 @@ class Agent:
         # The sensor delivers frames, or its fault is reported (the watch runs every second and every step).
         self.health.require("sensor", max(10.0, 3 * self.cfg.drivers.sensor_timeout_s))
         self.health.beat("sensor")
-        if self.link is not None:  # the network thread turns at least once per backoff wait
-            self.health.require("link", self.cfg.link.backoff_max_s * 1.5 + self.cfg.link.keepalive_s + 30.0)
+        if self.link is not None:  # the network thread turns at least once per backoff wait (its jitter is at
+            # most half of it on top) or connect attempt (paho's socket timeout is 5 s, then the TLS handshake)
+            self.health.require("link", max(10.0, 1.5 * self.cfg.link.backoff_max_s + 10.0))
             self.link.on_turn = lambda: self.health.beat("link")
             self.health.beat("link")
         self.health.beat("loop")  # about to start on the caller's thread

@@ -67,7 +67,8 @@ def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
                              ambient_c=args.ambient, battery_mah=5000.0 if battery else None,
                              soc_pct=battery or 100.0, mains=battery is None)
         score = _Score()
-        agent = Agent(cfg, board=board, on_event=lambda kind, data: _echo(out, kind, data), on_result=score.add)
+        agent = Agent(cfg, board=board, on_event=lambda kind, data: _echo(out, kind, data), on_result=score.add,
+                      control=False)  # the control socket is the service's, were one running
         score.source = agent.mcu.source
         summary = _watch(agent, board, score, seconds, clock, out)
     if args.json:

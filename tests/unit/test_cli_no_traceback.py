@@ -37,6 +37,7 @@ NO_CONFIG = [
 ]
 
 MISSING_FILES = [
+    (["provision", "--device-id", "d1", "--root", MISSING], {1}),
     (["--config", MISSING, "version"], {2}),
     (["--config", MISSING, "config", "check"], {2}),
     (["bench", MISSING], {1, 2}),
@@ -52,6 +53,7 @@ MISSING_FILES = [
 
 BAD_VALUES = [
     (["status", "--interval", "0"], {2}),
+    (["provision", "--device-id", "a/b"], {2}),
     (["bench", "device/models/vibration", "--runs", "0"], {2}),
     (["demo", "--battery", "150"], {2}),
     (["demo", "--sim", "pi99"], {2}),
