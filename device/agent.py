@@ -253,9 +253,9 @@ class Agent:
 
     def diag(self) -> dict:
         """``fieldnode diag``'s checks from inside the agent (the MQTT ``diag`` command)."""
-        from tools.diag import agent_diag
+        from tools.diag import diagnose
 
-        return agent_diag(self.cfg, self.status)
+        return diagnose(self.cfg, agent_status=self.status())  # what the agent holds is read, not opened again
 
     # -------------------------------------------------------------------------------------------- loops
 

@@ -141,6 +141,18 @@ def test_unprivileged_commands(agent, operator):
     assert isinstance(r["result"]["id"], int)
 
 
+def test_the_diag_command_runs_the_technicians_checks_on_the_board(agent, operator):
+    r = operator.send("diag", {}, timeout=60)
+    assert r["ok"], r
+    d = r["result"]
+    names = {c["name"]: c for c in d["checks"]}
+    assert d["simulated"] is True and d["exit"] in (0, 1, 2)
+    # what the agent holds is read from its own status, so the sensor it reads is seen delivering
+    assert names["config"]["status"] == "OK" and names["sensor"]["status"] in ("OK", "WARN"), names["sensor"]
+    assert names["broker"]["status"] == "OK", names["broker"]  # the board reaches the broker it answers on
+    assert all(c["remedy"] for c in d["checks"] if c["status"] in ("WARN", "FAIL"))
+
+
 def test_privileged_commands_need_a_good_envelope(agent, operator, operator_key):
     r = operator.send("variant", {"args": {"variant": "lite"}})
     assert not r["ok"] and r["error"]["code"] == "unauthorized"

@@ -17,6 +17,8 @@ MISSING = "/nonexistent/fieldnode-test"
 NO_CONFIG = [
     ([], {2}),
     (["status"], {1}),  # no agent running: one line saying so
+    (["diag"], {1, 2}),  # a board config must name its sensor: diag says so as a FAIL with a remedy
+    (["diag", "--json"], {1, 2}),
     (["status", "--json"], {1}),
     (["status", "--watch", "--count", "1"], {1}),
     (["--help"], {0}),
