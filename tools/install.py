@@ -76,6 +76,8 @@ def run(args) -> int:
     """
     import json
 
+    if args.wheel is not None:  # a wrong file is said before anything about the root
+        check_wheel(args.wheel)
     target = Target.from_args(args)
     wheel = find_wheel(args.wheel, target)
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
@@ -168,18 +170,23 @@ def find_wheel(given: str | None, target: Target) -> str:
                                f"one with `make wheel` and pass --wheel dist/fieldnode-{__version__}-py3-none-any.whl",
                                "install_wheel")
         given = found[0]
-    if not os.path.isfile(given):
-        raise InstallError(f"--wheel {given}: no such file", "install_wheel")
-    name = os.path.basename(given)
+    return check_wheel(given)
+
+
+def check_wheel(path: str) -> str:
+    """The absolute path of a fieldnode wheel; :class:`InstallError` (``install_wheel``) for anything else."""
+    if not os.path.isfile(path):
+        raise InstallError(f"--wheel {path}: no such file", "install_wheel")
+    name = os.path.basename(path)
     try:
-        with zipfile.ZipFile(given) as zf:
+        with zipfile.ZipFile(path) as zf:
             has_metadata = any(n.startswith("fieldnode-") and n.endswith(".dist-info/METADATA") for n in zf.namelist())
     except (OSError, zipfile.BadZipFile) as exc:
-        raise InstallError(f"--wheel {given}: not a wheel ({exc})", "install_wheel") from exc
+        raise InstallError(f"--wheel {path}: not a wheel ({exc})", "install_wheel") from exc
     if not (name.startswith("fieldnode-") and name.endswith(".whl") and has_metadata):
-        raise InstallError(f"--wheel {given}: not a fieldnode wheel (expected fieldnode-VERSION-py3-none-any.whl "
+        raise InstallError(f"--wheel {path}: not a fieldnode wheel (expected fieldnode-VERSION-py3-none-any.whl "
                            f"with its .dist-info)", "install_wheel")
-    return os.path.abspath(given)
+    return os.path.abspath(path)
 
 
 def install(target: Target, wheel: str, say) -> dict:
@@ -243,18 +250,32 @@ def _make_venv(target: Target, py_version: str) -> str:
 
 
 def _pip_install(target: Target, wheel: str) -> str:
+    """pip-installs the wheel from a staging copy in PREFIX/wheels/.incoming; only once pip succeeded does it
+    become the kept wheel (a wheel pip refuses never replaces the one that works)."""
     wheels = target.path(f"{target.prefix}/wheels")
-    os.makedirs(wheels, mode=0o755, exist_ok=True)
+    staging = os.path.join(wheels, ".incoming")
     name = os.path.basename(wheel)
     kept = os.path.join(wheels, name)
     if os.path.abspath(wheel) != os.path.abspath(kept):
-        files.atomic_copy(wheel, kept)
+        shutil.rmtree(staging, ignore_errors=True)
+        files.atomic_copy(wheel, os.path.join(staging, name))
+        on_board = f"{target.prefix}/wheels/.incoming/{name}"
+    else:  # re-installing the kept wheel itself (`fieldnode install` with no --wheel on the board)
+        on_board = f"{target.prefix}/wheels/{name}"
     pip = [f"{target.venv}/bin/python", "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
-    on_board = f"{target.prefix}/wheels/{name}"
     # First the wheel with its dependencies (nothing changes if a step fails), then the exact files of this
     # wheel: pip leaves an installed copy of the same version alone, and a rebuilt wheel must replace it.
-    target.run(pip + [on_board], f"pip install {name}", "install_pip")
-    target.run(pip + ["--no-deps", "--force-reinstall", on_board], f"pip install {name}", "install_pip")
+    staged = on_board.startswith(f"{target.prefix}/wheels/.incoming/")
+    try:
+        target.run(pip + [on_board], f"pip install {name}", "install_pip")
+        target.run(pip + ["--no-deps", "--force-reinstall", on_board], f"pip install {name}", "install_pip")
+    except InstallError:
+        if staged:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if staged:
+        os.replace(target.path(on_board), kept)
+        shutil.rmtree(staging, ignore_errors=True)
     for old in glob.glob(os.path.join(wheels, "fieldnode-*.whl")):
         if os.path.basename(old) != name:
             os.unlink(old)
