@@ -218,6 +218,9 @@ def run(args) -> int:
         print(json.dumps(out))
     else:
         print(tail)
+    if out["exit"]:  # a script that keeps only stderr still learns why diag failed
+        bad = [c.name for c in checks if c.status in (WARN, FAIL)]
+        print(f"fieldnode diag: {s[FAIL]} FAIL, {s[WARN]} WARN ({', '.join(bad)})", file=sys.stderr)
     if args.report:
         write_report(args.report, cfg, out, "\n".join([head, *lines, tail]) + "\n", config_path=_config_path(args))
         print(f"support bundle written to {args.report}", file=sys.stderr if args.json else sys.stdout)
