@@ -39,9 +39,10 @@ def run(args) -> int:
     cfg = load_config(args)
     if args.sim:
         cfg = cfg.with_overrides({"drivers.virtual_board": args.sim})
-    logs.setup(cfg.device.log_level, getattr(args, "log_format", None) or cfg.device.log_format,
-               verbose=getattr(args, "verbose", False))
+    log_args = (getattr(args, "log_format", None), getattr(args, "verbose", False))
+    logs.setup(cfg.device.log_level, log_args[0] or cfg.device.log_format, verbose=log_args[1])
     agent = Agent(cfg)
+    agent.log_args = log_args  # a SIGHUP reload keeps --log-format and -v over the file (device.reload)
     log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,
              cfg.link.broker or "off", f", SIMULATED board {cfg.drivers.virtual_board}" if agent.simulated else "")
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,7 +2,8 @@
 
 Applied at once:
 
-* ``device.log_level`` and ``device.log_format`` (the log handlers are replaced);
+* ``device.log_level`` and ``device.log_format`` (the log handlers are replaced; ``fieldnode run``'s
+  ``--log-format`` and ``-v`` still win over the file);
 * every ``power.*`` key: the next governor step decides by the new policy, from the level in force (no jump);
 * the operator keys in ``link.trust_dir``, read again even when the path did not change (a key added or
   removed is the usual reason to reload).
@@ -70,13 +71,16 @@ def reload(agent) -> dict:
         policy = Policy.from_config(new.power)
     except FieldnodeError as exc:
         log.error("reload refused, nothing changed: %s", exc)
-        agent.event("config_reload_failed", {"error": str(exc), "code": exc.code})
+        # The key apart too (None for a file that does not parse), so a fleet tool need not parse the message.
+        agent.event("config_reload_failed", {"error": str(exc), "code": exc.code,
+                                             "key": getattr(exc, "key_path", "") or None})
         return {"error": str(exc)}
     changed = changed_keys(agent.cfg.to_dict(), new.to_dict())
     applied = [k for k in changed if k.startswith(RELOADABLE)]
     later = [k for k in changed if k not in applied]
     if any(k.startswith("device.log_") for k in applied):
-        logs.setup(new.device.log_level, new.device.log_format)
+        fmt, verbose = getattr(agent, "log_args", (None, False))  # the command line's, which win over the file
+        logs.setup(new.device.log_level, fmt or new.device.log_format, verbose=verbose)
     if any(k.startswith("power.") for k in applied):
         agent.power.set_policy(policy)
         agent.reader.slope_window_s = policy.slope_window_s
