@@ -247,10 +247,10 @@ def file_mode_problem(path: str, what: str, key: str) -> Check | None:
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o007:
         return fail("keys", f"{what} {path} is mode {mode:04o}: every user on the board can "
-                            f"{'write' if mode & 0o002 else 'read'} it", f"chmod 600 {path} (0640 with group fieldnode)")
+                            f"{'write' if mode & 0o002 else 'read'} it", f"chown fieldnode:fieldnode {path} && chmod 600 {path}")
     if mode & 0o020 or mode & 0o111:
         return warn("keys", f"{what} {path} is mode {mode:04o}: group-writable or executable",
-                    f"chmod 600 {path} (0640 with group fieldnode)")
+                    f"chown fieldnode:fieldnode {path} && chmod 600 {path}")
     return None
 
 

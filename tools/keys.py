@@ -147,7 +147,7 @@ def _generate_recipient(name: str, out: str) -> int:
         raise _BadInput(f"refusing to overwrite {path}; choose another name or --out")
     identity, recipient = age.generate_identity()
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    text = f"# created: {created}\n# public key: {recipient}\n{identity}\n"
+    text = age.identity_file_text(identity, recipient, created)
     try:
         write_new(path, text.encode("ascii"), 0o600)
     except FileExistsError as exc:  # created by someone else since the check above

@@ -309,8 +309,7 @@ def make_keys(device_id: str) -> dict:
 
     identity, recipient = age.generate_identity()
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    # The format fieldnode keys generate --kind recipient (and age-keygen) writes.
-    identity_text = f"# created: {created}\n# public key: {recipient}\n{identity}\n"
+    identity_text = age.identity_file_text(identity, recipient, created)  # as fieldnode keys writes it
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))

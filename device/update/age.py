@@ -92,6 +92,11 @@ def generate_identity() -> tuple[str, str]:
     return bech32.encode(IDENTITY_HRP, secret), bech32.encode(RECIPIENT_HRP, _raw_public(key.public_key()))
 
 
+def identity_file_text(identity: str, recipient: str, created: str) -> str:
+    """An identity file as ``age-keygen`` writes it: ``# created``, ``# public key: age1...``, the identity."""
+    return f"# created: {created}\n# public key: {recipient}\n{identity}\n"
+
+
 def recipient_of(identity: str) -> str:
     """The ``age1...`` recipient of an ``AGE-SECRET-KEY-1...`` identity.
 

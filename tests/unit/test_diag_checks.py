@@ -91,7 +91,7 @@ def test_world_readable_key_fails_with_a_chmod_remedy(tmp_path):
     assert check_keys(ctx_for(cfg)).status == OK
     os.chmod(key, 0o644)
     c = check_keys(ctx_for(cfg))
-    assert c.status == FAIL and "0644" in c.detail and c.remedy.startswith(f"chmod 600 {key}")
+    assert c.status == FAIL and "0644" in c.detail and c.remedy == f"chown fieldnode:fieldnode {key} && chmod 600 {key}"
     os.chmod(key, 0o660)
     c = check_keys(ctx_for(cfg))
     assert c.status == WARN and "0660" in c.detail and "chmod 600" in c.remedy
