@@ -1,6 +1,6 @@
 """The supervisor side of process isolation: spawn, feed, watch, kill and restart the inference worker.
 
-Inputs and outputs travel through one ``multiprocessing.shared_memory`` block laid out by
+Inputs and outputs travel through one :class:`~device.runtime.worker.SharedBlock` laid out by
 :func:`device.runtime.worker.layout`; the control path is a 16-byte frame each way on a socket pair.
 
 Failure handling:
@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from multiprocessing.connection import Connection
 from typing import Sequence
 
 from device.runtime import errors as E
@@ -42,8 +41,8 @@ from device.runtime.engine import EngineBase, InferResult, check_input_count
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
-                                   OP_INFER, OP_STOP, ST_ERROR, WorkerSpec, arrays_in, layout,
-                                   stamps_in)
+                                   OP_INFER, OP_STOP, ST_ERROR, Channel, SharedBlock, WorkerSpec, arrays_in,
+                                   layout, stamps_in)
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("device.runtime.worker")
@@ -349,7 +348,7 @@ class ProcessEngine(EngineBase):
         finally:
             child.close()
         self._tail = StderrTail(proc.stderr, proc.pid)
-        parent = Connection(parent.detach())
+        parent = Channel(parent)
         parent.send_bytes(replace(self.spec, candidates=tuple(cands)).to_json())
         self._proc, self._conn, self._fd = proc, parent, parent.fileno()
         self._poller = select.poll()
@@ -376,7 +375,7 @@ class ProcessEngine(EngineBase):
         inputs = tuple(TensorSpec.from_dict(d) for d in info["inputs"])
         outputs = tuple(TensorSpec.from_dict(d) for d in info["outputs"])
         self._ensure_shm(inputs, outputs)
-        self._conn.send_bytes(MSG_ATTACH + self._shm.name.encode())
+        self._conn.send_bytes(MSG_ATTACH + self._shm.name.encode(), fds=(self._shm.fd,))
         if self._recv_start(end, loading) != MSG_ATTACHED:
             self._crashed("while attaching shared memory", info["path"])
         os.set_blocking(self._fd, False)  # from here on the request path reads it directly
@@ -456,8 +455,6 @@ class ProcessEngine(EngineBase):
         self._conn, self._fd, self._poller = None, -1, None
 
     def _ensure_shm(self, inputs, outputs) -> None:
-        from multiprocessing import shared_memory
-
         specs = list(inputs) + list(outputs)
         offsets, stamps_at, size = layout(specs)
         key = tuple((s.shape, s.dtype) for s in specs)
@@ -467,7 +464,8 @@ class ProcessEngine(EngineBase):
                 self._stamps = None
                 self._shm.close()
                 self._shm.unlink()
-            self._shm = shared_memory.SharedMemory(create=True, size=size)
+                self._shm = None
+            self._shm = SharedBlock(size)
             self._shm_layout = key
         arrays = arrays_in(self._shm.buf, specs, offsets)
         self._shm_in, self._shm_out = arrays[: len(inputs)], arrays[len(inputs):]

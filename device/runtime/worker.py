@@ -5,34 +5,42 @@ here and not in the agent. The supervisor (:mod:`device.runtime.supervisor`) spa
 to it over one socket pair:
 
 The worker is ``python -m device.runtime.worker FD``, FD being its end of the socket pair. Start-up, as
-length-prefixed ``Connection`` messages (once per worker, never per call)::
+length-prefixed :class:`Channel` messages (once per worker, never per call)::
 
     super  -> <WorkerSpec JSON>
 
     worker -> LOADING <path>       before each candidate file is opened (so a crash is blamed on that file)
     worker -> READY <json>         tensor specs, delegate, fallback reasons, timings
            or FAILED <json>        a clean refusal ({"code", "message"}), after which the worker exits
-    super  -> ATTACH <shm name>    the shared-memory block: inputs, outputs, then the worker's timestamps
+    super  -> ATTACH <name> + fd   the shared-memory block (:class:`SharedBlock`; its descriptor travels with the
+                                   message): inputs, outputs, then the worker's timestamps
     worker -> ATTACHED
 
 Per call, fixed 16-byte frames written and read with raw ``os.write``/``os.read`` (nothing pickled)::
 
     super  -> INFER  (op u32, seq u32, 0 u64)       inputs are already in shared memory
     worker -> OK     (status u32, seq u32, invoke_ns u64)   outputs and timestamps are in shared memory
-           or ERROR  (status u32, seq u32, 0) followed by one Connection message with the error text
+           or ERROR  (status u32, seq u32, 0) followed by one Channel message with the error text
     super  -> STOP
+
+Nothing here uses :mod:`multiprocessing`: its ``shared_memory`` starts a resource-tracker process in each
+process that creates or opens a block (two more Python interpreters, about 6 MB each), and its package costs
+imports the worker does not need. The block is a file in ``/dev/shm`` that the supervisor creates, hands over
+as a descriptor and unlinks; a block left by an agent that was killed is removed by the next one.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import re
 import signal
+import socket
 import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 from typing import Sequence
 
 import numpy as np
@@ -103,16 +111,177 @@ def stamps_in(buf, offset: int) -> np.ndarray:
     return np.ndarray((len(STAMPS),), np.uint64, buffer=buf, offset=offset)
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Attaches to the supervisor's block without letting this process's exit unlink it."""
-    try:
-        return shared_memory.SharedMemory(name=name, track=False)  # Python >= 3.13
-    except TypeError:
-        shm = shared_memory.SharedMemory(name=name)
-        from multiprocessing import resource_tracker
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None  # None: the temporary directory (not Linux)
+_BLOCK_NAME = re.compile(r"fieldnode-(\d+)-[0-9a-f]{8}")
 
-        resource_tracker.unregister(shm._name, "shared_memory")  # the supervisor owns and unlinks it
-        return shm
+
+class SharedBlock:
+    """A shared-memory block for one engine: a file in ``/dev/shm`` named ``fieldnode-<agent pid>-<random>``,
+    created and unlinked by the supervisor, mapped by the worker from a descriptor it is sent.
+
+    Args:
+        size: bytes (rounded up to a page by the mapping).
+
+    Attributes:
+        name: the file's name in :data:`SHM_DIR`.
+        fd: the open descriptor (kept, so a restarted worker can be given the same block).
+        buf: the mapping, for numpy arrays.
+    """
+
+    def __init__(self, size: int) -> None:
+        base = SHM_DIR or _tempdir()
+        sweep_stale_blocks(base)
+        while True:
+            self.name = f"fieldnode-{os.getpid()}-{os.urandom(4).hex()}"
+            self.path = os.path.join(base, self.name)
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  0o600)
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size)
+        except BaseException:
+            self.unlink()
+            os.close(self.fd)
+            raise
+        self.size = size
+
+    def close(self) -> None:
+        """Unmaps the block and closes its descriptor (views over ``buf`` must be dropped first)."""
+        if self.fd >= 0:
+            try:
+                self.buf.close()
+            except BufferError:  # a view is still alive somewhere: the mapping goes when it does
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+    def unlink(self) -> None:
+        """Removes the name; the memory goes once no process maps it."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _tempdir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def sweep_stale_blocks(base: str) -> list[str]:
+    """Removes the blocks of agents that are gone (a SIGKILLed agent cannot unlink its own); returns their
+    names. A block is named after the agent that made it, and the agent's workers hold descriptors, not
+    names, so removing a name is always safe."""
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = _BLOCK_NAME.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(base, name))
+            removed.append(name)
+        except OSError:  # another agent's sweep was first, or not ours to remove
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def attach(fd: int, size: int) -> mmap.mmap:
+    """Maps the supervisor's block from the descriptor it sent (and closes the descriptor).
+
+    Raises:
+        OSError: the block is smaller than ``size``, or cannot be mapped.
+    """
+    try:
+        if os.fstat(fd).st_size < size:
+            raise OSError(f"the shared block has {os.fstat(fd).st_size} bytes, the model needs {size}")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+class Channel:
+    """Length-prefixed messages on one end of the socket pair, for start-up and error texts (the request path
+    writes raw :data:`FRAME` s on the same descriptor), and the block's descriptor with ``ATTACH``.
+
+    Args:
+        sock: the connected ``AF_UNIX`` stream socket; the channel owns it.
+    """
+
+    HEADER = struct.Struct("!I")
+    MAX = 1 << 24  # a start-up message is a few kB; anything larger is a broken peer
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._fd = sock.fileno()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def send_bytes(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Sends one message (blocking), with ``fds`` attached to its first byte."""
+        msg = memoryview(self.HEADER.pack(len(data)) + data)
+        if fds:
+            msg = msg[socket.send_fds(self.sock, [msg], list(fds)):]
+        while msg:
+            msg = msg[os.write(self._fd, msg):]
+
+    def recv_bytes(self) -> bytes:
+        """Reads one message (blocking). Raises EOFError when the peer is gone."""
+        return self.recv_with_fds(0)[0]
+
+    def recv_with_fds(self, maxfds: int) -> tuple[bytes, list]:
+        """Reads one message and up to ``maxfds`` descriptors sent with it."""
+        header, fds = self._read(self.HEADER.size, maxfds)
+        (n,) = self.HEADER.unpack(header)
+        if n > self.MAX:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(f"a {n}-byte message is not part of the protocol")
+        return self._read(n, 0)[0], fds
+
+    def _read(self, n: int, maxfds: int) -> tuple[bytes, list]:
+        buf, fds = b"", []
+        while len(buf) < n:
+            if maxfds and not buf:
+                data, fds, _, _ = socket.recv_fds(self.sock, n, maxfds)
+            else:
+                data = os.read(self._fd, n - len(buf))
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise EOFError("the peer closed the channel")
+            buf += data
+        return buf, fds
+
+    def poll(self, timeout: float) -> bool:
+        """Whether a message (or EOF) can be read within ``timeout`` seconds."""
+        import select
+
+        p = select.poll()
+        p.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        return bool(p.poll(max(0, int(timeout * 1000))))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _die_with_parent() -> None:
@@ -128,8 +297,6 @@ def _die_with_parent() -> None:
 
 def main(argv: Sequence[str]) -> int:
     """``python -m device.runtime.worker FD``: serve on the inherited socket FD."""
-    from multiprocessing.connection import Connection
-
     if len(argv) != 1 or not argv[0].isdigit():
         print("the inference worker is started by the fieldnode supervisor, not by hand", file=sys.stderr)
         return 2
@@ -143,7 +310,7 @@ def main(argv: Sequence[str]) -> int:
     from device.runtime.delegates import DelegateFallback
 
     warnings.simplefilter("ignore", DelegateFallback)  # READY carries the reasons; the supervisor logs them
-    conn = Connection(int(argv[0]))
+    conn = Channel(socket.socket(fileno=int(argv[0])))
     spec = WorkerSpec.from_json(conn.recv_bytes())
     worker_main(conn, spec)
     return 0
@@ -183,14 +350,14 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         "outputs": [s.to_dict() for s in model.outputs],
     }
     conn.send_bytes(MSG_READY + json.dumps(ready).encode())
-    msg = conn.recv_bytes()
-    if not msg.startswith(MSG_ATTACH):
+    msg, fds = conn.recv_with_fds(1)
+    if not msg.startswith(MSG_ATTACH) or len(fds) != 1:
         return
-    shm = attach(msg[1:].decode())
     specs = list(model.inputs) + list(model.outputs)
-    offsets, stamps_at, _ = layout(specs)
-    shared = arrays_in(shm.buf, specs, offsets)
-    stamps = stamps_in(shm.buf, stamps_at)
+    offsets, stamps_at, size = layout(specs)
+    shm = attach(fds[0], size)
+    shared = arrays_in(shm, specs, offsets)
+    stamps = stamps_in(shm, stamps_at)
     n_in = len(model.inputs)
     shm_in, shm_out = shared[:n_in], shared[n_in:]
     in_fns = model.input_fns
