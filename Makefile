@@ -7,8 +7,19 @@ TFLITE_PYTHON ?= $(shell for p in python3.11 python3.10 python3.9; do command -v
 TFLITE_VENV ?= .venv-tflite
 DEMO_SECONDS ?= 30
 PYTEST_ARGS ?=
+# Raspberry Pi OS trixie's Python: where python3.13 is installed (on PATH, or a pyenv version), make test also
+# runs PY313_TESTS under it in its own venv.
+PY313 ?= $(shell for p in python3.13 $$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.13*/bin/python3.13 2>/dev/null); do $$p -c '' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PY313_VENV ?= .venv-py313
+# The suite's portable core under 3.13: config, CLI, units and install (tests/unit), the inference runtime and
+# its worker processes on the cp313 LiteRT wheel (tests/runtime), signed updates on tuf/cryptography
+# (tests/update). The link, power, driver and end-to-end tests are pure Python over the same modules; running
+# them too would take CI past 15 minutes (see the README's figures).
+PY313_TESTS ?= tests/unit tests/runtime tests/update
+# The arm64 image test's debootstrap root and pip downloads, kept between runs (outside the checkout).
+IMAGE_CACHE ?= $(HOME)/.cache/fieldnode-image
 
-.PHONY: all demo test wheel wheel-check systemd-tools bench venv tflite-venv mosquitto models clean
+.PHONY: all demo test wheel wheel-check systemd-tools image-tools image-test py313-test bench venv tflite-venv mosquitto models clean
 
 all: test
 
@@ -27,6 +38,18 @@ $(TFLITE_VENV)/.installed: setup.cfg pyproject.toml
 	@touch $@
 
 tflite-venv: $(TFLITE_VENV)/.installed
+
+$(PY313_VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY313_VENV)/bin/python || $(PY313) -m venv $(PY313_VENV)
+	$(PY313_VENV)/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+# The suite (PY313_TESTS) under Python 3.13, or one line saying it is not installed.
+py313-test:
+	@if [ -z "$(PY313)" ]; then echo "python3.13 is not installed: the Python 3.13 run (Raspberry Pi OS trixie) is skipped"; \
+	else $(MAKE) --no-print-directory $(PY313_VENV)/.installed && \
+		echo "running $(PY313_TESTS) under $$($(PY313_VENV)/bin/python -V) ($(PY313_VENV))" && \
+		FIELDNODE_TEST_BACKEND=litert $(PY313_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(PY313_TESTS); fi
 
 mosquitto:
 	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
@@ -47,6 +70,22 @@ systemd-tools:
 		echo "systemd-analyze is missing: run 'sudo apt-get install -y systemd' (or run make test as root)" >&2; exit 1; \
 	fi
 
+# debootstrap, qemu-user-static and binfmt-support for the arm64 image test.
+image-tools:
+	@if command -v debootstrap >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 \
+		&& command -v update-binfmts >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing qemu-user-static binfmt-support debootstrap with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static binfmt-support debootstrap >/dev/null; \
+	else \
+		echo "the image test needs root and qemu-user-static binfmt-support debootstrap: run 'sudo make image-test'" >&2; exit 1; \
+	fi
+
+# The closest thing to a board: fieldnode install --root into an arm64 Debian bookworm root, then selftest,
+# diag --sim and run --sim in it under qemu-user as a Cortex-A72 (tests/image/imagetest.py).
+image-test: venv mosquitto image-tools
+	$(PY) -m tests.image.imagetest --cache $(IMAGE_CACHE)
+
 demo: venv
 	$(VENV)/bin/fieldnode demo --seconds $(DEMO_SECONDS)
 
@@ -61,6 +100,8 @@ wheel: venv
 test: venv tflite-venv mosquitto systemd-tools wheel-check
 	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS)
 	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime
+	@$(MAKE) --no-print-directory py313-test
+	@$(MAKE) --no-print-directory image-test
 
 bench: venv
 	@for b in tests/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
@@ -72,4 +113,4 @@ models:
 	.venv-models/bin/python tools/make_models.py
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) .venv-models build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TFLITE_VENV) $(PY313_VENV) .venv-models build *.egg-info .pytest_cache

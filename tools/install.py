@@ -304,15 +304,24 @@ def _sysusers_in_root(target: Target, say) -> list[str]:
     return ["users"]
 
 
+def booted_with_systemd() -> bool:
+    """True on a system systemd booted (sd_booted(3)'s test); false in a chroot (an image being built, as
+    pi-gen's stages run) or a container without systemd, where boot applies what install wrote."""
+    return os.path.isdir("/run/systemd/system")
+
+
 def _apply_live(target: Target, say) -> list[str]:
-    """On the running system: the account, the cpufreq permissions and the unit are applied now."""
+    """On the running system: the account, the cpufreq permissions and the unit are applied now. Inside a
+    chroot only the account is: ``/sys`` there is the build machine's, and the board's boot applies the rest."""
     done = []
-    steps = [("systemd-sysusers", [files.SYSUSERS_PATH], "users"),
-             ("systemd-tmpfiles", ["--create", files.TMPFILES_PATH], "tmpfiles")]
-    if os.path.isdir("/run/systemd/system"):  # systemd is running (not a container or chroot without it)
-        steps.append(("systemctl", ["daemon-reload"], "reloaded"))
-    if os.path.exists("/run/udev/control"):
-        steps.append(("udevadm", ["control", "--reload"], "udev"))
+    steps = [("systemd-sysusers", [files.SYSUSERS_PATH], "users")]
+    if booted_with_systemd():
+        steps += [("systemd-tmpfiles", ["--create", files.TMPFILES_PATH], "tmpfiles"),
+                  ("systemctl", ["daemon-reload"], "reloaded")]
+        if os.path.exists("/run/udev/control"):
+            steps.append(("udevadm", ["control", "--reload"], "udev"))
+    else:
+        say("boot      not a system booted by systemd (a chroot?): tmpfiles and udev act at the board's boot")
     for name, argv, label in steps:
         tool = _tool(name)
         if not tool:
