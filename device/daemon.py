@@ -45,7 +45,16 @@ def run(args) -> int:
     agent.log_args = log_args  # a SIGHUP reload keeps --log-format and -v over the file (device.reload)
     log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,
              cfg.link.broker or "off", f", SIMULATED board {cfg.drivers.virtual_board}" if agent.simulated else "")
+
+    def stop(*_):
+        # Said first, even while an inference is still in flight; no watchdog ping after it.
+        if agent.watchdog is not None:
+            agent.watchdog.stop()
+        if agent.notifier is not None:
+            agent.notifier.stopping()
+        agent.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop())
+        signal.signal(sig, stop)
     signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
     return agent.run(args.seconds)

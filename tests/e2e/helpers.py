@@ -82,6 +82,7 @@ class NotifyListener:
         self._got: list[tuple[float, int | None, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._started = time.monotonic()
         # SO_PASSCRED: each datagram says which process sent it, as systemd checks for NotifyAccess=main.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._thread = threading.Thread(target=self._run, name="notify-listener", daemon=True)
@@ -119,9 +120,10 @@ class NotifyListener:
             return [t for t, p, m in self._got if m == "WATCHDOG=1" and (pid is None or p == pid)]
 
     def quiet_for(self, seconds: float) -> bool:
-        """No ping for the last ``seconds`` (a watchdog of twice that would fire)."""
+        """No ping for the last ``seconds`` (a watchdog of twice that would fire), counted from the listener's
+        start when there was none yet."""
         p = self.pings()
-        return not p or time.monotonic() - p[-1] > seconds
+        return time.monotonic() - (p[-1] if p else self._started) > seconds
 
     def close(self) -> None:
         self._stop.set()
@@ -141,7 +143,8 @@ def write_config(path: str, *, state_dir: str, runtime_dir: str, broker_url: str
     """A board's config as a person would write it: simulated board, the test broker, fast telemetry.
 
     ``runtime.deadline_ms`` is high so that a stopped worker hangs the loop (instead of being killed after
-    5 s), as the watchdog test needs; the default isolation (a worker process) is kept.
+    5 s), as the watchdog test needs; the default isolation (a worker process) is kept. No dwell times: a
+    level or trim the reload test provokes is undone as soon as its file is restored.
     """
     text = f"""\
 # fieldnode.toml for an end-to-end test
@@ -162,6 +165,9 @@ virtual_board = "rpi4"
 
 [power]
 step_s = 0.5
+dwell_s = 0
+trim_dwell_s = 0
+thermal_target_c = 77
 
 [power.performance]
 telemetry_s = 1

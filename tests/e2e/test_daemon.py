@@ -267,6 +267,44 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         notify.close()
 
 
+def unit_stop_timeout_s() -> float:
+    """``TimeoutStopSec=`` of the shipped unit: after it systemd SIGKILLs the agent (no ``offline``, a ``lost``)."""
+    with open(os.path.join(H.ROOT, "systemd", "fieldnode.service"), encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("TimeoutStopSec="):
+                return float(line.split("=", 1)[1].strip().rstrip("s"))
+    raise AssertionError("no TimeoutStopSec= in systemd/fieldnode.service")
+
+
+def test_sigterm_while_an_inference_hangs_still_drains_within_the_units_stop_timeout(own_broker, board_dirs):
+    """A worker that never answers (here: stopped; runtime.deadline_ms is 10 minutes) must not turn a
+    ``systemctl stop`` into systemd's SIGKILL: STOPPING=1 is said at once, the hung inference is given up,
+    ``offline`` is published and the exit is 0 before ``TimeoutStopSec``."""
+    dirs = board_dirs(broker=own_broker)  # its own broker: the shared board has the same device id
+    watcher = MqttTestClient(own_broker, client_id="e2e-hung-stop")
+    watcher.connect()
+    watcher.subscribe(f"{H.PREFIX}/state")
+    notify = H.NotifyListener(dirs.notify_path)
+    agent = H.AgentProcess(dirs.config, notify, dirs.log("hung"))
+    try:
+        agent.ready()
+        H.wait_for(lambda: len(notify.pings()) >= 2, what="watchdog pings while healthy", detail=agent.log_tail)
+        worker = agent.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        H.wait_for(lambda: H.proc_state(worker) == "T", what="the worker to stop")
+        H.wait_for(lambda: notify.quiet_for(3.0), what="the loop to hang in predict", detail=agent.log_tail)
+        agent.signal(signal.SIGTERM)
+        H.wait_for(lambda: "STOPPING=1" in notify.messages(agent.pid), timeout=10,
+                   what="STOPPING=1 on SIGTERM", detail=agent.log_tail)
+        assert agent.wait(unit_stop_timeout_s()) == 0, agent.log_tail()
+        H.wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", what="offline")
+        H.wait_for(lambda: gone(worker), what="the hung worker to be gone")
+    finally:
+        agent.kill()
+        watcher.close()
+        notify.close()
+
+
 def test_a_config_the_agent_refuses_exits_non_zero_in_one_line_before_ready(board_dirs):
     """A board whose config ``run`` refuses never says READY (systemd sees the start fail), in one line."""
     dirs = board_dirs(extra='protocol = "7"\n')
