@@ -194,6 +194,7 @@ _lazy("device.link.send", "send", "send one command to a board and print its rep
 _lazy("tools.repo", "repo", "the operator's update repository: init, add-model, grant, publish, rotate, export")
 _lazy("tools.update", "update", "model updates on this board: check, install, status, rollback")
 _lazy("tools.status", "status", "ask the running agent what it is doing (local control socket, no broker)")
+_lazy("tools.install", "install", "install the agent as a service, here or into a mounted image root (--root)")
 _lazy("tools.diag", "diag", "the technician's verdict: every check OK/WARN/FAIL/SKIP with a remedy, offline, in seconds")
 _lazy("tools.provision", "provision", "make this board's own keys (update identity, TLS key, CSR) and write its device id into the config")
 

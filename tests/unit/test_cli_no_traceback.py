@@ -39,6 +39,8 @@ NO_CONFIG = [
 ]
 
 MISSING_FILES = [
+    (["install", "--root", MISSING], {1, 2}),
+    (["install", "--wheel", MISSING + ".whl", "--root", MISSING], {1, 2}),
     (["provision", "--device-id", "d1", "--root", MISSING], {1}),
     (["--config", MISSING, "version"], {2}),
     (["--config", MISSING, "config", "check"], {2}),
