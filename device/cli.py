@@ -215,21 +215,36 @@ def subcommand_parents() -> list[argparse.ArgumentParser]:
     return [_common(True)]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: Sequence[str]) -> str:
+    """The subcommand ``argv`` names (the first word that is neither an option nor ``--config``'s value), or ``""``."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``only``, only that subcommand's options are built (each tool's module is imported
+    to build them, and ``fieldnode run`` must not carry every tool's imports for its whole life)."""
     parser = argparse.ArgumentParser(prog="fieldnode", parents=[_common(False)],
                                      description="fieldnode: the sensor-board agent and its tools")
     parser.add_argument("--version", action="version", version=f"fieldnode {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[_common(True)])
-        add_args(p)
+        if only is None or name == only:
+            add_args(p)
         p.set_defaults(_run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI; returns the exit code (2 for usage and configuration errors, 1 for other failures)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=chosen_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

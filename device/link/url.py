@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import ssl
 import stat
 from dataclasses import dataclass
 
@@ -217,6 +216,8 @@ def apply_tls(client, tls: TlsFiles) -> None:
         BrokerUrlError: A file cannot be read or parsed, the key does not match the certificate, the key is
             encrypted, or TLS was already configured; names the file(s).
     """
+    import ssl  # here, not at the top: the config imports this module, and an agent with no link needs no TLS
+
     try:
         # A password callback that refuses: without it OpenSSL would prompt on the terminal for an encrypted
         # key and hang an unattended agent.
@@ -312,6 +313,8 @@ def _refuse_password(path: str):
 
 def _diagnose(tls: TlsFiles, exc: BaseException) -> str:
     """Which file made ``tls_set`` fail, found by loading each in turn (only on the error path)."""
+    import ssl
+
     reason = _ssl_reason(exc)
     if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
         return f"client key {tls.key} does not match client certificate {tls.cert}"
@@ -331,6 +334,8 @@ def _diagnose(tls: TlsFiles, exc: BaseException) -> str:
 
 
 def _ssl_reason(exc: BaseException) -> str:
+    import ssl
+
     if isinstance(exc, ssl.SSLError) and exc.reason:
         hints = {"NO_CERTIFICATE_OR_CRL_FOUND": "no PEM certificate in it"}
         return hints.get(exc.reason, exc.reason)
