@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 from device import __version__, config
@@ -50,6 +51,8 @@ from device.sdnotify import Health, Notifier, describe, start_watchdog
 from device.watch import FaultWatch
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0  # how long a stop waits for the inference in flight before it kills the worker
 
 # Events after which the retained birth is published again: it says which variant serves, and whether any does.
 _BIRTH_CHANGES = frozenset({"serving", "not_serving", "variant_changed", "variant_fallback", "model_changed",
@@ -93,6 +96,7 @@ class Agent:
         self._lock = StateLock(cfg.device.state_dir).acquire()  # one agent per state directory
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self._running = threading.Event()  # the inference loop runs (stop() may have to end a hung request)
         self._threads: list[threading.Thread] = []
         self.notifier = self.watchdog = self.control = None  # made by start()
         self.health = Health(clock)
@@ -404,7 +408,11 @@ class Agent:
         try:
             self.start()
             deadline = None if seconds is None else self.clock.monotonic() + seconds
-            self.pipeline.run(self._stop, deadline, every_second=self._every_second)
+            self._running.set()
+            try:
+                self.pipeline.run(self._stop, deadline, every_second=self._every_second)
+            finally:
+                self._running.clear()
             if seconds is not None and self._started:
                 self._watch()
                 faults = [f"{part}: {f['problem']}" for part, f in self._faults().items()]
@@ -416,7 +424,30 @@ class Agent:
         return 0
 
     def stop(self) -> None:
+        """Ends :meth:`run` (safe from a signal handler). An inference in flight may finish for
+        :data:`STOP_GRACE_S`; one still hung then (a worker that never answers, with a long
+        ``runtime.deadline_ms``) is given up by killing its worker, so a ``systemctl stop`` drains well within
+        ``TimeoutStopSec`` instead of ending in systemd's SIGKILL."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        if self._running.is_set():
+            t = threading.Timer(STOP_GRACE_S, self._give_up_inference)
+            t.daemon = True
+            t.start()
+
+    def _give_up_inference(self) -> None:
+        if not self._running.is_set():
+            return  # the loop ended by itself
+        pid = self.runtime.worker_pid
+        if pid is None:
+            return
+        log.warning("stopping: the inference in flight did not end within %g s; killing its worker (pid %d)",
+                    STOP_GRACE_S, pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass  # it ended meanwhile
 
     def close(self) -> None:
         """Stops every thread; the link publishes ``offline``; the spool commits what it holds."""
