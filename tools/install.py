@@ -194,7 +194,7 @@ def install(target: Target, wheel: str, say) -> dict:
 
     Returns:
         What was done: ``{"ok", "root", "prefix", "venv", "python", "wheel", "version", "venv_action", "files",
-        "enabled", "applied"}``; ``files`` lists ``{"path", "action", "mode"}`` (action written, unchanged or
+        "enabled", "command", "applied"}`` (``command``: the ``/usr/local/bin/fieldnode`` link); ``files`` lists ``{"path", "action", "mode"}`` (action written, unchanged or
         kept); ``applied`` what systemd's tools did now (``users``, ``tmpfiles``, ``reloaded``, ``udev``).
     """
     py_version = _python_version(target)
@@ -208,13 +208,16 @@ def install(target: Target, wheel: str, say) -> dict:
         say(f"{entry['action']:<9} {entry['path']} ({entry['mode']}){note}")
     enabled = files.enable(target.root, files.UNIT_NAME)
     say(f"enabled   {files.UNIT_NAME} ({', '.join(enabled)})")
+    command = files.link_command(target.root, target.prefix)
+    say(f"{command:<9} {files.COMMAND_LINK} -> {target.venv}/bin/fieldnode"
+        + (" (a file that is not ours is there: left alone)" if command == "kept" else ""))
     applied = _apply_live(target, say) if not target.chroot else _sysusers_in_root(target, say)
     if not target.chroot:
         say("next: edit /etc/fieldnode/fieldnode.toml (the sensor, the broker), check it with "
             "`fieldnode config check`, then `systemctl restart fieldnode`")
     return {"ok": True, "root": target.root, "prefix": target.prefix, "venv": target.venv, "python": py_version,
             "wheel": os.path.basename(wheel), "version": version, "venv_action": venv_action, "files": written,
-            "enabled": enabled, "applied": applied}
+            "enabled": enabled, "command": command, "applied": applied}
 
 
 def _python_version(target: Target) -> str:

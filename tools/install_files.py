@@ -168,3 +168,28 @@ def enable(root: str, unit: str) -> list[str]:
             os.replace(tmp, link)
         done.append(f"{target}.wants")
     return done
+
+
+COMMAND_LINK = "/usr/local/bin/fieldnode"
+
+
+def link_command(root: str, prefix: str) -> str:
+    """Links ``/usr/local/bin/fieldnode`` to the venv's entry point, so a technician types ``fieldnode status`` and
+    ``sudo fieldnode diag`` on the board. An existing file there that is not our link is left alone.
+
+    Returns:
+        ``linked``, ``unchanged`` or ``kept`` (something else is there).
+    """
+    target = f"{prefix.rstrip('/')}/venv/bin/fieldnode"
+    link = os.path.join(root, COMMAND_LINK.lstrip("/"))
+    if os.path.islink(link) and os.readlink(link) == target:
+        return "unchanged"
+    if os.path.lexists(link) and not os.path.islink(link):
+        return "kept"
+    os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
+    tmp = f"{link}.tmp{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    return "linked"

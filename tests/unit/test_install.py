@@ -176,6 +176,14 @@ def test_systemd_verifies_and_enables_the_installed_unit(installed):
     assert os.readlink(link) == "/etc/systemd/system/fieldnode.service"
 
 
+def test_the_fieldnode_command_is_on_the_boards_path(installed):
+    root, _ = installed
+    # /usr/local/bin/fieldnode is the venv's entry point, so a technician types `fieldnode status`
+    on_path = on_board(root, ["/usr/local/bin/fieldnode", "version", "--json"])
+    assert on_path.returncode == 0, on_path.stdout + on_path.stderr
+    assert json.loads(on_path.stdout)["fieldnode"]
+
+
 def test_commented_config_documents_every_key_and_loads_as_defaults():
     from device import config
     from tools import install_files
