@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -89,8 +90,6 @@ class NotifyListener:
         self._thread.start()
 
     def _run(self) -> None:
-        import struct
-
         while not self._stop.is_set():
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))

@@ -9,6 +9,7 @@ through ``fieldnode send``) and in the agent's log.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 from tests.e2e import helpers as H
@@ -31,6 +32,15 @@ def hup_and_wait(board, kind: str) -> dict:
     assert event["kind"] == kind, event
     assert board.agent.alive
     return event
+
+
+def wait_event(board, kind: str, after: int) -> dict:
+    """The first event of ``kind`` with an id above ``after`` (ids grow across every kind of message)."""
+    def found():
+        events = [json.loads(m.payload) for m in board.watcher.messages(EVENTS)]
+        return next((e for e in events if e["kind"] == kind and e["id"] > after), None)
+
+    return H.wait_for(found, what=f"a {kind} event", detail=board.agent.log_tail)
 
 
 def config_get(board, key: str):
@@ -57,13 +67,20 @@ def test_sighup_applies_power_and_log_level_and_names_what_needs_a_restart(board
     original = open(board.dirs.config, encoding="utf-8").read()
     log_at = len(board.agent.log())
     try:
+        # The board runs at about 42 C: a balanced level entered at 35 C must take it there at the next step.
         H.edit_config(board.dirs.config, {"step_s = 0.5": "step_s = 0.7",
+                                          "thermal_target_c = 77": "thermal_target_c = 30",
+                                          "[power.balanced]": "[power.balanced]\nenter_temp_c = 35",
                                           'log_level = "info"': 'log_level = "debug"',
                                           "threads = 2": "threads = 1"})
         event = hup_and_wait(board, "config_reloaded")
-        assert {"power.step_s", "device.log_level"} <= set(event["applied"]), event
+        assert {"power.step_s", "power.thermal_target_c", "power.balanced.enter_temp_c",
+                "device.log_level"} <= set(event["applied"]), event
         assert event["needs_restart"] == ["runtime.threads"], event
         assert isinstance(event["id"], int)
+        # Applied for real: the governor decides by the new thresholds (a level change, not an override).
+        level = wait_event(board, "governor_level", after=event["id"])
+        assert level["to"] == "balanced" and level["override"] is False, level
 
         # In force: the new step; the old thread count until a restart (config.get answers the config in force).
         assert config_get(board, "power.step_s") == 0.7
@@ -95,9 +112,11 @@ def test_sighup_applies_power_and_log_level_and_names_what_needs_a_restart(board
         with open(board.dirs.config, "w", encoding="utf-8") as f:
             f.write(original)
     event = hup_and_wait(board, "config_reloaded")
-    assert {"power.step_s", "device.log_level"} <= set(event["applied"]), event
+    assert {"power.step_s", "power.balanced.enter_temp_c", "device.log_level"} <= set(event["applied"]), event
     assert event["needs_restart"] == [], event
     assert config_get(board, "power.step_s") == 0.5
+    level = wait_event(board, "governor_level", after=event["id"])
+    assert level["to"] == "performance" and level["override"] is False, level
     assert "Traceback" not in board.agent.log()
 
 
@@ -110,8 +129,6 @@ def test_sighup_with_an_unchanged_file_reloads_the_operator_keys(board, tmp_path
     argv = ("send", "--config", board.dirs.config, "governor", "--args", '{"level": "auto"}', "--sign", key)
     rc, reply = H.fieldnode_json(*argv)
     assert rc == 1 and reply["error"]["code"] == "unknown_key", reply
-
-    import shutil
 
     shutil.copy(tmp_path / "second-operator.pub", f"{board.dirs.trust}/second-operator.pub")
     event = hup_and_wait(board, "config_reloaded")
