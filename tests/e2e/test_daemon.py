@@ -16,6 +16,7 @@ from tests.e2e import helpers as H
 from tests.link.conftest import MqttTestClient
 
 RESULTS = f"{H.PREFIX}/results/vibration"
+SEND_TIMEOUT = "30"  # a bound only a hang exceeds, also on a loaded CI machine
 
 
 def payloads(client: MqttTestClient, topic: str) -> list[dict]:
@@ -43,7 +44,7 @@ def wait_results(board, more: int, what: str = "results") -> list[dict]:
 
 def send(board, *argv: str) -> tuple[int, dict]:
     """``fieldnode send --config BOARD ...``: the broker and the device id come from the board's own config."""
-    return H.fieldnode_json("send", "--config", board.dirs.config, *argv)
+    return H.fieldnode_json("send", "--config", board.dirs.config, "--timeout", SEND_TIMEOUT, *argv)
 
 
 # ------------------------------------------------------------------------------------------- the shared board

@@ -46,8 +46,8 @@ def wait_event(board, kind: str, after: int) -> dict:
 def config_get(board, key: str):
     """The value in force on the board. ``fieldnode send`` is given the broker and the device (the board's file
     may be broken on purpose, and ``send`` would read it)."""
-    rc, reply = H.fieldnode_json("send", "--broker", board.broker.url, "--device", H.DEV, "config.get", "--args",
-                                 json.dumps({"key": key}))
+    rc, reply = H.fieldnode_json("send", "--broker", board.broker.url, "--device", H.DEV, "--timeout", "30",
+                                 "config.get", "--args", json.dumps({"key": key}))
     assert rc == 0 and reply["ok"], reply
     return reply["result"][key]
 
@@ -126,7 +126,8 @@ def test_sighup_with_an_unchanged_file_reloads_the_operator_keys(board, tmp_path
     made = H.fieldnode("keys", "generate", "second-operator", "--out", str(tmp_path))
     assert made.returncode == 0, made.stderr
     key = str(tmp_path / "second-operator.key")
-    argv = ("send", "--config", board.dirs.config, "governor", "--args", '{"level": "auto"}', "--sign", key)
+    argv = ("send", "--config", board.dirs.config, "--timeout", "30", "governor", "--args", '{"level": "auto"}',
+            "--sign", key)
     rc, reply = H.fieldnode_json(*argv)
     assert rc == 1 and reply["error"]["code"] == "unknown_key", reply
 
