@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 
 from device import __version__, config
@@ -444,10 +443,7 @@ class Agent:
             return
         log.warning("stopping: the inference in flight did not end within %g s; killing its worker (pid %d)",
                     STOP_GRACE_S, pid)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass  # it ended meanwhile
+        self.runtime.abort()  # not counted against the model: a stop is not a crash
 
     def close(self) -> None:
         """Stops every thread; the link publishes ``offline``; the spool commits what it holds."""

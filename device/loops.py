@@ -177,7 +177,7 @@ class Pipeline:
             deadline: A monotonic time to stop at, or None.
             every_second: Called about once a second on this thread (the agent's fault watch, a pending reload).
         """
-        from device.runtime.errors import NotServing
+        from device.runtime.errors import NotServing, RuntimeClosed
 
         last = ticked = 0.0
         while not stop.is_set() and (deadline is None or self.clock.monotonic() < deadline):
@@ -208,6 +208,11 @@ class Pipeline:
                 self.infer_once(window)
             except NotServing:
                 pass  # no variant can serve: a runtime fault (watched), not one failure per window
+            except RuntimeClosed:
+                if stop.is_set():
+                    break  # the agent is stopping and gave up the inference in flight
+                self.failures += 1
+                log.warning("inference failed: the runtime is closed")
             except Exception as exc:  # a model fault is an event, never the end of the agent
                 self.failures += 1
                 log.warning("inference failed: %s", exc)

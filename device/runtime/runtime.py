@@ -203,12 +203,21 @@ class Runtime:
         labels = m.labels
         return Prediction(r, engine.info.get("variant"), scores, labels[i] if i < len(labels) else str(i), i, m)
 
+    def abort(self) -> None:
+        """Gives up a request in flight without waiting for it (shutdown: :meth:`close` follows); not a fault
+        of the model."""
+        e = self._engine
+        if e is not None and hasattr(e, "abort"):
+            e.abort()
+
     def _serve(self, values: Sequence) -> tuple:
         try:
             with self._lock:
                 engine = self._engine
                 if engine is not None:
                     r = engine.infer(values)
+        except E.RuntimeClosed:
+            raise  # given up to stop: not a failure of the model
         except E.InferenceFailed as exc:
             self._request_failed(exc, engine)
             raise

@@ -197,6 +197,7 @@ class ProcessEngine(EngineBase):
         self._times: tuple | None = None  # ours: entered, sent, reply read, returned
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
         self._tail: StderrTail | None = None  # the latest worker's stderr
+        self._aborted = False  # abort(): the request in flight is given up, not counted against the model
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
@@ -243,6 +244,15 @@ class ProcessEngine(EngineBase):
                 except FileNotFoundError:
                     pass
                 self._shm = None
+
+    def abort(self) -> None:
+        """Gives up the request in flight, from another thread (the agent is stopping and must not wait for a
+        worker that does not answer): the worker is killed without taking the request lock, and the request
+        fails with :class:`RuntimeClosed`, which is not counted against the model file."""
+        self._aborted = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
 
     # ----- the request path ------------------------------------------------------------------------------
 
@@ -405,6 +415,9 @@ class ProcessEngine(EngineBase):
     def _crashed(self, when: str, path: str | None = None):
         proc = self._proc
         self._teardown()
+        if self._aborted:
+            self._closed = True
+            raise E.RuntimeClosed("the agent is stopping: the inference in flight was given up")
         self._fail(path or self.info.get("path", ""), f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on "
                                               f"{self._what()}; the request failed, and the next one restarts "
                                               f"the worker", E.WorkerCrashed)
