@@ -101,7 +101,7 @@ def check_model(args) -> dict:
         with _started(Runtime(settings, manifest=manifest)) as rt:
             st = rt.status()
         settings = replace(settings, delegate="cpu")
-    results = []
+    results, fallbacks = [], []
     for name in [v.name for v in manifest.variants.values() if not v.requires]:
         try:
             with _started(Runtime(replace(settings, variant=name), manifest=manifest)) as rt:
@@ -109,10 +109,15 @@ def check_model(args) -> dict:
                 st = rt.status()
         except (ModelInvalid, InferenceFailed) as exc:  # this variant's fault: report it, check the others
             results.append({"variant": name, "ok": False, "error": f"[{exc.code}] {exc}"})
+            continue
+        fallbacks += [f for f in st.get("delegate_fallbacks", []) if f not in fallbacks]
+        if settings.delegate == "auto" and st.get("delegate") in ("xnnpack", "cpu"):
+            # auto settled on the CPU: the next variants need not try (and warn about) the same delegates again
+            settings = replace(settings, delegate="cpu")
     ok = bool(results) and all(r["ok"] for r in results)
     return {"model": manifest.name, "version": manifest.version, "backend": st.get("backend"),
             "backend_version": st.get("backend_version"), "delegate": st.get("delegate"),
-            "delegate_fallbacks": st.get("delegate_fallbacks", []), "ok": ok, "variants": results}
+            "delegate_fallbacks": fallbacks, "ok": ok, "variants": results}
 
 
 @contextlib.contextmanager

@@ -54,6 +54,8 @@ def test_the_interpreters_xnnpack_line_goes_to_the_debug_log_not_the_console():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "XNNPACK" not in r.stderr and "INFO" not in r.stderr, r.stderr
     assert "delegate unavailable" in r.stderr or r.stderr == ""  # at most the (single) fallback warnings
+    said = [ln.partition(" WARNING ")[2] or ln for ln in r.stderr.splitlines()]  # without the timestamps
+    assert len(said) == len(set(said)), r.stderr  # each said once, not once per variant checked
     r = fieldnode("selftest", "-v")
     assert r.returncode == 0
     routed = [ln for ln in r.stderr.splitlines() if "DEBUG device.runtime.worker: worker " in ln]
