@@ -429,6 +429,10 @@ class Agent:
         ``TimeoutStopSec`` instead of ending in systemd's SIGKILL."""
         if self._stop.is_set():
             return
+        if self.watchdog is not None:
+            self.watchdog.halt()  # no ping once stopping, and STOPPING=1 first, even while an inference hangs
+        if self.notifier is not None:
+            self.notifier.stopping()
         self._stop.set()
         if self._running.is_set():
             t = threading.Timer(STOP_GRACE_S, self._give_up_inference)

@@ -47,12 +47,7 @@ def run(args) -> int:
              cfg.link.broker or "off", f", SIMULATED board {cfg.drivers.virtual_board}" if agent.simulated else "")
 
     def stop(*_):
-        # Said first, even while an inference is still in flight; no watchdog ping after it.
-        if agent.watchdog is not None:
-            agent.watchdog.stop()
-        if agent.notifier is not None:
-            agent.notifier.stopping()
-        agent.stop()
+        agent.stop()  # STOPPING=1 and no more watchdog pings at once, even while an inference hangs
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)

@@ -40,6 +40,7 @@ class Notifier:
         self._failed = False
         self._said: str | None = None  # the last STATUS= text
         self._ready = False
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -81,6 +82,10 @@ class Notifier:
         return self.status(text)
 
     def stopping(self) -> bool:
+        """``STOPPING=1``, said once (a signal handler and the shutdown both ask)."""
+        if self._stopping:
+            return False
+        self._stopping = True
         return self.send("STOPPING=1")
 
     def watchdog(self) -> bool:
@@ -214,7 +219,7 @@ class Watchdog:
             else:
                 log.info("watchdog: healthy again, pinging")
         self._said = parts
-        if stale:
+        if stale or self._stop.is_set():  # no ping once stopping
             return False
         if self.notifier.watchdog():
             self.pings += 1
@@ -230,6 +235,10 @@ class Watchdog:
                 self.check()
             except Exception:  # a bound callable that failed: no ping, and the agent goes on
                 log.exception("watchdog check failed")
+
+    def halt(self) -> None:
+        """No ping from now on, without waiting for the thread (safe from a signal handler)."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
