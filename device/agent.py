@@ -104,6 +104,7 @@ class Agent:
         self.last_trigger: dict | None = None
         self._on_event = on_event
         self._control = control
+        self.log_args: tuple = (None, False)  # fieldnode run's --log-format and -v, kept over the file on reload
         self._started = False
         self._sensor_frames = -1
         try:
