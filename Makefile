@@ -97,11 +97,19 @@ wheel-check: venv
 wheel: venv
 	$(PY) tests/wheelcheck.py --out dist
 
-test: venv tflite-venv mosquitto systemd-tools wheel-check
-	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS)
-	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime
-	@$(MAKE) --no-print-directory py313-test
-	@$(MAKE) --no-print-directory image-test
+# The image test's debootstrap root (minutes, mostly downloads and unpacking) is prepared beside the test runs,
+# which leave a core idle most of the time; the image test itself waits for it (a lock in the cache).
+IMAGE_PREPARE_LOG ?= $(IMAGE_CACHE).prepare.log
+
+test: venv tflite-venv mosquitto systemd-tools image-tools wheel-check
+	@mkdir -p "$$(dirname $(IMAGE_CACHE))"; \
+	$(PY) -m tests.image.imagetest --cache $(IMAGE_CACHE) --prepare > $(IMAGE_PREPARE_LOG) 2>&1 & prep=$$!; \
+	trap 'kill $$prep 2>/dev/null' EXIT; \
+	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS) && \
+	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime && \
+	$(MAKE) --no-print-directory py313-test && \
+	{ wait $$prep || { cat $(IMAGE_PREPARE_LOG); exit 1; }; } && cat $(IMAGE_PREPARE_LOG) && \
+	$(MAKE) --no-print-directory image-test
 
 bench: venv
 	@for b in tests/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

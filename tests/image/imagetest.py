@@ -22,6 +22,7 @@ what failed, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import glob
 import hashlib
 import json
@@ -94,7 +95,15 @@ def apt_mirror() -> str:
 
 def base_root(cache: str, timings: dict) -> str:
     """The cached debootstrap root for these arguments, made when missing (into a temporary directory that is
-    renamed when complete, so a cut-short build is never taken for a root)."""
+    renamed when complete, so a cut-short build is never taken for a root). One build at a time: a second
+    caller (``make test`` prepares the root beside the unit tests) waits for the first and takes its root."""
+    os.makedirs(cache, exist_ok=True)
+    with open(os.path.join(cache, "build.lock"), "w", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _base_root(cache, timings)
+
+
+def _base_root(cache: str, timings: dict) -> str:
     mirror = apt_mirror()
     argv = ["debootstrap", f"--arch={ARCH}", "--variant=minbase", f"--include={INCLUDE}", SUITE]
     key = hashlib.sha256(" ".join(argv + [mirror]).encode()).hexdigest()[:12]
@@ -298,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         or os.path.expanduser("~/.cache/fieldnode-image"),
                         help="where the debootstrap root and pip's downloads are kept between runs")
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # set by the parent for the namespaced child
+    parser.add_argument("--prepare", action="store_true",
+                        help="only build (or find) the cached debootstrap root, e.g. while other tests run")
     args = parser.parse_args(argv)
     args.cache = os.path.abspath(args.cache)
     if args.wheel:
@@ -309,6 +320,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     os.makedirs(args.cache, exist_ok=True)
+    if args.prepare:
+        timings: dict = {}
+        try:
+            root = base_root(args.cache, timings)
+        except StepFailed as exc:
+            print(f"image test FAILED at debootstrap: {exc}", file=sys.stderr)
+            return 1
+        print(f"image test: root ready in {root} (debootstrap {timings['debootstrap']})", flush=True)
+        return 0
     run_dir = tempfile.mkdtemp(prefix="run-", dir=args.cache)
     try:
         child = [sys.executable, "-m", "tests.image.imagetest", "--cache", args.cache, "--run-dir", run_dir] + \
