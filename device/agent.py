@@ -332,12 +332,12 @@ class Agent:
         runtime fault, not the end of the agent.
         """
         self.notifier = Notifier()
+        if self._control:  # first: an agent refused here (another answers) must not touch the broker's state
+            self._start_control()
         if self.spool is not None:
             self.spool.start()
         if self.link is not None:
             self.link.start()
-        if self._control:
-            self._start_control()
         if self.board is not None:
             speed = getattr(self.board_clock, "factor", 1.0)
             self.board.start(period_s=max(0.005, min(0.05, 1.0 / speed)))  # about one board second a step
@@ -451,31 +451,42 @@ class Agent:
         self.runtime.abort()  # not counted against the model: a stop is not a crash
 
     def close(self) -> None:
-        """Stops every thread; the link publishes ``offline``; the spool commits what it holds."""
+        """Stops every thread; the link publishes ``offline``; the spool commits what it holds. Each part is
+        closed even when one before it fails (a spool that cannot flush on a full disk still lets the worker,
+        the GPIO lines and the state directory go)."""
         if self.notifier is not None:
             self.notifier.stopping()
         if self.watchdog is not None:
             self.watchdog.stop()
         self._stop.set()
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        for t in self._threads:
-            t.join(10)
-        self._threads = []
-        self.sensor.stop()
-        if self.mcu is not None:
-            self.mcu.close()
-        if self.link is not None:
-            self.link.stop()
-        if self.spool is not None:
-            self.spool.close()
-        self.updates.close()
-        self.runtime.close()
-        self.io.close()
-        if self.board is not None:
-            self.board.stop()
-        self._lock.release()
+        try:
+            if self.control is not None:
+                self.control, control = None, self.control
+                _quietly(control.close, "the control socket")
+            for t in self._threads:
+                t.join(10)
+            self._threads = []
+            _quietly(self.sensor.stop, "the sensor")
+            if self.mcu is not None:
+                _quietly(self.mcu.close, "the simulated sensor MCU")
+            if self.link is not None:
+                _quietly(self.link.stop, "the link")
+            if self.spool is not None:
+                _quietly(self.spool.close, "the spool")
+            _quietly(self.updates.close, "the updates")
+            _quietly(self.runtime.close, "the runtime")
+            _quietly(self.io.close, "the GPIO lines")
+            if self.board is not None:
+                _quietly(self.board.stop, "the virtual board")
+        finally:
+            self._lock.release()
+
+
+def _quietly(close, what: str) -> None:
+    try:
+        close()
+    except Exception:
+        log.exception("closing %s failed", what)
 
 
 class _Late:

@@ -153,6 +153,8 @@ class ControlServer:
             log.debug("no group %r here: %s keeps its owner's group", self.group, path)
             return
         try:
+            if os.lstat(path).st_gid == gid:
+                return  # already (the service runs as Group=fieldnode, and its filter refuses chown)
             os.chown(path, -1, gid)
         except OSError as exc:
             log.warning("cannot give %s to the group %s (%s): only its owner can use it", path, self.group,

@@ -365,3 +365,15 @@ def test_something_else_answering_is_a_protocol_error(path):
             t.join(5)
     finally:
         other.close()
+
+
+def test_a_socket_already_in_the_group_is_not_chowned_again(path, caplog, mocker):
+    """Under the unit (Group=fieldnode, SystemCallFilter=~@privileged) chown is refused with EPERM: a socket that
+    already has the group must not try it, nor warn."""
+    group = grp.getgrgid(os.getegid()).gr_name  # the group new files get anyway, as under Group=fieldnode
+    refused = mocker.patch("device.controlserver.os.chown", side_effect=PermissionError(1, "Operation not permitted"))
+    caplog.set_level(logging.DEBUG, logger="device.controlserver")
+    with ControlServer(path, handlers(), group=group):
+        assert request(path, "status")["device"] == "dev-a"
+    assert not refused.called
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
