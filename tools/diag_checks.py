@@ -180,15 +180,30 @@ class Context:
             self._agent = (status, "the agent itself")
 
     def holder(self) -> dict | None:
-        """Who holds the state directory's lock (the running agent), or None; None too when it cannot tell."""
-        try:
-            from device.statelock import holder
-        except ImportError:
+        """Who holds the state directory's lock (the running agent), or None when nobody does. When it cannot
+        tell (the lock file is the service's, 0600, and we are not root) it says so with ``{"pid": None,
+        "unknown": why}``: a check must then not open what an agent may hold."""
+        from device.statelock import holder
+
+        if not os.path.isdir(self.state_dir):
             return None
         try:
             return holder(self.state_dir)
-        except Exception:  # no lock file, no permission: nobody we can name
+        except Exception as exc:  # no permission on the lock file: an agent may hold it
+            return {"pid": None, "unknown": str(exc)}
+
+    def held_by_agent(self, what: str) -> Check | None:
+        """A SKIP for a check that would open ``what`` while an agent may hold it (and did not answer), else
+        None. Never in a simulation: its hardware is its own."""
+        if self.sim:
             return None
+        h = self.holder()
+        if not h:
+            return None
+        _status, why = self.agent()
+        who = f"pid {h['pid']}" if h.get("pid") else "an agent (whose lock this user cannot read)"
+        return skip(what, f"not opened: the state directory is held by {who}, which did not answer ({why}); "
+                          f"run diag with sudo, or as a member of the group fieldnode, to read it from the agent")
 
     def close(self) -> None:
         with self._lock:
@@ -227,13 +242,20 @@ def ask_agent(cfg, timeout: float) -> tuple[dict | None, str]:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def file_mode_problem(path: str, what: str, key: str) -> Check | None:
-    """Whether a secret file is safe: exists, a regular file, mode 0600 or 0640 at most.
+def file_mode_problem(path: str, what: str, key: str, agent_user: str = "fieldnode") -> Check | None:
+    """Whether a secret file is safe and usable: exists, a regular file, mode 0600, owned by the agent's user.
+
+    The group ``fieldnode`` is the one technicians join for ``fieldnode status``, so a key its group can read is
+    readable by them: only 0600 passes. A key the agent's user (``fieldnode``, when it exists here) does not own is
+    one the service cannot read.
 
     Returns:
-        None when it is fine, else a WARN (group-writable, or group-readable beyond 0640) or a FAIL (missing,
-        not a regular file, or readable or writable by every user) whose remedy is the ``chmod``.
+        None when it is fine, else a WARN (any group bit) or a FAIL (missing, not a regular file, readable or
+        writable by every user, or owned by another user than the agent's), each with the ``chown``/``chmod``.
     """
+    import pwd
+
+    fix = f"chown fieldnode:fieldnode {path} && chmod 600 {path}"
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -247,10 +269,18 @@ def file_mode_problem(path: str, what: str, key: str) -> Check | None:
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o007:
         return fail("keys", f"{what} {path} is mode {mode:04o}: every user on the board can "
-                            f"{'write' if mode & 0o002 else 'read'} it", f"chown fieldnode:fieldnode {path} && chmod 600 {path}")
-    if mode & 0o020 or mode & 0o111:
-        return warn("keys", f"{what} {path} is mode {mode:04o}: group-writable or executable",
-                    f"chown fieldnode:fieldnode {path} && chmod 600 {path}")
+                            f"{'write' if mode & 0o002 else 'read'} it", fix)
+    try:
+        agent_uid = pwd.getpwnam(agent_user).pw_uid
+    except KeyError:  # no service user here (a development machine): nobody to compare with
+        agent_uid = None
+    if agent_uid is not None and st.st_uid != agent_uid:
+        return fail("keys", f"{what} {path} is owned by uid {st.st_uid}, not the agent's user {agent_user}: "
+                            f"the service cannot read it", fix)
+    if mode & 0o070 or mode & 0o111:
+        return warn("keys", f"{what} {path} is mode {mode:04o}: the group (technicians join fieldnode for "
+                            f"fieldnode status) can {'write' if mode & 0o020 else 'read'} it"
+                    if mode & 0o070 else f"{what} {path} is mode {mode:04o}: executable", fix)
     return None
 
 

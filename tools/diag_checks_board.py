@@ -105,6 +105,9 @@ def check_sensor(ctx) -> Check:
     health = status.get("sensor") if status else None
     if isinstance(health, dict):
         return _from_agent(health, d.sensor_url, why)
+    held = ctx.held_by_agent("sensor")  # two readers would split the agent's byte stream
+    if held is not None:
+        return held
     return judge_sample(*sample_sensor(d.sensor_url, d.sensor_baudrate, d.sensor_timeout_s, sample_s), d.sensor_url)
 
 
@@ -143,6 +146,9 @@ def check_gpio(ctx) -> Check:
             return warn("gpio", f"{detail}; fell back: {'; '.join(gpio['fallbacks'])}",
                         "install the preferred backend: pip install 'fieldnode[gpiod]'")
         return ok("gpio", detail)
+    held = ctx.held_by_agent("gpio")
+    if held is not None:
+        return held
     try:
         factory = make_factory("sim" if ctx.sim else d.gpio, chip_label=d.gpio_chip_label)
     except GpioError as exc:

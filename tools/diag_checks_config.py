@@ -88,7 +88,7 @@ def check_keys(ctx) -> Check:
         return skip("keys", "no key files configured (no TLS client key, no password file, updates off)")
     found = [p for p in (file_mode_problem(path, what, key) for path, what, key in files) if p is not None]
     names = ", ".join(f"{key} {path}" for path, _what, key in files)
-    return worst("keys", found, f"{names}: present, mode 0600/0640")
+    return worst("keys", found, f"{names}: present, mode 0600, owned by the agent's user")
 
 
 @register("certificate")

@@ -88,6 +88,9 @@ def check_delegates(ctx) -> Check:
         if in_use == kind:
             parts.append(f"{kind}: in use by the running agent")
             continue
+        if kind == "edgetpu" and ctx.held_by_agent("delegates") is not None:  # a TPU opens once at a time
+            parts.append("edgetpu: not probed, an agent that did not answer may hold it (run diag with sudo)")
+            continue
         loaded, why = probe_delegate(backend.name, kind, rc.edgetpu_device, rc.gpu_delegate, ctx.remaining(8.0))
         if loaded:
             parts.append(f"{kind}: loads")

@@ -71,7 +71,22 @@ def test_a_check_that_raises_or_hangs_is_a_fail_not_a_crash(tmp_path, monkeypatc
     assert diag.exit_code(checks) == 2
 
 
-def test_whole_simulated_run_json(tmp_path, capsys):
+@pytest.fixture
+def roomy_budget(monkeypatch):
+    """A budget no loaded CI core can overrun: these tests check the verdicts, not the 10 s bound (the runner's
+    own tests do that by outcome)."""
+    import functools
+
+    monkeypatch.setattr(diag, "run_checks", functools.partial(diag.run_checks, budget_s=120.0))
+
+
+def sensor_ok_or_slow(check) -> bool:
+    """The simulated sensor's verdict: OK, or a WARN only for its rate (the pty MCU runs in real time, and a loaded
+    machine may deliver under 80 % of it), never for CRC errors or gaps."""
+    return check["status"] == OK or (check["status"] == WARN and " 0 CRC errors, 0 gaps" in check["detail"])
+
+
+def test_whole_simulated_run_json(tmp_path, capsys, roomy_budget):
     (tmp_path / "state").mkdir()
     code = diag.run(parse(["--config", write_config(tmp_path), "--sim", "rpi4", "--json"]))
     out = json.loads(capsys.readouterr().out)
@@ -84,8 +99,9 @@ def test_whole_simulated_run_json(tmp_path, capsys):
         assert bool(c["remedy"]) == (c["status"] in (WARN, FAIL)), c
         assert "the check itself failed" not in c["detail"], c
     by = {c["name"]: c for c in out["checks"]}
-    for name in ("sensor", "thermal", "throttle", "cpufreq", "gpio", "accelerators"):
+    for name in ("thermal", "throttle", "cpufreq", "gpio", "accelerators"):
         assert by[name]["status"] == OK and "SIMULATED" in by[name]["detail"], by[name]
+    assert sensor_ok_or_slow(by["sensor"]) and "SIMULATED" in by["sensor"]["detail"], by["sensor"]
     assert by["models"]["status"] == OK and "test vectors pass" in by["models"]["detail"]
     assert "recorded as this board's baseline" in by["models"]["detail"]
     assert by["agent"]["status"] == SKIP  # nobody runs on the test's state directory
@@ -94,7 +110,7 @@ def test_whole_simulated_run_json(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["diag-baseline.json"]  # nothing else
 
 
-def test_human_output_labels_simulation_and_indents_remedies(tmp_path, capsys):
+def test_human_output_labels_simulation_and_indents_remedies(tmp_path, capsys, roomy_budget):
     """A config that asks for a virtual board (drivers.virtual_board) is diagnosed as simulated, without --sim."""
     config_path = write_config(tmp_path, '\n[drivers]\nled_pin = 17\nvirtual_board = "rpi5"\n')
     code = diag.run(parse(["--config", config_path]))
@@ -104,7 +120,8 @@ def test_human_output_labels_simulation_and_indents_remedies(tmp_path, capsys):
     assert lines[-1].startswith("SIMULATED board: ") and lines[-1].endswith(f"exit {code}")
     assert any(ln.startswith("OK   gpio: SIMULATED board rpi5: backend sim") and "LED on line 17 flashed" in ln
                for ln in lines)
-    assert any(ln.startswith("OK   sensor: SIMULATED sensor MCU on a pty") for ln in lines)
+    assert any(ln.startswith(("OK   sensor: SIMULATED sensor MCU on a pty", "WARN sensor: SIMULATED sensor MCU on a pty"))
+               and " 0 CRC errors, 0 gaps" in ln for ln in lines)
     for i, ln in enumerate(lines):
         if ln.startswith(("WARN ", "FAIL ")):
             assert lines[i + 1].startswith("     remedy: ")

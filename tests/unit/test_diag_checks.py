@@ -95,6 +95,25 @@ def test_world_readable_key_fails_with_a_chmod_remedy(tmp_path):
     os.chmod(key, 0o660)
     c = check_keys(ctx_for(cfg))
     assert c.status == WARN and "0660" in c.detail and "chmod 600" in c.remedy
+    os.chmod(key, 0o640)  # the fieldnode group is the technicians': a key it can read is theirs too
+    c = check_keys(ctx_for(cfg))
+    assert c.status == WARN and "0640" in c.detail and "technicians" in c.detail and "chmod 600" in c.remedy
+
+
+def test_a_key_the_agents_user_does_not_own_fails(tmp_path):
+    import pwd
+
+    from tools.diag_checks import file_mode_problem
+
+    key = tmp_path / "client.key"
+    key.write_text("secret")
+    os.chmod(key, 0o600)
+    other = pwd.getpwnam("nobody")  # stands for the service user: the file is ours, not its
+    assert os.stat(key).st_uid != other.pw_uid
+    c = file_mode_problem(str(key), "TLS client key", "link.key_file", agent_user="nobody")
+    assert c.status == FAIL and "not the agent's user nobody" in c.detail and c.remedy.startswith("chown fieldnode:")
+    os.chown(key, other.pw_uid, -1)
+    assert file_mode_problem(str(key), "TLS client key", "link.key_file", agent_user="nobody") is None
 
 
 def test_missing_password_file_fails_and_no_key_files_is_a_skip(tmp_path):
