@@ -82,7 +82,10 @@ def run(args) -> int:
     wheel = find_wheel(args.wheel, target)
     say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
     say(f"installing {os.path.basename(wheel)} into {target.describe()}")
-    report = install(target, wheel, say)
+    try:
+        report = install(target, wheel, say)
+    except files.OutsideRoot as exc:
+        raise InstallError(str(exc), "install_root") from exc
     if args.json:
         print(json.dumps(report))
     return 0
@@ -99,9 +102,10 @@ class Target:
     @classmethod
     def from_args(cls, args) -> "Target":
         for name, value in (("--prefix", args.prefix), ("--python", args.python)):
-            if not value.startswith("/") or not files.SAFE_PATH.fullmatch(value):
-                raise InstallError(f"{name} {value!r}: expected an absolute path of letters, digits and ._-/",
-                                   "install_usage")
+            if not value.startswith("/") or not files.SAFE_PATH.fullmatch(value) \
+                    or any(part in (".", "..") for part in value.split("/")):
+                raise InstallError(f"{name} {value!r}: expected an absolute path of letters, digits and ._-/ "
+                                   f"without . or .. parts", "install_usage")
         root = "/"
         if args.root is not None:
             root = os.path.realpath(args.root)
@@ -123,8 +127,16 @@ class Target:
         return f"{self.prefix}/venv"
 
     def path(self, board_path: str) -> str:
-        """A path as the board sees it, as it is on this machine."""
+        """A path as the board sees it, as it is on this machine, to read (the image's own absolute symlinks, such as
+        the venv's ``bin/python``, resolve on the board)."""
         return os.path.join(self.root, board_path.lstrip("/"))
+
+    def writable(self, board_path: str) -> str:
+        """:meth:`path` for a write: refused when it resolves outside the image root."""
+        try:
+            return files.host_path(self.root, board_path)
+        except files.OutsideRoot as exc:
+            raise InstallError(str(exc), "install_root") from exc
 
     def describe(self) -> str:
         return f"{self.venv}" + (f" in the root {self.root}" if self.chroot else "")
@@ -245,8 +257,8 @@ def _make_venv(target: Target, py_version: str) -> str:
         return "kept"
     action = "made anew" if os.path.exists(cfg) else "created"
     if os.path.exists(cfg):
-        shutil.rmtree(target.path(target.venv))
-    os.makedirs(target.path(target.prefix), mode=0o755, exist_ok=True)
+        shutil.rmtree(target.writable(target.venv))
+    os.makedirs(target.writable(target.prefix), mode=0o755, exist_ok=True)
     target.run([target.python, "-m", "venv", "--system-site-packages", target.venv],
                f"making the venv {target.venv}", "install_python")
     return action
@@ -255,7 +267,7 @@ def _make_venv(target: Target, py_version: str) -> str:
 def _pip_install(target: Target, wheel: str) -> str:
     """pip-installs the wheel from a staging copy in PREFIX/wheels/.incoming; only once pip succeeded does it
     become the kept wheel (a wheel pip refuses never replaces the one that works)."""
-    wheels = target.path(f"{target.prefix}/wheels")
+    wheels = target.writable(f"{target.prefix}/wheels")
     staging = os.path.join(wheels, ".incoming")
     name = os.path.basename(wheel)
     kept = os.path.join(wheels, name)
@@ -277,7 +289,7 @@ def _pip_install(target: Target, wheel: str) -> str:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if staged:
-        os.replace(target.path(on_board), kept)
+        os.replace(target.writable(on_board), kept)
         shutil.rmtree(staging, ignore_errors=True)
     for old in glob.glob(os.path.join(wheels, "fieldnode-*.whl")):
         if os.path.basename(old) != name:

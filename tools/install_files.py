@@ -94,8 +94,29 @@ def atomic_copy(src: str, dest: str, mode: int = 0o644) -> None:
         atomic_write(dest, fh.read(), mode)
 
 
-def _put(root: str, board_path: str, data: bytes, mode: int = 0o644) -> dict:
+class OutsideRoot(ValueError):
+    """A path that, in an image root, leads out of it (an absolute symlink in the image, or ``..``)."""
+
+
+def host_path(root: str, board_path: str, *, link: bool = False) -> str:
+    """``board_path`` as it is on this machine under ``root``, refused when it resolves outside ``root``: an
+    absolute symlink inside a mounted image points at this machine's own files, and must never be written
+    through. With ``link``, the path is a symlink we make (it may point anywhere on the board): its directory is
+    what must stay inside."""
     path = os.path.join(root, board_path.lstrip("/"))
+    if root == "/":
+        return path
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)) if link \
+        else os.path.realpath(path)
+    top = os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise OutsideRoot(f"{board_path} resolves to {real}, outside the image root {root} (an absolute symlink in "
+                          f"the image?); refusing to write to this machine's files")
+    return path
+
+
+def _put(root: str, board_path: str, data: bytes, mode: int = 0o644) -> dict:
+    path = host_path(root, board_path)
     try:
         with open(path, "rb") as fh:
             same = fh.read() == data and os.stat(path).st_mode & 0o7777 == mode
@@ -154,11 +175,11 @@ def enable(root: str, unit: str) -> list[str]:
         The ``.wants`` directories that now hold the link.
     """
     unit_path = f"/etc/systemd/system/{unit}"
-    with open(os.path.join(root, unit_path.lstrip("/")), encoding="utf-8") as fh:
+    with open(host_path(root, unit_path), encoding="utf-8") as fh:
         targets = wanted_by(fh.read())
     done = []
     for target in targets:
-        link = os.path.join(root, "etc/systemd/system", f"{target}.wants", unit)
+        link = host_path(root, f"/etc/systemd/system/{target}.wants/{unit}", link=True)
         os.makedirs(os.path.dirname(link), mode=0o755, exist_ok=True)
         if not (os.path.islink(link) and os.readlink(link) == unit_path):
             tmp = f"{link}.tmp{os.getpid()}"
@@ -181,7 +202,7 @@ def link_command(root: str, prefix: str) -> str:
         ``linked``, ``unchanged`` or ``kept`` (something else is there).
     """
     target = f"{prefix.rstrip('/')}/venv/bin/fieldnode"
-    link = os.path.join(root, COMMAND_LINK.lstrip("/"))
+    link = host_path(root, COMMAND_LINK, link=True)
     if os.path.islink(link) and os.readlink(link) == target:
         return "unchanged"
     if os.path.lexists(link) and not os.path.islink(link):

@@ -251,6 +251,7 @@ def test_a_wheel_pip_refuses_leaves_the_install_as_it_was(installed, wheel, tmp_
     ("not-a-wheel", "install_wheel", "not a wheel"),
     ("no-python", "install_python", "not found in the root"),
     ("bad-prefix", "install_usage", "expected an absolute path"),
+    ("dotdot-prefix", "install_usage", "without . or .. parts"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, wheel, case, code, words):
     (tmp_path / "root").mkdir()
@@ -260,7 +261,8 @@ def test_bad_input_is_one_clear_line(tmp_path, wheel, case, code, words):
             "no-wheel": ["--root", str(tmp_path / "root"), "--wheel", str(tmp_path / "missing.whl")],
             "not-a-wheel": ["--root", str(tmp_path / "root"), "--wheel", str(junk)],
             "no-python": ["--root", str(tmp_path / "root"), "--wheel", wheel],
-            "bad-prefix": ["--root", str(tmp_path / "root"), "--wheel", wheel, "--prefix", "opt/x"]}[case]
+            "bad-prefix": ["--root", str(tmp_path / "root"), "--wheel", wheel, "--prefix", "opt/x"],
+            "dotdot-prefix": ["--root", str(tmp_path / "root"), "--wheel", wheel, "--prefix", "/opt/../../escaped"]}[case]
     proc = cli("install", *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
@@ -303,3 +305,20 @@ def test_no_wheel_found_names_where_it_looked(tmp_path, monkeypatch):
     else:
         with pytest.raises(tool.InstallError, match="no wheel of fieldnode .* found .*make wheel"):
             tool.find_wheel(None, target)
+
+
+def test_an_absolute_symlink_in_the_image_is_never_written_through(tmp_path):
+    """In a mounted image, /etc/systemd/system -> /etc/systemd/system would be this machine's: refused."""
+    from tools import install_files as files
+
+    root = tmp_path / "root"
+    host = tmp_path / "host-etc"  # stands for this machine's /etc
+    (root / "etc/systemd").mkdir(parents=True)
+    host.mkdir()
+    os.symlink(str(host), root / "etc/systemd/system")  # absolute: resolves outside the root
+    with pytest.raises(files.OutsideRoot, match="outside the image root"):
+        files.write_system_files(str(root), "/opt/fieldnode")
+    assert not list(host.iterdir())
+    with pytest.raises(files.OutsideRoot):
+        files.host_path(str(root), "/etc/systemd/system/fieldnode.service")
+    assert files.host_path(str(root), "/etc/fieldnode/fieldnode.toml") == str(root / "etc/fieldnode/fieldnode.toml")
