@@ -51,6 +51,7 @@ from device.watch import FaultWatch
 
 log = logging.getLogger(__name__)
 
+DIAG_COOLDOWN_S = 60.0  # the MQTT diag command runs at most this often
 STOP_GRACE_S = 5.0  # how long a stop waits for the inference in flight before it kills the worker
 
 # Events after which the retained birth is published again: it says which variant serves, and whether any does.
@@ -104,6 +105,7 @@ class Agent:
         self.last_trigger: dict | None = None
         self._on_event = on_event
         self._control = control
+        self._diag_lock, self._diag_at = threading.Lock(), None  # the MQTT diag command's cool-down
         self.log_args: tuple = (None, False)  # fieldnode run's --log-format and -v, kept over the file on reload
         self._started = False
         self._sensor_frames = -1
@@ -256,9 +258,23 @@ class Agent:
                           if self.spool is not None else None)}
 
     def diag(self) -> dict:
-        """``fieldnode diag``'s checks from inside the agent (the MQTT ``diag`` command)."""
+        """``fieldnode diag``'s checks from inside the agent (the MQTT ``diag`` command): one at a time, at most
+        once per :data:`DIAG_COOLDOWN_S` (it starts model workers and holds the command thread for seconds: anyone
+        who may publish commands must not keep a battery board busy with it).
+
+        Raises:
+            TooSoon: Asked again within the cool-down, or while one runs.
+        """
+        from device.link.errors import TooSoon
         from tools.diag import diagnose
 
+        now = self.clock.monotonic()
+        with self._diag_lock:
+            wait = self._diag_at + DIAG_COOLDOWN_S - now if self._diag_at is not None else 0.0
+            if wait > 0:
+                raise TooSoon(f"diag ran {DIAG_COOLDOWN_S - wait:.0f} s ago; it runs at most once a minute: "
+                              f"ask again in {wait:.0f} s")
+            self._diag_at = now
         return diagnose(self.cfg, agent_status=self.status())  # what the agent holds is read, not opened again
 
     # -------------------------------------------------------------------------------------------- loops

@@ -194,6 +194,12 @@ class CommandFailed(CommandError):
     code = "command_failed"
 
 
+class TooSoon(CommandError):
+    """A heavy command (``diag``) asked again within its cool-down; the reply says when it may run again."""
+
+    code = "too_soon"
+
+
 class NoWindow(CommandError):
     """``infer``: no complete sensor window yet (the sensor is starting, stale or disconnected)."""
 

@@ -151,6 +151,9 @@ def test_the_diag_command_runs_the_technicians_checks_on_the_board(agent, operat
     assert names["config"]["status"] == "OK" and names["sensor"]["status"] in ("OK", "WARN"), names["sensor"]
     assert names["broker"]["status"] == "OK", names["broker"]  # the board reaches the broker it answers on
     assert all(c["remedy"] for c in d["checks"] if c["status"] in ("WARN", "FAIL"))
+    # heavy (model workers, seconds of the command thread): at most once a minute, whoever asks
+    again = operator.send("diag", {}, timeout=30)
+    assert not again["ok"] and again["error"]["code"] == "too_soon" and "once a minute" in again["error"]["message"]
 
 
 def test_privileged_commands_need_a_good_envelope(agent, operator, operator_key):
