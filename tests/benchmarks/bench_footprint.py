@@ -7,9 +7,10 @@ One JSON line (issue "On the board for real"):
   with no link and the bundled vibration model. PSS splits a shared page between the processes that map it,
   so the sum counts the agent's and the worker's common libraries once. ``parts_pss_mb`` names each process
   by what it is (``agent``, ``worker``, ``resource_tracker``, else its command line).
-* ``floor_pss_mb`` – one process that imports what the agent's work needs (numpy, the interpreter backend the
-  agent used, paho-mqtt, cryptography, pyserial), loads the same model variant with the same thread count and
-  runs it: what a single process doing this job cannot go below.
+* ``floor_pss_mb`` – one process that imports what the measured agent imports for its work (numpy, the
+  interpreter backend the agent used, pyserial; with no link the agent imports neither paho-mqtt nor
+  cryptography), loads the same model variant with the same thread count and runs it: what a single process
+  doing this job cannot go below.
 * ``alone_mb`` / ``floor_alone_mb`` – the distinct physical pages the same processes map (from
   ``/proc/<pid>/pagemap``): their PSS as it would be if nothing else on the machine mapped the same files,
   as on a board where the agent is the only Python. PSS also splits a page with *other* processes (another
@@ -53,11 +54,9 @@ FLOOR = r"""
 import json, os, sys, time
 t_exec = float(sys.argv[3])
 import numpy as np
-import paho.mqtt.client  # noqa: F401 (the link's library)
 import serial  # noqa: F401 (the sensor's)
-from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: F401 (signed commands)
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: F401 (updates)
-from cryptography.hazmat.primitives import serialization  # noqa: F401
+# The agent measured has no link, and since the CLI imports only the chosen command, it imports neither paho nor
+# cryptography (tests/unit/test_cli_imports.py): the floor imports what it imports, no more.
 
 backend = sys.argv[2]
 if backend == "litert":
