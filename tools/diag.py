@@ -271,8 +271,15 @@ _TOML_SECRET = re.compile(r"""^(\s*["']?[\w.-]*(?:password|token|secret)[\w.-]*[
 
 
 def redact_toml(text: str) -> str:
-    """The config file's text with the value of every ``*password*``, ``*token*`` or ``*secret*`` key replaced."""
+    """The config file's text with the value of every ``*password*``, ``*token*`` or ``*secret*`` key replaced; a
+    file where such a key holds a multi-line string is left out whole (its later lines would escape the line-wise
+    redaction)."""
+    if _TOML_SECRET_MULTILINE.search(text):
+        return "# left out: a password, token or secret key holds a multi-line string; config.json has the config\n"
     return _TOML_SECRET.sub(lambda m: f'{m.group(1)}"{REDACTED}"', text)
+
+
+_TOML_SECRET_MULTILINE = re.compile(r"""(?im)^\s*["']?[\w.-]*(password|token|secret)[\w.-]*["']?\s*=\s*("{3}|'{3})""")
 
 
 def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | None = None) -> None:

@@ -232,7 +232,12 @@ def check_agent(ctx) -> Check:
         return skip("agent", why)
     h = ctx.holder()
     if h:
-        return fail("agent", f"pid {h.get('pid')} holds the state directory {ctx.state_dir} but does not answer "
+        if h.get("unknown"):  # the lock file is the service's: this user cannot tell who holds it
+            return warn("agent", f"cannot tell whether an agent holds {ctx.state_dir} ({h['unknown']}), and none "
+                                 f"answers on its control socket ({why})",
+                        "run diag with sudo, or as a member of the group fieldnode")
+        who = f"pid {h['pid']}" if h.get("pid") else "an agent (pid unknown)"
+        return fail("agent", f"{who} holds the state directory {ctx.state_dir} but does not answer "
                              f"on its control socket ({why})",
                     "the agent may be hung: systemctl restart fieldnode, and send a diag --report bundle")
     if ctx.sim:

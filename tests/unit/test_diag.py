@@ -194,6 +194,9 @@ def test_redaction():
         {"a": {"api_token": diag.REDACTED, "password_file": "", "key_file": "/k"}, "secret": diag.REDACTED}
     assert diag.redact_toml('password_file = "/p"\n  "my.token" = \'x\'\nkey_file = "/k"\n') == \
         'password_file = "<redacted>"\n  "my.token" = "<redacted>"\nkey_file = "/k"\n'
+    # a multi-line secret: its later lines would escape a line-wise redaction, so the file is left out whole
+    text = diag.redact_toml('x = 1\nsecret = """first\nhunter2\n"""\n')
+    assert "hunter2" not in text and "first" not in text and text.startswith("# left out")
 
 
 def test_the_agent_diagnosing_itself_reads_what_it_holds_from_its_status(tmp_path):
