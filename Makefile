@@ -11,11 +11,11 @@ PYTEST_ARGS ?=
 # runs PY313_TESTS under it in its own venv.
 PY313 ?= $(shell for p in python3.13 $$(command -v pyenv >/dev/null 2>&1 && ls -d "$$(pyenv root)"/versions/3.13*/bin/python3.13 2>/dev/null); do $$p -c '' >/dev/null 2>&1 && { echo $$p; break; }; done)
 PY313_VENV ?= .venv-py313
-# The suite's portable core under 3.13: config, CLI, units and install (tests/unit, ~2.2 min measured) and the
-# inference runtime with its worker processes on the cp313 LiteRT wheel (tests/runtime, ~1.2 min). The update,
-# link, power, driver and end-to-end tests are pure Python over the same dependencies; tests/update alone adds
-# ~1.5 min, which takes a CI run with an uncached image test (~5-7 min) past 15 minutes.
-PY313_TESTS ?= tests/unit tests/runtime
+# Under 3.13: config, CLI, units and install (tests/unit), the inference runtime with its worker processes on the
+# cp313 LiteRT wheel (tests/runtime) and the update path with its crypto (tests/update): about 3 min measured.
+# The link, power, driver and end-to-end tests (about 4 min more) are pure Python over the same dependencies and
+# would take an uncached CI run (10.5 min now, the image root built beside the suites) near 15 minutes.
+PY313_TESTS ?= tests/unit tests/runtime tests/update
 # The arm64 image test's debootstrap root and pip downloads, kept between runs (outside the checkout).
 IMAGE_CACHE ?= $(HOME)/.cache/fieldnode-image
 
