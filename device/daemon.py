@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 from device import __version__
+from device.runtime import zygote
 
 log = logging.getLogger("device.agent")
 
@@ -31,9 +33,21 @@ def add_arguments(p) -> None:
     add_log_format_argument(p)
 
 
+def start_zygote(backend: str) -> None:
+    """Forks the worker zygote (:mod:`device.runtime.zygote`) before the agent starts its first thread, so
+    inference workers share the agent's Python, numpy and interpreter pages instead of loading their own.
+
+    numpy's BLAS would start a thread per core when imported; the agent's arithmetic is too small to use
+    them, and with them the process is no longer single-threaded, so the zygote could not be forked. Unless
+    ``OPENBLAS_NUM_THREADS`` says otherwise (then workers are exec'd, and that is said at debug level).
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if zygote.start(backend) is None:
+        log.debug("inference workers are exec'd: no zygote")
+
+
 def run(args) -> int:
     from device import logs
-    from device.agent import Agent
     from device.cli import load_config
 
     cfg = load_config(args)
@@ -41,6 +55,17 @@ def run(args) -> int:
         cfg = cfg.with_overrides({"drivers.virtual_board": args.sim})
     log_args = (getattr(args, "log_format", None), getattr(args, "verbose", False))
     logs.setup(cfg.device.log_level, log_args[0] or cfg.device.log_format, verbose=log_args[1])
+    try:
+        return _run(args, cfg, log_args)
+    finally:
+        zygote.stop()
+
+
+def _run(args, cfg, log_args) -> int:
+    if cfg.runtime.isolation == "process":
+        start_zygote(cfg.runtime.backend)  # before the agent's own modules: the workers need none of them
+    from device.agent import Agent
+
     agent = Agent(cfg)
     agent.log_args = log_args  # a SIGHUP reload keeps --log-format and -v over the file (device.reload)
     log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,

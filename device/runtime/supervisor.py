@@ -37,6 +37,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from device.runtime import errors as E
+from device.runtime import zygote
 from device.runtime.engine import EngineBase, InferResult, check_input_count
 from device.runtime.quarantine import Quarantine
 from device.runtime.tensors import TensorSpec, write_input
@@ -98,6 +99,26 @@ class _Launcher:
 
 
 _LAUNCHER = _Launcher()
+_said_zygote_gone = False
+
+
+def _launch(child_fd: int):
+    """Starts a worker serving on ``child_fd``: forked by the zygote when this process has one
+    (:mod:`device.runtime.zygote`, ``fieldnode run``), else by exec. A zygote that has died is said once,
+    and exec takes over."""
+    global _said_zygote_gone
+    z = zygote.current()
+    if z is not None:
+        try:
+            return z.spawn(child_fd)
+        except zygote.ZygoteGone as exc:
+            if not _said_zygote_gone:
+                _said_zygote_gone = True
+                log.warning("%s; inference workers are started by exec from now on, each with its own copy "
+                            "of Python and numpy", exc)
+    return _LAUNCHER.popen([sys.executable, "-m", "device.runtime.worker", str(child_fd)],
+                           pass_fds=(child_fd,), env=_worker_env(), stdin=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, close_fds=True)
 
 
 class StderrTail:
@@ -352,9 +373,7 @@ class ProcessEngine(EngineBase):
                    for c in self.spec.candidates if c not in cands]
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = _LAUNCHER.popen([sys.executable, "-m", "device.runtime.worker", str(child.fileno())],
-                                   pass_fds=(child.fileno(),), env=_worker_env(), stdin=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, close_fds=True)
+            proc = _launch(child.fileno())
         finally:
             child.close()
         self._tail = StderrTail(proc.stderr, proc.pid)

@@ -4,7 +4,8 @@ Models are programs (TFLite has had model-triggered memory-safety bugs), so by d
 here and not in the agent. The supervisor (:mod:`device.runtime.supervisor`) spawns this process and talks
 to it over one socket pair:
 
-The worker is ``python -m device.runtime.worker FD``, FD being its end of the socket pair. Start-up, as
+The worker is ``python -m device.runtime.worker FD``, FD being its end of the socket pair, or, under
+``fieldnode run``, a fork of the zygote (:mod:`device.runtime.zygote`) serving on that end. Start-up, as
 length-prefixed :class:`Channel` messages (once per worker, never per call)::
 
     super  -> <WorkerSpec JSON>
@@ -301,6 +302,12 @@ def main(argv: Sequence[str]) -> int:
         print("the inference worker is started by the fieldnode supervisor, not by hand", file=sys.stderr)
         return 2
     _die_with_parent()
+    return serve_fd(int(argv[0]))
+
+
+def serve_fd(fd: int) -> int:
+    """Serves on the socket ``fd`` until STOP or until the supervisor goes away: an exec'd worker
+    (:func:`main`) and one forked by the zygote (:mod:`device.runtime.zygote`) both end up here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     import faulthandler
 
@@ -310,7 +317,7 @@ def main(argv: Sequence[str]) -> int:
     from device.runtime.delegates import DelegateFallback
 
     warnings.simplefilter("ignore", DelegateFallback)  # READY carries the reasons; the supervisor logs them
-    conn = Channel(socket.socket(fileno=int(argv[0])))
+    conn = Channel(socket.socket(fileno=fd))
     spec = WorkerSpec.from_json(conn.recv_bytes())
     worker_main(conn, spec)
     return 0

@@ -157,7 +157,14 @@ def label(pid: int, root: int) -> str:
     except OSError:
         return "gone"
     line = " ".join(argv)
-    if "device.runtime.worker" in line:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = ""
+    if comm == "fieldnode-fork":
+        return "zygote"
+    if comm == "fieldnode-infer" or "device.runtime.worker" in line:
         return "worker"
     if "resource_tracker" in line:
         return "resource_tracker"

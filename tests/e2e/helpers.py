@@ -283,14 +283,19 @@ class AgentProcess:
         return children(self.pid)
 
     def worker_pid(self) -> int:
-        """The inference worker: the agent's child running ``device.runtime.worker`` (waits for it)."""
+        """The inference worker: the agent's child named ``fieldnode-infer`` (forked by the zygote) or running
+        ``device.runtime.worker`` (exec'd) (waits for it)."""
         def find():
             for pid in self.children():
-                if "device.runtime.worker" in cmdline(pid):
+                if comm(pid) == "fieldnode-infer" or "device.runtime.worker" in cmdline(pid):
                     return pid
             return None
 
         return wait_for(find, HANG_S, "the inference worker among the agent's children", self.log_tail)
+
+    def zygote_pid(self) -> int | None:
+        """The worker zygote (the agent's child named ``fieldnode-fork``), None when there is none."""
+        return next((pid for pid in self.children() if comm(pid) == "fieldnode-fork"), None)
 
     def kill(self) -> None:
         """SIGKILL to the agent and its whole process group (the end of a test, whatever happened)."""
@@ -332,6 +337,15 @@ def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def comm(pid: int) -> str:
+    """The process's name as ``ps`` shows it (``/proc/<pid>/comm``), "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode("utf-8", "replace").strip()
     except (FileNotFoundError, ProcessLookupError):
         return ""
 

@@ -110,6 +110,10 @@ def test_fieldnode_status_on_the_control_socket_answers_as_the_mqtt_status_comma
     for key in ("model", "variant", "backend", "delegate", "isolation", "worker_pid"):
         assert local["runtime"][key] == remote["runtime"][key], key
     assert local["runtime"]["worker_pid"] == board.agent.worker_pid()
+    # `fieldnode run` forks its worker from the zygote (device/runtime/zygote.py), and the worker is the
+    # agent's own child, so the agent reaps it and reads its exit status.
+    assert H.comm(local["runtime"]["worker_pid"]) == "fieldnode-infer"
+    assert board.agent.zygote_pid() is not None, board.agent.children()
     assert local["governor"]["level"] == remote["governor"]["level"]
     assert local["link"]["connected"] is True and remote["link"]["connected"] is True
     # Counters only grow between the two answers (the socket answered first).
@@ -204,11 +208,14 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         H.wait_for(lambda: states()[-1] == "online", what="online")
         watcher.wait_for_messages(2, timeout=H.HANG_S, topic=RESULTS)
         worker = first.worker_pid()
+        zygote = first.zygote_pid()
+        assert zygote is not None, first.children()
         first.signal(signal.SIGKILL)
         assert first.wait() == -signal.SIGKILL
         H.wait_for(lambda: states()[-1] == "lost", what="the last will 'lost'", detail=broker.log_tail)
         assert retained_state(broker) == (True, {"state": "lost", "device": H.DEV})
         H.wait_for(lambda: gone(worker), what="the worker to die with its agent")
+        H.wait_for(lambda: gone(zygote), what="the worker zygote to die with its agent")
         boundary1 = H.spool_last_id(dirs.state)  # nothing writes the spool now: run 2's ids are all above
 
         # Run 2: online again; then the broker goes away and results are spooled on disk.
