@@ -224,12 +224,12 @@ class NotifyListener:
         self.sock.close()
 
 
-def run_agent(tmp: str, backend: str, settle_s: float, timeout_s: float) -> dict:
+def run_agent(tmp: str, backend: str, settle_s: float, timeout_s: float, isolation: str = "process") -> dict:
     state, rundir = os.path.join(tmp, "state"), os.path.join(tmp, "run")
     cfg = os.path.join(tmp, "fieldnode.toml")
     with open(cfg, "w") as f:
         f.write(f'[device]\nstate_dir = "{state}"\nruntime_dir = "{rundir}"\n\n'
-                f'[runtime]\nbackend = "{backend}"\n')
+                f'[runtime]\nbackend = "{backend}"\nisolation = "{isolation}"\n')
     listener = NotifyListener(os.path.join(tmp, "notify.sock"))
     env = dict(os.environ, NOTIFY_SOCKET=listener.path, PYTHONPATH=ROOT)
     env.pop("WATCHDOG_USEC", None)
@@ -311,6 +311,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="agent/floor pairs; medians are reported (default 3)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds after READY=1 before measuring (default 10)")
     p.add_argument("--backend", default="auto", choices=("auto", "litert", "tflite"))
+    p.add_argument("--isolation", default="process", choices=("process", "inline"),
+                   help="the agent's runtime.isolation: process (the default, measured by make bench) or inline "
+                        "(the interpreter in the agent: what isolation costs, for comparison)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for READY=1 (default 60)")
     args = p.parse_args()
     backend = agent_backend(args.backend)
@@ -323,7 +326,7 @@ def main() -> int:
     for _ in range(args.repeats):
         floors.append(run_floor(model, backend, threads))
         with tempfile.TemporaryDirectory(prefix="fieldnode-bench-footprint-") as tmp:
-            runs.append(run_agent(tmp, backend, args.settle, args.timeout))
+            runs.append(run_agent(tmp, backend, args.settle, args.timeout, args.isolation))
     ratios = [r["pss_mb"] / f["pss_mb"] for r, f in zip(runs, floors)]
     alone = [r["alone_mb"] / f["alone_mb"] for r, f in zip(runs, floors)
              if r["alone_mb"] is not None and f["alone_mb"] is not None] or None
@@ -338,7 +341,8 @@ def main() -> int:
         return None if x is None else round(x, 1)
 
     print(json.dumps({
-        "bench": "footprint", "backend": backend, "variant": variant, "threads": threads, "link": "off",
+        "bench": "footprint", "backend": backend, "isolation": args.isolation, "variant": variant, "threads": threads,
+        "link": "off",
         "board": "simulated rpi4", "settle_s": args.settle, "repeats": args.repeats,
         "ratio": round(ratio, 3), "ratio_of": "alone_mb" if alone else "pss_mb",
         "alone_mb": mb(run["alone_mb"]), "floor_alone_mb": mb(floor["alone_mb"]),
