@@ -15,7 +15,7 @@ PY313_VENV ?= .venv-py313
 # cp313 LiteRT wheel (tests/runtime) and the update path with its crypto (tests/update): about 3 min measured.
 # The link, power, driver and end-to-end tests (about 4 min more) are pure Python over the same dependencies and
 # would take an uncached CI run (10.5 min now, the image root built beside the suites) near 15 minutes.
-PY313_TESTS ?= tests/unit tests/runtime tests/update
+PY313_TESTS ?= tests/unit tests/runtime tests/update tests/e2e
 # The arm64 image test's debootstrap root and pip downloads, kept between runs (outside the checkout).
 IMAGE_CACHE ?= $(HOME)/.cache/fieldnode-image
 
