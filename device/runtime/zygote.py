@@ -109,7 +109,6 @@ class ForkedProc:
                     pid, status = self.pid, 255 << 8
                 if pid == self.pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
-                    self._close_pidfd()
             return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -135,7 +134,9 @@ class ForkedProc:
                 except ProcessLookupError:
                     pass
 
-    def _close_pidfd(self) -> None:
+    def __del__(self) -> None:
+        # Closed only with the object, so a wait() on another thread never polls a descriptor closed (or
+        # reused) under it.
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1

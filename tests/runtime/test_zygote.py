@@ -16,6 +16,7 @@ import sys
 import time
 
 from tests.conftest import ROOT
+from tests.runtime.zygotechild import state
 
 
 def scenario(name: str, tmp_path, backend: str) -> dict:
@@ -83,19 +84,11 @@ def test_the_zygote_and_its_workers_die_with_the_agent(tmp_path, backend):
         end = time.monotonic() + 30
         left = list(pids.values())
         while left and time.monotonic() < end:
-            left = [p for p in left if _alive(p)]
+            left = [p for p in left if state(p) not in (None, "Z")]
             time.sleep(0.05)
         assert left == [], f"still running after the agent was killed: {left} of {pids}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
