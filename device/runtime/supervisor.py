@@ -99,23 +99,18 @@ class _Launcher:
 
 
 _LAUNCHER = _Launcher()
-_said_zygote_gone = False
 
 
 def _launch(child_fd: int):
     """Starts a worker serving on ``child_fd``: forked by the zygote when this process has one
-    (:mod:`device.runtime.zygote`, ``fieldnode run``), else by exec. A zygote that has died is said once,
-    and exec takes over."""
-    global _said_zygote_gone
+    (:mod:`device.runtime.zygote`, ``fieldnode run``), else by exec, which also takes over from a zygote
+    that failed (the zygote module says so)."""
     z = zygote.current()
     if z is not None:
         try:
             return z.spawn(child_fd)
-        except zygote.ZygoteGone as exc:
-            if not _said_zygote_gone:
-                _said_zygote_gone = True
-                log.warning("%s; inference workers are started by exec from now on, each with its own copy "
-                            "of Python and numpy", exc)
+        except zygote.ZygoteGone:
+            pass
     return _LAUNCHER.popen([sys.executable, "-m", "device.runtime.worker", str(child_fd)],
                            pass_fds=(child_fd,), env=_worker_env(), stdin=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, close_fds=True)

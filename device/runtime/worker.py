@@ -286,14 +286,11 @@ class Channel:
 
 
 def _die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when the supervisor dies, so no worker outlives its agent."""
-    try:
-        import ctypes
+    """Asks Linux to SIGKILL this process when the supervisor dies, so no worker outlives its agent (without
+    Linux or libc, the EOF on the socket still ends the worker)."""
+    from device.runtime.zygote import PR_SET_PDEATHSIG, prctl
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:  # not Linux, or no libc: the EOF on the socket still ends the worker
-        pass
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def main(argv: Sequence[str]) -> int:

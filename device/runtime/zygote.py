@@ -50,7 +50,7 @@ SPAWN_TIMEOUT_S = 10.0  # the zygote answers a SPAWN in milliseconds; this long 
 REPARENT_TIMEOUT_S = 5.0  # how long a new worker waits to be handed to the agent
 
 _PR_SET_NAME = 15
-_PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
 ZYGOTE_NAME = b"fieldnode-fork"
@@ -61,7 +61,8 @@ class ZygoteGone(Exception):
     """The zygote did not fork a worker: it is dead, stuck, or its fork failed."""
 
 
-def _prctl(option: int, arg) -> bool:
+def prctl(option: int, arg) -> bool:
+    """``prctl(option, arg)``; False when it failed or this is not Linux."""
     try:
         import ctypes
 
@@ -73,7 +74,7 @@ def _prctl(option: int, arg) -> bool:
 
 def name_process(name: bytes) -> None:
     """Sets this process's name as ``ps`` and ``top`` show it (15 bytes at most)."""
-    _prctl(_PR_SET_NAME, name[:15])
+    prctl(_PR_SET_NAME, name[:15])
 
 
 def _os_threads() -> int:
@@ -177,12 +178,15 @@ class Zygote:
             os.close(w)
         if not msg.startswith(b"PID "):
             os.close(r)
-            raise ZygoteGone(msg[4:].decode(errors="replace") if msg.startswith(b"ERR ") else
-                             f"answered {msg[:40]!r}")
+            why = msg[4:].decode(errors="replace") if msg.startswith(b"ERR ") else f"answered {msg[:40]!r}"
+            log.warning("the worker zygote could not fork a worker (%s); this one is started by exec", why)
+            raise ZygoteGone(why)
         return ForkedProc(int(msg[4:]), open(r, "rb"))
 
     def _lost(self, why: str):
         self.gone = f"the worker zygote (pid {self.pid}) {why}"
+        log.warning("%s; inference workers are started by exec from now on, each with its own copy of Python "
+                    "and numpy", self.gone)
         self.stop()
         raise ZygoteGone(self.gone)
 
@@ -228,7 +232,7 @@ def start(backend: str = "auto") -> Zygote | None:
         # thread per core unless OPENBLAS_NUM_THREADS=1).
         log.debug("no worker zygote: this process runs %d threads", threads)
         return None
-    if not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
+    if not prctl(_PR_SET_CHILD_SUBREAPER, 1):
         log.debug("no worker zygote: this process cannot become a child subreaper")
         return None
     from device.runtime.worker import Channel
@@ -278,7 +282,7 @@ def stop() -> None:
 # ----- in the zygote ------------------------------------------------------------------------------------------
 
 def _zygote(chan, agent: int) -> int:
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != agent:  # the agent died before the line above
         return 0
     name_process(ZYGOTE_NAME)
@@ -375,7 +379,7 @@ def _worker(chan, agent: int, sock_fd: int, err_fd: int) -> None:
                 os.write(2, b"fieldnode worker: the agent did not adopt it (is it a child subreaper?)\n")
                 os._exit(1)
             time.sleep(0.0005)
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent:  # the agent died in between
             os._exit(0)
         name_process(WORKER_NAME)
