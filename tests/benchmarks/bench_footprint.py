@@ -3,10 +3,10 @@
 One JSON line (issue "On the board for real"):
 
 * ``pss_mb`` – the summed PSS (``/proc/<pid>/smaps_rollup``) of the agent and of every process under it (the
-  inference worker, and anything else it starts), ``--settle`` seconds after ``READY=1``, on a virtual board
+  worker zygote, the inference worker, and anything else it starts), ``--settle`` seconds after ``READY=1``, on a virtual board
   with no link and the bundled vibration model. PSS splits a shared page between the processes that map it,
   so the sum counts the agent's and the worker's common libraries once. ``parts_pss_mb`` names each process
-  by what it is (``agent``, ``worker``, ``resource_tracker``, else its command line).
+  by what it is (``agent``, ``zygote``, ``worker``, ``resource_tracker``, else its command line).
 * ``floor_pss_mb`` – one process that imports what the measured agent imports for its work (numpy, the
   interpreter backend the agent used, pyserial; with no link the agent imports neither paho-mqtt nor
   cryptography), loads the same model variant with the same thread count and runs it: what a single process
@@ -341,9 +341,8 @@ def main() -> int:
         return None if x is None else round(x, 1)
 
     print(json.dumps({
-        "bench": "footprint", "backend": backend, "isolation": args.isolation, "variant": variant, "threads": threads,
-        "link": "off",
-        "board": "simulated rpi4", "settle_s": args.settle, "repeats": args.repeats,
+        "bench": "footprint", "backend": backend, "isolation": args.isolation, "variant": variant,
+        "threads": threads, "link": "off", "board": "simulated rpi4", "settle_s": args.settle, "repeats": args.repeats,
         "ratio": round(ratio, 3), "ratio_of": "alone_mb" if alone else "pss_mb",
         "alone_mb": mb(run["alone_mb"]), "floor_alone_mb": mb(floor["alone_mb"]),
         "ratio_alone_trials": alone and sorted(round(r, 3) for r in alone),
