@@ -51,35 +51,27 @@ py313-test:
 		echo "running $(PY313_TESTS) under $$($(PY313_VENV)/bin/python -V) ($(PY313_VENV))" && \
 		FIELDNODE_TEST_BACKEND=litert $(PY313_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) $(PY313_TESTS); fi
 
-mosquitto:
-	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+# $(call apt_need,CHECK,PACKAGES): nothing when the shell test CHECK passes; else, as root, PACKAGES are installed
+# with apt-get; else make stops with the one command to run.
+apt_need = @if $(1); then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing mosquitto with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		echo "installing $(2) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	else \
-		echo "mosquitto is missing: run 'sudo apt-get install -y mosquitto' (or run make test as root)" >&2; exit 1; \
+		echo "missing: run 'sudo apt-get install -y $(2)' (or run make as root)" >&2; exit 1; \
 	fi
+
+mosquitto:
+	$(call apt_need,command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto,mosquitto)
 
 # systemd-analyze, systemd-sysusers and systemd-tmpfiles check the unit files in systemd/ (Debian's systemd).
 systemd-tools:
-	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing systemd (for systemd-analyze) with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; \
-	else \
-		echo "systemd-analyze is missing: run 'sudo apt-get install -y systemd' (or run make test as root)" >&2; exit 1; \
-	fi
+	$(call apt_need,command -v systemd-analyze >/dev/null 2>&1,systemd)
 
 # debootstrap, qemu-user-static and binfmt-support for the arm64 image test.
 image-tools:
-	@if command -v debootstrap >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 \
-		&& command -v update-binfmts >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing qemu-user-static binfmt-support debootstrap with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static binfmt-support debootstrap >/dev/null; \
-	else \
-		echo "the image test needs root and qemu-user-static binfmt-support debootstrap: run 'sudo make image-test'" >&2; exit 1; \
-	fi
+	$(call apt_need,command -v debootstrap >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 \
+		&& command -v update-binfmts >/dev/null 2>&1,qemu-user-static binfmt-support debootstrap)
 
 # The closest thing to a board: fieldnode install --root into an arm64 Debian bookworm root, then selftest,
 # diag --sim and run --sim in it under qemu-user as a Cortex-A72 (tests/image/imagetest.py).
