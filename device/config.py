@@ -470,7 +470,7 @@ def describe() -> list[tuple[str, str, object, str]]:
     return [(path, spec_of(tp, f.metadata).expected(), f.default, f.metadata["doc"]) for path, tp, f in _walk(Config)]
 
 
-def _toml_literal(value: Any) -> str:
+def toml_literal(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -482,7 +482,7 @@ def render_markdown() -> str:
     """Returns the markdown table of every key (the reference in docs/configuration.md)."""
     lines = ["| Key | Type / allowed | Default | Description |", "| --- | --- | --- | --- |"]
     for key_path, type_text, default, doc in describe():
-        cells = [f"`{key_path}`", type_text, f"`{_toml_literal(default)}`", doc]
+        cells = [f"`{key_path}`", type_text, f"`{toml_literal(default)}`", doc]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -497,7 +497,7 @@ def render_toml() -> str:
             out.append(("\n" if out else "") + f"[{head}]")
             table = head
         out.append(f"# {doc} ({type_text})")
-        out.append(f"{name} = {_toml_literal(default)}")
+        out.append(f"{name} = {toml_literal(default)}")
     return "\n".join(out) + "\n"
 
 

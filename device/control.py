@@ -23,7 +23,7 @@ A socket file left by a crashed agent is replaced only once nobody answers on it
 while the file is still its own.
 
 This module is what both ends share (the errors, the path, the encoding) and the client (:class:`Client`,
-:func:`request`); the server is :mod:`device.controlserver`, also reachable as ``device.control.ControlServer``.
+:func:`request`); the server is :mod:`device.agent.controlserver`.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def socket_path(cfg) -> str:
     return os.path.join(cfg.device.runtime_dir, SOCKET_NAME)
 
 
-def _peer_pid(sock: socket.socket) -> int | None:
+def socket_peer_pid(sock: socket.socket) -> int | None:
     """The pid of the process at the other end (for a listening socket's clients: the one that listens)."""
     try:
         pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -98,7 +98,7 @@ def _peer_pid(sock: socket.socket) -> int | None:
         return None
 
 
-def _path_problem(path: str) -> str | None:
+def path_problem(path: str) -> str | None:
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
         return (f"the path is longer than the {_MAX_UNIX_PATH} bytes a Unix socket allows; set a shorter "
                 f"device.runtime_dir")
@@ -155,7 +155,7 @@ class Client:
             ControlUnavailable: With what a technician can do about it.
         """
         self.close()
-        problem = _path_problem(self.path)
+        problem = path_problem(self.path)
         if problem:
             raise ControlUnavailable(f"cannot reach the agent at {self.path}: {problem}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -165,7 +165,7 @@ class Client:
         except OSError as exc:
             sock.close()
             raise self._unreachable(exc) from None
-        self._sock, self.peer_pid = sock, _peer_pid(sock)
+        self._sock, self.peer_pid = sock, socket_peer_pid(sock)
 
     def request(self, op: str, args: dict | None = None) -> Any:
         """Sends one request and returns its ``result``.
@@ -263,12 +263,3 @@ def request(path: str, op: str, args: dict | None = None, *, timeout: float = 2.
     with Client(path, timeout=timeout) as client:
         return client.request(op, args)
 
-
-def __getattr__(name: str):
-    # The server lives in its own module; `from device.control import ControlServer` finds it, and a client
-    # (fieldnode status) does not import it.
-    if name == "ControlServer":
-        from device.controlserver import ControlServer
-
-        return ControlServer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

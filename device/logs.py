@@ -12,7 +12,7 @@ previous one installed, so no line is written twice. Three formats:
     coloured and alerted on as an error. A NUL byte would break a line too, and journald splits lines longer
     than its ``LineMax=`` (48 KiB by default) with the rest unprefixed: both are taken care of here.
 ``text``
-    For a terminal: ``2026-11-29 11:00:00.123 WARNING device.agent: message`` in local time.
+    For a terminal: ``2026-11-29 11:00:00.123 WARNING device.agent.agent: message`` in local time.
 ``json``
     One object per line: ``ts`` (ISO 8601 UTC with milliseconds), ``level``, ``logger``, ``message`` and
     ``exc`` (the traceback) when there is one.
@@ -102,7 +102,7 @@ class _Formatter(logging.Formatter):
 
 
 class TextFormatter(_Formatter):
-    """``2026-11-29 11:00:00.123 WARNING device.agent: message`` (local time), for a terminal."""
+    """``2026-11-29 11:00:00.123 WARNING device.agent.agent: message`` (local time), for a terminal."""
 
     def __init__(self):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")

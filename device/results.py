@@ -46,7 +46,7 @@ class Result:
 
 @dataclass(frozen=True)
 class Applied:
-    """What one plan put in force (:meth:`device.applier.PlanApplier.apply`).
+    """What one plan put in force (:meth:`device.agent.applier.PlanApplier.apply`).
 
     Attributes:
         interval_ms: Minimum time between inferences. telemetry_s: The telemetry period.

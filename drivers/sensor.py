@@ -393,7 +393,7 @@ class SerialSensor:
                 self._n["timeouts"] += 1
                 self._state = SensorState.STALE
                 self._last_error = f"no frame from {self.url} for {self.read_timeout_s:g} s"
-                log.info("sensor %s: stale", self.url)  # the agent warns once per fault (device.watch)
+                log.info("sensor %s: stale", self.url)  # the agent warns once per fault (device.agent.watch)
             self._cond.notify_all()
 
     def _lose_port(self, reason: str) -> None:

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("device", "drivers", "power", "tools")
 MUST_SHIP = ("device/runtime/__init__.py", "device/runtime/worker.py", "device/link/client.py",
              "device/models/vibration/model.json", "device/models/vibration/vibration_full.tflite",
-             "drivers/sim/board.py", "power/governor.py", "tools/bench.py", "tools/install.py")
+             "drivers/sim/board.py", "power/governor.py", "tools/bench.py", "tools/install/cli.py")
 # systemd/NAME ships as device/data/systemd/NAME: `fieldnode install` writes them onto the board.
 SYSTEMD_FILES = ("fieldnode.service", "fieldnode.sysusers", "fieldnode.tmpfiles", "99-fieldnode-edgetpu.rules")
 SYSTEMD_DATA = "device/data/systemd/"

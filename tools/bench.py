@@ -24,7 +24,7 @@ BLOCK = 10  # inferences per side between switches (see run_bench)
 
 
 def add_arguments(p) -> None:
-    from device.cli import nonnegative_float, number, positive_int
+    from device.cliargs import nonnegative_float, number, positive_int
 
     p.add_argument("model", help="a .tflite file or a model directory with model.json")
     p.add_argument("--variant", default="auto", help="variant of a model directory (default: auto)")
@@ -186,7 +186,7 @@ def run_bench(model: str, variant: str = "auto", runs: int = 200, warmup: int = 
 
 
 def run(args) -> int:
-    from device.cli import load_config
+    from device.cliargs import load_config
 
     # An error (a model that will not load, a delegate that is missing) is printed by the command line: one line
     # on stderr, and with --json the error object on stdout too.
@@ -201,7 +201,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        from device.cli import for_people
+        from device.cliargs import for_people
 
         width = max(len(k) for k in report)
         for k, v in report.items():

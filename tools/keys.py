@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device.link import envelope
 from device.link.errors import EnvelopeError
-from device.cli import positive_seconds
+from device.cliargs import positive_seconds
 from device.update import age
 from device.statefile import write_new
 

@@ -25,7 +25,7 @@ SCENARIOS = {
 
 
 def add_arguments(p) -> None:
-    from device.cli import number, sim_argument, subcommand_parents
+    from device.cliargs import number, sim_argument, subcommand_parents
 
     sub = p.add_subparsers(dest="power_command", metavar="{status,simulate}")
     sub.required = True
@@ -49,7 +49,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from device.cli import load_config
+    from device.cliargs import load_config
     from power.policy import Policy
 
     cfg = load_config(args)
@@ -122,7 +122,7 @@ def _status(args, cfg, policy) -> int:
 
 
 def _v(value, unit: str = "") -> str:
-    from device.cli import for_people
+    from device.cliargs import for_people
 
     return for_people(value, unit)
 

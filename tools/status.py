@@ -25,7 +25,7 @@ from device.clock import SYSTEM_CLOCK
 
 
 def add_arguments(p) -> None:
-    from device.cli import number, positive_int, positive_seconds
+    from device.cliargs import number, positive_int, positive_seconds
 
     p.add_argument("--json", action="store_true", help="print the agent's status object (with --watch, one a line)")
     p.add_argument("--watch", action="store_true", help="print one line a second until Ctrl-C (or --count lines)")
@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
 
 
 def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
-    from device.cli import load_config
+    from device.cliargs import load_config
     from device.control import Client, socket_path
 
     cfg = load_config(args)
@@ -172,7 +172,7 @@ def _override(gov) -> str | None:
 
 def block(st: dict, pid: int | None = None) -> list[str]:
     """The status for a person: a few labelled lines, no Python reprs."""
-    from device.cli import for_people
+    from device.cliargs import for_people
 
     rt, gov, sensor = _obj(st.get("runtime")), _obj(st.get("governor")), _obj(st.get("sensor"))
     link, spool = st.get("link"), st.get("spool")

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Args:
         p: The parser of the ``update`` subcommand.
     """
-    from device.cli import positive_int, subcommand_parents
+    from device.cliargs import positive_int, subcommand_parents
 
     sub = p.add_subparsers(dest="update_action", metavar="ACTION", required=True)
 
@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0.
     """
-    from device.cli import load_config
+    from device.cliargs import load_config
     from device.update import install as inst
-    from device.update.store import ModelStore
+    from device.update.store.store import ModelStore
 
     cfg = load_config(args)
     who = f"fieldnode update {args.update_action}"

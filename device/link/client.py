@@ -43,7 +43,7 @@ from paho.mqtt.properties import Properties
 from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.link.channel import CommandChannel
 from device.link.errors import ConnectError
-from device.link.spool import Kind, Spool
+from device.link.spool.spool import Kind, Spool
 from device.link import wire
 from device.link.wire import Topics, default_prefix
 from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url

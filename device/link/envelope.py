@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from device.clock import SYSTEM_CLOCK
 from device.link.errors import (BadSignature, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
                                 EnvelopeTooLong, KeyFileError, UnknownKey, WrongTarget)
-from device.link.keyfile import _parse_key, _read_key_file, key_id, load_private_key, load_public_key  # noqa: F401
+from device.link.keyfile import parse_key, read_key_file, key_id, load_private_key, load_public_key  # noqa: F401
 from device.link.wire import canonical_json  # the wire contract's; importers may use this name too
 from device.statefile import set_aside, write_atomic
 
@@ -142,7 +142,7 @@ class TrustStore:
                 continue
             path = os.path.join(d, name)
             try:
-                pub = _parse_key(_read_key_file(path, trusted=True), path, private=False)
+                pub = parse_key(read_key_file(path, trusted=True), path, private=False)
             except KeyFileError as exc:
                 problems.append(f"{exc}; skipped")
                 continue

@@ -48,7 +48,7 @@ def load_private_key(path: str) -> ed25519.Ed25519PrivateKey:
     Raises:
         KeyFileError: Unreadable, not PEM, encrypted or another kind of key; names the file and what was found.
     """
-    return _parse_key(_read_key_file(path), path, private=True)
+    return parse_key(read_key_file(path), path, private=True)
 
 
 def load_public_key(path: str) -> ed25519.Ed25519PublicKey:
@@ -63,10 +63,10 @@ def load_public_key(path: str) -> ed25519.Ed25519PublicKey:
     Raises:
         KeyFileError: Unreadable, not PEM, a private key or another kind of key; names the file and what was found.
     """
-    return _parse_key(_read_key_file(path), path, private=False)
+    return parse_key(read_key_file(path), path, private=False)
 
 
-def _read_key_file(path: str, *, trusted: bool = False) -> bytes:
+def read_key_file(path: str, *, trusted: bool = False) -> bytes:
     # O_NONBLOCK: a FIFO named like a key must not hang the agent; it fails the regular-file check instead.
     try:
         with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
@@ -84,7 +84,7 @@ def _read_key_file(path: str, *, trusted: bool = False) -> bytes:
     return data
 
 
-def _parse_key(data: bytes, path: str, *, private: bool):
+def parse_key(data: bytes, path: str, *, private: bool):
     want = "PRIVATE KEY" if private else "PUBLIC KEY"
     m = _PEM_LABEL_RE.search(data)
     if m is None:

@@ -1,7 +1,7 @@
 """The wire contract between a board and its operators, in one module that both sides import.
 
 The board's link (:mod:`device.link.client`, :mod:`device.link.commands`) and ``fieldnode send``
-(:mod:`device.link.send`) take from here, and nowhere else:
+(:mod:`tools.send`) take from here, and nowhere else:
 
 * the topic tree of one board (:class:`Topics`, default prefix ``fieldnode/v1/<device id>``) and the rules for a
   topic level, a prefix and a reply topic the board will publish to (:meth:`Topics.reply_topic_problem`);

@@ -285,10 +285,13 @@ class Channel:
         self.sock.close()
 
 
+WORKER_NAME = b"fieldnode-infer"  # the process name of every inference worker, exec'd or forked
+
+
 def _die_with_parent() -> None:
     """Asks Linux to SIGKILL this process when the supervisor dies, so no worker outlives its agent (without
     Linux or libc, the EOF on the socket still ends the worker)."""
-    from device.runtime.zygote import PR_SET_PDEATHSIG, prctl
+    from device.linux import PR_SET_PDEATHSIG, prctl
 
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -299,6 +302,9 @@ def main(argv: Sequence[str]) -> int:
         print("the inference worker is started by the fieldnode supervisor, not by hand", file=sys.stderr)
         return 2
     _die_with_parent()
+    from device.linux import name_process
+
+    name_process(WORKER_NAME)  # as ps and top show a forked worker too, not python3.11
     return serve_fd(int(argv[0]))
 
 

@@ -44,37 +44,18 @@ import sys
 import threading
 import time
 
+from device.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, name_process, prctl
+
 log = logging.getLogger(__name__)
 
 SPAWN_TIMEOUT_S = 10.0  # the zygote answers a SPAWN in milliseconds; this long means it is stuck
 REPARENT_TIMEOUT_S = 5.0  # how long a new worker waits to be handed to the agent
 
-_PR_SET_NAME = 15
-PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
-
 ZYGOTE_NAME = b"fieldnode-fork"
-WORKER_NAME = b"fieldnode-infer"
 
 
 class ZygoteGone(Exception):
     """The zygote did not fork a worker: it is dead, stuck, or its fork failed."""
-
-
-def prctl(option: int, arg) -> bool:
-    """``prctl(option, arg)``; False when it failed or this is not Linux."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(option, arg, 0, 0, 0) == 0
-    except Exception:  # not Linux, or no libc
-        return False
-
-
-def name_process(name: bytes) -> None:
-    """Sets this process's name as ``ps`` and ``top`` show it (15 bytes at most)."""
-    prctl(_PR_SET_NAME, name[:15])
 
 
 def _os_threads() -> int:
@@ -232,7 +213,7 @@ def start(backend: str = "auto") -> Zygote | None:
         # thread per core unless OPENBLAS_NUM_THREADS=1).
         log.debug("no worker zygote: this process runs %d threads", threads)
         return None
-    if not prctl(_PR_SET_CHILD_SUBREAPER, 1):
+    if not prctl(PR_SET_CHILD_SUBREAPER, 1):
         log.debug("no worker zygote: this process cannot become a child subreaper")
         return None
     from device.runtime.worker import Channel
@@ -382,10 +363,11 @@ def _worker(chan, agent: int, sock_fd: int, err_fd: int) -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != agent:  # the agent died in between
             os._exit(0)
-        name_process(WORKER_NAME)
         # The frozen objects stay frozen: they are modules and live as long as the worker, and a collection
         # that walked them would copy every page they sit on.
         from device.runtime import worker
+
+        name_process(worker.WORKER_NAME)
 
         code = worker.serve_fd(sock_fd)
     except BaseException:

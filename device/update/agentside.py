@@ -18,7 +18,7 @@ background install started by a command. The agent calls it at a few points and 
   (``update_rolled_back`` {name, version, reason, code}). ``update_trial`` {version, windows, p50_ms, agreement}
   is emitted at the start and at the verdict. A reboot mid-trial resumes it from zero windows (the store counts
   restarts and rolls back a model that keeps taking the board down).
-* **commands** (:mod:`device.agent_commands`): :meth:`status`, :meth:`rollback`, :meth:`check` (on the command
+* **commands** (:mod:`device.agent.commands`): :meth:`status`, :meth:`rollback`, :meth:`check` (on the command
   thread, bounded by ``update.timeout_s`` per request) and :meth:`start_install`, which returns at once and
   installs on an ``update-install`` thread: ``update_install`` {state: started | progress | up_to_date |
   installed | failed, ...} events say how it goes, then the new slot serves on trial as above.
@@ -40,7 +40,7 @@ from device.clock import SYSTEM_CLOCK
 from device.errors import FieldnodeError
 from device.runtime.manifest import bundled_model_dir, load_manifest
 from device.update.errors import Busy, Deferred, StoreError, UpdateError
-from device.update.store import ModelStore
+from device.update.store.store import ModelStore
 from device.update.trial import Trial, TrialSettings
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ from device.statefile import write_atomic
 from device.update.errors import Deferred, StoreError, UpdateError, ValidationFailed
 from device.update.install_model import build_manifest, manifest_bytes, model_file, validate, vectors_file
 from device.update.install_plan import Candidate, Current, explicit, plan
-from device.update.storestaging import os_error
+from device.update.store.staging import os_error
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Installer:
 
     Args:
         repo: The board's :class:`~device.update.client.Repository`.
-        store: The A/B :class:`~device.update.store.ModelStore`.
+        store: The A/B :class:`~device.update.store.store.ModelStore`.
         device_id: This board's id (names its grants). identities: Its age identities (open its grants).
         facts: The board's :class:`~device.update.client.BoardFacts` (hardware class, rings, accelerators).
         runtime_settings: How this board runs models (validation runs the new model the same way).
@@ -105,7 +105,7 @@ class Installer:
         from device.runtime.runtime import RuntimeSettings
         from device.update import age
         from device.update.client import BoardFacts, Repository
-        from device.update.store import ModelStore
+        from device.update.store.store import ModelStore
 
         u = cfg.update
         if not u.root_file or not u.repository:
@@ -334,7 +334,7 @@ class Installer:
 
 
 def status(store, last: dict | None = None) -> dict:
-    """The store's status (:meth:`~device.update.store.ModelStore.status`) and the last check's result (``last``,
+    """The store's status (:meth:`~device.update.store.store.ModelStore.status`) and the last check's result (``last``,
     else the one recorded in the store's directory, else None). Needs no repository: works with updates off."""
     out = store.status()
     out["last_check"] = last if last is not None else last_check(store)

@@ -7,7 +7,7 @@ never labels or the input (a manifest target is future work, see docs/updates.md
 
 Validation loads each variant in a real inference worker (``isolation="process"``, a strict start, so a model
 that crashes the interpreter takes down only that worker) and runs its test vectors with
-:func:`device.selftest.check_variant`; a variant without vectors gets a finite-output probe instead.
+:func:`device.runtime.selftest.check_variant`; a variant without vectors gets a finite-output probe instead.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from device.update.errors import ValidationFailed
 
 log = logging.getLogger(__name__)
 
-TOLERANCE_STEPS = 2  # what separates kernels that round differently from a wrong model (device/selftest.py)
+TOLERANCE_STEPS = 2  # what separates kernels that round differently from a wrong model (device/runtime/selftest.py)
 PROBE_RUNS = 3
 _TEMPLATE_META = ("input", "output", "description")  # per-variant accuracy belongs to the old weights: dropped
 
@@ -104,7 +104,7 @@ def validate(manifest: ModelManifest, settings, vectors: dict, *, tolerance: int
             miss the vectors (the worst difference) or are not finite.
     """
     from device.runtime.runtime import Runtime
-    from device.selftest import check_variant, load_vectors
+    from device.runtime.selftest import check_variant, load_vectors
 
     results = []
     for name, variant in manifest.variants.items():

@@ -1,6 +1,6 @@
 """The naming rules and the signed release facts that the repository tool and the board share.
 
-One module, two importers (``tools/repo_release.py`` writes what this describes, ``device/update/client.py``
+One module, two importers (``tools/repo/release.py`` writes what this describes, ``device/update/client.py``
 reads it), so the two sides cannot drift:
 
 * **Target paths**: a model release is the TUF target ``models/<name>/<variant>/<version>.tflite.age`` (the

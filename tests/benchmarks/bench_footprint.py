@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 MODEL_DIR = os.path.join(ROOT, "device", "models", "vibration")
 
 # The console script's own code, so the measured process is what `fieldnode` runs and works from a checkout.
-AGENT = "import sys; from device.cli import main; sys.exit(main(sys.argv[1:]))"
+AGENT = "import sys; from tools.cli import main; sys.exit(main(sys.argv[1:]))"
 
 FLOOR = r"""
 import json, os, sys, time

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import paho.mqtt.client as mqtt  # noqa: E402
 
 from device.link.client import Link  # noqa: E402
-from device.link.spool import Spool  # noqa: E402
+from device.link.spool.spool import Spool  # noqa: E402
 from tests.link.broker import Broker  # noqa: E402
 
 N = 20000
@@ -97,7 +97,7 @@ def through_link(broker: Broker, tmp: str, n: int) -> float:
 _RSS_PROBE = """
 import json, os, sys
 sys.path.insert(0, sys.argv[3])
-from device.link.spool import Kind, Spool
+from device.link.spool.spool import Kind, Spool
 def rss():
     with open('/proc/self/status') as f:
         return next(int(l.split()[1]) for l in f if l.startswith('VmRSS:')) / 1024.0

@@ -264,7 +264,7 @@ def _fast_write(path: str, data: bytes, mode: int = 0o600) -> None:
 
 @contextlib.contextmanager
 def _without_fsync():
-    from tools import repo_release
+    from tools.repo import release as repo_release
 
     saved = repo_release.write_atomic
     repo_release.write_atomic = _fast_write
@@ -293,8 +293,8 @@ def _board_check(repo_dir: str, root: bytes, identity: str, state: str) -> dict:
 
 def _fleet_repo(path: str, size: int, pool: list, board_recipient: str) -> dict:
     """A published repository with one small release granted to ``size`` boards, :data:`BOARD` among them."""
-    from tools.repo_meta import Repository as ToolRepository
-    from tools.repo_release import grant
+    from tools.repo.meta import Repository as ToolRepository
+    from tools.repo.release import grant
 
     model = path + ".tflite"
     with open(model, "wb") as f:

@@ -31,9 +31,9 @@ HANG_S = 60.0
 
 
 def fieldnode_argv() -> list[str]:
-    """The installed entry point next to this interpreter, else the module (same code path: device.cli:main)."""
+    """The installed entry point next to this interpreter, else the module (same code path: tools.cli:main)."""
     exe = os.path.join(os.path.dirname(sys.executable), "fieldnode")
-    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "device.cli"]
+    return [exe] if os.access(exe, os.X_OK) else [sys.executable, "-m", "tools.cli"]
 
 
 def env_for_child(**extra: str) -> dict:

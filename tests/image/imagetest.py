@@ -47,7 +47,7 @@ CPUINFO_CORE = ("processor\t: {n}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evts
                 "CPU revision\t: 3\n\n")
 CPUINFO_TAIL = "Hardware\t: BCM2835\nRevision\t: c03114\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n"
 # The installed command, registering `install` for a fieldnode whose CLI does not list it yet.
-CLI = ("import sys; from device import cli; 'install' in cli.COMMANDS or cli._lazy('tools.install', 'install', "
+CLI = ("import sys; from tools import cli; 'install' in cli.COMMANDS or cli._lazy('tools.install.cli', 'install', "
        "'install'); sys.exit(cli.main(sys.argv[1:]))")
 
 

@@ -1,6 +1,6 @@
 """A writer process for the spool crash test: ``spool_writer.py PATH N``.
 
-Opens a :class:`~device.link.spool.Spool` at PATH, starts its group-commit thread and puts N results as fast as
+Opens a :class:`~device.link.spool.spool.Spool` at PATH, starts its group-commit thread and puts N results as fast as
 it can (yielding the GIL every 64 puts); result ``i`` (0-based) has the payload ``b"<i>"``. Every time it sees
 ``durable_id`` move it prints ``durable <id>`` and flushes stdout, so the test knows which ids were committed
 before it SIGKILLs the process. A writer that reaches N closes the spool and prints ``done <durable_id>``.
@@ -15,7 +15,7 @@ import time
 # Runnable as a plain script from any directory: the project root goes first on the import path.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from device.link.spool import Kind, Spool  # noqa: E402
+from device.link.spool.spool import Kind, Spool  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

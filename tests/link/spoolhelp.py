@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from device.link.spool import Kind, Message, Spool
+from device.link.spool.spool import Kind, Message, Spool
 from drivers.sim.clock import SimClock
 
 T, R, E = Kind.TELEMETRY, Kind.RESULT, Kind.EVENT

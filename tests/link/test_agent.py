@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from device import config
-from device.agent import Agent
+from device.agent.agent import Agent
 from device.link.envelope import sign_envelope
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -235,7 +235,7 @@ def test_mqtt_311_replies_go_to_the_reply_topic_with_the_request_id(agent, broke
 
 def spawn_agent(cfg_path: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen([sys.executable, "-m", "device.cli", "run", "--config", cfg_path], env=env,
+    return subprocess.Popen([sys.executable, "-m", "tools.cli", "run", "--config", cfg_path], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -351,7 +351,7 @@ def test_a_bad_broker_url_is_a_config_error_naming_the_key(tmp_path, broker_url,
 
 
 def test_fieldnode_send_talks_to_the_agent(agent, broker, operator_key, tmp_path, capsys):
-    from device.cli import main
+    from tools.cli import main
 
     assert main(["send", "--broker", broker.url, "--device", DEV, "ping", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["result"]["pong"] is True

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from device import config
-from device.agent import Agent
+from device.agent.agent import Agent
 from device.errors import ConfigError
 from device.link.envelope import sign_envelope
 from device.runtime.manifest import bundled_model_dir

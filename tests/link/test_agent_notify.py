@@ -10,7 +10,7 @@ import time
 import pytest
 
 from device import config
-from device.agent import Agent
+from device.agent.agent import Agent
 from tests.link.test_agent import wait_for
 
 

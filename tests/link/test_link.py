@@ -10,7 +10,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from device.link.client import Link
-from device.link.spool import Spool
+from device.link.spool.spool import Spool
 from tests.link.broker import Broker
 
 

@@ -14,10 +14,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.link import send, wire
+from tools import send
+from device.link import wire
 from device.link.client import Link
 from device.link.commands import Dispatcher, Registry, register_builtin
-from device.link.spool import Spool
+from device.link.spool.spool import Spool
 from tests.link.broker import Broker
 
 PREFIX = "fieldnode/v1/dev-a"

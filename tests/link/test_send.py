@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.link import send
+from tools import send
 from device.link.envelope import TrustStore, Verifier
 from device.link.errors import EnvelopeError
 from tests.link.broker import Broker, free_port
@@ -483,7 +483,7 @@ def test_the_timeout_counts_from_the_start_of_the_command(broker: Broker, mqtt_c
 
 def _board_send(capsys, conf, *argv: str) -> tuple:
     """``fieldnode send --config CONF ...`` through the real command line entry; (exit code, stdout, stderr)."""
-    from device import cli
+    from tools import cli
 
     code = cli.main(["send", "--config", str(conf), *argv])
     out, err = capsys.readouterr()
@@ -519,7 +519,7 @@ def board_link(tmp_path):
     from device import config
     from device.link.client import Link
     from device.link.commands import Dispatcher, Registry, register_builtin
-    from device.link.spool import Spool
+    from device.link.spool.spool import Spool
 
     made = []
 

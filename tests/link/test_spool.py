@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from device.link.errors import SpoolError
-from device.link.spool import Kind, Message, Spool
+from device.link.spool.spool import Kind, Message, Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spool_writer.py")

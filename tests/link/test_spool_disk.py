@@ -11,7 +11,7 @@ import os
 import pytest
 
 from device.link.errors import SpoolError
-from device.link.spool import Spool
+from device.link.spool.spool import Spool
 from drivers.sim.clock import SimClock
 
 from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401

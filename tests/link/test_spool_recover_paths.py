@@ -10,8 +10,8 @@ import sqlite3
 import threading
 import tracemalloc
 
-from device.link import spoolopen, spooldisk
-from device.link.spool import Spool
+from device.link.spool import open as spoolopen, disk as spooldisk
+from device.link.spool.spool import Spool
 
 from tests.link.spoolhelp import E, R, all_messages, wait_until  # noqa: F401
 from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)

@@ -10,9 +10,9 @@ import sqlite3
 
 import pytest
 
-from device.link import spooldb
+from device.link.spool import db as spooldb
 from device.link.errors import SpoolCorrupt, SpoolError
-from device.link.spool import Spool
+from device.link.spool.spool import Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401

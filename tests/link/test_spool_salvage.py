@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 
-from device.link.spool import Kind, Spool
+from device.link.spool.spool import Kind, Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 from tests.link.spoolhelp import E, R, T, all_messages  # noqa: F401

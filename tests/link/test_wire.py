@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from device.link import commands, envelope, errors, send, wire
+from device.link import commands, envelope, errors, wire
+from device.link import session
 from device.link.commands import Dispatcher, Registry, register_builtin
 from device.link.errors import BrokerUrlError, ReplyMalformed
 
@@ -56,7 +57,7 @@ def test_a_bad_prefix_is_refused_by_the_link_and_by_send_alike(prefix, problem):
     with pytest.raises(BrokerUrlError, match=problem):
         wire.Topics(prefix)
     with pytest.raises(errors.BadInput, match=problem):
-        send.build_request("dev-a", "ping", {}, prefix=prefix)
+        session.build_request("dev-a", "ping", {}, prefix=prefix)
 
 
 def test_the_topic_tree():
@@ -72,11 +73,11 @@ def test_send_and_the_board_accept_the_same_request_ids(rid, valid):
     reply = dispatcher.handle("ping", wire.encode({"request_id": rid}))
     assert reply.ok is valid
     if valid:
-        assert send.build_request("dev-a", "ping", {}, request_id=rid).payload == wire.request(rid, {})
+        assert session.build_request("dev-a", "ping", {}, request_id=rid).payload == wire.request(rid, {})
     else:
         assert reply.code == "bad_request"
         with pytest.raises(errors.BadInput, match="--request-id"):
-            send.build_request("dev-a", "ping", {}, request_id=rid)
+            session.build_request("dev-a", "ping", {}, request_id=rid)
 
 
 def test_the_boards_replies_parse_with_the_contract():
@@ -100,9 +101,9 @@ def test_one_copy_of_each_part():
     assert commands.REQUEST_ID_RE is wire.REQUEST_ID_RE and commands.REQUEST_FIELDS is wire.REQUEST_FIELDS
     assert envelope.canonical_json is wire.canonical_json
     for name in ("TOPIC_ROOT", "_REQUEST_ID_RE", "_reply_problem"):
-        assert not hasattr(send, name), name
+        assert not hasattr(session, name), name
     for name in ("BadInput", "SubscribeError", "NoReply", "ReplyMalformed"):
-        assert getattr(send, name) is getattr(errors, name)  # the classes live in the family's module
+        assert getattr(session, name) is getattr(errors, name)  # the classes live in the family's module
         assert issubclass(getattr(errors, name), errors.LinkError)
 
 

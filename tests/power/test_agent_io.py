@@ -9,7 +9,7 @@ import time
 import pytest
 
 from device import config
-from device.agent import Agent
+from device.agent.agent import Agent
 from drivers.led import LedCode
 
 LED, TRIGGER, POWER_GOOD = 17, 22, 27

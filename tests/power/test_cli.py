@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from device.cli import main
+from tools.cli import main
 
 
 def test_status_reads_a_virtual_board(capsys):

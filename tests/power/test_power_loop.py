@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from device.applier import PlanApplier
-from device.loops import PowerLoop
+from device.agent.applier import PlanApplier
+from device.agent.loops import PowerLoop
 from drivers.cpufreq import CpuFreq
 from drivers.sim.board import VirtualBoard
 from power.governor import Governor

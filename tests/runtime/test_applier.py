@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from device.applier import PlanApplier
+from device.agent.applier import PlanApplier
 from device.runtime.runtime import Runtime
 from drivers.cpufreq import CpuFreq
 from drivers.sim.board import VirtualBoard

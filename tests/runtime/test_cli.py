@@ -8,7 +8,7 @@ from tests.conftest import EXPECTED_BACKEND, ROOT
 
 
 def fieldnode(*args, timeout=180):
-    cmd = [sys.executable, "-m", "device.cli", *args]
+    cmd = [sys.executable, "-m", "tools.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 

@@ -50,7 +50,7 @@ def describe(pid: int) -> dict:
 
 
 def main(scenario: str, backend: str, tmp: str) -> dict:
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `fieldnode run` does (device/daemon.py)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `fieldnode run` does (device/agent/daemon.py)
     warnings: list[str] = []
 
     class Keep(logging.Handler):

@@ -10,10 +10,10 @@ import sys
 
 def imported_by(argv: list[str]) -> set[str]:
     code = ("import json, sys\n"
-            "from device import cli\n"
+            "from tools import cli\n"
             f"parser = cli.build_parser(only=cli.chosen_command({argv!r}))\n"
             f"parser.parse_args({argv!r})\n"
-            "import device.agent, device.daemon\n"
+            "import device.agent.agent, device.agent.daemon\n"
             "print(json.dumps(sorted(sys.modules)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return set(json.loads(out.stdout))
@@ -21,12 +21,12 @@ def imported_by(argv: list[str]) -> set[str]:
 
 def test_run_without_a_link_imports_neither_paho_nor_cryptography_nor_ssl():
     mods = imported_by(["run", "--sim"])
-    for heavy in ("paho", "cryptography", "ssl", "tools.keys", "device.link.send", "device.update.age"):
+    for heavy in ("paho", "cryptography", "ssl", "tools.keys", "tools.send", "device.update.age"):
         assert heavy not in mods, f"{heavy} is imported by fieldnode run"
 
 
 def test_the_chosen_command_skips_global_options_and_the_config_value():
-    from device.cli import chosen_command
+    from tools.cli import chosen_command
 
     assert chosen_command(["--config", "run", "-v", "status"]) == "status"  # a config file named "run"
     assert chosen_command(["-v", "--config=x.toml", "diag", "--json"]) == "diag"
@@ -35,11 +35,11 @@ def test_the_chosen_command_skips_global_options_and_the_config_value():
 
 
 def test_help_still_lists_every_command_and_each_commands_own_help_works():
-    from device import cli
+    from tools import cli
 
-    out = subprocess.run([sys.executable, "-m", "device.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for name in cli.COMMANDS:
         assert f"    {name}" in out.stdout, name
-    out = subprocess.run([sys.executable, "-m", "device.cli", "keys", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "keys", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from device.cli import for_people, main
+from device.cliargs import for_people
+from tools.cli import main
 
 
 def test_for_people():

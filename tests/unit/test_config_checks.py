@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from device import config
-from device.cli import main
+from tools.cli import main
 from device.errors import ConfigError
 from power.config import PowerConfig
 from power.policy import Policy

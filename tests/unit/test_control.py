@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from device.control import (MAX_LINE, Client, ControlBusy, ControlError, ControlProtocolError, ControlServer,
+from device.agent.controlserver import ControlServer
+from device.control import (MAX_LINE, Client, ControlBusy, ControlError, ControlProtocolError,
                             ControlSocketError, ControlUnavailable, request, socket_path)
 from device.errors import ConfigError
 
@@ -124,7 +125,7 @@ def test_the_socket_is_0660_in_a_0750_directory_of_the_group(tmp_path):
 
 
 def test_a_group_that_does_not_exist_is_skipped_quietly(path, caplog):
-    caplog.set_level(logging.DEBUG, logger="device.controlserver")
+    caplog.set_level(logging.DEBUG, logger="device.agent.controlserver")
     with ControlServer(path, handlers(), group="no-such-group-fieldnode"):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         assert request(path, "status")["device"] == "dev-a"
@@ -231,7 +232,7 @@ def test_a_second_server_on_the_same_path_is_refused(server, path):
         ControlServer(path, {}, group=None).start()
     assert e.value.code == "control_busy" and path in str(e.value) and f"pid {os.getpid()}" in str(e.value)
     # ... and from another process, through its own import of the module
-    code = ("import sys; from device.control import ControlServer, ControlBusy\n"
+    code = ("import sys; from device.agent.controlserver import ControlServer\nfrom device.control import ControlBusy\n"
             "try:\n    ControlServer(sys.argv[1], {}, group=None).start()\n"
             "except ControlBusy as e:\n    print(e.code); sys.exit(3)\n")
     p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -371,8 +372,8 @@ def test_a_socket_already_in_the_group_is_not_chowned_again(path, caplog, mocker
     """Under the unit (Group=fieldnode, SystemCallFilter=~@privileged) chown is refused with EPERM: a socket that
     already has the group must not try it, nor warn."""
     group = grp.getgrgid(os.getegid()).gr_name  # the group new files get anyway, as under Group=fieldnode
-    refused = mocker.patch("device.controlserver.os.chown", side_effect=PermissionError(1, "Operation not permitted"))
-    caplog.set_level(logging.DEBUG, logger="device.controlserver")
+    refused = mocker.patch("device.agent.controlserver.os.chown", side_effect=PermissionError(1, "Operation not permitted"))
+    caplog.set_level(logging.DEBUG, logger="device.agent.controlserver")
     with ControlServer(path, handlers(), group=group):
         assert request(path, "status")["device"] == "dev-a"
     assert not refused.called

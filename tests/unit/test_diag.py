@@ -12,15 +12,17 @@ import threading
 
 import pytest
 
-from tools import diag
-from tools.diag_checks import FAIL, OK, SKIP, WARN, Check, Spec
+from device.diag import runner
+from tools.diag import cli as diag
+from tools.diag import report
+from device.diag.checks import FAIL, OK, SKIP, WARN, Check, Spec
 
 pytestmark = pytest.mark.timeout(60)
 PASSWORD = "hunter2-Sup3r-s3cret"
 
 
 def parse(argv):
-    from device.cli import subcommand_parents
+    from device.cliargs import subcommand_parents
 
     p = argparse.ArgumentParser(prog="fieldnode diag", parents=subcommand_parents())
     diag.add_arguments(p)
@@ -35,10 +37,10 @@ def write_config(tmp_path: pathlib.Path, extra: str = "") -> str:
 
 
 def test_exit_code_is_the_worst_status():
-    assert diag.exit_code([]) == 0
-    assert diag.exit_code([Check("a", OK, ""), Check("b", SKIP, "")]) == 0
-    assert diag.exit_code([Check("a", OK, ""), Check("b", WARN, "x", "fix")]) == 1
-    assert diag.exit_code([Check("a", FAIL, "x", "fix"), Check("b", WARN, "x", "fix")]) == 2
+    assert runner.exit_code([]) == 0
+    assert runner.exit_code([Check("a", OK, ""), Check("b", SKIP, "")]) == 0
+    assert runner.exit_code([Check("a", OK, ""), Check("b", WARN, "x", "fix")]) == 1
+    assert runner.exit_code([Check("a", FAIL, "x", "fix"), Check("b", WARN, "x", "fix")]) == 2
     with pytest.raises(ValueError, match="needs a remedy"):
         Check("a", WARN, "no remedy")
 
@@ -55,12 +57,12 @@ def test_a_check_that_raises_or_hangs_is_a_fail_not_a_crash(tmp_path, monkeypatc
         release.wait(30)
         return Check("hang", OK, "late")
 
-    diag._load_checks()
-    monkeypatch.setattr(diag, "CHECKS", {"boom": Spec("boom", boom), "hang": Spec("hang", hang),
+    runner.load_checks()
+    monkeypatch.setattr(runner, "CHECKS", {"boom": Spec("boom", boom), "hang": Spec("hang", hang),
                                          "fine": Spec("fine", lambda ctx: Check("fine", OK, "all good"))})
     seen = []
     try:
-        checks = diag.run_checks(config.Config(), budget_s=0.5, on_check=seen.append)
+        checks = runner.run_checks(config.Config(), budget_s=0.5, on_check=seen.append)
     finally:
         release.set()
     assert [c.name for c in checks] == ["boom", "hang", "fine"] == [c.name for c in seen]
@@ -68,7 +70,7 @@ def test_a_check_that_raises_or_hangs_is_a_fail_not_a_crash(tmp_path, monkeypatc
     assert boom_c.status == FAIL and "RuntimeError: the sensor driver blew up" in boom_c.detail and boom_c.remedy
     assert hang_c.status == FAIL and "did not finish within 0.5 s" in hang_c.detail  # the budget, by construction
     assert fine_c.status == OK
-    assert diag.exit_code(checks) == 2
+    assert runner.exit_code(checks) == 2
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def roomy_budget(monkeypatch):
     own tests do that by outcome)."""
     import functools
 
-    monkeypatch.setattr(diag, "run_checks", functools.partial(diag.run_checks, budget_s=120.0))
+    monkeypatch.setattr(diag, "run_checks", functools.partial(runner.run_checks, budget_s=120.0))
 
 
 def sensor_ok_or_slow(check) -> bool:
@@ -92,7 +94,7 @@ def test_whole_simulated_run_json(tmp_path, capsys, roomy_budget):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"checks", "summary", "exit", "simulated"}
     assert out["simulated"] is True and out["exit"] == code
-    assert [c["name"] for c in out["checks"]] == list(diag.ORDER)
+    assert [c["name"] for c in out["checks"]] == list(runner.ORDER)
     for c in out["checks"]:
         assert set(c) == {"name", "status", "detail", "remedy"}
         assert c["status"] in (OK, WARN, FAIL, SKIP)
@@ -105,8 +107,8 @@ def test_whole_simulated_run_json(tmp_path, capsys, roomy_budget):
     assert by["models"]["status"] == OK and "test vectors pass" in by["models"]["detail"]
     assert "recorded as this board's baseline" in by["models"]["detail"]
     assert by["agent"]["status"] == SKIP  # nobody runs on the test's state directory
-    assert sum(out["summary"].values()) == len(diag.ORDER)
-    assert code == diag.EXIT[max((c["status"] for c in out["checks"]), key=lambda s: diag.EXIT[s])]
+    assert sum(out["summary"].values()) == len(runner.ORDER)
+    assert code == runner.EXIT[max((c["status"] for c in out["checks"]), key=lambda s: runner.EXIT[s])]
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["diag-baseline.json"]  # nothing else
 
 
@@ -159,13 +161,13 @@ def test_report_bundle_members_and_no_password(tmp_path, capsys):
     pw.chmod(0o600)
     path = write_config(tmp_path, f'broker = "mqtt://127.0.0.1:1"\nusername = "dev-a"\npassword_file = "{pw}"\n'
                                   f'# a stray secret_token = "{PASSWORD}"\n\n[drivers]\nsensor_url = "loop://"\n')
-    report = tmp_path / "out" / "bundle.tar.gz"
-    report.parent.mkdir()
-    code = diag.run(parse(["--config", path, "--json", "--report", str(report)]))
+    bundle = tmp_path / "out" / "bundle.tar.gz"
+    bundle.parent.mkdir()
+    code = diag.run(parse(["--config", path, "--json", "--report", str(bundle)]))
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["exit"] == code and "support bundle written" in captured.err
-    with tarfile.open(report) as tar:
+    with tarfile.open(bundle) as tar:
         names = {m.name.split("/", 1)[1] for m in tar.getmembers()}
         assert names == {"diag.json", "diag.txt", "config.json", "config.toml", "status.json", "versions.json",
                          "throttle.json", "journal.txt"}
@@ -173,15 +175,15 @@ def test_report_bundle_members_and_no_password(tmp_path, capsys):
     assert all(PASSWORD not in body for body in bodies.values())
     assert json.loads(bodies["diag.json"]) == out
     effective = json.loads(bodies["config.json"])
-    assert effective["link"]["password_file"] == diag.REDACTED and effective["link"]["username"] == "dev-a"
+    assert effective["link"]["password_file"] == report.REDACTED and effective["link"]["username"] == "dev-a"
     assert 'password_file = "<redacted>"' in bodies["config.toml"]
     versions = json.loads(bodies["versions.json"])
     assert {"fieldnode", "python", "backend", "os_release", "kernel"} <= set(versions)
     assert json.loads(bodies["status.json"])["available"] is False
     assert bodies["journal.txt"].startswith("# journalctl -u fieldnode -n 1000 --no-pager")
     assert "available" in json.loads(bodies["throttle.json"])
-    assert oct(report.stat().st_mode & 0o777) == "0o600"
-    assert not [p for p in report.parent.iterdir() if p.name != "bundle.tar.gz"]  # no temporary left behind
+    assert oct(bundle.stat().st_mode & 0o777) == "0o600"
+    assert not [p for p in bundle.parent.iterdir() if p.name != "bundle.tar.gz"]  # no temporary left behind
 
 
 def test_report_into_a_missing_directory_is_refused_before_checking(tmp_path):
@@ -190,12 +192,12 @@ def test_report_into_a_missing_directory_is_refused_before_checking(tmp_path):
 
 
 def test_redaction():
-    assert diag.redact({"a": {"api_token": "t", "password_file": "", "key_file": "/k"}, "secret": [1]}) == \
-        {"a": {"api_token": diag.REDACTED, "password_file": "", "key_file": "/k"}, "secret": diag.REDACTED}
-    assert diag.redact_toml('password_file = "/p"\n  "my.token" = \'x\'\nkey_file = "/k"\n') == \
+    assert report.redact({"a": {"api_token": "t", "password_file": "", "key_file": "/k"}, "secret": [1]}) == \
+        {"a": {"api_token": report.REDACTED, "password_file": "", "key_file": "/k"}, "secret": report.REDACTED}
+    assert report.redact_toml('password_file = "/p"\n  "my.token" = \'x\'\nkey_file = "/k"\n') == \
         'password_file = "<redacted>"\n  "my.token" = "<redacted>"\nkey_file = "/k"\n'
     # a multi-line secret: its later lines would escape a line-wise redaction, so the file is left out whole
-    text = diag.redact_toml('x = 1\nsecret = """first\nhunter2\n"""\n')
+    text = report.redact_toml('x = 1\nsecret = """first\nhunter2\n"""\n')
     assert "hunter2" not in text and "first" not in text and text.startswith("# left out")
 
 
@@ -206,7 +208,7 @@ def test_the_agent_diagnosing_itself_reads_what_it_holds_from_its_status(tmp_pat
     cfg = config.load(write_config(tmp_path, '\n[drivers]\nsensor_url = "/dev/ttyAMA0"\n'))
     status = {"pid": 4242, "device": "dev-a", "faults": {},
               "sensor": {"state": "ok", "frames": 900, "crc_errors": 0, "seq_gaps": 0, "reconnects": 0}}
-    out = diag.diagnose(cfg, agent_status=status)
+    out = runner.diagnose(cfg, agent_status=status)
     by = {c["name"]: c for c in out["checks"]}
     assert out["simulated"] is False and set(out) == {"checks", "summary", "exit", "simulated"}
     assert by["sensor"]["status"] == OK and "held by the agent" in by["sensor"]["detail"]

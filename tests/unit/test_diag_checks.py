@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from device import config
-from tools.diag_checks import FAIL, OK, SKIP, WARN, Context
+from device.diag.checks import FAIL, OK, SKIP, WARN, Context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,8 +57,8 @@ def write_cert(directory: pathlib.Path, cn: str, *, days_left: float, stem: str 
 
 
 def test_config_check_gives_the_message_fieldnode_run_gives(tmp_path, capsys):
-    from device import cli
-    from tools.diag_checks_config import check_config
+    from tools import cli
+    from device.diag.config import check_config
 
     path = tmp_path / "fieldnode.toml"
     path.write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
@@ -71,7 +71,7 @@ def test_config_check_gives_the_message_fieldnode_run_gives(tmp_path, capsys):
 
 
 def test_config_check_refuses_what_the_power_policy_refuses(tmp_path):
-    from tools.diag_checks_config import check_config
+    from device.diag.config import check_config
 
     cfg = make_cfg(tmp_path, drivers={"sensor_url": "loop://"})
     c = check_config(ctx_for(cfg))
@@ -82,7 +82,7 @@ def test_config_check_refuses_what_the_power_policy_refuses(tmp_path):
 
 
 def test_world_readable_key_fails_with_a_chmod_remedy(tmp_path):
-    from tools.diag_checks_config import check_keys
+    from device.diag.config import check_keys
 
     cert, key = write_cert(tmp_path, "dev-a", days_left=365)
     ca, _ = write_cert(tmp_path, "ca", days_left=365, stem="ca")
@@ -103,7 +103,7 @@ def test_world_readable_key_fails_with_a_chmod_remedy(tmp_path):
 def test_a_key_the_agents_user_does_not_own_fails(tmp_path):
     import pwd
 
-    from tools.diag_checks import file_mode_problem
+    from device.diag.checks import file_mode_problem
 
     key = tmp_path / "client.key"
     key.write_text("secret")
@@ -117,7 +117,7 @@ def test_a_key_the_agents_user_does_not_own_fails(tmp_path):
 
 
 def test_missing_password_file_fails_and_no_key_files_is_a_skip(tmp_path):
-    from tools.diag_checks_config import check_keys
+    from device.diag.config import check_keys
 
     assert check_keys(ctx_for(make_cfg(tmp_path))).status == SKIP
     missing = tmp_path / "nope" / "password"
@@ -133,7 +133,7 @@ def test_missing_password_file_fails_and_no_key_files_is_a_skip(tmp_path):
 @pytest.mark.parametrize("days, status, words", [(400, OK, "valid until"), (10, WARN, "in 10 days"),
                                                  (-3, FAIL, "expired")])
 def test_certificate_expiry(tmp_path, days, status, words):
-    from tools.diag_checks_config import check_certificate
+    from device.diag.config import check_certificate
 
     cert, key = write_cert(tmp_path, "dev-a", days_left=days + 0.5)
     ca, _ = write_cert(tmp_path, "ca", days_left=3650, stem="ca")
@@ -145,7 +145,7 @@ def test_certificate_expiry(tmp_path, days, status, words):
 
 
 def test_certificate_for_another_device_warns(tmp_path):
-    from tools.diag_checks_config import check_certificate
+    from device.diag.config import check_certificate
 
     cert, key = write_cert(tmp_path, "dev-b", days_left=400)
     ca, _ = write_cert(tmp_path, "ca", days_left=3650, stem="ca")
@@ -172,7 +172,7 @@ def tls_broker(tmp_path_factory):
 
 
 def test_broker_tls_handshake_and_connect(tmp_path, tls_broker):
-    from tools.diag_checks_link import check_broker
+    from device.diag.link import check_broker
 
     cert, key = tls_broker.pki.client("dev-a")
     cfg = make_cfg(tmp_path, link={"broker": tls_broker.url, "ca_file": str(tls_broker.pki.ca),
@@ -182,7 +182,7 @@ def test_broker_tls_handshake_and_connect(tmp_path, tls_broker):
 
 
 def test_broker_with_a_foreign_ca_fails_on_the_handshake(tmp_path, tls_broker):
-    from tools.diag_checks_link import check_broker
+    from device.diag.link import check_broker
 
     cert, key = tls_broker.pki.client("dev-a")
     cfg = make_cfg(tmp_path, link={"broker": tls_broker.url, "ca_file": str(tls_broker.pki.untrusted.cert_path),
@@ -194,7 +194,7 @@ def test_broker_with_a_foreign_ca_fails_on_the_handshake(tmp_path, tls_broker):
 
 def test_broker_port_with_nothing_listening_fails(tmp_path):
     from tests.link.broker import free_port
-    from tools.diag_checks_link import check_broker
+    from device.diag.link import check_broker
 
     port = free_port()
     c = check_broker(ctx_for(make_cfg(tmp_path, link={"broker": f"mqtt://127.0.0.1:{port}"})))
@@ -203,7 +203,7 @@ def test_broker_port_with_nothing_listening_fails(tmp_path):
 
 
 def test_no_broker_is_a_skip(tmp_path):
-    from tools.diag_checks_link import check_broker, check_spool
+    from device.diag.link import check_broker, check_spool
 
     cfg = make_cfg(tmp_path)
     assert check_broker(ctx_for(cfg)).status == SKIP
@@ -214,7 +214,7 @@ def test_no_broker_is_a_skip(tmp_path):
 
 
 def test_sensor_port_that_does_not_exist_fails(tmp_path):
-    from tools.diag_checks_board import check_sensor
+    from device.diag.board import check_sensor
 
     port = tmp_path / "ttyUSB9"
     c = check_sensor(ctx_for(make_cfg(tmp_path, drivers={"sensor_url": str(port)})))
@@ -223,7 +223,7 @@ def test_sensor_port_that_does_not_exist_fails(tmp_path):
 
 
 def test_sensor_port_without_frames_fails(tmp_path):
-    from tools.diag_checks_board import check_sensor
+    from device.diag.board import check_sensor
 
     c = check_sensor(ctx_for(make_cfg(tmp_path, drivers={"sensor_url": "loop://"}), sample_s=0.3))
     assert c.status == FAIL and "no frame arrived" in c.detail and "baud" in c.remedy
@@ -232,7 +232,7 @@ def test_sensor_port_without_frames_fails(tmp_path):
 def test_sensor_with_corrupted_frames_warns(tmp_path):
     """A real pty from the simulated MCU with bit flips injected: the driver counts the CRC errors."""
     from drivers.sim.mcu import Fault, FaultKind, SimulatedMcu
-    from tools.diag_checks_board import judge_sample, sample_sensor
+    from device.diag.board import judge_sample, sample_sensor
 
     mcu = SimulatedMcu(seed=3, faults=[Fault(200, FaultKind.CORRUPT, 5)])
     try:
@@ -249,7 +249,7 @@ def test_sensor_with_corrupted_frames_warns(tmp_path):
 
 
 def test_absent_hardware_is_skipped_not_simulated(tmp_path):
-    from tools.diag_checks_board import (check_accelerators, check_battery, check_cpufreq, check_thermal,
+    from device.diag.board import (check_accelerators, check_battery, check_cpufreq, check_thermal,
                                          check_throttle)
 
     root = tmp_path / "emptyroot"
@@ -262,7 +262,7 @@ def test_absent_hardware_is_skipped_not_simulated(tmp_path):
 
 
 def test_simulated_board_says_so(tmp_path):
-    from tools.diag_checks_board import check_cpufreq, check_thermal, check_throttle
+    from device.diag.board import check_cpufreq, check_thermal, check_throttle
 
     ctx = ctx_for(make_cfg(tmp_path), sim="rpi4")
     try:
@@ -275,7 +275,7 @@ def test_simulated_board_says_so(tmp_path):
 
 def test_firmware_under_voltage_fails(tmp_path):
     from drivers.sim.board import FIRMWARE_THROTTLE
-    from tools.diag_checks_board import check_throttle
+    from device.diag.board import check_throttle
 
     root = tmp_path / "root"
     node = root / FIRMWARE_THROTTLE
@@ -289,7 +289,7 @@ def test_firmware_under_voltage_fails(tmp_path):
 
 
 def test_trust_directory_writable_by_everyone_fails(tmp_path):
-    from tools.diag_checks_config import check_trust
+    from device.diag.config import check_trust
 
     trust = tmp_path / "trust"
     trust.mkdir()
@@ -302,9 +302,9 @@ def test_trust_directory_writable_by_everyone_fails(tmp_path):
 
 
 def test_spool_read_offline_reports_backlog_and_drops(tmp_path):
-    from device.link.spool import Spool
-    from device.link.spooldb import Kind
-    from tools.diag_checks_link import check_spool
+    from device.link.spool.spool import Spool
+    from device.link.spool.db import Kind
+    from device.diag.link import check_spool
 
     class Past:  # the puts happened long ago: expired at the next commit
         def monotonic(self):
@@ -335,8 +335,8 @@ def test_damaged_update_slot_fails(tmp_path):
     import shutil
 
     from device.runtime.manifest import bundled_model_dir
-    from device.update.store import ModelStore
-    from tools.diag_checks_config import check_update_store
+    from device.update.store.store import ModelStore
+    from device.diag.config import check_update_store
 
     state = tmp_path / "state"
     store = ModelStore.for_state_dir(str(state))
@@ -356,8 +356,9 @@ def test_damaged_update_slot_fails(tmp_path):
 
 
 def test_agent_answering_on_its_socket(tmp_path):
-    from device.control import ControlServer, socket_path
-    from tools.diag_checks_link import check_agent
+    from device.agent.controlserver import ControlServer
+    from device.control import socket_path
+    from device.diag.link import check_agent
 
     cfg = make_cfg(tmp_path)
     status = {"device": "dev-a", "runtime": {"variant": "full"}, "governor": {"level": "balanced"},
@@ -371,8 +372,8 @@ def test_agent_answering_on_its_socket(tmp_path):
 
 
 def test_agent_holding_the_state_dir_but_silent_fails(tmp_path):
-    from device.statelock import StateLock
-    from tools.diag_checks_link import check_agent
+    from device.agent.statelock import StateLock
+    from device.diag.link import check_agent
 
     cfg = make_cfg(tmp_path)
     assert check_agent(ctx_for(cfg)).status == WARN  # nobody runs
@@ -385,7 +386,7 @@ def test_agent_holding_the_state_dir_but_silent_fails(tmp_path):
 def test_socket_that_hangs_is_bounded(tmp_path):
     """Something listens on the control socket and never answers: the check ends within its budget."""
     from device.control import socket_path
-    from tools.diag_checks_link import check_agent
+    from device.diag.link import check_agent
 
     cfg = make_cfg(tmp_path)
     path = socket_path(cfg)
@@ -399,7 +400,7 @@ def test_socket_that_hangs_is_bounded(tmp_path):
 
 def test_clock_before_the_build_fails(tmp_path):
     """A board without an RTC boots in 1970 (the clock seam stands for it)."""
-    from tools.diag_checks_config import build_floor, check_clock
+    from device.diag.config import build_floor, check_clock
 
     class Unset:
         def time(self):
@@ -415,7 +416,7 @@ def test_clock_before_the_build_fails(tmp_path):
 
 def test_battery_nearly_empty_warns(tmp_path):
     from drivers.sim.board import VirtualBoard
-    from tools.diag_checks_board import check_battery
+    from device.diag.board import check_battery
 
     board = VirtualBoard(str(tmp_path / "board"), "rpi4", battery_mah=5000.0, soc_pct=4.0, mains=False)
     c = check_battery(ctx_for(make_cfg(tmp_path, drivers={"sysfs_root": board.root})))
@@ -429,7 +430,7 @@ def test_latency_against_the_recorded_baseline(tmp_path):
     import json
 
     from device.runtime.manifest import bundled_model_dir
-    from tools.diag_checks_model import BASELINE_FILE, _latency
+    from device.diag.model import BASELINE_FILE, _latency
 
     cfg = make_cfg(tmp_path)
     os.makedirs(cfg.device.state_dir)
@@ -456,7 +457,7 @@ def test_latency_against_the_recorded_baseline(tmp_path):
 @pytest.mark.parametrize("fallback, status", [(False, FAIL), (True, WARN)])
 def test_explicit_edgetpu_that_does_not_load(tmp_path, fallback, status):
     """No libedgetpu on this machine: the real loader, in its child process, says so."""
-    from tools.diag_checks_model import check_delegates
+    from device.diag.model import check_delegates
 
     cfg = make_cfg(tmp_path, runtime={"delegate": "edgetpu", "delegate_fallback": fallback})
     c = check_delegates(ctx_for(cfg))
@@ -464,8 +465,9 @@ def test_explicit_edgetpu_that_does_not_load(tmp_path, fallback, status):
 
 
 def test_sensor_held_by_the_agent_is_read_from_its_status(tmp_path):
-    from device.control import ControlServer, socket_path
-    from tools.diag_checks_board import check_sensor
+    from device.agent.controlserver import ControlServer
+    from device.control import socket_path
+    from device.diag.board import check_sensor
 
     cfg = make_cfg(tmp_path, drivers={"sensor_url": "/dev/ttyAMA0"})
     health = {"state": "disconnected", "frames": 0, "crc_errors": 0, "seq_gaps": 0, "reconnects": 0,
@@ -482,12 +484,12 @@ def test_a_real_running_agent_answers(tmp_path):
     import subprocess
     import sys
 
-    from tools.diag_checks_link import check_agent
+    from device.diag.link import check_agent
 
     path = tmp_path / "fieldnode.toml"
     path.write_text(f'[device]\nid = "dev-a"\nstate_dir = "{tmp_path / "state"}"\nruntime_dir = "{tmp_path / "run"}"\n')
     cfg = config.load(str(path))
-    proc = subprocess.Popen([sys.executable, "-m", "device.cli", "--config", str(path), "run", "--sim", "--seconds",
+    proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "--config", str(path), "run", "--sim", "--seconds",
                              "40"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from device import config
-from device.hardware import BoardIO
+from device.agent.hardware import BoardIO
 from drivers.gpio import make_factory
 
 

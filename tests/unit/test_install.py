@@ -27,7 +27,7 @@ from tests.image import pipsettings
 
 CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 # The command line as a board has it, registering `install` for a CLI that does not list it yet.
-CLI = ("import sys; from device import cli; 'install' in cli.COMMANDS or cli._lazy('tools.install', 'install', "
+CLI = ("import sys; from tools import cli; 'install' in cli.COMMANDS or cli._lazy('tools.install.cli', 'install', "
        "'install'); sys.exit(cli.main(sys.argv[1:]))")
 # Runs "$@" in a mount namespace of its own where ROOT/usr is an overlay: this machine's /usr below, the root's
 # own changes (sysusers.d, tmpfiles.d) in ROOT/../usr-upper. This machine's /usr is never written. The root
@@ -186,7 +186,7 @@ def test_the_fieldnode_command_is_on_the_boards_path(installed):
 
 def test_commented_config_documents_every_key_and_loads_as_defaults():
     from device import config
-    from tools import install_files
+    from tools.install import files as install_files
 
     text = install_files.commented_config()
     assert config.loads(text, source="t").to_dict() == config.Config().to_dict()
@@ -277,7 +277,7 @@ def test_needs_root_says_so(tmp_path, monkeypatch, wheel):
     # Error injection: the effective uid (this test runs as root).
     import argparse
 
-    from tools import install as tool
+    from tools.install import cli as tool
 
     monkeypatch.setattr(tool.os, "geteuid", lambda: 1000)
     parser = argparse.ArgumentParser()
@@ -290,7 +290,7 @@ def test_needs_root_says_so(tmp_path, monkeypatch, wheel):
 def test_no_wheel_found_names_where_it_looked(tmp_path, monkeypatch):
     import argparse
 
-    from tools import install as tool
+    from tools.install import cli as tool
 
     (tmp_path / "usr/bin").mkdir(parents=True)
     (tmp_path / "usr/bin/python3").write_text("")
@@ -309,7 +309,7 @@ def test_no_wheel_found_names_where_it_looked(tmp_path, monkeypatch):
 
 def test_an_absolute_symlink_in_the_image_is_never_written_through(tmp_path):
     """In a mounted image, /etc/systemd/system -> /etc/systemd/system would be this machine's: refused."""
-    from tools import install_files as files
+    from tools.install import files
 
     root = tmp_path / "root"
     host = tmp_path / "host-etc"  # stands for this machine's /etc

@@ -23,8 +23,8 @@ from tools import provision
 
 UID, GID = 4242, 4243  # the image's fieldnode user, unknown to this machine
 CONF = "etc/fieldnode/fieldnode.toml"
-# The console script once device/cli.py registers provision; until then the same entry with it registered.
-ENTRY = ("import sys; from device import cli\n"
+# The console script once tools/cli.py registers provision; until then the same entry with it registered.
+ENTRY = ("import sys; from tools import cli\n"
          "if 'provision' not in cli.COMMANDS: cli._lazy('tools.provision', 'provision', 'h')\n"
          "sys.exit(cli.main(sys.argv[1:]))")
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from device.sdnotify import Health, Notifier, Watchdog, describe
+from device.agent.sdnotify import Health, Notifier, Watchdog, describe
 from drivers.sim.clock import SimClock
 
 
@@ -85,7 +85,7 @@ def test_without_notify_socket_every_call_is_a_no_op():
 
 def test_a_socket_nobody_listens_on_never_raises(tmp_path, caplog):
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone")})
-    with caplog.at_level("DEBUG", logger="device.sdnotify"):
+    with caplog.at_level("DEBUG", logger="device.agent.sdnotify"):
         assert n.ready("x") is False
         assert n.watchdog() is False
     assert len([r for r in caplog.records if "cannot notify" in r.getMessage()]) == 1  # said once
@@ -149,7 +149,7 @@ def test_the_watchdog_pings_only_while_healthy(path_socket, caplog):
     h.beat("loop")
     assert w.check() is True and s.recv(4096) == b"WATCHDOG=1"
     clock.advance(1.6)
-    with caplog.at_level("INFO", logger="device.sdnotify"):
+    with caplog.at_level("INFO", logger="device.agent.sdnotify"):
         assert w.check() is False and w.check() is False
         assert _nothing_waiting(s)
         h.beat("loop")

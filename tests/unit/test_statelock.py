@@ -16,13 +16,13 @@ import textwrap
 import pytest
 
 from device.errors import FieldnodeError
-from device.statelock import StateDirBusy, StateLock, StateLockError, holder, lock_path
+from device.agent.statelock import StateDirBusy, StateLock, StateLockError, holder, lock_path
 
 # Takes the lock, optionally starts a child that outlives it (an executed one, or a bare fork), prints the
 # child's pid (0: none) and waits to be killed.
 HOLDER = textwrap.dedent("""
     import os, subprocess, sys, time
-    from device.statelock import StateLock
+    from device.agent.statelock import StateLock
     StateLock(sys.argv[1]).acquire()
     child = 0
     if sys.argv[2] == "exec":

@@ -15,13 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from device import cli, config
-from device.control import ControlServer, socket_path
+from tools import cli
+from device import config
+from device.agent.controlserver import ControlServer
+from device.control import socket_path
 from tools import status as status_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON_REPR = re.compile(r"\bTrue\b|\bFalse\b|\bNone\b|\['|\{'")
-ENTRY = ("import sys\nfrom device import cli\n"
+ENTRY = ("import sys\nfrom tools import cli\n"
          "if 'status' not in cli.COMMANDS:\n    cli._lazy('tools.status', 'status', 'status')\n"
          "sys.exit(cli.main(sys.argv[1:]))\n")
 
@@ -39,7 +41,7 @@ def write_config(directory, runtime_dir) -> str:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory):
     """A real agent on a virtual board, with no broker, serving its own control socket."""
-    from device.agent import Agent
+    from device.agent.agent import Agent
 
     d = str(tmp_path_factory.mktemp("agent"))
     cfg_path = write_config(d, os.path.join(d, "run"))
@@ -111,7 +113,7 @@ def test_watch_says_when_the_agent_goes_and_another_process_answers(agent, tmp_p
     server.start()
     snapshot = tmp_path / "status.json"
     snapshot.write_text(json.dumps(agent.status()))
-    code = ("import json, sys\nfrom device.control import ControlServer\n"
+    code = ("import json, sys\nfrom device.agent.controlserver import ControlServer\n"
             "st = json.load(open(sys.argv[2]))\n"
             "with ControlServer(sys.argv[1], {'status': lambda a: st}, group=None):\n"
             "    print('ready', flush=True)\n    sys.stdin.read()\n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from device.watch import FaultWatch
+from device.agent.watch import FaultWatch
 from drivers.sim.clock import SimClock
 
 

@@ -136,7 +136,7 @@ def install(cfg: dict, state_dir: str, version: int, isolation: str, at: int | N
     from device.runtime.runtime import RuntimeSettings
     from device.update.client import BoardFacts, Repository
     from device.update.install import Installer
-    from device.update.store import ModelStore
+    from device.update.store.store import ModelStore
 
     pid, t0, seen = os.getpid(), time.perf_counter(), [0]
 
@@ -180,10 +180,10 @@ def serve(repo: str, root_file: str, identity_file: str, backend: str) -> None:
     import tuf.ngclient  # noqa: F401
 
     import device.runtime.runtime  # noqa: F401
-    import device.selftest  # noqa: F401
+    import device.runtime.selftest  # noqa: F401
     import device.update.client  # noqa: F401
     import device.update.install  # noqa: F401
-    import device.update.store  # noqa: F401
+    import device.update.store.store  # noqa: F401
     from device.runtime.backends import load_backend
     from device.update import age
 

@@ -62,7 +62,7 @@ def updater(repo_dir: str, client_dir: str, *, bootstrap: bytes | None = None, f
 
 def repo(capsys, *argv: str) -> dict:
     """Runs ``fieldnode repo ARGV --json`` in this process; returns the printed object (asserts exit 0)."""
-    from device.cli import main
+    from tools.cli import main
 
     capsys.readouterr()
     rc = main(["repo", *argv, "--json"])
@@ -74,7 +74,7 @@ def repo(capsys, *argv: str) -> dict:
 def repo_error(capsys, *argv: str) -> dict:
     """Runs ``fieldnode repo ARGV --json`` expecting a failure; returns the error object (asserts exit 1, one
     stderr line, no traceback)."""
-    from device.cli import main
+    from tools.cli import main
 
     capsys.readouterr()
     rc = main(["repo", *argv, "--json"])
@@ -89,7 +89,7 @@ def repo_error(capsys, *argv: str) -> dict:
 def open_release(repo_dir: str, release: str, device_id: str, board_identity: str, ciphertext: bytes) -> bytes:
     """What a board does after TUF verified the ciphertext: open its grant, then decrypt with the release key."""
     from device.update import age
-    from tools.repo_release import grant_path
+    from tools.repo.release import grant_path
 
     with open(os.path.join(repo_dir, *grant_path(release, device_id).split("/")), "rb") as fh:
         release_identity = age.decrypt_bytes(fh.read(), [board_identity]).decode().strip()
@@ -103,9 +103,9 @@ def resign_targets(repo_dir: str, edit, now=None) -> dict:
     keys: how a targets key holder (or a bug in the tool) signs whatever facts it likes. Returns publish's result."""
     import copy
 
-    from tools import repo_keys
-    from tools.repo_meta import Repository
-    from tools.repo_publish import publish
+    from tools.repo import keys as repo_keys
+    from tools.repo.meta import Repository
+    from tools.repo.publish import publish
 
     r = Repository(repo_dir)
     with r.lock():
@@ -120,8 +120,8 @@ def resign_targets(repo_dir: str, edit, now=None) -> dict:
 
 def publish_at(repo_dir: str, now, **kw) -> dict:
     """``fieldnode repo publish`` with the signing time ``now`` (a datetime): expiry counts from it."""
-    from tools.repo_meta import Repository
-    from tools.repo_publish import publish
+    from tools.repo.meta import Repository
+    from tools.repo.publish import publish
 
     return publish(Repository(repo_dir), now=now, **kw)
 
@@ -211,7 +211,7 @@ def run_repo(*argv: str) -> dict:
     printed object (asserts exit 0)."""
     import contextlib
 
-    from device.cli import main
+    from tools.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

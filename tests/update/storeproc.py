@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 
-from device.update.store import ModelStore
+from device.update.store.store import ModelStore
 
 CHUNK = 64 * 1024
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

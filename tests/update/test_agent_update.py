@@ -14,9 +14,9 @@ import time
 import pytest
 
 from device import config
-from device.agent import Agent
+from device.agent.agent import Agent
 from device.runtime.manifest import bundled_model_dir
-from device.update.store import ModelStore
+from device.update.store.store import ModelStore
 from tests.runtime.crashmodel import make_crashing_model
 
 DEV = "dev-a"

@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device import config
-from device.agent_commands import build_registry
+from device.agent.commands import build_registry
 from device.link.commands import Dispatcher
 from device.link.envelope import TrustStore, Verifier, sign_envelope
 from device.runtime.manifest import bundled_model_dir
 from device.update import age
-from device.update.store import ModelStore
+from device.update.store.store import ModelStore
 from tests.update.reposim import model_repo
 from tests.update.test_agent_update import DEV, Running, agent_config, put_on_trial
 

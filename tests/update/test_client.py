@@ -238,7 +238,7 @@ def test_the_boards_worked_example_in_docs_reads_the_stick(tmp_path):
     board = text.split("### On the board", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     shims = tmp_path / "bin"
     shims.mkdir()
-    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tools.cli "$@"\n')
     (shims / "fieldnode").chmod(0o755)
     (shims / "python3").symlink_to(sys.executable)
     env = dict(os.environ, PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=root)

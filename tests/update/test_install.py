@@ -18,7 +18,7 @@ from device.update import age
 from device.update.client import BoardFacts, Repository
 from device.update.errors import UpdateError
 from device.update.install import Installer
-from device.update.store import ModelStore
+from device.update.store.store import ModelStore
 from tests.update import storeproc
 from tests.update.httpserver import RangeServer
 from tests.update.reposim import BoardClock, model_repo, resign_targets

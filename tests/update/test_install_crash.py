@@ -8,7 +8,7 @@ list as they were; nothing left in the store but its state, its slots and its TU
 a sample of those states a fresh installer then installs v3 to completion.
 
 SIGKILL tests process death: writes in flight are cut, what the process handed to the kernel stays. Power loss
-is covered by the order of the fsyncs (see device/update/store.py), not by these tests.
+is covered by the order of the fsyncs (see device/update/store/store.py), not by these tests.
 
 The board starts with v1 committed, then v2 committed (v1 its fallback, in slot a), so the install of v3 into
 slot a goes through every step the store has (the fallback unpinned, its slot moved to the trash). Versions
@@ -31,7 +31,7 @@ import shutil
 import pytest
 
 from device.update import age
-from device.update.store import ModelStore, Recovery
+from device.update.store.store import ModelStore, Recovery
 from tests.update import installproc
 from tests.update.reposim import distinct_release, model_repo
 

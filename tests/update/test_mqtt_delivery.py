@@ -23,7 +23,7 @@ from device.update.mqttfetch import (DEFAULT_ROOT, MqttFetcher, MqttSource, Mqtt
                                      split_repository_url)
 from tests.link.conftest import MqttTestClient, run_broker
 from tests.update.reposim import World
-from tools.repo_serve import read_chunk
+from tools.repo.serve import read_chunk
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ class Serve:
     """``fieldnode repo serve`` in a subprocess (the real CLI), ready once its shared subscription is in place."""
 
     def __init__(self, repo_dir: str, url: str, *extra: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "device.cli", "repo", "serve", repo_dir, "--broker", url,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "repo", "serve", repo_dir, "--broker", url,
                                       "--json", *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.lines: list = []
@@ -226,7 +226,7 @@ def test_two_servers_on_one_shared_subscription_share_the_requests(world, broker
 
 
 def test_serve_refuses_what_is_not_a_repository_and_a_bad_broker(tmp_path, capsys):
-    from device.cli import main
+    from tools.cli import main
 
     assert main(["repo", "serve", str(tmp_path), "--broker", "mqtt://127.0.0.1:1", "--json"]) == 1
     error = json.loads(capsys.readouterr().out.splitlines()[0])["error"]

@@ -16,7 +16,7 @@ from tuf.api.metadata import Metadata
 
 from device.update import age
 from tests.update.reposim import open_release, repo, repo_error, updater
-from tools.repo_release import grant_path
+from tools.repo.release import grant_path
 
 MODEL = bytes(range(256)) * 700 + b"tail"  # 179,204 bytes: three full 64 KiB age chunks and a partial one
 VECTORS = b"PK\x03\x04 not really an npz, only bytes to carry" * 20
@@ -173,7 +173,7 @@ def test_root_and_timestamp_rotations_are_followed_and_the_old_key_is_refused(ma
     assert fresh._trusted_set.timestamp.version == 3
 
     # Someone holding the retired timestamp key signs a newer timestamp: boards refuse it.
-    from tools.repo_keys import load_signers
+    from tools.repo.keys import load_signers
 
     signers = load_signers(os.path.join(made, "keys", "online"))
     (old_key,) = [k for k in signers if k in old_timestamp_keys]

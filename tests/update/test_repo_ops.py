@@ -14,7 +14,7 @@ from tuf.api.metadata import Metadata
 
 from device.update import age
 from tests.update.reposim import open_release, repo, repo_error, updater
-from tools.repo_export import MARKER
+from tools.repo.export import MARKER
 
 MODEL = os.urandom(70_000)
 
@@ -159,12 +159,12 @@ def test_operator_mistakes_are_one_line_errors_naming_the_problem(granted, tmp_p
 
 def test_the_installed_command_prints_errors_without_a_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    bad = subprocess.run([sys.executable, "-m", "device.cli", "repo", "grant", str(tmp_path / "none"), "--device",
+    bad = subprocess.run([sys.executable, "-m", "tools.cli", "repo", "grant", str(tmp_path / "none"), "--device",
                           "b", "--recipient", "age1x", "--release", "r"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("fieldnode repo: error [E_REPO]:")
-    usage = subprocess.run([sys.executable, "-m", "device.cli", "repo", "publish", str(tmp_path), "--expires",
+    usage = subprocess.run([sys.executable, "-m", "tools.cli", "repo", "publish", str(tmp_path), "--expires",
                             "forever=1"], capture_output=True, text=True, env=env, timeout=60)
     assert usage.returncode == 2 and "expected ROLE=DAYS" in usage.stderr and "Traceback" not in usage.stderr
 
@@ -176,7 +176,7 @@ def test_the_worked_example_in_docs_runs_and_a_board_can_read_the_stick(tmp_path
     example = text.split("### Worked example", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
     shims = tmp_path / "bin"
     shims.mkdir()
-    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tools.cli "$@"\n')
     (shims / "fieldnode").chmod(0o755)
     (shims / "python3").symlink_to(sys.executable)
     work = tmp_path / "work"

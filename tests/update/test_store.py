@@ -12,7 +12,7 @@ import pytest
 
 from device.runtime.manifest import bundled_model_dir, load_manifest
 from device.update.errors import Busy, NoSpace, RollbackError, StoreError, ValidationFailed
-from device.update.store import ModelStore, Recovery
+from device.update.store.store import ModelStore, Recovery
 from tests.update import storeproc
 
 FULL = "vibration_full.tflite"

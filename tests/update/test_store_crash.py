@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from device.update.store import ModelStore, Recovery
+from device.update.store.store import ModelStore, Recovery
 from tests.update import storeproc
 from tests.update.test_store import install, make_model, tree
 

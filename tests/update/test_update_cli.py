@@ -1,4 +1,4 @@
-"""``fieldnode update``: through ``device.cli.main`` (output shapes, exit codes, the one error path) and once through
+"""``fieldnode update``: through ``tools.cli.main`` (output shapes, exit codes, the one error path) and once through
 the installed ``fieldnode`` console script in a subprocess."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from device.cli import main
+from tools.cli import main
 from device.runtime.manifest import bundled_model_dir
 from device.update import age
 from tests.conftest import EXPECTED_BACKEND, ROOT
@@ -175,7 +175,7 @@ def test_the_installing_example_in_docs_runs_after_the_worked_example(tmp_path):
 
     shims = tmp_path / "bin"
     shims.mkdir()
-    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m device.cli "$@"\n')
+    (shims / "fieldnode").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m tools.cli "$@"\n')
     (shims / "fieldnode").chmod(0o755)
     (shims / "python3").symlink_to(sys.executable)
     work = tmp_path / "work"

@@ -1,0 +1,1 @@
+"""The agent: its parts wired together, its loops, commands, control socket and daemon."""

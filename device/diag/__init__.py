@@ -1,0 +1,1 @@
+"""The checks behind ``fieldnode diag`` and the MQTT ``diag`` command."""

@@ -1,0 +1,1 @@
+"""The A/B model store: slots, the atomic switch, trial, floors, recovery."""

@@ -1,0 +1,1 @@
+"""``fieldnode diag``: the technician's CLI and the support bundle."""

@@ -1,0 +1,1 @@
+"""``fieldnode install``: the service onto a board or into an image root."""

@@ -1,0 +1,1 @@
+"""``fieldnode repo``: the operator's TUF repository."""
