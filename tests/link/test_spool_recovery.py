@@ -185,8 +185,8 @@ def test_disk_full_keeps_the_batch_for_the_next_flush(path, clock):
     with Spool(path, clock=clock) as s:
         first = s.put(E, "e", b"committed")
         s.flush()
-        pages = s._db.execute("PRAGMA page_count").fetchone()[0]
-        s._db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a real SQLITE_FULL, no mock
+        pages = s._file.db.execute("PRAGMA page_count").fetchone()[0]
+        s._file.db.execute(f"PRAGMA max_page_count = {pages + 2}")  # a real SQLITE_FULL, no mock
         ids = [s.put(R, "r", os.urandom(4000)) for _ in range(20)]
         s.ack([first])
         with pytest.raises(SpoolError, match="full") as err:
@@ -194,7 +194,7 @@ def test_disk_full_keeps_the_batch_for_the_next_flush(path, clock):
         assert path in str(err.value) and isinstance(err.value.__cause__, sqlite3.OperationalError)
         assert s.durable_id == first and s.stats()["pending"] == 20
         assert [m.id for m in s.batch(0, 100)] == []  # the ack is kept too (and hides the acked row)
-        s._db.execute("PRAGMA max_page_count = 1000000")
+        s._file.db.execute("PRAGMA max_page_count = 1000000")
         assert s.flush() == 20
         assert [m.id for m in all_messages(s)] == ids and s.durable_id == ids[-1]
         assert s.stats()["messages"] == 20 and s.stats()["bytes"] == 80_000

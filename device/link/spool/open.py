@@ -28,11 +28,11 @@ import logging
 import os
 import sqlite3
 from dataclasses import dataclass, replace as dc_replace
+from typing import Callable
 
 from device import statefile
 from device.link.spool import db as spooldb, disk as spooldisk, salvage as spoolsalvage
 from device.link.errors import SpoolError
-from device.link.spool.db import KIND_NAMES as _KIND_NAMES
 from device.link.spool.db import Kind
 from device.link.spool.salvage import Salvaged
 
@@ -214,107 +214,114 @@ def _write_owed(path: str, names: list[str]) -> None:
     statefile.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-class Opening:
-    """How :class:`device.link.spool.spool.Spool` opens its file and recovers it: a part of the Spool, kept apart.
+@dataclass(frozen=True)
+class Opened:
+    """What the spool file holds once it is (re)opened: the state the :class:`Spool` takes over.
 
-    It uses the Spool's own state (``path``, ``_db``, ``_db_lock``, ``_lock``, the counters); nothing else
-    subclasses it.
+    Attributes:
+        state: The file's counters, sizes, oldest message, last id and meta (:class:`spooldb.FileState`).
+        outcome: What a recovery did before this open, or None when the file opened as it was.
     """
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SpoolError(f"spool {self.path} is closed")
-        if self._db is None:
-            raise SpoolError(f"spool {self.path} has no open file: its recovery failed (retried at the next flush)")
+    state: spooldb.FileState
+    outcome: Outcome | None = None
 
-    def _open(self) -> None:
+
+class SpoolFile:
+    """The spool's file: its connection, its disk budget, and what is done when it is corrupt.
+
+    It keeps no queue state of its own. :meth:`open` and :meth:`recover` return what the file holds
+    (:class:`Opened`), and the :class:`device.link.spool.spool.Spool` adopts it under its own locks. The Spool
+    serialises every call (its ``_db_lock``).
+
+    Args:
+        path: The database file (absolute).
+        max_bytes: The spool's budget on disk. min_free: Free space to leave on the filesystem, or None.
+        clock: Wall time for the name of a set-aside file.
+        emit: ``emit(kind, data)`` for ``spool_corrupt`` events (never raises).
+    """
+
+    def __init__(self, path: str, max_bytes: int, min_free: int | None, clock,
+                 emit: Callable[[str, dict], None]) -> None:
+        self.path = path
+        self.db: sqlite3.Connection | None = None
+        self.disk: spooldisk.DiskBudget | None = None
+        self._max_bytes, self._min_free, self._clock, self._emit = max_bytes, min_free, clock, emit
+
+    def open(self) -> Opened:
+        """Opens the file, first finishing what a crash or a full disk left undone; a corrupt file is recovered.
+
+        Raises:
+            SpoolError: The directory or file cannot be opened, or a recovery failed.
+        """
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         except OSError as e:
             raise SpoolError(f"cannot create the spool directory for {self.path}: {e}") from e
         try:
-            self._disk = spooldisk.DiskBudget(self.path, self._max_bytes, self._min_free)
+            self.disk = spooldisk.DiskBudget(self.path, self._max_bytes, self._min_free)
             # What a crash or a full disk left undone at the last recovery: an interrupted salvage, rows owed.
-            done = leftovers(self.path, tuple(Kind), self._disk.floor)
+            done = leftovers(self.path, tuple(Kind), self.disk.floor)
         except OSError as e:
             raise SpoolError(f"cannot open spool {self.path}: {e}") from e
         for out in done:
             log.warning("spool %s: %s; %s", self.path, out.how, out.saved.summary())
             self._emit("spool_corrupt", {"path": self.path, "error": out.saved.problem or out.how, **out.event()})
         try:
-            self._install(*spooldb.open_file(self.path, tuple(Kind)), at_open=True)
+            return Opened(self._take(*spooldb.open_file(self.path, tuple(Kind))))
         except (sqlite3.Error, spooldb.Corrupt) as e:
             if not spooldb.is_corruption(e):
                 raise SpoolError(f"cannot open spool {self.path}: {e}") from e
-            self._recover(e, at_open=True)
+            return self.recover(e, last_id=0)
 
-    def _install(self, db: sqlite3.Connection, st: spooldb.FileState, at_open: bool) -> None:
-        # Takes over an opened file; at runtime the counters in memory are newer than the file's.
-        try:
-            self._disk.configure(db, sum(st.sizes.values()))
-        except sqlite3.Error:
-            db.close()
-            raise
-        with self._db_lock:
-            self._db = db
-            self._count, self._bytes, self._oldest = st.counts, st.sizes, st.oldest
-            self._durable_id = max(self._durable_id, st.last_id)
-            with self._lock:
-                # max(): after a runtime recovery the ids already handed out still bound the next one.
-                self._last_id = max(self._last_id, st.last_id)
-                for k in Kind:
-                    self._dropped[k] += st.meta.get(f"dropped_{_KIND_NAMES[k]}", 0) if at_open else 0
-                self._dropped_dirty = self._dropped_dirty or not at_open
+    def recover(self, err: BaseException, last_id: int) -> Opened:
+        """Closes the corrupt file, recovers it (:func:`recover`) and opens what is left.
 
-    def _recover(self, err: BaseException, at_open: bool = False) -> Outcome:
-        """Recovers the corrupt file on this thread (the commit thread, or at open); batch() waits for nothing.
+        Args:
+            err: The corruption found. last_id: The highest id the Spool has handed out: the recovered file
+                never hands out a lower one.
 
         Raises:
             SpoolError: The file cannot be set aside or the recovered one opened (retried at the next flush).
         """
-        with self._db_lock:
-            self._recovery_due, self._recovering = err, True
-            db, self._db = self._db, None
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass  # it is corrupt; closing is best effort
         try:
-            if db is not None:
-                try:
-                    db.close()
-                except sqlite3.Error:
-                    pass  # it is corrupt; closing is best effort
-            try:
-                out = recover(self.path, self._clock.time(), tuple(Kind), self._disk.floor)
-            except OSError as e:
-                raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
-            log.error("spool %s is corrupt (%s); %s%s; %s", self.path, err, out.how,
-                      f", moved to {out.moved_to}" if out.moved_to else "", out.saved.summary())
-            self._corrupt_recoveries += 1
-            self._resync = False
-            with self._lock:
-                self._last_id = max(self._last_id, out.saved.last_id)
-                if at_open and out.how != IN_PLACE:  # a file repaired in place still holds its own
-                    for k in Kind:
-                        self._dropped[k] += out.saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
-                    self._dropped_dirty = True
-                floor = self._last_id
-            self._emit("spool_corrupt", {"error": str(err), "path": self.path, **out.event()})
-            try:
-                db, st = spooldb.open_file(self.path, tuple(Kind))
-                if floor:
-                    # Persist the id floor now: the new file must never hand out ids below what was published.
-                    db.execute("INSERT INTO meta(key, value) VALUES ('last_id', ?) ON CONFLICT(key) DO UPDATE"
-                               " SET value = MAX(value, excluded.value)", (floor,))
-                self._install(db, st, at_open)
-            except (sqlite3.Error, spooldb.Corrupt) as e:
-                raise SpoolError(f"cannot open the recovered spool at {self.path}: {e}") from e
-            self._recovery_due = None
-            return out
-        finally:
-            self._recovering = False
+            out = recover(self.path, self._clock.time(), tuple(Kind), self.disk.floor)
+        except OSError as e:
+            raise SpoolError(f"spool {self.path} is corrupt ({err}) and cannot be moved aside: {e}") from e
+        log.error("spool %s is corrupt (%s); %s%s; %s", self.path, err, out.how,
+                  f", moved to {out.moved_to}" if out.moved_to else "", out.saved.summary())
+        self._emit("spool_corrupt", {"error": str(err), "path": self.path, **out.event()})
+        floor = max(last_id, out.saved.last_id)
+        try:
+            db, st = spooldb.open_file(self.path, tuple(Kind))
+            if floor:
+                # Persist the id floor now: the new file must never hand out ids below what was published.
+                db.execute("INSERT INTO meta(key, value) VALUES ('last_id', ?) ON CONFLICT(key) DO UPDATE"
+                           " SET value = MAX(value, excluded.value)", (floor,))
+            return Opened(self._take(db, st), out)
+        except (sqlite3.Error, spooldb.Corrupt) as e:
+            raise SpoolError(f"cannot open the recovered spool at {self.path}: {e}") from e
 
-    def _emit(self, kind: str, data: dict) -> None:
-        if self._on_event is None:
-            return
+    def close(self) -> None:
+        """Closes the connection (idempotent); a failure is logged, not raised."""
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error as e:
+                log.warning("closing spool %s: %s", self.path, e)
+
+    def _take(self, db: sqlite3.Connection, st: spooldb.FileState) -> spooldb.FileState:
         try:
-            self._on_event(kind, data)
-        except Exception:  # a broken listener must not break the spool
-            log.exception("spool event listener failed on %s", kind)
+            self.disk.configure(db, sum(st.sizes.values()))
+        except sqlite3.Error:
+            db.close()
+            raise
+        self.db = db
+        return st

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 _MIN_GAP_S = 0.004  # least time between two commits started by puts
 
 
-class Spool(spoolopen.Opening):
+class Spool:
     """A durable, ordered, budgeted message queue in one SQLite file.
 
     Args:
@@ -129,8 +129,10 @@ class Spool(spoolopen.Opening):
         self._stop = threading.Event()
         self._kick = threading.Event()  # set by put(): commit now, not at the next interval
         self._thread: threading.Thread | None = None
-        self._db: sqlite3.Connection | None = None
-        self._open()
+        self._file = spoolopen.SpoolFile(self.path, max_bytes, min_free_bytes, clock, self._emit)
+        opened = self._file.open()
+        self._corrupt_recoveries += opened.outcome is not None
+        self._adopt(opened, at_open=True)
 
     @property
     def durable_id(self) -> int:
@@ -229,7 +231,7 @@ class Spool(spoolopen.Opening):
                 return []
             self._check_open()
             try:
-                rows = self._db.execute(
+                rows = self._file.db.execute(
                     "SELECT id, kind, topic, payload, qos, retain, created FROM messages"
                     " WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(acked))).fetchall()
             except (sqlite3.Error, spooldb.Corrupt) as e:
@@ -304,7 +306,7 @@ class Spool(spoolopen.Opening):
                 acks, self._acks = self._acks, set()
                 dirty, self._dropped_dirty = self._dropped_dirty, False
             # Near the floor of free space: telemetry is refused, what does not fit waits (one statvfs).
-            room = self._disk.admit(rows, Kind.TELEMETRY)
+            room = self._file.disk.admit(rows, Kind.TELEMETRY)
             if room.low:
                 rows = room.rows
                 with self._lock:
@@ -323,7 +325,7 @@ class Spool(spoolopen.Opening):
                         self._dropped_dirty = self._dropped_dirty or dirty
                     self._resync = True  # a failed COMMIT leaves our running totals in doubt
                     if not spooldb.is_corruption(e):
-                        spooldisk.checkpoint(self._db)  # give the WAL's pages back to a full disk
+                        spooldisk.checkpoint(self._file.db)  # give the WAL's pages back to a full disk
                         raise SpoolError(f"cannot write to spool {self.path}: {e}") from e
                 else:
                     self._commits += 1
@@ -344,13 +346,13 @@ class Spool(spoolopen.Opening):
             self._trim_pending_locked()
 
     def _maintenance_due(self) -> bool:
-        if sum(self._bytes.values()) > self._disk.payload_limit() or self._resync:
+        if sum(self._bytes.values()) > self._file.disk.payload_limit() or self._resync:
             return True
         return self._oldest is not None and self._oldest < self._clock.time() - self._max_age
 
     def _commit(self, rows: list[tuple], acks: set[int]) -> None:
-        done = spooldb.commit(self._db, rows, acks, counts=self._count, sizes=self._bytes, dropped=self._dropped,
-                              cutoff=self._clock.time() - self._max_age, max_bytes=self._disk.payload_limit(),
+        done = spooldb.commit(self._file.db, rows, acks, counts=self._count, sizes=self._bytes, dropped=self._dropped,
+                              cutoff=self._clock.time() - self._max_age, max_bytes=self._file.disk.payload_limit(),
                               recount=self._resync)
         # Only now is it durable: publish the new state.
         self._durable_id = max(self._durable_id, done.last_id)
@@ -359,7 +361,7 @@ class Spool(spoolopen.Opening):
             # pop_dropped cannot run during a commit (it takes _db_lock), so these are the values we wrote.
             self._dropped = done.dropped
         try:
-            self._disk.measure(self._db, sum(done.sizes.values()))
+            self._file.disk.measure(self._file.db, sum(done.sizes.values()))
         except sqlite3.Error as e:  # committed all the same; the last measurement stands
             log.debug("spool %s: page counts not read: %s", self.path, e)
 
@@ -379,6 +381,60 @@ class Spool(spoolopen.Opening):
                 else:
                     keep.append(r)
             self._pending = keep
+
+    # -- the file ------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SpoolError(f"spool {self.path} is closed")
+        if self._file.db is None:
+            raise SpoolError(f"spool {self.path} has no open file: its recovery failed (retried at the next flush)")
+
+    def _adopt(self, opened: spoolopen.Opened, at_open: bool) -> None:
+        """Takes over what the file holds after an open or a recovery; at runtime the counters in memory are
+        newer than the file's, except for what a recovery set aside."""
+        st, out = opened.state, opened.outcome
+        with self._db_lock:
+            self._count, self._bytes, self._oldest = st.counts, st.sizes, st.oldest
+            self._durable_id = max(self._durable_id, st.last_id)
+            with self._lock:
+                # max(): after a runtime recovery the ids already handed out still bound the next one.
+                self._last_id = max(self._last_id, st.last_id, out.saved.last_id if out else 0)
+                for k in Kind:
+                    self._dropped[k] += st.meta.get(f"dropped_{_KIND_NAMES[k]}", 0) if at_open else 0
+                    if at_open and out is not None and out.how != spoolopen.IN_PLACE:
+                        # a file repaired in place still holds its own counters; a copy's come from the old file
+                        self._dropped[k] += out.saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
+                self._dropped_dirty = self._dropped_dirty or not at_open or (
+                    out is not None and out.how != spoolopen.IN_PLACE)
+
+    def _recover(self, err: BaseException) -> spoolopen.Outcome:
+        """Recovers the corrupt file on this thread (the commit thread); batch() waits for nothing meanwhile.
+
+        Raises:
+            SpoolError: The file cannot be set aside or the recovered one opened (retried at the next flush).
+        """
+        with self._db_lock:
+            self._recovery_due, self._recovering = err, True
+        try:
+            with self._lock:
+                last_id = self._last_id
+            opened = self._file.recover(err, last_id)
+            self._corrupt_recoveries += 1
+            self._resync = False
+            self._adopt(opened, at_open=False)
+            self._recovery_due = None
+            return opened.outcome
+        finally:
+            self._recovering = False
+
+    def _emit(self, kind: str, data: dict) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(kind, data)
+        except Exception:  # a broken listener must not break the spool
+            log.exception("spool event listener failed on %s", kind)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -437,11 +493,7 @@ class Spool(spoolopen.Opening):
             finally:
                 with self._lock:
                     self._closed = True
-                try:
-                    if self._db is not None:
-                        self._db.close()
-                except sqlite3.Error as e:
-                    log.warning("closing spool %s: %s", self.path, e)
+                self._file.close()
 
     def __enter__(self) -> Spool:
         return self
