@@ -394,14 +394,20 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     return loads(text, source=resolved)
 
 
-def agent_problems(cfg: Config) -> list[tuple[str, str]]:
+def agent_problems(cfg: Config, user=None) -> list[tuple[str, str]]:
     """What keeps the agent (``fieldnode run``) from starting, though every tool may load the config.
 
     A board config must name its sensor: simulation is only ever asked for (``--sim``, or
     ``drivers.virtual_board``), never what an empty key falls back to. And the files the link needs must be
     readable (by whoever asks: run ``config check`` as the agent's user). ``fieldnode config check`` and
     ``fieldnode run`` both ask this; other tools only load the config, so a technician's ``fieldnode version``
-    works on a board whose TLS key only the agent may read.
+    works on a board whose TLS key only the agent may read. The state directory must be one the agent can make or
+    write, and the update root (with updates on) must be there (:mod:`device.configfiles`).
+
+    Args:
+        cfg: The configuration.
+        user: The :class:`device.configfiles.Identity` the agent runs as; None asks as this process (``run``
+            itself). ``config check`` and ``diag`` pass :func:`device.configfiles.service_identity`.
 
     Returns:
         ``(dotted key path, message)`` for each problem; empty when the agent can start.
@@ -412,13 +418,30 @@ def agent_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("drivers.sensor_url", "empty: set the sensor's serial port (e.g. /dev/ttyAMA0), or ask "
                                                "for a simulated board with 'fieldnode run --sim PROFILE' or "
                                                "drivers.virtual_board"))
+    from device import configfiles
+
+    why = configfiles.state_dir_problem(cfg.device.state_dir, user)
+    if why:
+        problems.append(("device.state_dir", why))
+    if cfg.update.root_file:
+        why = configfiles.root_file_problem(cfg.update.root_file)
+        if why:
+            problems.append(("update.root_file", why))
     return problems + cfg.link.file_problems()
 
 
-def check_agent(cfg: Config) -> None:
-    """Raises the first of :func:`agent_problems` as a :class:`ConfigError` naming its key and the file."""
-    for key, message in agent_problems(cfg):
+def check_agent(cfg: Config, user=None) -> None:
+    """Raises the first of :func:`agent_problems` (as ``user``) as a :class:`ConfigError` naming its key and the
+    file."""
+    for key, message in agent_problems(cfg, user):
         raise ConfigError(message, key, cfg.source)
+
+
+def describe_source(cfg: Config) -> str:
+    """Where ``cfg`` came from, for the first line a person reads: the file, or that there was none."""
+    if cfg.source == DEFAULTS_SOURCE:
+        return f"no config file at {DEFAULT_PATH}: the defaults are used"
+    return cfg.source
 
 
 def device_id(cfg: Config, machine_id_path: str = MACHINE_ID_PATH, hostname: str | None = None) -> str:

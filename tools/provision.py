@@ -29,7 +29,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from device.errors import ConfigError, FieldnodeError
+from device.errors import ConfigError, Exit, FieldnodeError, UsageError
 
 SERVICE_USER = "fieldnode"
 IDENTITY_NAME, KEY_NAME, CERT_NAME = "update.age", "client.key", "client.pem"
@@ -73,12 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     Args:
         p: The parser of the ``provision`` subcommand.
     """
-    p.add_argument("--device-id", required=True, type=device_id_arg, metavar="ID",
-                   help="this board's id: 1-64 characters from A-Z, a-z, 0-9, '_' and '-'")
+    p.add_argument("--device-id", type=device_id_arg, metavar="ID",
+                   help="this board's id: 1-64 characters from A-Z, a-z, 0-9, '_' and '-' (required, but with "
+                        "--renew, which keeps the config's device.id)")
     p.add_argument("--root", metavar="DIR",
                    help="provision a mounted image: every path (config, keys, users) is inside DIR")
-    p.add_argument("--force", action="store_true",
-                   help="replace existing keys with new ones (the old certificate and update recipient stop working)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true",
+                      help="replace existing keys with new ones (the old certificate and update recipient stop "
+                           "working)")
+    mode.add_argument("--renew", action="store_true",
+                      help="renew the certificate only: a certificate request from the existing TLS key (the "
+                           "existing one when it still matches); the key and the update identity stay")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -99,6 +105,7 @@ class Plan:
     set_keys: dict = field(default_factory=dict)  # dotted key -> value written into the config
     old_id: str = ""
     warnings: list = field(default_factory=list)
+    lacks: list = field(default_factory=list)  # (dotted key, what to set) the agent still needs
 
     def host(self, board_path: str) -> str:
         """Where a board path is on this machine: under the root, resolved no further than the root allows."""
@@ -139,9 +146,12 @@ def make_plan(device_id: str, root: str, config_path: str, text: str) -> tuple[P
 
     def chosen(section: str, name: str, default_name: str) -> tuple[str, bool]:
         value = raw.get(section, {}).get(name, "")  # config.loads has checked the types
-        if value:
+        # A value the config sets on purpose is kept; one written out at its default (fieldnode config defaults)
+        # is not a choice: the file goes beside the config like the others, never into another directory.
+        if value and value != getattr(getattr(config.Config(), section), name):
             return _board_path(value, f"{section}.{name}", source), False
-        return os.path.join(beside, default_name), True
+        path = os.path.join(beside, default_name)
+        return path, path != value
 
     identity, identity_unset = chosen("update", "identity_file", IDENTITY_NAME)
     key, key_unset = chosen("link", "key_file", KEY_NAME)
@@ -165,7 +175,32 @@ def make_plan(device_id: str, root: str, config_path: str, text: str) -> tuple[P
     check = config.loads(new_text, source=source)
     if check.device.id != device_id:  # set_toml_keys proved the data; this is the loader's own view
         raise ConfigNotEditable(f"{source}: device.id reads back as {check.device.id!r}, not {device_id!r}")
+    plan.lacks = config_lacks(check, plan.host)
     return plan, new_text
+
+
+def config_lacks(cfg, host=lambda path: path) -> list[tuple[str, str]]:
+    """What the provisioned config still lacks before the board does its job: ``(dotted key, what to do)`` for
+    the sensor, the broker and the fleet CA (what this command cannot know).
+
+    Args:
+        cfg: The config as provisioned.
+        host: Where a board path is on this machine (the image's, with ``--root``).
+    """
+    from device.link.url import parse_broker_url
+
+    out = []
+    if not cfg.drivers.sensor_url and not cfg.drivers.virtual_board:
+        out.append(("drivers.sensor_url", "the sensor's serial port (e.g. /dev/ttyAMA0): fieldnode run refuses "
+                                          "to start without it"))
+    if not cfg.link.broker:
+        out.append(("link.broker", "the fleet's broker (e.g. mqtts://broker.example:8883): until then the board "
+                                   "publishes nothing"))
+        out.append(("link.ca_file", "the fleet CA's certificate, with which the board verifies the broker's"))
+    elif parse_broker_url(cfg.link.broker).tls and cfg.link.ca_file and not os.path.exists(host(cfg.link.ca_file)):
+        out.append(("link.ca_file", f"install the fleet CA's certificate at {cfg.link.ca_file}: the board "
+                                    f"verifies the broker with it, and fieldnode run refuses to start without it"))
+    return out
 
 
 # -- the careful TOML edit ----------------------------------------------------------------------------------------
@@ -300,10 +335,8 @@ def _statement_starts(lines: list) -> list:
 
 def make_keys(device_id: str) -> dict:
     """The board's new keys, in memory: the age identity file text and recipient, the TLS key and its CSR (PEM)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     from device.update import age
 
@@ -311,18 +344,27 @@ def make_keys(device_id: str) -> dict:
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     identity_text = age.identity_file_text(identity, recipient, created)  # as fieldnode keys writes it
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (x509.CertificateSigningRequestBuilder()
-           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-           .sign(key, hashes.SHA256()))
     return {
         "identity": identity_text.encode("ascii"),
         "recipient": recipient,
         "key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption()),
-        "csr": csr.public_bytes(serialization.Encoding.PEM),
+        "csr": make_csr(key, device_id),
     }
+
+
+def make_csr(key, device_id: str) -> bytes:
+    """A certificate request (PEM) for the fleet CA: subject ``CN=<device id>``, clientAuth, signed by ``key``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+           .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+           .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def service_owner(root: str) -> tuple[int, int] | None:
@@ -383,6 +425,12 @@ def run(args: argparse.Namespace) -> int:
             raise ProvisionError(f"--config {config_path}: with --root it must be the board's absolute path")
     host_config = config_path if root == "/" else os.path.join(root, config_path.lstrip("/"))
     text = _read_config(host_config)
+    if getattr(args, "renew", False):
+        from tools.provision_renew import renew
+
+        return renew(args, root, config_path, text, make_plan=make_plan, make_csr=make_csr)
+    if not args.device_id:
+        raise UsageError("--device-id ID is required (only --renew takes the config's device.id)")
     plan, new_text = make_plan(args.device_id, root, config_path, text)
 
     private = [("update identity", plan.identity), ("TLS client key", plan.key)]
@@ -417,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
                              + ("; some keys may be new already: run it again with --force" if args.force
                                 else "; nothing was changed")) from exc
     _report(args, plan, keys, owner, replaced=bool(existing))
-    return 0
+    return Exit.OK
 
 
 def _read_config(path: str) -> str:
@@ -481,6 +529,7 @@ def _report(args: argparse.Namespace, plan: Plan, keys: dict, owner, *, replaced
         "files": {"config": plan.config, "identity": plan.identity, "key": plan.key, "csr": plan.csr,
                   "certificate": plan.cert},
         "config_keys_set": sorted(plan.set_keys), "warnings": plan.warnings,
+        "config_lacks": [key for key, _what in plan.lacks],
     }
     for warning in plan.warnings:
         print(f"fieldnode provision: warning: {warning}", file=sys.stderr)
@@ -502,10 +551,12 @@ def _report(args: argparse.Namespace, plan: Plan, keys: dict, owner, *, replaced
         f"certificate request: {plan.csr} (public)",
         f"config: {plan.config} (set {', '.join(sorted(plan.set_keys))})",
         "next:",
-        f"  1. sign the request with the fleet CA; install the certificate at {plan.cert} (mode 0644)",
-        f"  2. on the operator's machine: fieldnode repo grant REPO --device {plan.device_id} --recipient "
-        f"{keys['recipient']} --name NAME --version N",
-        "  3. sudo systemctl restart fieldnode",
-        keys["csr"].decode("ascii").rstrip("\n"),
     ]
+    steps = [f"set {key} in {plan.config}: {what}" for key, what in plan.lacks]
+    steps += [f"sign the request with the fleet CA; install the certificate at {plan.cert} (mode 0644)",
+              f"on the operator's machine: fieldnode repo grant REPO --device {plan.device_id} --recipient "
+              f"{keys['recipient']} --name NAME --version N",
+              "sudo systemctl restart fieldnode, then fieldnode diag"]
+    lines += [f"  {n}. {step}" for n, step in enumerate(steps, 1)]
+    lines.append(keys["csr"].decode("ascii").rstrip("\n"))
     print("\n".join(lines))

@@ -23,6 +23,69 @@ from typing import Callable
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 STATUSES = (OK, WARN, FAIL, SKIP)
 CONFIG_REMEDY = "fix the config first ('fieldnode config check' names the key), then run diag again"
+SERVICE_USER = SERVICE_GROUP = "fieldnode"
+RUN_ALL = "sudo fieldnode diag"
+
+
+@dataclass(frozen=True)
+class Who:
+    """Who runs diag, as far as the checks care: what the service's files and socket let this user see.
+
+    Attributes:
+        user: The user's name (or ``uid N`` when it has none).
+        root: Whether it is root (sees everything).
+        service: Whether it is the agent's own user ``fieldnode``.
+        in_group: Whether it is in the group ``fieldnode`` (may use the control socket).
+    """
+
+    user: str
+    root: bool = False
+    service: bool = False
+    in_group: bool = False
+
+    @property
+    def limited(self) -> bool:
+        """Outside the group: the agent's socket, its lock and its files are closed to this user."""
+        return not (self.root or self.service or self.in_group)
+
+    @property
+    def not_the_service(self) -> bool:
+        """Neither root nor the agent's user: what the service may open (its serial port, its spool), this
+        user may not, and that says nothing about the service."""
+        return not (self.root or self.service)
+
+    def limited_line(self) -> str:
+        """The one line printed up front for a limited user."""
+        return (f"NOTE {self.user} is not in the group {SERVICE_GROUP}: the checks that need the running agent, its "
+                f"files or its ports are limited; run them all with: {RUN_ALL}")
+
+
+def whoami() -> Who:
+    """This process's :class:`Who` (a test passes its own to :func:`device.diag.runner.run_checks`)."""
+    import grp
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid {uid}"
+    try:
+        g = grp.getgrnam(SERVICE_GROUP)
+        in_group = g.gr_gid in os.getgroups() or g.gr_gid == os.getegid() or user in g.gr_mem
+    except KeyError:  # no such group here (a development machine): nobody is in it
+        in_group = False
+    return Who(user, root=uid == 0, service=user == SERVICE_USER, in_group=in_group)
+
+
+def permission_denied(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it was raised from) is EACCES/EPERM: a refusal of this user, not a fault."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, PermissionError):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 @dataclass(frozen=True)
@@ -110,12 +173,16 @@ class Context:
         deadline: ``time.monotonic()`` by which every check must have finished.
         sample_s: How long the sensor is sampled.
         clock: Wall time for the clock check (a board with an unset clock is a test's clock).
+        who: Who runs diag (:func:`whoami` when None).
     """
 
-    def __init__(self, cfg, *, sim: str | None, deadline: float, sample_s: float, clock=None):
+    def __init__(self, cfg, *, sim: str | None, deadline: float, sample_s: float, clock=None,
+                 who: Who | None = None):
         from device.clock import SYSTEM_CLOCK
 
         self.cfg = cfg
+        self.who = who or whoami()
+        self.agent_denied = False  # the control socket refused this user (EACCES): says nothing of the agent
         self.clock = clock or SYSTEM_CLOCK
         self.sim = sim
         self.deadline = deadline
@@ -171,7 +238,8 @@ class Context:
         """
         with self._agent_lock:  # not the board's lock: asking may take its whole timeout
             if self._agent is None:
-                self._agent = ask_agent(self.cfg, self.remaining(2.0))
+                status, why, denied = ask_agent_denied(self.cfg, self.remaining(2.0))
+                self._agent, self.agent_denied = (status, why), denied
             return self._agent
 
     def use_agent_status(self, status: dict) -> None:
@@ -202,6 +270,9 @@ class Context:
             return None
         _status, why = self.agent()
         who = f"pid {h['pid']}" if h.get("pid") else "an agent (whose lock this user cannot read)"
+        if self.agent_denied:
+            return skip(what, f"not opened: the state directory is held by {who}, whose control socket refuses "
+                              f"{self.who.user} (not in the group {SERVICE_GROUP}); {RUN_ALL} reads it from the agent")
         return skip(what, f"not opened: the state directory is held by {who}, which did not answer ({why}); "
                           f"run diag with sudo, or as a member of the group fieldnode, to read it from the agent")
 
@@ -223,20 +294,26 @@ def control_socket(cfg) -> str:
 
 def ask_agent(cfg, timeout: float) -> tuple[dict | None, str]:
     """The running agent's ``status`` over its control socket: ``(status, where from)`` or ``(None, why not)``."""
+    status, why, _denied = ask_agent_denied(cfg, timeout)
+    return status, why
+
+
+def ask_agent_denied(cfg, timeout: float) -> tuple[dict | None, str, bool]:
+    """:func:`ask_agent`, and whether the socket refused this user (EACCES): then nothing is known of the agent."""
     try:
         from device.control import ControlUnavailable, request
     except ImportError:
-        return None, "this build of fieldnode has no control socket"
+        return None, "this build of fieldnode has no control socket", False
     try:
         path = control_socket(cfg)
         status = request(path, "status", timeout=timeout)
     except ControlUnavailable as exc:
-        return None, str(exc)
+        return None, str(exc), permission_denied(exc) or "permission denied" in str(exc).lower()
     except Exception as exc:  # an answer we cannot read is no answer
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {exc}", False
     if not isinstance(status, dict):
-        return None, f"the agent answered status with {type(status).__name__}, not an object"
-    return status, f"the running agent (control socket {path})"
+        return None, f"the agent answered status with {type(status).__name__}, not an object", False
+    return status, f"the running agent (control socket {path})", False
 
 
 # ----------------------------------------------------------------------------------------------- files

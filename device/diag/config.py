@@ -30,13 +30,14 @@ def _utc(ts: float) -> str:
 @register("config", needs_config=False)
 def check_config(ctx) -> Check:
     from device import config
+    from device.configfiles import service_identity
     from device.errors import ConfigError
     from power.policy import Policy
 
     err = getattr(ctx, "config_error", None)
     if err is None:
         try:
-            config.check_agent(ctx.cfg)  # what fieldnode run refuses before it opens anything
+            config.check_agent(ctx.cfg, service_identity())  # what fieldnode run refuses before it opens anything
             Policy.from_config(ctx.cfg.power)
         except ConfigError as exc:
             err = exc
@@ -46,11 +47,13 @@ def check_config(ctx) -> Check:
         if where == config.DEFAULTS_SOURCE:  # no file: the defaults were used
             where = f"{config.DEFAULT_PATH} (it does not exist yet: fieldnode config defaults prints one)"
         fix = f"fix {key} in {where}" if key else f"fix {where}"
-        return fail("config", str(err), f"{fix}; 'fieldnode config check' says the same as 'fieldnode run'")
+        not_run = getattr(ctx, "not_run", None) or []
+        detail = str(err) + (f" (so these checks did not run: {', '.join(not_run)})" if not_run else "")
+        return fail("config", detail, f"{fix}; 'fieldnode config check' says the same as 'fieldnode run'")
     cfg = ctx.cfg
     sensor = f"SIMULATED board {cfg.drivers.virtual_board}" if cfg.drivers.virtual_board \
         else f"sensor {cfg.drivers.sensor_url}"
-    return ok("config", f"{cfg.source}: valid, as fieldnode run checks it ({sensor}, link "
+    return ok("config", f"{config.describe_source(cfg)}: valid, as fieldnode run checks it ({sensor}, link "
                         f"{cfg.link.broker or 'off'})")
 
 
@@ -99,6 +102,12 @@ def check_certificate(ctx) -> Check:
     files = [(p, what) for p, what in ((lc.cert_file, "client certificate"), (lc.ca_file, "CA file")) if p]
     if not files:
         return skip("certificate", "no TLS certificate configured (link.cert_file and link.ca_file are empty)")
+    if not lc.broker:
+        missing = [f"{what} {p}" for p, what in files if not os.path.lexists(p)]
+        files = [(p, what) for p, what in files if os.path.lexists(p)]
+        if not files:  # provisioned, not signed yet: nothing uses it while the link is off
+            return skip("certificate", f"{' and '.join(missing)} not installed yet; the link is off (no "
+                                       f"link.broker), so nothing needs it")
     found = []
     for path, what in files:
         found += _cert_findings(path, what, config.device_id(ctx.cfg) if what == "client certificate" else None)
@@ -205,6 +214,9 @@ def check_trust(ctx) -> Check:
     d = ctx.cfg.link.trust_dir
     if not ctx.cfg.link.broker and not os.path.isdir(d):
         return skip("trust", f"no link and no trust directory {d}: no signed commands to check")
+    if not os.path.lexists(d):  # every new board: privileged commands stay refused until an operator adds a key
+        return skip("trust", f"no trust directory {d}: signed commands (variant, governor, update) are refused "
+                             f"until an operator's public key (NAME.pub) is copied into it")
     store = TrustStore(d)
     keys = ", ".join(sorted(name for name, _pub in store.keys.values())) or "none"
     found = []

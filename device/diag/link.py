@@ -15,7 +15,8 @@ import subprocess
 import time
 import urllib.parse
 
-from device.diag.checks import Check, fail, human_bytes, ok, register, skip, systemd_running, warn, which, worst
+from device.diag.checks import (RUN_ALL, SERVICE_GROUP, Check, fail, human_bytes, ok, register, skip,
+                                systemd_running, warn, which, worst)
 
 BROKER_TIMEOUT_S = 5.0
 BACKLOG_WARN_S = 3600.0
@@ -47,46 +48,36 @@ def _broker_remedy(message: str, host: str, port: int) -> str:
 
 @register("broker")
 def check_broker(ctx) -> Check:
-    import paho.mqtt.client as mqtt
-
     from device import config
     from device.clock import SYSTEM_CLOCK
     from device.link import session as mqtt_session
     from device.link.errors import LinkError
-    from device.link.url import apply_tls, check_tls, parse_broker_url
+    from device.link.mqttclient import Endpoint, PasswordFileError
 
     lc = ctx.cfg.link
     if not lc.broker:
         return skip("broker", "link.broker is empty: the board runs without a link")
-    url = parse_broker_url(lc.broker)  # the config loader checked it
     tls = lc.tls()
-    password = None
     try:
-        check_tls(url, tls)
-        if lc.password_file:
-            with open(lc.password_file, encoding="utf-8") as f:
-                password = f.read().strip()
+        endpoint = Endpoint.from_link_config(lc)  # the password file read as the link reads it
+    except PasswordFileError as exc:
+        return fail("broker", str(exc), "run diag as the fieldnode user or root, or fix link.password_file")
     except LinkError as exc:
         return fail("broker", str(exc), "fix the TLS files of [link] (see the keys and certificate checks)")
-    except OSError as exc:
-        return fail("broker", f"password file {lc.password_file}: {exc.strerror or exc}",
-                    "run diag as the fieldnode user or root, or fix link.password_file")
+    url = endpoint.url
     timeout = ctx.remaining(BROKER_TIMEOUT_S)
     request = mqtt_session.build_request(config.device_id(ctx.cfg), "ping", {}, prefix=lc.prefix or None)
-    protocol = mqtt.MQTTv5 if lc.protocol == "5" else mqtt.MQTTv311
     t0 = time.monotonic()
     # fieldnode send's session: a random client id of its own, no reconnects, every wait bounded by the deadline.
-    session = mqtt_session.Session(url, request, protocol, timeout, SYSTEM_CLOCK.monotonic() + timeout, SYSTEM_CLOCK)
+    session = None
     try:
-        if url.tls:
-            apply_tls(session.client, tls)
-        if lc.username:
-            session.client.username_pw_set(lc.username, password or None)
+        session = mqtt_session.Session(endpoint, request, timeout, SYSTEM_CLOCK.monotonic() + timeout, SYSTEM_CLOCK)
         session.connect(missing_cert=url.tls and not tls.cert)
     except LinkError as exc:
         return fail("broker", str(exc), _broker_remedy(str(exc), url.host, url.port))
     finally:
-        session.close()
+        if session is not None:
+            session.close()
     ms = (time.monotonic() - t0) * 1000
     how = "TLS handshake and " if url.tls else ""
     who = " with a client certificate" if tls.cert else ""
@@ -129,6 +120,10 @@ def check_spool(ctx) -> Check:
         path = os.path.join(ctx.state_dir, "spool", "spool.db")
         if not os.path.exists(path):
             return skip("spool", f"no spool yet at {path} (the link has not run on this state directory)")
+        if ctx.who.not_the_service and not os.access(path, os.R_OK):
+            # The spool is the service's (0600): this user's refusal says nothing of the spool or the service.
+            return skip("spool", f"{path} is the service's file, which {ctx.who.user} may not read (that is "
+                                 f"this user's permission, not a fault of the service); {RUN_ALL} reads it")
         try:
             stats = read_spool(path, ctx.remaining(2.0))
         except sqlite3.Error as exc:
@@ -217,7 +212,7 @@ def _summary(status: dict) -> str:
     return ", ".join(p for p in parts if p) or "answers"
 
 
-@register("agent")
+@register("agent", needs_config=False)  # a config that does not load still names (or defaults) the socket
 def check_agent(ctx) -> Check:
     status, why = ctx.agent()
     if status is not None:
@@ -230,6 +225,9 @@ def check_agent(ctx) -> Check:
         return ok("agent", text)
     if why == "this build of fieldnode has no control socket":
         return skip("agent", why)
+    if ctx.agent_denied:  # EACCES on the socket: this user may not ask, which says nothing of the agent
+        return skip("agent", f"not asked: the agent's control socket refuses {ctx.who.user}, who is not in the "
+                             f"group {SERVICE_GROUP} ({why}); {RUN_ALL} asks it")
     h = ctx.holder()
     if h:
         if h.get("unknown"):  # the lock file is the service's: this user cannot tell who holds it

@@ -15,14 +15,15 @@ import logging
 import threading
 import time
 
-from device.diag.checks import CHECKS, FAIL, OK, SKIP, STATUSES, WARN, Check, Context, fail, skip
+from device.diag.checks import CHECKS, FAIL, OK, SKIP, STATUSES, WARN, Check, Context, fail
+from device.errors import Exit
 
 ORDER = ("config", "identity", "keys", "certificate", "clock", "broker", "trust", "accelerators", "delegates",
          "models", "update_store", "sensor", "gpio", "thermal", "battery", "throttle", "cpufreq", "disk", "spool",
          "service", "agent")
 BUDGET_S = 10.0
 MARGIN_S = 1.0  # the checks' own deadline comes this much before the runner's, so their bounded waits fit
-EXIT = {OK: 0, SKIP: 0, WARN: 1, FAIL: 2}
+EXIT = {OK: Exit.OK, SKIP: Exit.OK, WARN: Exit.WARN, FAIL: Exit.FAULTS}
 
 def load_checks() -> None:
     # Each module registers its checks in device.diag.checks.CHECKS when imported.
@@ -33,7 +34,8 @@ def load_checks() -> None:
 
 
 def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sample_s: float = 2.0, on_check=None,
-               config_error: Exception | None = None, agent_status: dict | None = None) -> list[Check]:
+               config_error: Exception | None = None, agent_status: dict | None = None,
+               who=None) -> list[Check]:
     """Runs every check, side by side, within ``budget_s``.
 
     Args:
@@ -43,38 +45,42 @@ def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sampl
         sample_s: How long the sensor is sampled.
         on_check: Called with each :class:`Check` as soon as it and every check before it (in :data:`ORDER`)
             are done, so output streams in a stable order.
-        config_error: The error the config file gave when it did not load (``cfg`` is then the defaults): the
-            config check fails with it, and the checks that need the board's config are skipped.
+        config_error: The error the config file gave when it did not load (``cfg`` is then the defaults, with
+            the keys that find the running agent, ``device.state_dir`` and ``runtime_dir``, read from the file
+            where they are valid): the config check fails with it, naming the checks that need the board's
+            config, which do not run (one FAIL, not a SKIP for each).
         agent_status: The agent's own status when the agent itself runs the diagnosis (the MQTT ``diag``
             command): what it holds (sensor, GPIO, spool) is read from it, never opened a second time.
+        who: Who runs diag (:class:`device.diag.checks.Who`; :func:`device.diag.checks.whoami` when None).
 
     Returns:
-        One :class:`Check` per registered check, in :data:`ORDER`.
+        One :class:`Check` per registered check that ran, in :data:`ORDER` (with ``config_error``, only those
+        that need no config).
     """
     load_checks()
     sim = sim or cfg.drivers.virtual_board or None  # a config that asks for a virtual board asks for simulation
     specs = [CHECKS[n] for n in ORDER if n in CHECKS] + [s for n, s in CHECKS.items() if n not in ORDER]
+    not_run = [s.name for s in specs if config_error is not None and s.needs_config]
+    specs = [s for s in specs if s.name not in not_run]  # the config check names them: one FAIL says it all
     start = time.monotonic()
-    ctx = Context(cfg, sim=sim, deadline=start + max(0.5, budget_s - MARGIN_S), sample_s=sample_s)
+    ctx = Context(cfg, sim=sim, deadline=start + max(0.5, budget_s - MARGIN_S), sample_s=sample_s, who=who)
     ctx.config_error = config_error
+    ctx.not_run = not_run
     if agent_status is not None:
         ctx.use_agent_status(agent_status)
     results: list[Check | None] = [None] * len(specs)
     cond = threading.Condition()
 
     def one(i: int, spec) -> None:
-        if config_error is not None and spec.needs_config:
-            c = skip(spec.name, "the config did not load (see the config check)")
-        else:
-            try:
-                c = spec.fn(ctx)
-                if not isinstance(c, Check) or c.name != spec.name:
-                    c = fail(spec.name, f"the check returned {c!r}", "this is a defect of diag: report it with a "
-                                                                    "diag --report bundle")
-            except Exception as exc:  # a check's own failure is its verdict, never the end of diag
-                logging.getLogger(__name__).debug("check %s raised", spec.name, exc_info=True)
-                c = fail(spec.name, f"the check itself failed: {type(exc).__name__}: {exc}",
-                         "this is a defect of diag or a broken install: send a diag --report bundle (-v shows more)")
+        try:
+            c = spec.fn(ctx)
+            if not isinstance(c, Check) or c.name != spec.name:
+                c = fail(spec.name, f"the check returned {c!r}", "this is a defect of diag: report it with a "
+                                                                "diag --report bundle")
+        except Exception as exc:  # a check's own failure is its verdict, never the end of diag
+            logging.getLogger(__name__).debug("check %s raised", spec.name, exc_info=True)
+            c = fail(spec.name, f"the check itself failed: {type(exc).__name__}: {exc}",
+                     "this is a defect of diag or a broken install: send a diag --report bundle (-v shows more)")
         with cond:
             results[i] = c
             cond.notify_all()
@@ -108,9 +114,10 @@ def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sampl
     return out
 
 
-def exit_code(checks: list[Check]) -> int:
-    """0 when every check is OK or SKIP, 1 on any WARN, 2 on any FAIL."""
-    return max((EXIT[c.status] for c in checks), default=0)
+def exit_code(checks: list[Check]) -> Exit:
+    """``Exit.OK`` (0) when every check is OK or SKIP, ``Exit.WARN`` (5) on any WARN, ``Exit.FAULTS`` (6) on any
+    FAIL."""
+    return max((EXIT[c.status] for c in checks), default=Exit.OK)
 
 
 def summary(checks: list[Check]) -> dict:

@@ -16,6 +16,7 @@ from device.diag import runner
 from tools.diag import cli as diag
 from tools.diag import report
 from device.diag.checks import FAIL, OK, SKIP, WARN, Check, Spec
+from device.errors import Exit
 
 pytestmark = pytest.mark.timeout(60)
 PASSWORD = "hunter2-Sup3r-s3cret"
@@ -39,8 +40,8 @@ def write_config(tmp_path: pathlib.Path, extra: str = "") -> str:
 def test_exit_code_is_the_worst_status():
     assert runner.exit_code([]) == 0
     assert runner.exit_code([Check("a", OK, ""), Check("b", SKIP, "")]) == 0
-    assert runner.exit_code([Check("a", OK, ""), Check("b", WARN, "x", "fix")]) == 1
-    assert runner.exit_code([Check("a", FAIL, "x", "fix"), Check("b", WARN, "x", "fix")]) == 2
+    assert runner.exit_code([Check("a", OK, ""), Check("b", WARN, "x", "fix")]) == Exit.WARN == 5
+    assert runner.exit_code([Check("a", FAIL, "x", "fix"), Check("b", WARN, "x", "fix")]) == Exit.FAULTS == 6
     with pytest.raises(ValueError, match="needs a remedy"):
         Check("a", WARN, "no remedy")
 
@@ -70,7 +71,7 @@ def test_a_check_that_raises_or_hangs_is_a_fail_not_a_crash(tmp_path, monkeypatc
     assert boom_c.status == FAIL and "RuntimeError: the sensor driver blew up" in boom_c.detail and boom_c.remedy
     assert hang_c.status == FAIL and "did not finish within 0.5 s" in hang_c.detail  # the budget, by construction
     assert fine_c.status == OK
-    assert runner.exit_code(checks) == 2
+    assert runner.exit_code(checks) == Exit.FAULTS
 
 
 @pytest.fixture
@@ -129,18 +130,21 @@ def test_human_output_labels_simulation_and_indents_remedies(tmp_path, capsys, r
             assert lines[i + 1].startswith("     remedy: ")
 
 
-def test_config_that_does_not_load_fails_and_skips_what_needs_it(tmp_path, capsys):
+def test_config_that_does_not_load_fails_once_and_names_what_did_not_run(tmp_path, capsys):
     path = write_config(tmp_path, "\n[runtime]\nthreads = 0\n")
     code = diag.run(parse(["--config", path, "--json"]))
     out = json.loads(capsys.readouterr().out)
-    assert code == 2 == out["exit"]
+    assert code == Exit.FAULTS == out["exit"]
     by = {c["name"]: c for c in out["checks"]}
     assert by["config"]["status"] == FAIL
-    assert by["config"]["detail"] == f"{path}: runtime.threads: expected an integer from 1 to 64, got 0"
+    assert by["config"]["detail"].startswith(f"{path}: runtime.threads: expected an integer from 1 to 64, got 0 "
+                                             f"(so these checks did not run: identity, keys, ")
     assert "runtime.threads" in by["config"]["remedy"]
-    for name in ("keys", "broker", "models", "sensor", "spool", "agent"):
-        assert by[name]["status"] == SKIP and "config did not load" in by[name]["detail"]
-    assert "config did not load" not in by["clock"]["detail"] + by["thermal"]["detail"]  # they need no config
+    assert [c for c in out["checks"] if c["status"] == FAIL] == [by["config"]]  # one FAIL, no SKIP per check
+    for name in ("keys", "broker", "models", "sensor", "spool"):
+        assert name not in by and name in by["config"]["detail"]
+    assert by["agent"]["status"] == WARN and str(tmp_path / "run") in by["agent"]["detail"]  # asked, on its socket
+    assert "config did not load" not in json.dumps(out)
 
 
 def test_empty_state_directory_gives_verdicts_not_tracebacks(tmp_path, capsys):
@@ -149,7 +153,7 @@ def test_empty_state_directory_gives_verdicts_not_tracebacks(tmp_path, capsys):
     code = diag.run(parse(["--config", path, "--json"]))
     out = json.loads(capsys.readouterr().out)
     by = {c["name"]: c for c in out["checks"]}
-    assert code == 2
+    assert code == Exit.FAULTS
     assert by["broker"]["status"] == FAIL and by["sensor"]["status"] == FAIL
     assert by["spool"]["status"] == SKIP and by["update_store"]["status"] == SKIP
     assert all("the check itself failed" not in c["detail"] for c in out["checks"])

@@ -355,6 +355,15 @@ def test_damaged_update_slot_fails(tmp_path):
 # -------------------------------------------------------------------------------------------------- agent
 
 
+def status_registry(status):
+    """The control socket's commands in these tests: ``status`` answering ``status()``."""
+    from device.link.commands import Registry
+
+    reg = Registry()
+    reg.register("status", lambda args, ctx: status(), local=True)
+    return reg
+
+
 def test_agent_answering_on_its_socket(tmp_path):
     from device.agent.controlserver import ControlServer
     from device.control import socket_path
@@ -363,7 +372,7 @@ def test_agent_answering_on_its_socket(tmp_path):
     cfg = make_cfg(tmp_path)
     status = {"device": "dev-a", "runtime": {"variant": "full"}, "governor": {"level": "balanced"},
               "sensor": {"state": "ok"}, "faults": {}}
-    with ControlServer(socket_path(cfg), {"status": lambda args: status}):
+    with ControlServer(socket_path(cfg), status_registry(lambda: status)):
         c = check_agent(ctx_for(cfg))
         assert c.status == OK and "variant full" in c.detail and "level balanced" in c.detail, c
         status["faults"] = {"sensor": {"problem": "no frame for 12 s"}}
@@ -472,7 +481,7 @@ def test_sensor_held_by_the_agent_is_read_from_its_status(tmp_path):
     cfg = make_cfg(tmp_path, drivers={"sensor_url": "/dev/ttyAMA0"})
     health = {"state": "disconnected", "frames": 0, "crc_errors": 0, "seq_gaps": 0, "reconnects": 0,
               "last_error": "cannot open /dev/ttyAMA0: [Errno 13] Permission denied"}
-    with ControlServer(socket_path(cfg), {"status": lambda args: {"sensor": health}}):
+    with ControlServer(socket_path(cfg), status_registry(lambda: {"sensor": health})):
         c = check_sensor(ctx_for(cfg))
         assert c.status == FAIL and "held by the agent" in c.detail and "dialout" in c.remedy, c
         health.update(state="ok", frames=5000, last_error=None)

@@ -27,7 +27,8 @@ class ReportError(FieldnodeError):
 
 
 def check_report_path(path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
+    """Refuses a bundle path whose directory is missing or not writable (``""``: the default name, here)."""
+    d = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     if not os.path.isdir(d):
         raise ReportError(f"--report {path}: the directory {d} does not exist")
     if not os.access(d, os.W_OK):
@@ -42,6 +43,16 @@ def redact(obj):
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+# scheme://userinfo@host: the userinfo (user:password, or a token) of any URL, quoted or not, whole or in a message.
+_URL_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)([^\s/?#@\"'<>]+)@")
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced: ``https://user:TOKEN@host/`` becomes
+    ``https://<redacted>@host/``. Works on raw text, so a config that does not load is redacted too."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
 
 
 _TOML_SECRET = re.compile(r"""^(\s*["']?[\w.-]*(?:password|token|secret)[\w.-]*["']?\s*=\s*)(.+)$""",
@@ -60,13 +71,21 @@ def redact_toml(text: str) -> str:
 _TOML_SECRET_MULTILINE = re.compile(r"""(?im)^\s*["']?[\w.-]*(password|token|secret)[\w.-]*["']?\s*=\s*("{3}|'{3})""")
 
 
-def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | None = None) -> None:
+def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | None = None) -> str:
     """Writes the support bundle ``path`` (a tar.gz) atomically: temporary file, fsync, rename.
 
-    Members (under one directory): ``diag.json`` and ``diag.txt`` (this run), ``config.json`` (the effective
-    config, redacted), ``config.toml`` (the file as written, redacted), ``status.json`` (the running agent's
-    answer, or why there is none), ``versions.json``, ``throttle.json`` and ``journal.txt``. The password
-    file's content is never read into it: any text equal to it is replaced too, wherever it appears.
+    Members (under one directory named after the device id): ``diag.json`` and ``diag.txt`` (this run),
+    ``config.json`` (the effective config, redacted), ``config.toml`` (the file as written, redacted),
+    ``status.json`` (the running agent's answer, or why there is none), ``versions.json``, ``throttle.json`` and
+    ``journal.txt``. The password file's content is never read into it: any text equal to it is replaced too,
+    wherever it appears; so is the userinfo (``user:TOKEN@``) of every URL in every member.
+
+    Args:
+        path: The bundle's file; ``""`` names it ``fieldnode-diag-<device>-<UTC time>.tar.gz`` in the current
+            directory.
+
+    Returns:
+        The path written.
 
     Raises:
         ReportError: The bundle cannot be written.
@@ -89,12 +108,13 @@ def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | No
     secret = _password(cfg)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     top = f"fieldnode-diag-{config.device_id(cfg)}-{stamp}"
+    path = path or f"{top}.tar.gz"
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, body in members.items():
             if secret:
                 body = body.replace(secret, REDACTED)
-            data = body.encode("utf-8")
+            data = redact_urls(body).encode("utf-8")
             info = tarfile.TarInfo(f"{top}/{name}")
             info.size, info.mtime, info.mode = len(data), int(time.time()), 0o600
             tar.addfile(info, io.BytesIO(data))
@@ -102,16 +122,18 @@ def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | No
         write_atomic(os.path.abspath(path), buf.getvalue(), mode=0o600)
     except OSError as exc:
         raise ReportError(f"--report {path}: cannot write it ({exc.strerror or exc})") from exc
+    return path
 
 
 def _password(cfg) -> str:
     # Read only to scrub it from everything else; it never goes into the bundle itself.
     if not cfg.link.password_file:
         return ""
+    from device.link.mqttclient import PasswordFileError, read_password
+
     try:
-        with open(cfg.link.password_file, encoding="utf-8") as f:
-            return f.read().strip()
-    except (OSError, UnicodeDecodeError):
+        return read_password(cfg.link.password_file)  # exactly what the link sends, trailing spaces included
+    except PasswordFileError:
         return ""
 
 
