@@ -1,5 +1,6 @@
 """What every subcommand's arguments share: typed numbers with clear errors, ``--sim``, the global options of
-nested subcommands, the config a command reads, and values printed for people.
+nested subcommands, the config a command reads, values printed for people, and the one way a command prints an
+error (:func:`print_error`).
 
 The commands live where their code does (``fieldnode run`` in :mod:`device.agent.daemon`, the tools in
 ``tools/``); the entry point that registers them is :mod:`tools.cli`.
@@ -8,7 +9,34 @@ The commands live where their code does (``fieldnode run`` in :mod:`device.agent
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import json
+import sys
+from typing import Callable, TextIO
+
+from device.errors import Exit, FieldnodeError, error_json
+
+
+def print_error(command: str, exc: FieldnodeError, *, as_json: bool = False, exit_code: Exit | None = None,
+                out: TextIO | None = None, err: TextIO | None = None) -> Exit:
+    """Prints a command's error the one way every ``fieldnode`` command does, and says what to exit with.
+
+    One line on stderr, ``fieldnode COMMAND: error [code]: message``; with ``as_json`` (the command's ``--json``)
+    also one JSON object on stdout, :func:`device.errors.error_json`'s ``{"ok": false, "error": {...}}``.
+
+    Args:
+        command: The command as typed after ``fieldnode`` (``keys sign``).
+        exc: The error.
+        as_json: Print the JSON object on stdout too.
+        exit_code: The exit code, when the command's own table says otherwise than ``exc.exit_code``.
+        out: Where the JSON goes (default ``sys.stdout``). err: Where the line goes (default ``sys.stderr``).
+
+    Returns:
+        The exit code: ``exit_code``, else the error class's :attr:`~device.errors.FieldnodeError.exit_code`.
+    """
+    print(f"fieldnode {command}: error [{exc.code}]: {exc}", file=err or sys.stderr, flush=True)
+    if as_json:  # after the line: a reader of stdout that went away must not take the line with it
+        print(json.dumps(error_json(exc)), file=out or sys.stdout, flush=True)
+    return Exit(exc.exit_code if exit_code is None else exit_code)
 
 
 def load_config(args):

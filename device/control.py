@@ -13,10 +13,16 @@ The result is encoded as the MQTT replies are (:func:`device.link.wire.encode`),
 MQTT and this socket answer from one source with one encoding. Error codes are the MQTT commands' where the
 meaning is the same (``bad_json``, ``bad_request``, ``payload_too_large``, ``unknown_command``, ``internal``).
 
+The agent serves its command registry here (:mod:`device.agent.controlserver`), the same one as over MQTT, but
+only the commands marked local: unprivileged and read-only (``status``, ``ping``, ``update.status``,
+``config.get``). A privileged command is an unknown op here: it needs a signed envelope over MQTT.
+
 Bounded like the MQTT intake: a request line is at most :data:`MAX_LINE` bytes (a longer one gets an error reply
 and the connection is closed), a started line must end within ``read_timeout`` and an idle connection is closed
-after ``idle_timeout``, and at most ``max_connections`` are served at once (one more gets a
-``too_many_connections`` reply). A handler that raises costs one error reply, never the server's thread.
+after ``idle_timeout`` (seconds), and at most ``max_connections`` are served at once, plus a reserve that only
+root (the peer's uid, ``SO_PEERCRED``) may use; one more gets a ``too_many_connections`` reply and the agent logs
+the refusal (rate-limited). A handler that raises costs one error reply, never the server's thread. A
+:class:`Client` whose kept connection was closed as idle connects again for its next request.
 
 A socket file left by a crashed agent is replaced only once nobody answers on it; if an agent answers,
 :class:`ControlServer.start` raises :class:`ControlBusy`. :meth:`ControlServer.close` unlinks the socket only
@@ -35,7 +41,7 @@ import struct
 import time
 from typing import Any, Mapping
 
-from device.errors import FieldnodeError
+from device.errors import Exit, FieldnodeError
 from device.link import wire
 
 SOCKET_NAME = "control.sock"
@@ -61,12 +67,13 @@ class ControlUnavailable(FieldnodeError):
     """No agent can be reached on the control socket (none running, no permission, it does not answer)."""
 
     code = "agent_unreachable"
+    exit_code = Exit.UNREACHABLE
 
 
 class ControlProtocolError(FieldnodeError):
     """What answered on the control socket sent something that is not a reply of this protocol."""
 
-    code = "reply_malformed"
+    code = "control_reply_malformed"
 
 
 class ControlError(FieldnodeError):
@@ -117,6 +124,10 @@ def now() -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ client
+
+
+class _ClosedBeforeReply(ControlUnavailable):
+    """The connection ended before any byte of the reply (a kept connection closed as idle, an agent stopping)."""
 
 
 class Client:
@@ -175,9 +186,16 @@ class Client:
             ControlError: The agent answered with an error (its code and message).
             ControlProtocolError: The answer is not a reply of this protocol.
         """
-        if self._sock is None:
-            self.connect()
         line = wire.encode({"op": op, "args": args or {}}, strict=True) + b"\n"
+        if self._sock is not None:
+            try:
+                return self._exchange(op, line)
+            except _ClosedBeforeReply:
+                pass  # the agent closed our kept connection as idle (or restarted): once more, on a new one
+        self.connect()
+        return self._exchange(op, line)
+
+    def _exchange(self, op: str, line: bytes) -> Any:
         try:
             self._sock.settimeout(self.timeout)
             try:
@@ -234,6 +252,9 @@ class Client:
             self._sock.settimeout(left)
             data = self._sock.recv(65536)
             if not data:
+                if not self._buf:
+                    raise _ClosedBeforeReply(f"the agent at {self.path} closed the connection before answering "
+                                             f"'{op}' (it may be stopping or restarting)")
                 raise ControlUnavailable(f"the agent at {self.path} closed the connection before answering '{op}' "
                                          f"(it may be stopping or restarting)")
             self._buf += data

@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from device.errors import Exit
+
 BLOCK = 10  # inferences per side between switches (see run_bench)
 
 
@@ -206,4 +208,4 @@ def run(args) -> int:
         width = max(len(k) for k in report)
         for k, v in report.items():
             print(f"{k:<{width}}  {for_people(v, none='-')}")
-    return 0 if report.get("identical") in (True, None) else 1
+    return Exit.OK if report.get("identical") in (True, None) else Exit.FAILED

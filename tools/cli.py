@@ -3,6 +3,11 @@
 Every subcommand takes ``--config PATH`` (else ``FIELDNODE_CONFIG``, else /etc/fieldnode/fieldnode.toml).
 Subcommands register themselves in :data:`COMMANDS` so later tools (``run``, ``diag``, ``send``...) add
 one entry each.
+
+:func:`main` is where every command ends: it prints whatever error ended it the one way
+(:func:`device.cliargs.print_error`: ``fieldnode CMD: error [code]: message``, and the JSON error object with
+``--json``), and exits with :class:`device.errors.Exit` (``docs/errors.md``). A reader that closes the pipe early
+(``fieldnode config keys | head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
 from device import __version__
-from device.cliargs import common_options, load_config
-from device.errors import FieldnodeError
+from device.cliargs import common_options, load_config, print_error
+from device.errors import Exit, FieldnodeError, InternalError, Interrupted, SystemCallFailed, UsageError
 
 # name -> (help, add_arguments(parser), run(args) -> exit code)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
@@ -39,7 +45,7 @@ def _version(args) -> int:
     from device.runtime.backends import load_backend
 
     info = {"fieldnode": __version__, "python": sys.version.split()[0]}
-    cfg = load_config(args)  # a config that cannot be read is an error (exit 2), not a missing backend
+    cfg = load_config(args)  # a config that cannot be read is an error (Exit.USAGE), not a missing backend
     try:
         b = load_backend(cfg.runtime.backend)
         info["backend"], info["backend_version"] = b.name, b.version
@@ -50,7 +56,7 @@ def _version(args) -> int:
     else:
         for k, v in info.items():
             print(f"{k}: {v}")
-    return 0
+    return Exit.OK
 
 
 _version.arguments = _version_args
@@ -70,17 +76,20 @@ def _config(args) -> int:
 
     if args.action in ("defaults", "keys"):
         if args.json:
-            print(f"fieldnode config: --json applies to check and show, not {args.action}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--json applies to check and show, not {args.action}")
         print(config.render_toml() if args.action == "defaults" else config.render_markdown())
-        return 0
-    cfg = load_config(args)  # an invalid config: main prints the error (as JSON too with --json), exit 2
+        return Exit.OK
+    cfg = load_config(args)  # an invalid config: main prints the error (as JSON too with --json), Exit.USAGE
+    if cfg.source == config.DEFAULTS_SOURCE and not args.json:  # the first line says that no file was found
+        print(config.describe_source(cfg), file=sys.stderr if args.action == "show" else sys.stdout, flush=True)
     if args.action == "check":
-        config.check_agent(cfg)  # what fieldnode run would refuse, too
+        from device.configfiles import service_identity
+
+        config.check_agent(cfg, service_identity())  # what fieldnode run would refuse, as the service's user
         print(json.dumps({"ok": True, "source": cfg.source}) if args.json else f"{cfg.source}: ok")
-        return 0
+        return Exit.OK
     print(json.dumps({"source": cfg.source, **cfg.to_dict()}, indent=2))
-    return 0
+    return Exit.OK
 
 
 _config.arguments = _config_args
@@ -146,37 +155,58 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the CLI; returns the exit code (2 for usage and configuration errors, 1 for other failures)."""
+    """Runs the CLI.
+
+    Returns:
+        The exit code (:class:`device.errors.Exit`): the command's own, else the one of the error that ended it
+        (``USAGE`` for bad input and configuration errors, ``FAILED`` for most others, ``INTERRUPTED`` for Ctrl-C,
+        ``PIPE_CLOSED`` when the reader of stdout went away).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(only=chosen_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
-        return 2
+        return Exit.USAGE
     from device import logs
 
     logs.setup("warning", "auto", verbose=args.verbose)  # `run` sets the configured level and format again
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or Exit.OK)
+        sys.stdout.flush()  # a closed pipe must show here, not when the interpreter flushes at exit
+        return code
+    except BrokenPipeError:
+        return _pipe_closed()
     except KeyboardInterrupt:
-        return 130
+        return _report(args, Interrupted("interrupted"))
     except FieldnodeError as exc:
-        if getattr(args, "json", False):  # every --json command: the error as one JSON object on stdout too
-            from device.errors import error_json
-
-            print(json.dumps(error_json(exc)))
-        print(f"fieldnode {args.command}: error [{exc.code}]: {exc}", file=sys.stderr)
-        return 2 if exc.code == "config_invalid" else 1
+        return _report(args, exc)
     except OSError as exc:  # a file or device the user named, or the state directory
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"fieldnode {args.command}: error [os_error]: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        return _report(args, SystemCallFailed.from_os_error(exc))
     except Exception as exc:  # a defect: one line for the technician, the traceback with -v
-        log = logging.getLogger("tools.cli")
-        log.debug("internal error", exc_info=True)
-        print(f"fieldnode {args.command}: error [internal]: {type(exc).__name__}: {exc} (this is a defect; "
-              f"run with -v for the traceback and report it)", file=sys.stderr)
-        return 1
+        logging.getLogger("tools.cli").debug("internal error", exc_info=True)
+        return _report(args, InternalError(f"{type(exc).__name__}: {exc} (this is a defect; run with -v for the "
+                                           f"traceback and report it)"))
+
+
+def _report(args, exc: FieldnodeError) -> int:
+    """Prints the error that ended the command (with ``--json``, the JSON object too) and returns its exit code."""
+    try:
+        return print_error(args.command, exc, as_json=bool(getattr(args, "json", False)))
+    except BrokenPipeError:  # the JSON object's reader is gone too
+        return _pipe_closed()
+
+
+def _pipe_closed() -> int:
+    """The reader of stdout went away (``| head``): nothing more is written there, and Python's flush at exit
+    must not fail on it either (``Exception ignored ... BrokenPipeError``), so stdout points at /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a file (a test's capture): nothing is left to flush
+        pass
+    return Exit.PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import tempfile
 import threading
 
 from device.clock import SYSTEM_CLOCK
+from device.errors import Exit
 
 
 def add_arguments(p) -> None:
@@ -75,7 +76,7 @@ def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
         print(json.dumps(summary))
     else:
         out(_summary_line(summary))
-    return 0 if summary["ok"] else 1
+    return Exit.OK if summary["ok"] else Exit.FAILED
 
 
 def _quiet(line: str) -> None:

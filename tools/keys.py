@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from device.link import envelope
 from device.link.errors import EnvelopeError
-from device.cliargs import positive_seconds
+from device.cliargs import positive_seconds, print_error
+from device.errors import Exit, SystemCallFailed, UsageError
 from device.update import age
 from device.statefile import write_new
 
@@ -88,15 +89,15 @@ def run(args: argparse.Namespace) -> int:
             return _generate(args.name, args.out)
         if action == "id":
             print(envelope.key_id(_load_any_key(args.file)))
-            return 0
+            return Exit.OK
         return _sign(args)
-    except (_BadInput, EnvelopeError) as exc:
-        print(f"fieldnode keys {action}: {exc}", file=sys.stderr)
-        return 2
+    except _BadInput as exc:
+        return print_error(f"keys {action}", UsageError(str(exc)))
+    except EnvelopeError as exc:
+        return print_error(f"keys {action}", exc, exit_code=Exit.USAGE)
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"fieldnode keys {action}: cannot write{where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return print_error(f"keys {action}", SystemCallFailed(f"cannot write{where}: {exc.strerror or exc}"))
 
 
 def _check_name_and_dir(name: str, out: str, suffixes: tuple[str, ...]) -> None:
@@ -136,7 +137,7 @@ def _generate(name: str, out: str) -> int:
     print(f"private key: {key_path} (mode 0600; keep it off the boards)")
     print(f"public key: {pub_path}")
     print(f"install on each board: sudo install -m 0644 {pub_path} {TRUST_DIR}/")
-    return 0
+    return Exit.OK
 
 
 def _generate_recipient(name: str, out: str) -> int:
@@ -155,7 +156,7 @@ def _generate_recipient(name: str, out: str) -> int:
     print(f"recipient: {recipient}")
     print(f"identity: {path} (mode 0600; install it on the board only, keep no other copy)")
     print(f"grant a release to it: fieldnode repo grant REPO --device ID --recipient {recipient}")
-    return 0
+    return Exit.OK
 
 
 def _sign(args: argparse.Namespace) -> int:
@@ -172,7 +173,7 @@ def _sign(args: argparse.Namespace) -> int:
               f"{DEFAULT_MAX_TTL_S} s; boards with that limit refuse it (expiry_too_far)", file=sys.stderr)
     env = envelope.sign_envelope(private, device=args.device, cmd=args.cmd, args=cmd_args, ttl_s=args.ttl)
     print(json.dumps(env, sort_keys=True, separators=(",", ":")))
-    return 0
+    return Exit.OK
 
 
 def _load_any_key(path: str):

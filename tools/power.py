@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 
+from device.errors import Exit, UsageError
 from drivers.sim.profiles import PROFILES
 
 SCENARIOS = {
@@ -75,8 +75,7 @@ def _status(args, cfg, policy) -> int:
     else:
         fs = Sysfs(args.root or resolve_root(cfg.drivers.sysfs_root))
         if not os.path.isdir(fs.root):
-            print(f"fieldnode power status: sysfs root {fs.root} is not a directory", file=sys.stderr)
-            return 2
+            raise UsageError(f"status: sysfs root {fs.root} is not a directory")
     try:
         policies = CpuFreq(fs).policies()
         snap = BoardReader(fs).read()
@@ -100,7 +99,7 @@ def _status(args, cfg, policy) -> int:
             tmp.cleanup()
     if args.json:
         print(json.dumps(out))
-        return 0
+        return Exit.OK
     s = out["snapshot"]
     if args.sim:
         print(f"SIMULATED board {args.sim} (a fresh virtual board, not this machine): sysfs root {out['root']}")
@@ -118,7 +117,7 @@ def _status(args, cfg, policy) -> int:
     if out.get("nvpmodel"):
         print(f"nvpmodel: {out['nvpmodel']['name']} ({out['nvpmodel']['id']})")
     print(f"policy calls for: {out['level']} ({out['reason']})")
-    return 0
+    return Exit.OK
 
 
 def _v(value, unit: str = "") -> str:
@@ -149,7 +148,7 @@ def _simulate(args, policy) -> int:
            "levels": [(round(t), d["to"], d["reason"]) for t, kind, d in governed.events if kind == "governor_level"]}
     if args.json:
         print(json.dumps(out))
-        return 0
+        return Exit.OK
     print(f"SIMULATED {args.profile}, scenario {args.scenario}: "
           + ", ".join(_SCENARIO_TEXT.get(k, k + " {}").format(_v(v)) for k, v in kw.items() if k != "dt"))
     for tr in (governed, static):
@@ -159,4 +158,4 @@ def _simulate(args, policy) -> int:
               f"{', battery died' if s['died'] else ''}{', firmware throttled' if s['firmware_throttled'] else ''}")
     for t, to, why in out["levels"]:
         print(f"  t={t:>6d} s -> {to}: {why}")
-    return 0
+    return Exit.OK

@@ -7,7 +7,7 @@ into these at the boundary. Each class has a stable ``code``, which command repl
 
 from __future__ import annotations
 
-from device.errors import FieldnodeError
+from device.errors import FieldnodeError, InternalError
 
 
 class LinkError(FieldnodeError):
@@ -182,10 +182,12 @@ class BadReplyTopic(CommandError):
     code = "bad_reply_topic"
 
 
-class CommandCrashed(CommandError):
-    """A handler (or the dispatcher) failed unexpectedly; the log has the traceback, the reply only the type."""
+class CommandCrashed(CommandError, InternalError):
+    """A handler (or the dispatcher) failed unexpectedly; the log has the traceback, the reply only the type.
 
-    code = "internal"
+    A defect like the CLI's :class:`~device.errors.InternalError`, so it shares that class's code."""
+
+    code = InternalError.code
 
 
 class CommandFailed(CommandError):

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from device.errors import Exit
 from device.runtime.errors import InferenceFailed, ModelInvalid
 
 
@@ -74,7 +75,7 @@ def run(args) -> int:
         for r in report["variants"]:
             print(f"  {r['variant']:<8} {'PASS' if r['ok'] else 'FAIL'}  "
                   + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ('variant', 'ok')))
-    return 0 if report["ok"] else 1
+    return Exit.OK if report["ok"] else Exit.FAILED
 
 
 def check_model(args) -> dict:

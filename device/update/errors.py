@@ -14,124 +14,126 @@ from device.errors import FieldnodeError
 class UpdateError(FieldnodeError):
     """Base of every update error."""
 
-    code = "E_UPDATE"
+    code = "update_failed"
 
 
 class SignatureError(UpdateError):
     """Metadata is not signed by the keys its role trusts (a wrong key, a bad signature, tampered bytes)."""
 
-    code = "E_SIGNATURE"
+    code = "metadata_signature_invalid"
 
 
 class ThresholdError(UpdateError):
     """Metadata is signed by fewer trusted keys than its role's threshold."""
 
-    code = "E_THRESHOLD"
+    code = "too_few_signatures"
 
 
 class ExpiredError(UpdateError):
     """A role's metadata has expired (a freeze attack, or a repository nobody re-signed)."""
 
-    code = "E_EXPIRED"
+    code = "metadata_expired"
 
 
 class RollbackError(UpdateError):
     """Metadata older than what the board already trusts, or a model version below the board's floor."""
 
-    code = "E_ROLLBACK"
-
-
-class FreezeError(UpdateError):
-    """The repository keeps serving the same stale snapshot or timestamp (mix-and-match, freeze)."""
-
-    code = "E_FREEZE"
+    code = "rollback_refused"
 
 
 class MetadataError(UpdateError):
     """Metadata that cannot be parsed or does not follow the format (garbage, a missing field)."""
 
-    code = "E_METADATA"
+    code = "metadata_invalid"
 
 
 class TargetRefused(UpdateError):
     """The release is not for this board: hardware class, ring, accelerator or minimum agent version."""
 
-    code = "E_TARGET"
+    code = "not_for_this_board"
 
 
 class NotGranted(UpdateError):
     """No release key file for this board, or one that does not open with the board's identity."""
 
-    code = "E_NOT_GRANTED"
+    code = "not_granted"
 
 
 class SizeError(UpdateError):
     """A download longer than its signed length, or an input over a hard limit."""
 
-    code = "E_SIZE"
+    code = "size_exceeded"
 
 
 class HashMismatch(UpdateError):
     """Bytes whose hash is not the signed one (ciphertext or plaintext)."""
 
-    code = "E_HASH"
+    code = "hash_mismatch"
 
 
 class DecryptError(UpdateError):
     """The age file is malformed, truncated, tampered with or not for the identities given."""
 
-    code = "E_DECRYPT"
+    code = "decrypt_failed"
 
 
 class ValidationFailed(UpdateError):
     """The new model would not load, or its test vectors (or a finite-output probe) failed."""
 
-    code = "E_VALIDATE"
+    code = "validation_failed"
 
 
 class HealthGateFailed(UpdateError):
     """The trial failed: a worker crash, latency past the allowed factor, non-finite outputs, disagreement."""
 
-    code = "E_HEALTH"
+    code = "trial_failed"
 
 
 class Deferred(UpdateError):
     """Not now: the governor is in its lowest levels, the battery is low, the SoC is hot (retried later)."""
 
-    code = "E_DEFERRED"
+    code = "update_deferred"
 
 
 class ClockError(UpdateError):
     """The clock reads earlier than a time the board has already seen: expiry cannot be judged."""
 
-    code = "E_CLOCK"
+    code = "clock_behind"
 
 
 class NoSpace(UpdateError):
     """Not enough free space in the state directory for the download and the inactive slot."""
 
-    code = "E_SPACE"
+    code = "no_space"
 
 
 class Busy(UpdateError):
     """Another install holds the store lock (the agent and the CLI never install at once)."""
 
-    code = "E_BUSY"
+    code = "update_busy"
 
 
 class DownloadError(UpdateError):
     """The bytes could not be fetched (network, broker, missing file on a stick), after retries."""
 
-    code = "E_DOWNLOAD"
+    code = "download_failed"
 
 
 class StoreError(UpdateError):
     """The A/B store's own state cannot be read or written (a full disk, a corrupt state file set aside)."""
 
-    code = "E_STORE"
+    code = "model_store_error"
 
 
 class RepositoryError(UpdateError):
     """The operator's repository tool was given something it cannot do (a missing key, a bad role)."""
 
-    code = "E_REPO"
+    code = "repository_error"
+
+
+class UnsafeFile(UpdateError):
+    """A directory repository (a USB stick) holds, where a file is read, something other than a regular file inside
+    it: a symbolic link, a FIFO, a device. Never followed or opened: a stick must not make the board read its own
+    files or hang."""
+
+    code = "unsafe_repository_file"

@@ -93,21 +93,22 @@ def apt_mirror() -> str:
     raise StepFailed("no Debian mirror found in apt's sources: set IMAGE_MIRROR to the URL of a Debian mirror")
 
 
-def base_root(cache: str, timings: dict) -> str:
+def base_root(cache: str, timings: dict, arch: str = ARCH, include: str = INCLUDE) -> str:
     """The cached debootstrap root for these arguments, made when missing (into a temporary directory that is
     renamed when complete, so a cut-short build is never taken for a root). One build at a time: a second
-    caller (``make test`` prepares the root beside the unit tests) waits for the first and takes its root."""
+    caller (``make test`` prepares the roots beside the unit tests) waits for the first and takes its root.
+    The amd64 root the systemd stage boots (``tests/image/nspawntest.py``) is made here too."""
     os.makedirs(cache, exist_ok=True)
     with open(os.path.join(cache, "build.lock"), "w", encoding="utf-8") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _base_root(cache, timings)
+        return _base_root(cache, timings, arch, include)
 
 
-def _base_root(cache: str, timings: dict) -> str:
+def _base_root(cache: str, timings: dict, arch: str, include: str) -> str:
     mirror = apt_mirror()
-    argv = ["debootstrap", f"--arch={ARCH}", "--variant=minbase", f"--include={INCLUDE}", SUITE]
+    argv = ["debootstrap", f"--arch={arch}", "--variant=minbase", f"--include={include}", SUITE]
     key = hashlib.sha256(" ".join(argv + [mirror]).encode()).hexdigest()[:12]
-    final = os.path.join(cache, f"{SUITE}-{ARCH}-{key}")
+    final = os.path.join(cache, f"{SUITE}-{arch}-{key}")
     if os.path.isfile(os.path.join(final, "complete")):
         timings["debootstrap"] = "cached"
         return os.path.join(final, "root")
@@ -115,7 +116,7 @@ def _base_root(cache: str, timings: dict) -> str:
     for stale in glob.glob(f"{final}.tmp*"):
         shutil.rmtree(stale, ignore_errors=True)
     building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=cache)
-    print(f"image test: building the {SUITE} {ARCH} root with debootstrap from {mirror} (cached in {final})",
+    print(f"image test: building the {SUITE} {arch} root with debootstrap from {mirror} (cached in {final})",
           flush=True)
     start = time.monotonic()
     _run(argv + [os.path.join(building, "root"), mirror], "debootstrap")
@@ -202,7 +203,7 @@ def step_diag(root: str) -> str:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         why = "the installed fieldnode has no diag command" if "invalid choice: 'diag'" in last else last[:200]
         return f"SKIP: `fieldnode diag --help` exits {probe.returncode} in the image: {why}"
-    proc = on_board(root, ["diag", "--sim", "--json"], "fieldnode diag --sim", ok=(0, 1, 2))
+    proc = on_board(root, ["diag", "--sim", "--json"], "fieldnode diag --sim", ok=(0, 5, 6))  # OK, WARN, FAULTS
     try:
         checks = json.loads(proc.stdout)["checks"]
     except (ValueError, KeyError, TypeError) as exc:
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         timings: dict = {}
         try:
+            check_tools()  # debootstrap's second stage runs arm64 programs: the binfmt handler must be on
             root = base_root(args.cache, timings)
         except StepFailed as exc:
             print(f"image test FAILED at debootstrap: {exc}", file=sys.stderr)

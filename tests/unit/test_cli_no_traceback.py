@@ -10,17 +10,21 @@ import sys
 
 import pytest
 
+from device.errors import Exit
+
 FIELDNODE = os.path.join(os.path.dirname(sys.executable), "fieldnode")
 MISSING = "/nonexistent/fieldnode-test"
 
-# (arguments, expected exit codes). 0 is success, 1 a failure the command explains, 2 a usage or config error.
+# (arguments, expected exit codes): device.errors.Exit, the one table (docs/errors.md).
+OK, FAILED, USAGE, UNREACHABLE, WARN, FAULTS = (Exit.OK, Exit.FAILED, Exit.USAGE, Exit.UNREACHABLE, Exit.WARN,
+                                                 Exit.FAULTS)
 NO_CONFIG = [
     ([], {2}),
-    (["status"], {1}),  # no agent running: one line saying so
-    (["diag"], {1, 2}),  # a board config must name its sensor: diag says so as a FAIL with a remedy
-    (["diag", "--json"], {1, 2}),
-    (["status", "--json"], {1}),
-    (["status", "--watch", "--count", "1"], {1}),
+    (["status"], {UNREACHABLE}),  # no agent running: one line saying so
+    (["diag"], {WARN, FAULTS}),  # a board config must name its sensor: diag says so as a FAIL with a remedy
+    (["diag", "--json"], {WARN, FAULTS}),
+    (["status", "--json"], {UNREACHABLE}),
+    (["status", "--watch", "--count", "1"], {UNREACHABLE}),
     (["--help"], {0}),
     (["version"], {0}),
     (["version", "--json"], {0}),
@@ -147,3 +151,27 @@ def test_run_without_sensor_names_the_key_and_the_way_to_simulate(empty_state):
     check(proc, {2})
     assert "drivers.sensor_url" in proc.stderr and "--sim" in proc.stderr
     assert not os.listdir(state)  # refused before anything was opened or written
+
+
+def test_a_reader_that_closes_the_pipe_early_ends_it_quietly():
+    """``fieldnode config keys | head -1``: the reader goes away after one line; the command must not complain
+    (no ``BrokenPipeError``, no ``Exception ignored ... Broken pipe``), and exits with the table's code for it."""
+    import fcntl
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
+    read_end, write_end = os.pipe()
+    # A small pipe, so the command is still writing when the reader leaves (its output is larger than this).
+    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
+    proc = subprocess.Popen([FIELDNODE, "config", "keys"], stdout=write_end, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env, text=True)
+    os.close(write_end)
+    first = b""
+    while not first.endswith(b"\n"):
+        chunk = os.read(read_end, 1)
+        assert chunk, "the command ended before its first line"
+        first += chunk
+    os.close(read_end)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(60) == Exit.PIPE_CLOSED and err == ""
+    assert first.startswith(b"| Key |")

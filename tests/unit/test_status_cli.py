@@ -19,10 +19,21 @@ from tools import cli
 from device import config
 from device.agent.controlserver import ControlServer
 from device.control import socket_path
+from device.errors import Exit
+from device.link.commands import Registry
 from tools import status as status_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON_REPR = re.compile(r"\bTrue\b|\bFalse\b|\bNone\b|\['|\{'")
+
+
+def status_only(fn) -> Registry:
+    """A registry whose one local command, ``status``, answers ``fn()``."""
+    reg = Registry()
+    reg.register("status", lambda args, ctx: fn(), local=True)
+    return reg
+
+
 ENTRY = ("import sys\nfrom tools import cli\n"
          "if 'status' not in cli.COMMANDS:\n    cli._lazy('tools.status', 'status', 'status')\n"
          "sys.exit(cli.main(sys.argv[1:]))\n")
@@ -109,13 +120,15 @@ def test_watch_prints_a_line_a_tick_like_the_demo(agent, capsys):
 def test_watch_says_when_the_agent_goes_and_another_process_answers(agent, tmp_path):
     cfg_path = write_config(str(tmp_path), str(tmp_path / "run"))
     path = socket_path(config.load(cfg_path))
-    server = ControlServer(path, {"status": lambda a: agent.status()}, group=None)
+    server = ControlServer(path, status_only(agent.status), group=None)
     server.start()
     snapshot = tmp_path / "status.json"
     snapshot.write_text(json.dumps(agent.status()))
     code = ("import json, sys\nfrom device.agent.controlserver import ControlServer\n"
             "st = json.load(open(sys.argv[2]))\n"
-            "with ControlServer(sys.argv[1], {'status': lambda a: st}, group=None):\n"
+            "from device.link.commands import Registry\nreg = Registry()\n"
+            "reg.register('status', lambda a, c: st, local=True)\n"
+            "with ControlServer(sys.argv[1], reg, group=None):\n"
             "    print('ready', flush=True)\n    sys.stdin.read()\n")
     lines, procs = [], []
 
@@ -140,17 +153,18 @@ def test_watch_says_when_the_agent_goes_and_another_process_answers(agent, tmp_p
             p.wait(30)
     notes = [ln for ln in lines[1:] if not ln.startswith("t=")]
     assert len(notes) == 2, lines
-    assert notes[0].startswith(f"agent unreachable: the agent at {path} closed the connection")
+    # The kept connection was closed: the client connects again at once, and finds no agent.
+    assert notes[0].startswith(f"agent unreachable: no agent is running here (no control socket at {path})")
     assert notes[0].endswith("; retrying every 0.05 s (Ctrl-C to stop)")
     assert notes[1] == f"agent restarted: pid {procs[0].pid} (was {os.getpid()}); reconnected"
     assert sum(ln.startswith("t=") for ln in lines) == 5  # 6 ticks, one of them unreachable
     assert lines.index(notes[0]) == 3 and lines.index(notes[1]) == 4
 
 
-def test_a_watch_that_ends_unreachable_exits_1(tmp_path):
+def test_a_watch_that_ends_unreachable_exits_unreachable(tmp_path):
     cfg_path = write_config(str(tmp_path), str(tmp_path / "run"))
     path = socket_path(config.load(cfg_path))
-    server = ControlServer(path, {"status": lambda a: {"device": "dev-b", "simulated": False}}, group=None)
+    server = ControlServer(path, status_only(lambda: {"device": "dev-b", "simulated": False}), group=None)
     server.start()
     lines = []
 
@@ -160,7 +174,7 @@ def test_a_watch_that_ends_unreachable_exits_1(tmp_path):
             server.close()
 
     args = SimpleNamespace(config=cfg_path, json=False, watch=True, interval=0.05, count=3, timeout=2.0)
-    assert status_tool.run(args, out=out) == 1
+    assert status_tool.run(args, out=out) == Exit.UNREACHABLE
     assert lines[0].startswith("fieldnode status: device dev-b, agent pid") and "real board" in lines[0]
     assert lines[2].startswith("agent unreachable: ") and len(lines) == 3  # said once, not per tick
 
@@ -170,16 +184,16 @@ def run_entry(*argv):
                           cwd=ROOT, timeout=60)
 
 
-def test_no_agent_is_one_line_and_exit_1(tmp_path):
+def test_no_agent_is_one_line_and_exit_unreachable(tmp_path):
     cfg_path = write_config(str(tmp_path), str(tmp_path / "run"))
     path = os.path.join(str(tmp_path), "run", "control.sock")
     line = (f"fieldnode status: error [agent_unreachable]: no agent is running here (no control socket at {path}): "
             f"start it with systemctl start fieldnode\n")
     for extra in ([], ["--watch"]):
         p = run_entry("--config", cfg_path, *extra)
-        assert (p.returncode, p.stdout, p.stderr) == (1, "", line)
+        assert (p.returncode, p.stdout, p.stderr) == (Exit.UNREACHABLE, "", line)
     p = run_entry("--config", cfg_path, "--json")
-    assert p.returncode == 1 and p.stderr == line
+    assert p.returncode == Exit.UNREACHABLE and p.stderr == line
     assert json.loads(p.stdout) == {"ok": False, "error": {
         "code": "agent_unreachable", "message": line.split("[agent_unreachable]: ")[1].strip()}}
 
@@ -219,7 +233,7 @@ def test_any_status_shape_is_printed_without_a_crash():
 def test_ctrl_c_ends_a_watch_cleanly(tmp_path):
     cfg_path = write_config(str(tmp_path), str(tmp_path / "run"))
     path = socket_path(config.load(cfg_path))
-    with ControlServer(path, {"status": lambda a: {"device": "dev-c", "simulated": True, "virtual_board": "rpi5"}},
+    with ControlServer(path, status_only(lambda: {"device": "dev-c", "simulated": True, "virtual_board": "rpi5"}),
                        group=None):
         p = subprocess.Popen([sys.executable, "-c", ENTRY, "status", "--config", cfg_path, "--watch",
                               "--interval", "0.05"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
