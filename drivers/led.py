@@ -38,9 +38,10 @@ class LedCode(enum.Enum):
         OFF: Dark. Shown after :meth:`StatusLed.stop` (agent not running).
         OK: Slow heartbeat, on 100 ms every 2 s: running, nothing wrong.
         STARTING: Fast blink, 5 Hz: the agent is starting (config, model, first connection).
-        NO_BROKER: 1 blink then a pause: the MQTT broker cannot be reached.
+        NO_BROKER: 1 blink then a pause: the MQTT broker cannot be reached (past the agent's grace) or stopped
+            acknowledging.
         SENSOR_FAULT: 2 blinks: the sensor does not answer or sends bad frames.
-        RUNTIME_FAULT: 3 blinks: the model was quarantined or the inference worker keeps crashing.
+        RUNTIME_FAULT: 3 blinks: the model was quarantined, the inference worker keeps crashing, or it is hung.
         POWER_CRITICAL: 4 blinks: temperature or battery critical; the governor is shedding load.
         UPDATING: Fast flicker, 10 Hz: a model or agent update is being installed; do not cut power.
     """

@@ -12,16 +12,24 @@ same ``status`` the MQTT command returns. The output is:
   one status object per line (the notes go to stderr).
 
 No agent running is the one line ``fieldnode status: error [agent_unreachable]: ...`` saying what to do, and
-exit 1 (with ``--json``, the error object on stdout too).
+exit 4, ``Exit.UNREACHABLE`` (with ``--json``, the error object on stdout too).
+
+**Exit code**: 0 when the agent answers with no faults; 6, ``Exit.FAULTS``, when it reports faults or the config
+file does not load (a watch: by its last line). A config file that does not load (a typo while the agent runs on
+the config it started with) does not keep ``status`` from the agent: only ``device.runtime_dir`` is needed, read
+from the file alone as far as it can be (:func:`runtime_dir_anyway`), else its default; one line names the
+config's error, and the agent's status follows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 from device.clock import SYSTEM_CLOCK
+from device.errors import Exit
 
 
 def add_arguments(p) -> None:
@@ -39,22 +47,69 @@ def add_arguments(p) -> None:
 
 
 def run(args, clock=SYSTEM_CLOCK, out=print) -> int:
-    from device.cliargs import load_config
-    from device.control import Client, socket_path
+    from device.control import Client, ControlUnavailable
 
-    cfg = load_config(args)
-    path = socket_path(cfg)
+    path, bad_config = _socket_path(args)
+    note = out if not args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+    said = f"config    ERROR, the agent runs on the config it started with: {bad_config}" if bad_config else None
     if not args.watch:
-        with Client(path, timeout=args.timeout) as client:
-            st = _status(client)
+        try:
+            with Client(path, timeout=args.timeout) as client:
+                st = _status(client)
+        except ControlUnavailable:
+            if said:  # the config may be why no agent runs: say it before the error
+                print(said, file=sys.stderr, flush=True)
+            raise
+        if said:
+            note(said)
         if args.json:
             out(json.dumps(st))
         else:
             for line in block(st, client.peer_pid or st.get("pid")):
                 out(line)
-        return 0
-    note = out if not args.json else (lambda text: print(text, file=sys.stderr, flush=True))
-    return _watch(args, Client(path, timeout=args.timeout), clock, out, note)
+        return Exit.FAULTS if bad_config or faults_of(st) else Exit.OK
+    code = _watch(args, Client(path, timeout=args.timeout), clock, out, note, said)
+    return Exit.FAULTS if bad_config and code == Exit.OK else code
+
+
+def faults_of(st: dict) -> dict:
+    """The faults of a status object, by part (empty when none, or when an agent of another version does not
+    say)."""
+    faults = st.get("faults")
+    return faults if isinstance(faults, dict) else {}
+
+
+def _socket_path(args) -> tuple[str, Exception | None]:
+    """The control socket, and the config's error when the file does not load (the socket is then found from
+    :func:`runtime_dir_anyway`)."""
+    from device.cliargs import load_config
+    from device.control import SOCKET_NAME, socket_path
+    from device.errors import ConfigError
+
+    try:
+        return socket_path(load_config(args)), None
+    except ConfigError as exc:
+        return os.path.join(runtime_dir_anyway(getattr(args, "config", None)), SOCKET_NAME), exc
+
+
+def runtime_dir_anyway(path: str | None = None, environ=None) -> str:
+    """``device.runtime_dir`` from a config file that does not load as a whole, else its default.
+
+    The file is found as :func:`device.config.load` finds it, and read as ``fieldnode diag`` reads it then
+    (:func:`tools.diag.cli.fallback_config`): a file that parses as TOML gives the value even when another key is
+    wrong; one that does not parse is read line by line for ``runtime_dir`` in ``[device]``.
+
+    Args:
+        path: The ``--config`` path, or None for ``$FIELDNODE_CONFIG`` or the default path.
+        environ: Environment for ``FIELDNODE_CONFIG``; defaults to ``os.environ``.
+
+    Returns:
+        A valid directory path.
+    """
+    from device import config
+    from tools.diag.cli import fallback_config
+
+    return fallback_config(config.resolve_path(path, environ)[0]).device.runtime_dir
 
 
 def _status(client) -> dict:
@@ -67,18 +122,20 @@ def _status(client) -> dict:
     return st
 
 
-def _watch(args, client, clock, out, note) -> int:
+def _watch(args, client, clock, out, note, said: str | None = None) -> int:
     from device.control import ControlError, ControlProtocolError, ControlUnavailable
 
     start = tick = clock.monotonic()
-    lines, pid, down, ok = 0, None, None, False
+    lines, pid, down, ok, faulty = 0, None, None, False, False
     try:
         while args.count is None or lines < args.count:
             try:
                 st = _status(client)
             except (ControlUnavailable, ControlError, ControlProtocolError) as exc:
                 if pid is None:
-                    raise  # never reached: the one-line error and exit 1, as without --watch
+                    if said:
+                        print(said, file=sys.stderr, flush=True)
+                    raise  # never reached: the one-line error and its exit code, as without --watch
                 if down is None:
                     note(f"agent unreachable: {exc}; retrying every {args.interval:g} s (Ctrl-C to stop)")
                 down, ok = str(exc), False
@@ -88,11 +145,13 @@ def _watch(args, client, clock, out, note) -> int:
                         out(f"fieldnode status: device {st.get('device') or '-'}, agent pid "
                             f"{_pid(client.peer_pid or st.get('pid'))}, "
                             f"{_board(st)}; a line every {args.interval:g} s, Ctrl-C to stop")
+                    if said:
+                        note(said)
                 elif client.peer_pid != pid:
                     note(f"agent restarted: pid {_pid(client.peer_pid)} (was {_pid(pid)}); reconnected")
                 elif down is not None:
                     note(f"agent answers again (pid {_pid(pid)})")
-                pid, down, ok = client.peer_pid or 0, None, True
+                pid, down, ok, faulty = client.peer_pid or 0, None, True, bool(faults_of(st))
                 out(json.dumps(st) if args.json else line(st, clock.monotonic() - start))
             lines += 1
             if args.count is not None and lines >= args.count:
@@ -104,7 +163,9 @@ def _watch(args, client, clock, out, note) -> int:
         pass
     finally:
         client.close()
-    return 0 if ok else 1
+    if not ok:
+        return Exit.UNREACHABLE
+    return Exit.FAULTS if faulty else Exit.OK
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -171,7 +232,16 @@ def _override(gov) -> str | None:
 
 
 def block(st: dict, pid: int | None = None) -> list[str]:
-    """The status for a person: a few labelled lines, no Python reprs."""
+    """The status for a person: a few labelled lines, no Python reprs (``fieldnode send status`` prints it too).
+
+    Args:
+        st: A status object (:meth:`device.agent.agent.Agent.status`); an agent of another version may send parts
+            missing or of another shape, and they print as unknown.
+        pid: The agent's pid (the control socket's peer, or the status's ``pid``); printed as unknown when None.
+
+    Returns:
+        The lines, without line ends.
+    """
     from device.cliargs import for_people
 
     rt, gov, sensor = _obj(st.get("runtime")), _obj(st.get("governor")), _obj(st.get("sensor"))
@@ -228,6 +298,8 @@ def block(st: dict, pid: int | None = None) -> list[str]:
     out.append(f"worker    pid {_pid(rt.get('worker_pid'))} ({rt.get('isolation') or '?'} isolation), "
                f"{_num(rt.get('restarts'))} restarts, {_num(rt.get('crashes'))} crashes, "
                f"{_num(rt.get('timeouts'))} timeouts")
+    if rt.get("last_error"):
+        out.append(f"          last error: {rt['last_error']}")
 
     last = _last(st)
     p50 = _get(rt, "latency", "p50_ms")
@@ -246,8 +318,21 @@ def block(st: dict, pid: int | None = None) -> list[str]:
         out.append(f"faults    {'; '.join(parts)}")
     else:
         out.append("faults    none")
+    out += _config_lines(_obj(st.get("config")))
     if st.get("trust_problems"):
         out.append(f"trust     {for_people(st['trust_problems'])}")
+    return out
+
+
+def _config_lines(cfg: dict) -> list[str]:
+    """What a reload (SIGHUP) left: keys changed in the file that wait for a restart, a file that did not load."""
+    out = []
+    later = cfg.get("needs_restart")
+    if isinstance(later, list) and later:
+        out.append(f"config    changed in the file, applied at the next restart (systemctl restart fieldnode): "
+                   f"{', '.join(str(k) for k in later)}")
+    if cfg.get("reload_error"):
+        out.append(f"config    the last reload failed and changed nothing: {cfg['reload_error']}")
     return out
 
 

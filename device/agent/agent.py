@@ -5,34 +5,27 @@
 (:class:`device.agent.commands.Ops`) and answers the local control socket (:mod:`device.control`) and the MQTT
 ``status`` command from one :meth:`Agent.status`. The parts:
 
-* **sensor**: the serial sensor driver on ``drivers.sensor_url``. Simulation is only ever asked for: on a
-  virtual board (``fieldnode run --sim PROFILE``, ``drivers.virtual_board``, or the demo's board) a simulated
-  sensor MCU on a pseudo-terminal feeds the same driver, and the birth message, ``status`` and every result say
-  ``"simulated": true``; otherwise an empty ``sensor_url`` is a configuration error naming the key. A sensor
-  that cannot be opened or goes silent is a warning, a ``sensor_fault`` event and the LED's sensor-fault code
-  (:class:`device.agent.watch.FaultWatch`);
+* **sensor**: the serial sensor driver on ``drivers.sensor_url``. Simulation is only ever asked for (``--sim
+  PROFILE``, ``drivers.virtual_board``, the demo's board), and then the birth, ``status`` and every result say
+  ``"simulated": true``; otherwise an empty ``sensor_url`` is a configuration error naming the key;
 * **inference loop** (the caller's thread in :meth:`Agent.run`, :class:`device.agent.loops.Pipeline`): each window
-  goes through the :class:`device.runtime.runtime.Runtime`; each typed :class:`device.results.Result` is
-  spooled and published on ``results/<model>``, at most once per the plan's ``interval_ms``;
-* **power loop** (:class:`device.agent.loops.PowerLoop`): every ``power.step_s`` the governor reads the board and the
-  plan is applied (:class:`device.agent.applier.PlanApplier`), under the one lock an operator's override or variant
-  pin also takes; level changes are events;
-* **telemetry loop**: every plan ``telemetry_s``, a power, thermal, governor and latency summary;
-* **link** (when ``link.broker`` is set): :class:`device.link.client.Link` over a durable
-  :class:`device.link.spool.spool.Spool` in the state directory, with the command registry of
-  :mod:`device.agent.commands`. The spool and the link come up before the runtime, so a model that cannot
-  serve (every variant crashing or quarantined, a requested delegate missing) leaves the board reachable and
-  saying why (``runtime_fault`` event, ``status``), and a signed ``quarantine.release`` can still reach it;
-* **updates**: :class:`device.update.agentside.AgentUpdates` recovers the A/B store of the state directory and
-  says which model the runtime loads (the active slot, else the bundled model; ``runtime.model`` overrides
-  both). A slot on trial is watched by the health gate, fed from the inference loop, which also acts on its
-  verdict (commit, or roll back and switch the runtime back); installs run on their own thread.
+  through the :class:`device.runtime.runtime.Runtime`, each typed :class:`device.results.Result` spooled and
+  published on ``results/<model>``, at most once per the plan's ``interval_ms``;
+* **power loop** (:class:`device.agent.loops.PowerLoop`): every ``power.step_s`` the governor's plan applied, under
+  the one lock an operator's override or variant pin also takes; **telemetry loop**: every plan ``telemetry_s``;
+* **link** (when ``link.broker`` is set): :class:`device.link.client.Link` over a durable spool in the state
+  directory. The spool and the link come up before the runtime, so a model that cannot serve leaves the board
+  reachable, saying why, and a signed ``quarantine.release`` can still reach it;
+* **updates**: :class:`device.update.agentside.AgentUpdates` says which model the runtime loads and watches a
+  slot on trial (fed from the inference loop, which acts on its verdict);
+* **faults** (:class:`device.agent.watch.Faults`): a sensor that cannot be read, a link down past its grace, a
+  request late for its worker, and a runtime that cannot serve, each said once (log, event, LED) and in ``status``.
 
-``fieldnode run`` runs it in the foreground until SIGTERM or SIGINT, as a ``Type=notify`` systemd service:
-``READY=1`` once the model is warm and the link started, ``STATUS=`` lines, ``WATCHDOG=1`` only while the
-inference loop, the power loop, the sensor (frames, or a reported fault) and the link's network thread all
-progress, and ``STOPPING=1``. SIGHUP reloads what is safe to reload (:meth:`Agent.reload`). One agent holds a
-state directory at a time (:class:`device.agent.statelock.StateLock`).
+``fieldnode run`` runs it in the foreground as a ``Type=notify`` systemd service: ``READY=1`` once the model is
+warm and the link started, ``STATUS=`` lines (with the faults), ``WATCHDOG=1`` only while the inference loop, the
+power loop, the sensor (frames, or a reported fault) and the link's network thread all progress, and
+``STOPPING=1``. SIGHUP reloads what is safe to reload (:meth:`Agent.reload`). One agent holds a state directory at
+a time (:class:`device.agent.statelock.StateLock`).
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ from device.errors import ConfigError
 from device.results import Result
 from device.runtime.errors import DelegateUnavailable
 from device.agent.sdnotify import Health, Notifier, describe, start_watchdog
-from device.agent.watch import FaultWatch
+from device.agent.watch import Faults
 
 log = logging.getLogger("device.agent")  # the agent's own messages
 
@@ -95,7 +88,9 @@ class Agent:
         self.cfg, self.clock = cfg, clock
         self._lock = StateLock(cfg.device.state_dir).acquire()  # one agent per state directory
         self._stop = threading.Event()
-        self._reload = threading.Event()
+        # Set by SIGHUP's handler, read by the inference thread: a plain flag, since an Event takes a lock, and
+        # a handler that takes one nests under a flood of HUPs until the stack overflows.
+        self._reload = False
         self._running = threading.Event()  # the inference loop runs (stop() may have to end a hung request)
         self._threads: list[threading.Thread] = []
         self.notifier = self.watchdog = self.control = None  # made by start()
@@ -121,7 +116,8 @@ class Agent:
         self.updates, self.runtime, self.reader, self.governor, self.applier = (p.updates, p.runtime, p.reader,
                                                                                p.governor, p.applier)
         self.spool, self.link, self.dispatcher, self.trust = p.spool, p.link, p.dispatcher, p.trust
-        self.sensor_watch = FaultWatch("sensor", self.event, clock=clock)
+        self.faults = Faults(self.event, clock=clock)  # sensor, link and worker; said once, and when they clear
+        self.last_reload: dict | None = None  # the last SIGHUP's result, for status
         for kind, data in self._early if self.link is not None else ():
             self.link.publish_event(kind, data)
         self._early = []
@@ -233,17 +229,18 @@ class Agent:
                 "spool": self.spool.stats() if self.spool is not None else None,
                 "trust_problems": self.trust.problems if self.trust is not None else None,
                 "hardware": self.io.describe(), "accelerators": self.accelerators.summary(),
-                "update": self.updates.status()}
+                "update": self.updates.status(), "config": self._config_status()}
 
     def _faults(self) -> dict:
-        """What is wrong now, by part: ``{"sensor": {"problem", "for_s"}, "runtime": {"problem"}}``."""
-        out = {}
-        if self.sensor_watch.active:
-            out["sensor"] = self.sensor_watch.status()
-        problem = self._runtime_problem()
-        if problem is not None:
-            out["runtime"] = {"problem": problem}
-        return out
+        """What is wrong now, by part (:meth:`device.agent.watch.Faults.by_part`)."""
+        return self.faults.by_part(self._runtime_problem())
+
+    def _config_status(self) -> dict:
+        """The config in force: its file, and since a reload (SIGHUP) the changed keys that wait for a restart
+        and the reload's error (a file that did not load changed nothing)."""
+        r = self.last_reload or {}
+        return {"source": self.cfg.source, "needs_restart": r.get("needs_restart", []),
+                "reload_error": r.get("error"), "reloaded_at": r.get("at")}
 
     def telemetry(self) -> dict:
         snap = self.governor.snapshot
@@ -287,35 +284,45 @@ class Agent:
         from power.policy import Level
 
         self.io.update(started=self._started,
-                       broker_ok=None if self.link is None else self.link.connected,
-                       sensor_ok=not self.sensor_watch.active,
-                       runtime_ok=self._runtime_problem() is None,
+                       broker_ok=None if self.link is None else not self.faults.link.active,
+                       sensor_ok=not self.faults.sensor.active,
+                       runtime_ok=self._runtime_problem() is None and not self.faults.worker.active,
                        critical=self.governor.level == Level.CRITICAL)
 
     def _watch(self) -> None:
-        """Brings a sensor fault to the log, the events and the LED, and the runtime's state to the LED (the
-        runtime says itself when it stops and starts serving). The sensor is healthy for the watchdog while
-        frames arrive or its fault is reported."""
-        from drivers.sensor import SensorState
-
+        """Brings a fault of the sensor, the link or the worker to the log, the events and the LED, and the
+        runtime's state to the LED (the runtime says itself when it stops and starts serving). The sensor is healthy
+        for the watchdog while frames arrive or its fault is reported."""
         h = self.sensor.health()
-        faulty = h.state in (SensorState.DISCONNECTED, SensorState.STALE) and h.last_error is not None
-        self.sensor_watch.update(h.last_error if faulty else None, port=self.sensor.url, state=h.state.value)
-        if h.frames != self._sensor_frames or self.sensor_watch.active:
+        self.faults.check_sensor(h, self.sensor.url)
+        if h.frames != self._sensor_frames or self.faults.sensor.active:
             self.health.beat("sensor")
         self._sensor_frames = h.frames
+        self.faults.check_link(self.link.status() if self.link is not None else None)
+        self.faults.check_worker(self.pipeline.waited_s(), deadline_s=self.runtime.settings.deadline_ms / 1000.0,
+                                 pid=self.runtime.worker_pid, isolation=self.runtime.settings.isolation)
         self._update_led()
 
     def _after_step(self) -> None:
         self._watch()
+        faults = self._faults()  # systemctl status shows them too: the agent runs, and something is wrong
         self.notifier.status_if_changed(describe(self.runtime.status(), self.cfg.link.broker, self.simulated,
-                                                 self.governor.level.label))
+                                                 self.governor.level.label)
+                                        + (f"; FAULTS: {', '.join(faults)}" if faults else ""))
 
     def _every_second(self) -> None:
-        self._watch()
-        if self._reload.is_set():
-            self._reload.clear()
+        if self._reload:
+            self._reload = False  # HUPs that came since are one reload: this one reads the file as it is now
             self.reload()
+
+    def _watch_loop(self) -> None:
+        """The fault watch once a second on a thread of its own: a hung request can hold up both loops (a hot swap
+        waits for it), and the LED must still say so."""
+        while not self._stop.wait(1.0):
+            try:
+                self._watch()
+            except Exception:  # the watch (LED, GPIO) must never take the agent down
+                log.exception("the fault watch failed")
 
     def _telemetry(self) -> None:
         while not self._stop.wait(self.governor.plan.telemetry_s):
@@ -328,15 +335,21 @@ class Agent:
     # ------------------------------------------------------------------------------------------- reload
 
     def request_reload(self) -> None:
-        """Asks for :meth:`reload` on the inference thread (safe from a signal handler: it only sets a flag)."""
-        self._reload.set()
+        """Asks for :meth:`reload` on the inference thread (safe from a signal handler: it only sets a flag, and
+        any number of requests before the next turn are one reload)."""
+        self._reload = True
 
     def reload(self) -> dict:
         """Reads the config file again and applies what is safe to change on a running agent
         (:func:`device.agent.reload.reload`): ``{"applied": [...], "needs_restart": [...]}`` or ``{"error": ...}``."""
         from device.agent.reload import reload
 
-        return reload(self)
+        out = reload(self)
+        if "error" in out:  # nothing changed: the keys that waited for a restart still do
+            self.last_reload = {**(self.last_reload or {}), "error": out["error"], "at": self.clock.time()}
+        else:
+            self.last_reload = {**out, "at": self.clock.time()}
+        return out
 
     # ---------------------------------------------------------------------------------------- lifecycle
 
@@ -370,7 +383,8 @@ class Agent:
         if self.mcu is not None:
             self.mcu.start()
         self.sensor.start()
-        for target, name in ((lambda: self.power.run(self._stop), "governor"), (self._telemetry, "telemetry")):
+        for target, name in ((lambda: self.power.run(self._stop), "governor"), (self._telemetry, "telemetry"),
+                             (self._watch_loop, "fault-watch")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -379,13 +393,15 @@ class Agent:
     def _start_control(self) -> None:
         """The local control socket (``fieldnode status``); a board runs without it when its directory cannot
         be made (a terminal run as a user), saying so once."""
+        from device.agent.commands import build_registry
         from device.agent.controlserver import ControlServer
         from device.control import ControlBusy, ControlSocketError, socket_path
 
         path = socket_path(self.cfg)
-        handlers = {"status": lambda args: self.status(), "ping": lambda args: {"pid": os.getpid()}}
+        # The MQTT dispatcher's registry (its local commands only); a board without a broker builds the same one.
+        registry = self.dispatcher.registry if self.dispatcher is not None else build_registry(self.command_ops())
         try:
-            self.control = ControlServer(path, handlers)
+            self.control = ControlServer(path, registry)
             self.control.start()
         except ControlBusy as exc:
             raise ConfigError(f"{exc}: another agent uses this runtime directory", "device.runtime_dir",
@@ -418,8 +434,8 @@ class Agent:
         """Runs the inference loop until :meth:`stop` (or ``seconds``).
 
         Returns:
-            0, or 1 when a run of limited ``seconds`` ends with the sensor or the runtime faulty (a technician's
-            ``fieldnode run --seconds 30`` on a board whose sensor is not wired fails).
+            0, or 1 when a run of limited ``seconds`` ends with a fault (:meth:`status`'s ``faults``: a
+            technician's ``fieldnode run --seconds 60`` on a board whose sensor is not wired fails).
         """
         faults: list[str] = []
         try:

@@ -2,7 +2,8 @@
 
 Nothing is opened unless a pin is configured (``-1`` means none), so a board without GPIO wiring never
 needs a GPIO library. :meth:`BoardIO.update` maps the agent's state onto the LED's blink codes
-(docs/led-codes.md): starting, no broker, sensor fault, runtime fault, power critical; OK otherwise.
+(docs/led-codes.md): starting, no broker (the link's fault), sensor fault, runtime fault (not serving, or a hung
+worker), power critical; OK otherwise.
 """
 
 from __future__ import annotations
@@ -83,7 +84,16 @@ class BoardIO:
 
     def update(self, *, started: bool, broker_ok: bool | None, sensor_ok: bool, runtime_ok: bool,
                critical: bool) -> LedCode:
-        """Sets the LED's conditions from the agent's state; returns the code now shown."""
+        """Sets the LED's conditions from the agent's state; returns the code now shown.
+
+        Args:
+            started: The agent has started (else STARTING).
+            broker_ok: False while the link is a fault (down past its grace, or the broker stopped acknowledging:
+                NO_BROKER); None without a link.
+            sensor_ok: False while the sensor is a fault (SENSOR_FAULT).
+            runtime_ok: False while no variant can serve or a request is late for its worker (RUNTIME_FAULT).
+            critical: The governor is at its critical level (POWER_CRITICAL).
+        """
         for code, active in ((LedCode.STARTING, not started), (LedCode.NO_BROKER, broker_ok is False),
                              (LedCode.SENSOR_FAULT, not sensor_ok), (LedCode.RUNTIME_FAULT, not runtime_ok),
                              (LedCode.POWER_CRITICAL, critical)):

@@ -141,6 +141,16 @@ class Pipeline:
         self.results = 0
         self.failures = 0
         self.last_result: Result | None = None
+        self._in_flight: dict[int, float] = {}  # request number -> when it started (monotonic)
+        self._flights = 0
+        self._flight_lock = threading.Lock()  # the loop, a trigger and the MQTT infer command all infer
+
+    def waited_s(self) -> float | None:
+        """How long the request in flight longest has waited for its answer; None when none is in flight (the
+        agent's fault watch: a late request is a hung worker)."""
+        with self._flight_lock:
+            oldest = min(self._in_flight.values(), default=None)
+        return None if oldest is None else max(0.0, self.clock.monotonic() - oldest)
 
     def infer_once(self, window) -> Result:
         """Classifies one window; publishes (spools) and returns the result.
@@ -150,7 +160,15 @@ class Pipeline:
             FieldnodeError: The model failed on this window.
         """
         t0 = self.clock.monotonic()
-        p = self.runtime.predict(window)
+        with self._flight_lock:
+            self._flights += 1
+            n = self._flights
+            self._in_flight[n] = t0
+        try:
+            p = self.runtime.predict(window)
+        finally:
+            with self._flight_lock:
+                del self._in_flight[n]
         m = p.model or self.runtime.manifest  # the model that answered, even if a switch came since
         result = Result(model=m.name, variant=p.variant, label=p.label, score=round(float(p.score), 5),
                         scores={lab: round(float(s), 5) for lab, s in zip(m.labels, p.scores)},

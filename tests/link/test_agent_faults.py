@@ -254,3 +254,67 @@ def test_events_of_a_crash_at_start_are_spooled_even_if_the_broker_is_down(tmp_p
                                                               "'%/events'")]
     db.close()
     assert "worker_crashed" in kinds and "variant_fallback" in kinds, kinds
+
+
+# --------------------------------------------------------------------------------------------- a hung worker
+
+
+def test_a_hung_worker_is_a_fault_once_its_request_is_late(tmp_path, capsys):
+    import signal
+
+    from device.errors import Exit
+    from tests.waiting import eventually
+    from tools import cli
+
+    path = tmp_path / "fieldnode.toml"
+    path.write_text(f"""
+[device]
+id = "{DEV}"
+state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
+[runtime]
+isolation = "process"
+delegate = "cpu"
+deadline_ms = 120000
+[drivers]
+virtual_board = "rpi4"
+gpio = "sim"
+led_pin = 17
+[power]
+step_s = 0.2
+""")
+    events: list[tuple[str, dict]] = []
+    agent = Agent(config.load(str(path)), on_event=lambda k, d: events.append((k, d)))
+    # Late after 0.5 s instead of half the deadline (60 s): the rule is tested, not the number. The deadline stays
+    # long, so the supervisor does not kill the worker while the test looks.
+    agent.faults.late_min_s, agent.faults.late_fraction = 0.5, 0.0
+    t = start(agent)
+    stopped = None
+    try:
+        eventually(lambda: agent.results >= 1, timeout=60, what="a first result")
+        assert "worker" not in agent.status()["faults"]
+        stopped = pid = agent.runtime.worker_pid
+        os.kill(pid, signal.SIGSTOP)  # a real hang: the worker process stops answering
+        fault = eventually(lambda: agent.status()["faults"].get("worker"), timeout=60, what="the worker fault")
+        assert fault["problem"] == (f"the inference worker (pid {pid}) has not answered a request within 0.5 s; "
+                                    f"it is killed at runtime.deadline_ms (120 s)")
+        assert agent.status()["serving"] is True  # not a runtime fault: the variant serves, its worker is late
+        eventually(lambda: agent.io.led.code is LedCode.RUNTIME_FAULT, timeout=30, what="the LED's RUNTIME_FAULT")
+        assert cli.main(["status", "--config", str(path)]) == Exit.FAULTS
+        out = capsys.readouterr().out
+        assert f"faults    worker: the inference worker (pid {pid}) has not answered" in out
+
+        os.kill(pid, signal.SIGCONT)
+        stopped = None
+        eventually(lambda: [d for k, d in list(events) if k == "worker_recovered"], timeout=60,
+                   what="worker_recovered")
+        assert "worker" not in agent.status()["faults"]
+        assert [k for k, _ in events if k.startswith("worker_")] == ["worker_fault", "worker_recovered"]
+        assert next(d for k, d in events if k == "worker_fault")["pid"] == pid
+        assert agent.runtime.worker_pid == pid  # only late, never killed: the same worker serves on
+        eventually(lambda: agent.io.led.code is not LedCode.RUNTIME_FAULT, timeout=30, what="the LED to clear")
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        agent.stop()
+        t.join(60)
