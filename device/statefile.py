@@ -1,7 +1,10 @@
-"""Small JSON state files under the agent's state directory (envelope nonces, the model quarantine).
+"""Files that must survive a power cut: small JSON state files (envelope nonces, the model quarantine, the update
+store), the update path's downloads and decrypted models, the repository tool's files and the installer's.
 
-Each is replaced atomically, so a power cut leaves the old file or the new one and never half of either, and
-a file the agent cannot parse is set aside for a technician instead of being overwritten.
+:class:`AtomicFile` is the one atomic writer: temporary file in the same directory, write, fsync, ``os.replace``,
+directory fsync, and the mode asked for whatever the umask. A power cut leaves the old file or the new one and
+never half of either, and a state file the agent cannot parse is set aside for a technician instead of being
+overwritten.
 """
 
 from __future__ import annotations
@@ -13,9 +16,71 @@ import os
 import tempfile
 
 
+class AtomicFile:
+    """A file written whole or not at all: the one atomic writer of the agent, the update path and the tools.
+
+    A temporary file in the destination's directory, created 0600 and then given ``mode`` with ``fchmod`` (so the
+    mode is the one asked for whatever the umask); on a clean exit of the ``with`` block it is flushed, fsynced,
+    renamed over :attr:`path` with ``os.replace`` and the directory fsynced; on an exception it is removed and
+    :attr:`path` is untouched. The destination may be changed inside the block (a target named by its hash)::
+
+        with AtomicFile(path, mode=0o644) as af:
+            af.file.write(data)
+
+    Attributes:
+        path: Where the file goes on commit. file: The open binary file (``w+b``). tmp: The temporary file.
+    """
+
+    def __init__(self, path: str, mode: int = 0o600) -> None:
+        self.path = path
+        self.mode = mode
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, mode)
+            self.file = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            raise
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.discard()
+            raise
+
+    def sync(self) -> None:
+        """Flushes and fsyncs what was written so far (commit does it too)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def commit(self) -> None:
+        """fsync, ``os.replace`` onto :attr:`path`, fsync the directory."""
+        self.sync()
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+
+    def discard(self) -> None:
+        """Closes and removes the temporary file (the destination is untouched)."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replaces ``path`` with ``data``: a synced temporary file in the same directory (:func:`write_temp`),
-    ``os.replace``, then the directory fsynced (best effort) so the rename itself is durable.
+    """Replaces ``path`` with ``data`` through :class:`AtomicFile`: a temporary file in the same directory, write,
+    fsync, ``os.replace``, directory fsync; ``mode`` whatever the umask.
 
     Args:
         path: the file to write; its directory is created when missing.
@@ -23,17 +88,11 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         mode: the new file's permissions.
 
     Raises:
-        OSError: the directory or the file cannot be written.
+        OSError: the directory or the file cannot be written (the old file is left as it was).
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = write_temp(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with AtomicFile(path, mode) as af:
+        af.file.write(data)
 
 
 def write_temp(path: str, data: bytes, mode: int = 0o600) -> str:
@@ -45,19 +104,15 @@ def write_temp(path: str, data: bytes, mode: int = 0o600) -> str:
     Raises:
         OSError: the file cannot be created or written (nothing is left behind then).
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    af = AtomicFile(path, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        af.file.write(data)
+        af.sync()
+        af.file.close()
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        af.discard()
         raise
-    return tmp
+    return af.tmp
 
 
 def fsync_dir(directory: str) -> None:

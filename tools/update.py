@@ -7,12 +7,14 @@ Actions (docs/updates.md, "Installing"):
 * ``install [--version N] [--force]``: the whole pipeline (device/update/install.py); the new model serves on
   trial. ``--force`` installs even when the board would defer (low battery, hot SoC, governor in its lowest
   levels).
-* ``status``: what serves, the fallback, the floors, the failed versions and the last check (works with
-  updates off).
+* ``status``: what serves, the fallback, the floors, the failed versions, the trusted root's version and the
+  last check (works with updates off).
+* ``commit``: ends the trial now, as the agent's health gate does when it passes (the floor rises).
 * ``rollback [--reason R]``: back to the previous model; the one that served is marked failed.
 
-Every failure is an ``UpdateError`` whose code (``E_TARGET``, ``E_VALIDATE``...) the command line prints (exit 1),
-or a configuration error (exit 2); ``--json`` prints one object. Progress of long downloads goes to stderr.
+Every failure is an ``UpdateError`` whose code (``not_for_this_board``, ``validation_failed``...) the command line
+prints (exit 1), or a configuration error (exit 2); ``--json`` prints one object. Progress of long downloads goes
+to stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import datetime
 import json
 import sys
 
-ACTIONS = ("check", "install", "status", "rollback")
+from device.errors import Exit
+
+ACTIONS = ("check", "install", "status", "commit", "rollback")
 DEFAULT_REASON = "rolled back from the command line"
 PROGRESS_MIN_BYTES = 1024 * 1024  # smaller downloads end before anyone would read a progress line
 
@@ -48,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the release version to install (default: the newest one check finds)")
     i.add_argument("--force", action="store_true",
                    help="install even when the board would defer (battery, temperature, power governor)")
-    action("status", "what serves, the fallback, floors, failed versions and the last check")
+    action("status", "what serves, the fallback, floors, failed versions, the trusted root and the last check")
+    action("commit", "end the trial of the model on trial now: it stays, and the floor rises to its version")
     r = action("rollback", "go back to the previous model and mark the one that served as failed")
     r.add_argument("--reason", default=DEFAULT_REASON, metavar="R",
                    help=f"why, kept with the failed version (default: {DEFAULT_REASON!r})")
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs one ``update`` action; failures raise (the CLI prints them, as JSON with --json).
 
     Returns:
-        0.
+        ``Exit.OK``.
     """
     from device.cliargs import load_config
     from device.update import install as inst
@@ -86,9 +91,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     who = f"fieldnode update {args.update_action}"
-    if args.update_action in ("status", "rollback"):  # the store alone: works with updates off
+    if args.update_action in ("status", "commit", "rollback"):  # the store alone: works with updates off
         store = ModelStore.for_state_dir(cfg.device.state_dir, who=who)
-        result = inst.status(store) if args.update_action == "status" else inst.rollback(store, args.reason)
+        if args.update_action == "status":
+            result = inst.status(store)
+        elif args.update_action == "commit":
+            result = inst.commit(store)
+        else:
+            result = inst.rollback(store, args.reason)
     else:
         with inst.Installer.from_config(cfg, who=who, progress=DownloadProgress(),
                                         defer=board_defer(cfg)) as installer:
@@ -101,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for line in RENDER[args.update_action](result):
             print(line)
-    return 0
+    return Exit.OK
 
 
 def board_defer(cfg):
@@ -195,6 +205,8 @@ def _status_lines(s: dict) -> list:
     if s.get("installing"):
         i = s["installing"]
         lines.append(f"installing: {i['name']} v{i['version']} into slot {i['slot']}")
+    root = s.get("root_version")
+    lines.append(f"trusted root: version {root}" if root is not None else "trusted root: none yet (never refreshed)")
     last = s.get("last_check")
     if last:
         avail = last.get("available")
@@ -206,10 +218,16 @@ def _status_lines(s: dict) -> list:
     return lines
 
 
+def _commit_lines(r: dict) -> list:
+    c = r["committed"]
+    return [f"committed {c['name']} v{c['version']} (slot {c['slot']}); floor now v{r['floor']}"]
+
+
 def _rollback_lines(r: dict) -> list:
     gone = r["rolled_back"]
     return [f"rolled back {gone['name']} v{gone['version']} (marked failed: {r['reason']})",
             f"serving: {_serving(r['serving'])}"]
 
 
-RENDER = {"check": _check_lines, "install": _install_lines, "status": _status_lines, "rollback": _rollback_lines}
+RENDER = {"check": _check_lines, "install": _install_lines, "status": _status_lines, "commit": _commit_lines,
+          "rollback": _rollback_lines}

@@ -12,9 +12,9 @@ it, or with an empty final chunk after others is refused, and the chunk that rev
 chunk followed by data, an authentic non-final chunk at the end) is not written either.
 
 Errors: every malformed, tampered, truncated or foreign input raises :class:`~device.update.errors.DecryptError`
-(``E_DECRYPT``) with a message naming what is wrong, and nothing else escapes whatever the input bytes
+(``decrypt_failed``) with a message naming what is wrong, and nothing else escapes whatever the input bytes
 (:class:`NoMatchingIdentity`, a subclass, says the file is well formed but for someone else). ``max_plaintext``
-raises :class:`~device.update.errors.SizeError` (``E_SIZE``). I/O errors of ``src`` and ``dst`` (a full disk)
+raises :class:`~device.update.errors.SizeError` (``size_exceeded``). I/O errors of ``src`` and ``dst`` (a full disk)
 propagate as ``OSError`` for the caller to map, as do exceptions raised by ``on_chunk``/``chunk_hook``.
 """
 
@@ -144,8 +144,8 @@ def parse_identity(text: str) -> X25519PrivateKey:
 def read_identity_file(path: str) -> list[str]:
     """Reads an age identity file (``age-keygen``'s format): one identity per line, ``#`` comments, blanks.
 
-    A file that group or others can read is accepted with a logged warning, not refused: a board whose key
-    file lost its mode through a restore should still update, and the warning tells the technician to fix it.
+    A file that group or others can read is refused, as the operator's key files are: whoever could read it can
+    open every release granted to the board.
 
     Args:
         path: the identity file.
@@ -154,8 +154,8 @@ def read_identity_file(path: str) -> list[str]:
         The identities, in file order (each checked with :func:`parse_identity`).
 
     Raises:
-        DecryptError: the file cannot be read, is over 64 KiB, is not UTF-8, has a malformed line (its number
-            is named) or holds no identity.
+        DecryptError: the file cannot be read, is over 64 KiB, is readable by group or others, is not UTF-8, has
+            a malformed line (its number is named) or holds no identity.
     """
     try:
         with open(path, "rb") as fh:
@@ -166,9 +166,10 @@ def read_identity_file(path: str) -> list[str]:
     if len(raw) > MAX_IDENTITY_FILE_BYTES:
         raise DecryptError(f"identity file {path}: larger than {MAX_IDENTITY_FILE_BYTES} bytes, not an "
                            f"identity file")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("identity file %s is accessible by group or others (mode %04o); chmod 600 it",
-                    path, stat.S_IMODE(mode))
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as operator keys are: a secret others can read may have leaked
+        raise DecryptError(f"identity file {path}: mode {stat.S_IMODE(mode):04o} lets others read it; an identity "
+                           f"file must be 0600 (chmod 600 it if it never left your control, else re-key the board: "
+                           f"fieldnode keys generate --kind recipient)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -18,10 +18,10 @@ What each step trusts:
 * The **facts** (:mod:`device.update.layout`) are read from python-tuf's verified targets, never from a file.
 * A **grant** (the release key, encrypted to this board) is outside TUF: it needs confidentiality, not
   integrity. A forged, swapped or replayed grant can only open to a key that does not decrypt the
-  TUF-verified ciphertext, which is refused as ``E_NOT_GRANTED``; whatever a grant holds, the plaintext must
+  TUF-verified ciphertext, which is refused as ``not_granted``; whatever a grant holds, the plaintext must
   still match the signed sha256 and length.
 * The **clock**: a board without a real-time clock refuses to judge expiry while its clock reads earlier than
-  its last successful refresh (``E_CLOCK``, :class:`~device.update.client_tuf.NotBefore`), and python-tuf
+  its last successful refresh (``clock_behind``, :class:`~device.update.client_tuf.NotBefore`), and python-tuf
   judges expiry at this clock's time.
 
 Delivery paths: ``file://`` URLs (a USB stick: :class:`~device.update.fetch.DirectoryFetcher` and
@@ -35,7 +35,6 @@ in :func:`~device.update.client_tuf.map_tuf_error`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import hashlib
@@ -43,7 +42,6 @@ import logging
 import os
 import pathlib
 import random
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -51,12 +49,13 @@ from tuf.api.exceptions import DownloadHTTPError
 
 from device import __version__
 from device.clock import SYSTEM_CLOCK, backoff_delay
-from device.statefile import fsync_dir
+from device.statefile import AtomicFile, fsync_dir
 from device.update import age, layout
-from device.update.client_tuf import NotBefore, RoleTracking, map_tuf_error, sync_tree, trusted_set
+from device.update.client_tuf import NotBefore, RoleTracking, map_tuf_error, trusted_set, updater
 from device.update.errors import (DecryptError, DownloadError, HashMismatch, MetadataError, NoSpace, NotGranted,
                                   SizeError, StoreError, TargetRefused, UpdateError)
-from device.update.fetch import DirectoryFetcher, DirectorySource, HttpSource, download_target, target_url
+from device.update.fetch import (DirectoryFetcher, DirectorySource, HttpSource, download_target, local_path,
+                                 target_url)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +147,16 @@ def _base(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _repository_dir(url: str) -> str | None:
+    """The repository directory a ``file://`` URL of one of its parts (``BASE/metadata/``) lies in: every file read
+    must be a regular file under it, reached without following a link (the configured ``BASE`` itself may be
+    one)."""
+    try:
+        return os.path.dirname(local_path(url).rstrip("/")) or "/"
+    except DownloadHTTPError:  # a file URL of another host: refused when it is read
+        return None
+
+
 class Repository:
     """One update repository as the board sees it (see the module docstring for the workflow).
 
@@ -174,19 +183,22 @@ class Repository:
         kind, self.metadata_url = _location(metadata_url, "metadata_url")
         if kind == "mqtt" and (fetcher is None or source is None):
             raise DownloadError("an mqtt:// repository needs the MQTT fetcher and source (device.update.mqttfetch)")
-        self.fetcher = fetcher if fetcher is not None else (DirectoryFetcher() if kind == "file" else None)
+        if fetcher is None and kind == "file":
+            fetcher = DirectoryFetcher(root=_repository_dir(self.metadata_url))
+        self.fetcher = fetcher
         self.targets_url = _base(_location(targets_url, "targets_url")[1])
         self.grants_url = _base(_location(grants_url, "grants_url")[1])
         self._sources = {"targets": source, "grants": source}
-        for which, url in (("targets", targets_url), ("grants", grants_url)):
-            if source is None:
-                self._sources[which] = DirectorySource() if _location(url, which)[0] == "file" else None
+        for which, url in (("targets", self.targets_url), ("grants", self.grants_url)):
+            if source is None and _location(url, which)[0] == "file":
+                self._sources[which] = DirectorySource(root=_repository_dir(url))
         self.clock = clock
         self.not_before = NotBefore(state_path or os.path.join(metadata_dir, STATE_NAME))
         self.attempts = attempts
         self.backoff = backoff
         self.rng = rng or random.Random()
         self.refused: list = []  # MetadataError of each malformed model target seen by releases()
+        self.refused_paths: list = []  # and its target path
         self._updater = None
 
     # -- metadata ----------------------------------------------------------------------------------------------
@@ -199,7 +211,7 @@ class Repository:
             SignatureError, ThresholdError, RollbackError, ExpiredError, HashMismatch, SizeError, MetadataError,
             DownloadError, StoreError, NoSpace: as mapped from python-tuf (the message names the role).
         """
-        from tuf.ngclient import Updater, Urllib3Fetcher
+        from tuf.ngclient import Urllib3Fetcher
 
         self._updater = None
         now = self.clock.time()
@@ -211,20 +223,23 @@ class Repository:
                              f"({exc.strerror or exc})") from exc
         tracking = RoleTracking(self.fetcher if self.fetcher is not None else Urllib3Fetcher())
         try:
-            updater = Updater(self.metadata_dir, _base(self.metadata_url), fetcher=tracking, bootstrap=self.root)
+            tuf = updater(self.metadata_dir, _base(self.metadata_url), tracking, self.root)
+        except UpdateError:
+            raise
         except Exception as exc:  # the configured root itself: malformed, or not signed by its own keys
             err = map_tuf_error(exc, "root")
             raise type(err)(f"the trusted root from the configuration: {err}") from exc
         # Expiry is judged at this clock's time, the one the guard just accepted.
-        trusted_set(updater).reference_time = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
+        trusted_set(tuf).reference_time = datetime.datetime.fromtimestamp(now, datetime.timezone.utc)
         try:
-            updater.refresh()
+            tuf.refresh()
         except UpdateError:
             raise
         except Exception as exc:
             raise map_tuf_error(exc, tracking.role()) from exc
-        self._updater = updater
-        sync_tree(self.metadata_dir)
+        finally:  # each file is durable already; this keeps the root.json link python-tuf remakes
+            fsync_dir(self.metadata_dir)
+        self._updater = tuf
         self.not_before.advance(now)
 
     def _trusted(self):
@@ -242,7 +257,7 @@ class Repository:
             ``[Release]``.
         """
         targets = self._trusted().targets
-        out, self.refused = [], []
+        out, self.refused, self.refused_paths = [], [], []
         for path, info in sorted(targets.targets.items()):
             custom = info.unrecognized_fields.get("custom")
             if not (isinstance(custom, Mapping) and custom.get("kind") == "model") and \
@@ -253,6 +268,7 @@ class Repository:
             except MetadataError as exc:
                 log.warning("model target refused: %s", exc)
                 self.refused.append(exc)
+                self.refused_paths.append(path)
         return out
 
     def release(self, path: str) -> Release:
@@ -435,17 +451,23 @@ def decrypt_verified(cipher_path: str, release_identity: str, out_path: str, fac
     directory = os.path.dirname(os.path.abspath(out_path))
     name = facts.path
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out_path)}.", suffix=".tmp")
+        af = AtomicFile(out_path, 0o600)  # a plaintext model is what the encryption protects: the owner's only
     except OSError as exc:
         raise _disk_error(f"{directory}: cannot write the decrypted {name}", exc) from exc
     try:
+        _decrypt_into(af, cipher_path, release_identity, out_path, facts)
+    except OSError as exc:  # the fsync or the rename of the commit
+        raise _disk_error(f"{name}: cannot write {out_path}", exc) from exc
+
+
+def _decrypt_into(af: AtomicFile, cipher_path: str, release_identity: str, out_path: str, facts) -> None:
+    name = facts.path
+    with af:
         digest = hashlib.sha256()
         try:
-            with open(cipher_path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                length = age.decrypt(src, dst, [release_identity], max_plaintext=facts.plaintext_length,
+            with open(cipher_path, "rb") as src:
+                length = age.decrypt(src, af.file, [release_identity], max_plaintext=facts.plaintext_length,
                                      on_chunk=digest.update)
-                dst.flush()
-                os.fsync(dst.fileno())
         except age.NoMatchingIdentity as exc:
             raise NotGranted(f"{name}: the release key from this board's key file does not open it (a key file "
                              f"of another release or another board, or a forged one)") from exc
@@ -460,9 +482,3 @@ def decrypt_verified(cipher_path: str, release_identity: str, out_path: str, fac
             raise HashMismatch(f"{name}: the plaintext ({length} bytes, sha256 {digest.hexdigest()[:16]}...) is "
                                f"not the signed one ({facts.plaintext_length} bytes, sha256 "
                                f"{facts.plaintext_sha256[:16]}...)")
-        os.replace(tmp, out_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)

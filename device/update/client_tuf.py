@@ -1,12 +1,12 @@
 """The client's seams to python-tuf: its exceptions translated into the update family, the role being read, the
 trusted set, and the "not before" clock guard.
 
-Everything that touches python-tuf's private state lives in :func:`trusted_set`, and only there.
+Everything that touches python-tuf's private state lives in :func:`trusted_set` and :func:`updater`, and only
+there.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import json
@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
 
-from device.statefile import fsync_dir, set_aside, write_atomic
+from device.statefile import set_aside, write_atomic
 from device.update.errors import (ClockError, DownloadError, ExpiredError, HashMismatch, MetadataError, NoSpace,
                                   RollbackError, SignatureError, SizeError, StoreError, ThresholdError, UpdateError)
 
@@ -46,7 +46,13 @@ class RoleTracking(FetcherInterface):
 
     def fetch(self, url: str) -> Iterator[bytes]:
         self.last_url = url
-        return _guarded(url, self.inner.fetch(url))
+        try:
+            chunks = self.inner.fetch(url)
+        except tuf_exc.DownloadError as exc:
+            if isinstance(exc.__cause__, UpdateError):  # a refusal (a stick's link or FIFO): said as it is
+                raise exc.__cause__ from None
+            raise
+        return _guarded(url, chunks)
 
     def role(self) -> str:
         """The role of the metadata file fetched last (``root`` before any)."""
@@ -59,7 +65,7 @@ class RoleTracking(FetcherInterface):
 def _guarded(url: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
     try:
         yield from chunks
-    except tuf_exc.DownloadError:
+    except (tuf_exc.DownloadError, UpdateError):
         raise
     except Exception as exc:  # a pulled stick, a reset connection: a download failure like any other
         raise tuf_exc.DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
@@ -114,24 +120,31 @@ def trusted_set(updater):
     return trusted
 
 
-def sync_tree(directory: str) -> None:
-    """Fsyncs the metadata python-tuf wrote (it renames without fsync): after a power cut the board still holds
-    what it verified, which is where its rollback protection lives. Best effort, like every directory fsync."""
-    for folder in (directory, os.path.join(directory, "root_history")):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                with contextlib.suppress(OSError):
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-        fsync_dir(folder)
+def updater(metadata_dir: str, metadata_url: str, fetcher: FetcherInterface, bootstrap: bytes):
+    """python-tuf's ``Updater`` whose every metadata write goes through our atomic writer.
+
+    python-tuf persists each verified file with a rename but no fsync (``Updater._persist_file``); after a power
+    cut the file can come back empty, python-tuf then drops it, and the next refresh accepts any validly signed
+    older timestamp or snapshot: rollback protection would fall back to expiry. Written through
+    :func:`~device.statefile.write_atomic` instead (fsync of the file, ``os.replace``, fsync of the directory),
+    each file is durable the moment python-tuf has accepted it, also during a refresh that is refused later (a
+    timestamp accepted before the snapshot is refused stays trusted). Like :func:`trusted_set`, this reaches into
+    python-tuf's private API, and checks that it is still there.
+
+    Raises:
+        MetadataError: This python-tuf has no ``_persist_file`` to override.
+    """
+    from tuf.ngclient import Updater
+
+    if not callable(vars(Updater).get("_persist_file")):
+        raise MetadataError("this python-tuf has no Updater._persist_file: the board cannot keep its trusted "
+                            "metadata durably")
+
+    class DurableUpdater(Updater):
+        def _persist_file(self, filename: str, data: bytes) -> None:
+            write_atomic(filename, data, mode=0o644)  # public metadata; durable before python-tuf moves on
+
+    return DurableUpdater(metadata_dir, metadata_url, fetcher=fetcher, bootstrap=bootstrap)
 
 
 def _iso(seconds: float) -> str:

@@ -25,6 +25,9 @@ class UpdateConfig:
         "", "Where the repository is: a base URL (https://updates.example/fleet/), an MQTT broker serving it "
             "(mqtts://broker:8883/fieldnode/v1/repo, with [link]'s TLS files; fieldnode repo serve) or a directory "
             "(a USB stick, /media/usb/fleet-repo or file:///...), holding metadata/, targets/ and grants/.")
+    credentials_file: str = setting(
+        "", "With an https:// repository that needs a login: a file holding USER:PASSWORD (or USER:TOKEN) on one "
+            "line, sent as HTTP Basic authentication; never credentials in update.repository itself. Empty: none.")
     identity_file: str = setting(
         "/etc/fieldnode/update.age", "This board's age identity (fieldnode keys generate NAME --kind recipient), "
                                      "mode 0600: it opens the board's release-key files.",
@@ -44,16 +47,31 @@ class UpdateConfig:
             "judged only from this many on.", minimum=1, maximum=1_000_000)
     latency_factor: float = setting(
         1.5, "The new model's median latency may be at most this times the previous model's, both measured on "
-             "this board; beyond it the trial fails (E_HEALTH).", minimum=1, maximum=100)
+             "this board; beyond it the trial fails (trial_failed).", minimum=1, maximum=100)
     shadow: bool = setting(
         True, "During a trial the previous model (the fallback slot, or the bundled model) also classifies each "
               "window (a second worker, not in the saver and critical levels), and the two must agree.")
     min_agreement: float = setting(
         0.9, "With the shadow: the share of windows on which the new and the previous model give the same label "
-             "below which the trial fails (E_HEALTH).", minimum=0, maximum=1)
+             "below which the trial fails (trial_failed).", minimum=0, maximum=1)
 
     def validate(self) -> list[tuple[str, str]]:
-        """Updates need both ends: a trusted root and a repository, or neither (updates off)."""
+        """Updates need both ends: a trusted root and a repository, or neither (updates off); credentials live in
+        a file of their own, never in the URL, and travel only over TLS (or to this machine)."""
+        scheme, sep, rest = self.repository.partition("://")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] if sep else ""
+        if "@" in authority:  # the message never repeats the URL: it holds a password
+            return [("update.repository", "credentials (user:password@) do not belong in a URL, which ends up in "
+                                          "logs and status; put them in a file named by update.credentials_file")]
+        if self.credentials_file:
+            host = authority.rsplit(":", 1)[0].strip("[]") if not authority.startswith("[") else \
+                authority[1:].split("]", 1)[0]
+            if scheme.lower() not in ("http", "https"):
+                return [("update.credentials_file", "only an http(s):// repository takes credentials (an MQTT one "
+                                                    "logs in with [link]'s)")]
+            if scheme.lower() == "http" and host not in ("localhost", "127.0.0.1", "::1"):
+                return [("update.credentials_file", "credentials would travel in clear text over http://: use an "
+                                                    "https:// repository")]
         if self.root_file and not self.repository:
             return [("update.repository", "empty, but update.root_file is set: say where the repository is")]
         if self.repository and not self.root_file:

@@ -15,15 +15,18 @@ variant on a board without one) are left out of the install and listed as refuse
 
 **Install, in this order** (each step an :class:`~device.update.errors.UpdateError` with its code)::
 
-    metadata refresh (TUF)      E_SIGNATURE, E_EXPIRED, E_ROLLBACK, E_CLOCK ... (device/update/client.py)
-    target check                E_TARGET
-    defer check (unless force)  E_DEFERRED, with the reason (power, thermal)
-    store.begin                 E_ROLLBACK (floor, failed version), E_SPACE, E_BUSY: takes the store lock
-    the board's grants          E_NOT_GRANTED, E_DECRYPT (before any download: no bytes for a board not granted)
-    download + verify           E_DOWNLOAD, E_SIZE, E_HASH (resumable, into the store's downloads directory)
-    decrypt into the slot       E_HASH (plaintext against the signed facts), E_NOT_GRANTED, E_DECRYPT
+    metadata refresh (TUF)      metadata_signature_invalid, metadata_expired, rollback_refused, clock_behind ...
+                                (device/update/client.py)
+    target check                not_for_this_board
+    defer check (unless force)  update_deferred, with the reason (power, thermal)
+    store.begin                 rollback_refused (floor, failed version, an older version's plaintext), no_space,
+                                update_busy: takes the store lock
+    the board's grants          not_granted, decrypt_failed (before any download: no bytes for a board not granted)
+    download + verify           download_failed, size_exceeded, hash_mismatch (resumable, into the store's downloads
+                                directory)
+    decrypt into the slot       hash_mismatch (plaintext against the signed facts), not_granted, decrypt_failed
     model.json                  built from the serving model's manifest (install_model.py)
-    validate in a worker        E_VALIDATE: test vectors (or a finite-output probe) for every variant
+    validate in a worker        validation_failed: test vectors (or a finite-output probe) for every variant
     store.activate(trial=True)  the atomic switch
 
 A refused install touches nothing outside the store's staging area: the active model stays byte-identical.
@@ -129,11 +132,10 @@ class Installer:
             def join(part):
                 return base.rstrip("/") + "/" + part + "/"
             if base.split("://", 1)[0].lower() in ("http", "https"):
-                from device.update.fetch import HttpSource
-                from tuf.ngclient import Urllib3Fetcher
+                from device.update.fetch import HttpFetcher, HttpSource
 
-                fetcher = fetcher or Urllib3Fetcher(socket_timeout=max(1, round(u.timeout_s)))
-                source = source or HttpSource(timeout_s=u.timeout_s)
+                http = HttpSource(timeout_s=u.timeout_s, credentials=_credentials(cfg))
+                fetcher, source = fetcher or HttpFetcher(http), source or http
             elif base.split("://", 1)[0].lower() in ("mqtt", "mqtts"):
                 from device.link.errors import BrokerUrlError
                 from device.update.mqttfetch import MqttFetcher, MqttSource, transport_for
@@ -222,7 +224,7 @@ class Installer:
         if version is None:
             candidate, refused = plan(self.repo, self.store, self.facts, cur)
             if candidate is None:
-                newer = [r for r in refused if r.version is not None]
+                newer = [r for r in refused if r.malformed or (r.version is not None and r.version > cur.version)]
                 if newer:
                     raise newer[0].error
                 return {"installed": False, "name": cur.name, "reason": "up to date", "serving": cur.as_json()}
@@ -235,7 +237,8 @@ class Installer:
                 raise Deferred(f"{candidate.name} v{candidate.version}: not now: {reason} (retried later; force "
                                f"installs now)")
         self._step("begin", name=candidate.name, version=candidate.version)
-        with self.store.begin(candidate.name, candidate.version, candidate.size_hint) as staging:
+        plaintexts = {r.variant: r.plaintext_sha256 for r in candidate.releases}
+        with self.store.begin(candidate.name, candidate.version, candidate.size_hint, plaintexts) as staging:
             try:
                 checks, downloads = self._fill(staging, candidate, cur)
                 self._step("activate")
@@ -338,7 +341,38 @@ def status(store, last: dict | None = None) -> dict:
     else the one recorded in the store's directory, else None). Needs no repository: works with updates off."""
     out = store.status()
     out["last_check"] = last if last is not None else last_check(store)
+    out["root_version"] = root_version(os.path.join(store.root, "metadata"))
     return out
+
+
+def root_version(metadata_dir: str) -> int | None:
+    """The version of the root this board trusts: the newest python-tuf kept after verifying it
+    (``root_history/N.root.json``), or None before the first refresh. What the operator checks before deleting
+    the retired keys of a rotation."""
+    try:
+        names = os.listdir(os.path.join(metadata_dir, "root_history"))
+    except OSError:
+        return None
+    found = [int(n.split(".", 1)[0]) for n in names if n.endswith(".root.json") and n.split(".", 1)[0].isdigit()]
+    return max(found, default=None)
+
+
+def commit(store) -> dict:
+    """Commits the model on trial, as the agent's health gate does when it passes: the floor rises to its version.
+
+    Returns:
+        ``{"committed": {slot, name, version, ...}, "floor"}``.
+
+    Raises:
+        StoreError: No model is on trial (nothing installed, or the one that serves is committed already).
+        Busy: An install or the agent's own verdict holds the store lock.
+    """
+    active = store.active()
+    if active is None or active.state != "trial":  # said before the lock, which would create the state directory
+        what = f"{active.name} v{active.version} is committed" if active else "the bundled model serves"
+        raise StoreError(f"no trial to commit: {what}")
+    info = store.commit(active.version)
+    return {"committed": info.as_json(), "floor": store.floor(info.name)}
 
 
 def rollback(store, reason: str) -> dict:
@@ -374,6 +408,30 @@ def _prune(directory: str, keep: set) -> None:
         if n.split(".", 1)[0] not in keep:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(directory, n))
+
+
+def _credentials(cfg) -> str | None:
+    """``update.credentials_file``'s ``USER:PASSWORD``, read as the link reads its password file, or None.
+
+    Raises:
+        ConfigError: The file cannot be read, or holds no ``USER:PASSWORD`` line (naming the key, never the file's
+            content).
+    """
+    path = cfg.update.credentials_file
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(4096).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"cannot read the update credentials {path}: {why}", "update.credentials_file",
+                          cfg.source) from exc
+    user, sep, _ = text.partition(":")
+    if not sep or not user or "\n" in text:
+        raise ConfigError(f"{path}: expected one line USER:PASSWORD (HTTP Basic authentication)",
+                          "update.credentials_file", cfg.source)
+    return text
 
 
 def _accelerators() -> tuple:

@@ -9,10 +9,12 @@ version is taken as asked, the store's floor and failed list being checked when 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from device.runtime.manifest import ModelManifest
 from device.update.errors import RollbackError, TargetRefused, UpdateError
+from device.update.store.store import same_bytes
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Refusal:
     version: int | None
     variant: str | None
     error: UpdateError
+    malformed: bool = False  # a newer release of this model whose signed facts cannot be read
 
     def as_json(self) -> dict:
         return {"version": self.version, "variant": self.variant, "code": self.error.code, "message": str(self.error)}
@@ -97,12 +100,24 @@ def for_board(repo, facts, releases) -> tuple:
     return ok, refused
 
 
+def malformed(path: str, exc: UpdateError, cur: Current) -> Refusal:
+    """A model target whose signed facts are malformed, as a refusal: flagged ``malformed`` when it is (or may be,
+    its version unreadable) a newer release of the model that serves, which an install must not call up to date."""
+    parts = path.split("/")
+    mine = len(parts) == 4 and parts[0] == "models" and parts[1] == cur.name
+    m = re.fullmatch(r"([0-9]{1,9})\.tflite\.age", parts[-1]) if mine else None
+    version = int(m.group(1)) if m else None
+    return Refusal(version, parts[2] if mine else None, exc,
+                   malformed=mine and (version is None or version > cur.version))
+
+
 def plan(repo, store, facts, cur: Current) -> tuple:
     """``(Candidate or None, [Refusal])``: the newest installable version above what serves, and why each newer
     release (and each malformed model target) is refused, newest first."""
     listed = versions(repo, cur.name)
-    refused = [Refusal(None, None, exc) for exc in repo.refused]
+    refused = [malformed(path, exc, cur) for path, exc in zip(getattr(repo, "refused_paths", ()), repo.refused)]
     floor, failed = store.floor(cur.name), store.failed_versions(cur.name)
+    seen = store.installed_plaintexts(cur.name)
     for v in sorted(listed, reverse=True):
         if v <= cur.version:
             break
@@ -113,6 +128,12 @@ def plan(repo, store, facts, cur: Current) -> tuple:
         if v in failed:
             refused.append(Refusal(v, None, RollbackError(f"{cur.name} v{v} failed on this board before and is "
                                                           f"never retried ({failed[v]['reason']})")))
+            continue
+        same = [(r.variant, seen[(r.variant, r.plaintext_sha256)], r.plaintext_sha256) for r in listed[v]
+                if seen.get((r.variant, r.plaintext_sha256), v) < v]
+        if same:
+            variant, older, sha = same[0]
+            refused.append(Refusal(v, None, RollbackError(same_bytes(cur.name, v, variant, older, sha))))
             continue
         ok, why = for_board(repo, facts, listed[v])
         refused.extend(why)

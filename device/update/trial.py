@@ -67,7 +67,7 @@ class Pass:
 
 @dataclass(frozen=True)
 class Fail:
-    """The model goes: why (one sentence with the figures), the code (``E_HEALTH``) and the figures."""
+    """The model goes: why (one sentence with the figures), the code (``trial_failed``) and the figures."""
 
     reason: str
     figures: dict

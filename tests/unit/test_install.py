@@ -12,6 +12,7 @@ These tests need root, as installing into an image does; CI runs as root.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -322,3 +323,54 @@ def test_an_absolute_symlink_in_the_image_is_never_written_through(tmp_path):
     with pytest.raises(files.OutsideRoot):
         files.host_path(str(root), "/etc/systemd/system/fieldnode.service")
     assert files.host_path(str(root), "/etc/fieldnode/fieldnode.toml") == str(root / "etc/fieldnode/fieldnode.toml")
+
+
+@contextlib.contextmanager
+def tls_index(tmp_path: pathlib.Path):
+    """A package index on 127.0.0.1 whose certificate no one trusts (self-signed): pip's TLS check fails on it."""
+    import datetime
+    import http.server
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "index.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "index.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(tmp_path / "index.pem"), str(tmp_path / "index.key"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="tls-index", daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}/simple/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_pip_failure_says_its_cause_not_only_its_last_error_line(tmp_path):
+    """After a TLS verification failure pip's last ERROR line only says that no version was found: the install's
+    one-line error must carry the cause (before, it showed that last line alone)."""
+    from tools.install.cli import InstallError, Target
+
+    target = Target("/", "/opt/fieldnode", sys.executable)
+    with tls_index(tmp_path) as url, pytest.raises(InstallError) as info:
+        target.run([sys.executable, "-m", "pip", "download", "--isolated", "--disable-pip-version-check", "--no-input",
+                    "--retries", "1", "--no-deps", "--dest", str(tmp_path / "dl"), "--index-url", url,
+                    "fieldnode-no-such-package"], "pip install fieldnode-no-such-package", "install_pip")
+    message = str(info.value)
+    assert info.value.code == "install_pip" and "\n" not in message
+    assert "CERTIFICATE_VERIFY_FAILED" in message and "No matching distribution found" in message

@@ -1,9 +1,12 @@
 """State files: atomic replacement and setting a corrupt file aside, on real files."""
 
 import os
+import pathlib
 import stat
 
-from device.statefile import fsync_dir, move_aside, set_aside, short_error, write_atomic
+import pytest
+
+from device.statefile import AtomicFile, fsync_dir, move_aside, set_aside, short_error, write_atomic
 
 
 def test_write_atomic_creates_the_directory_and_replaces_whole(tmp_path):
@@ -60,3 +63,47 @@ def test_fsync_dir_is_best_effort(tmp_path):
 def test_short_error_prefers_the_os_text_and_cuts_long_messages():
     assert short_error(FileNotFoundError(2, "No such file or directory", "/x")) == "No such file or directory"
     assert len(short_error(ValueError("x" * 500))) == 120
+
+
+# --- the one atomic writer (issue 16, part 4) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o077, 0o644), (0o000, 0o600), (0o022, 0o640)])
+def test_the_mode_is_the_one_asked_for_whatever_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_atomic(str(tmp_path / "a"), b"x", mode=mode)
+        with AtomicFile(str(tmp_path / "b"), mode) as af:
+            af.file.write(b"y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == mode
+
+
+def test_an_atomic_file_streams_takes_its_final_name_late_and_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "target.age"
+    dest.write_bytes(b"old")
+    with pytest.raises(ValueError), AtomicFile(str(dest), 0o644) as af:
+        af.file.write(b"half of it")
+        raise ValueError("the stream broke")
+    assert dest.read_bytes() == b"old" and os.listdir(tmp_path) == ["target.age"]
+    with AtomicFile(str(dest), 0o644) as af:
+        for _ in range(3):
+            af.file.write(b"chunk")
+        af.path = str(tmp_path / "abc123.target.age")  # named by its hash once it is known
+    assert (tmp_path / "abc123.target.age").read_bytes() == b"chunk" * 3
+    assert sorted(os.listdir(tmp_path)) == ["abc123.target.age", "target.age"]
+
+
+def test_the_update_path_the_repository_tool_and_the_installer_have_no_writer_of_their_own():
+    """Four writers with different fsync and mode semantics became one: nothing under these packages makes its
+    own temporary file (device/statefile.py does, for all of them)."""
+    top = pathlib.Path(__file__).resolve().parents[2]
+    own = []
+    for package in ("device/update", "tools/repo", "tools/install"):
+        for path in sorted((top / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if "mkstemp" in text or "NamedTemporaryFile" in text or "import tempfile" in text:
+                own.append(str(path.relative_to(top)))
+    assert own == []

@@ -18,7 +18,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
         path = self.translate_path(self.path)
-        self.server.owner.requests.append((self.path, self.headers.get("Range")))
+        owner = self.server.owner
+        owner.requests.append((self.path, self.headers.get("Range")))
+        owner.authorizations.append(self.headers.get("Authorization"))
+        if owner.require_authorization is not None and self.headers.get("Authorization") != owner.require_authorization:
+            self.send_error(401)
+            return
         if not os.path.isfile(path):
             self.send_error(404)
             return
@@ -62,6 +67,8 @@ class RangeServer:
         url: ``http://127.0.0.1:<port>/``.
         requests: ``(path, Range header)`` of every request, in order.
         honour_ranges: False makes it answer every request whole, as a server without range support.
+        authorizations: The ``Authorization`` header of every request (None when absent), in order.
+        require_authorization: When set, a request without exactly this ``Authorization`` header gets 401.
     """
 
     class _Server(http.server.ThreadingHTTPServer):
@@ -70,6 +77,8 @@ class RangeServer:
 
     def __init__(self, root: str) -> None:
         self.requests: list[tuple[str, str | None]] = []
+        self.authorizations: list[str | None] = []
+        self.require_authorization: str | None = None
         self.honour_ranges = True
         self._drops: list[int] = []
         self._lock = threading.Lock()

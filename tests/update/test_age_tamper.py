@@ -147,7 +147,7 @@ def test_wrong_identity(tmp_path):
 def test_a_file_for_another_board(tmp_path):
     other_identity, other_recipient = age.generate_identity()
     error, written, _ = open_file(tmp_path, age.encrypt_bytes(b"release key", [other_recipient]))
-    assert isinstance(error, age.NoMatchingIdentity) and error.code == "E_DECRYPT" and written == b""
+    assert isinstance(error, age.NoMatchingIdentity) and error.code == "decrypt_failed" and written == b""
 
 
 def test_scrypt_only_file(tmp_path):
@@ -164,7 +164,7 @@ def test_garbage(tmp_path, garbage):
 
 def test_max_plaintext_stops_before_the_chunk_that_exceeds_it(tmp_path):
     error, written, _ = open_file(tmp_path, SEALED, max_plaintext=CHUNK + 5)
-    assert isinstance(error, SizeError) and error.code == "E_SIZE"
+    assert isinstance(error, SizeError) and error.code == "size_exceeded"
     assert f"longer than the allowed {CHUNK + 5} bytes" in str(error)
     assert written == PLAIN[:CHUNK]
 

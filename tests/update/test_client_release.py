@@ -65,7 +65,7 @@ def test_the_target_check_names_the_fact_that_fails(sample):
     ]
     for release, board, words in cases:
         err = _error(lambda: Repository.check_target(release, board))
-        assert err.code == "E_TARGET" and words in str(err) and release.release_id in str(err), (words, str(err))
+        assert err.code == "not_for_this_board" and words in str(err) and release.release_id in str(err), (words, str(err))
 
 
 def test_versions_compare_as_numbers_with_pre_releases_below_their_release():
@@ -111,7 +111,7 @@ def test_malformed_facts_are_refused_naming_the_field(edit, field):
     edit(custom)
     with pytest.raises(MetadataError) as info:
         layout.parse_model_facts("models/m/v/2.tflite.age", custom)
-    assert info.value.code == "E_METADATA" and f"target models/m/v/2.tflite.age: signed {field}:" in str(info.value)
+    assert info.value.code == "metadata_invalid" and f"target models/m/v/2.tflite.age: signed {field}:" in str(info.value)
 
 
 def test_facts_under_another_path_and_the_shared_names():
@@ -137,8 +137,8 @@ def test_a_malformed_signed_release_is_left_out_and_the_others_stay_installable(
     (refused,) = client.refused
     assert "signed custom.plaintext.length" in str(refused)
     err = _error(lambda: client.release(World.PATH))
-    assert err.code == "E_METADATA" and "custom.plaintext.length" in str(err)
-    assert _error(lambda: client.release("models/none/x/1.tflite.age")).code == "E_METADATA"
+    assert err.code == "metadata_invalid" and "custom.plaintext.length" in str(err)
+    assert _error(lambda: client.release("models/none/x/1.tflite.age")).code == "metadata_invalid"
 
 
 # -- grants ---------------------------------------------------------------------------------------------------
@@ -151,15 +151,15 @@ def test_a_board_without_a_grant_or_with_another_boards_is_not_granted(world):
     client = world.client()
     (release,) = client.releases()
     err = _error(lambda: client.fetch_release_key(release, "board-z", [world.board[0]]))
-    assert err.code == "E_NOT_GRANTED" and "no release key for this board" in str(err)
+    assert err.code == "not_granted" and "no release key for this board" in str(err)
     shutil.copyfile(_grant(world, world.release, "board-b"), _grant(world, world.release, "board-a"))  # swapped
     err = _error(lambda: client.fetch_release_key(release, "board-a", [world.board[0]]))
-    assert err.code == "E_NOT_GRANTED" and "the key file is not for this board" in str(err)
+    assert err.code == "not_granted" and "the key file is not for this board" in str(err)
     with RangeServer(world.path) as srv:  # the same over HTTP: a 404
         http = world.client("http", base=srv.url)
         (release,) = http.releases()
         err = _error(lambda: http.fetch_release_key(release, "board-z", [world.board[0]]))
-        assert err.code == "E_NOT_GRANTED" and srv.url in str(err)
+        assert err.code == "not_granted" and srv.url in str(err)
 
 
 def test_a_key_file_replayed_from_an_older_release_or_forged_opens_but_does_not_decrypt(world, tmp_path, capsys):
@@ -183,7 +183,7 @@ def test_a_key_file_replayed_from_an_older_release_or_forged_opens_but_does_not_
                 fh.write(key_file)
         key = client.fetch_release_key(release, "board-a", [world.board[0]])  # it opens: it is for this board
         err = _error(lambda: decrypt_verified(cipher, key, str(out), release))
-        assert err.code == "E_NOT_GRANTED" and "does not open it" in str(err)
+        assert err.code == "not_granted" and "does not open it" in str(err)
         assert out.read_bytes() == b"the active model" and os.listdir(out.parent) == ["model.tflite"]
 
 
@@ -200,14 +200,14 @@ def test_damaged_or_oversized_key_files(world, tmp_path):
 
     stanza = good.index(b"-> X25519 ") + len(b"-> X25519 ")  # the ephemeral share: still well formed, no longer
     other = b"B" if good[stanza:stanza + 1] == b"A" else b"A"  # a wrap of this board's key
-    assert attempt(good[:stanza] + other + good[stanza + 1:]).code == "E_NOT_GRANTED"
+    assert attempt(good[:stanza] + other + good[stanza + 1:]).code == "not_granted"
     err = attempt(good[:-3] + bytes([good[-3] ^ 1]) + good[-2:])  # the payload
-    assert err.code == "E_DECRYPT" and "authentication failed" in str(err)
-    assert attempt(good[:-10]).code == "E_DECRYPT"
-    assert attempt(b"garbage, not an age file").code == "E_DECRYPT"
-    assert attempt(age.encrypt_bytes(b"hello", [world.board[1]])).code == "E_DECRYPT"  # opens, holds no key
+    assert err.code == "decrypt_failed" and "authentication failed" in str(err)
+    assert attempt(good[:-10]).code == "decrypt_failed"
+    assert attempt(b"garbage, not an age file").code == "decrypt_failed"
+    assert attempt(age.encrypt_bytes(b"hello", [world.board[1]])).code == "decrypt_failed"  # opens, holds no key
     err = attempt(good + b"\0" * (70 * 1024))
-    assert err.code == "E_SIZE" and "larger than 65536 bytes" in str(err)
+    assert err.code == "size_exceeded" and "larger than 65536 bytes" in str(err)
     with open(path, "wb") as fh:
         fh.write(good)
     assert client.fetch_release_key(release, "board-a", [world.board[0]]).startswith("AGE-SECRET-KEY-1")
@@ -236,7 +236,7 @@ def test_key_file_transport_failures_are_retried_then_a_download_error(world):
     assert len(flaky.clock.slept) == 1
     broken = world.client("broken", source=FlakySource(10), attempts=3)
     err = _error(lambda: broken.fetch_release_key(broken.releases()[0], "board-a", [world.board[0]]))
-    assert err.code == "E_DOWNLOAD" and "the link dropped" in str(err) and "3 attempts" in str(err)
+    assert err.code == "download_failed" and "the link dropped" in str(err) and "3 attempts" in str(err)
 
 
 # -- the ciphertext and the plaintext -------------------------------------------------------------------------
@@ -247,9 +247,9 @@ def test_flipped_truncated_and_oversized_targets(world, tmp_path):
     stored = world.stored_target(World.PATH)
     good = open(stored, "rb").read()
     cases = [
-        (good[:1000] + bytes([good[1000] ^ 0x10]) + good[1001:], "E_HASH"),
-        (good[:-100], "E_DOWNLOAD"),
-        (good + b"more", "E_SIZE"),
+        (good[:1000] + bytes([good[1000] ^ 0x10]) + good[1001:], "hash_mismatch"),
+        (good[:-100], "download_failed"),
+        (good + b"more", "size_exceeded"),
     ]
     for n, (data, code) in enumerate(cases):
         with open(stored, "wb") as fh:
@@ -275,7 +275,7 @@ def test_a_ciphertext_altered_after_verification_never_reaches_the_slot(world, t
     slot = tmp_path / "slot"
     slot.mkdir()
     err = _error(lambda: client.decrypt_verified(str(altered), key, str(slot / "model.tflite"), release))
-    assert err.code == "E_DECRYPT" and World.PATH in str(err)
+    assert err.code == "decrypt_failed" and World.PATH in str(err)
     assert os.listdir(slot) == []
 
 
@@ -301,7 +301,7 @@ def test_a_plaintext_that_is_not_the_signed_one_is_refused(world, tmp_path):
         key = client.fetch_release_key(release, "board-a", [world.board[0]])
         cipher = client.download(release, str(tmp_path / "staging"))
         err = _error(lambda: client.decrypt_verified(cipher, key, str(slot / "model.tflite"), release))
-        assert err.code == "E_HASH" and words in str(err) and World.PATH in str(err), str(err)
+        assert err.code == "hash_mismatch" and words in str(err) and World.PATH in str(err), str(err)
         assert os.listdir(slot) == ["model.tflite"] and (slot / "model.tflite").read_bytes() == b"the active model"
 
 
@@ -317,13 +317,13 @@ def test_board_side_write_failures_are_store_errors(world, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be")
     err = _error(lambda: world.client("blocker/below").refresh())
-    assert err.code == "E_STORE" and "cannot create the metadata directory" in str(err)
+    assert err.code == "model_store_error" and "cannot create the metadata directory" in str(err)
     client = world.client()
     (release,) = client.releases()
     key = client.fetch_release_key(release, "board-a", [world.board[0]])
     cipher = client.download(release, str(tmp_path / "staging"))
     err = _error(lambda: decrypt_verified(cipher, key, str(blocker / "model.tflite"), release))
-    assert err.code == "E_STORE" and World.PATH in str(err)
+    assert err.code == "model_store_error" and World.PATH in str(err)
     err = _error(lambda: decrypt_verified(str(tmp_path / "gone.age"), key, str(tmp_path / "model.tflite"), release))
-    assert err.code == "E_STORE" and "gone.age" in str(err)
+    assert err.code == "model_store_error" and "gone.age" in str(err)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".model.tflite")]

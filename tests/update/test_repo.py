@@ -124,7 +124,7 @@ def test_a_version_not_above_the_highest_listed_is_refused_and_changes_nothing(m
     for version in (5, 4):
         error = repo_error(capsys, "add-model", made, "--model", str(model), "--name", "vibration", "--variant",
                            "full", "--version", str(version))
-        assert error["code"] == "E_REPO"
+        assert error["code"] == "repository_error"
         assert f"--version {version}" in error["message"] and "already lists version 5" in error["message"]
     assert {d: sorted(names) for d, _, names in os.walk(made)} == before
     assert open(os.path.join(made, "staged", "targets.json"), "rb").read() == staged
@@ -133,7 +133,7 @@ def test_a_version_not_above_the_highest_listed_is_refused_and_changes_nothing(m
     repo(capsys, "add-model", made, "--model", str(model), "--name", "vibration", "--variant", "lite",
          "--version", "1")
     assert repo_error(capsys, "add-model", made, "--model", str(model), "--name", "vibration", "--variant", "full",
-                      "--version", "2")["code"] == "E_REPO"
+                      "--version", "2")["code"] == "repository_error"
 
 
 def test_targets_edited_after_signing_are_refused_by_the_client(made, files, tmp_path, capsys):
@@ -234,7 +234,7 @@ def test_grants_are_idempotent_and_bad_input_writes_nothing(made, files, tmp_pat
     ]
     for argv, words in cases:
         error = repo_error(capsys, "grant", made, *argv)
-        assert error["code"] == "E_REPO" and words in error["message"], (argv, error)
+        assert error["code"] == "repository_error" and words in error["message"], (argv, error)
     assert sorted(os.walk(os.path.join(made, "grants"))) == grants_before
 
 

@@ -1,4 +1,4 @@
-"""``fieldnode repo`` export, status, publish without changes, and the operator's mistakes (each one E_REPO)."""
+"""``fieldnode repo`` export, status, publish without changes, and the operator's mistakes (each one repository_error)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_operator_mistakes_are_one_line_errors_naming_the_problem(granted, tmp_p
     ]
     for argv, words in cases:
         error = repo_error(capsys, *argv)
-        assert error["code"] == "E_REPO" and words in error["message"], (argv, error)
+        assert error["code"] == "repository_error" and words in error["message"], (argv, error)
     assert not os.path.exists(tmp_path / "r2")
     assert Metadata.from_file(os.path.join(path, "metadata", "timestamp.json")).signed.version == 2
 
@@ -163,7 +163,7 @@ def test_the_installed_command_prints_errors_without_a_traceback(tmp_path):
                           "b", "--recipient", "age1x", "--release", "r"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().startswith("fieldnode repo: error [E_REPO]:")
+    assert bad.stderr.strip().startswith("fieldnode repo: error [repository_error]:")
     usage = subprocess.run([sys.executable, "-m", "tools.cli", "repo", "publish", str(tmp_path), "--expires",
                             "forever=1"], capture_output=True, text=True, env=env, timeout=60)
     assert usage.returncode == 2 and "expected ROLE=DAYS" in usage.stderr and "Traceback" not in usage.stderr

@@ -130,7 +130,7 @@ def test_a_version_below_the_floor_is_refused_and_touches_nothing(store, models)
     before = snapshot(store.root)
     with pytest.raises(RollbackError) as e:
         store.begin("vibration", 4)
-    assert e.value.code == "E_ROLLBACK" and "below this board's floor v5" in str(e.value)
+    assert e.value.code == "rollback_refused" and "below this board's floor v5" in str(e.value)
     assert snapshot(store.root) == before
     install(store, models[5], 5)  # the committed version itself may come again (a damaged slot's remedy)
 
@@ -196,7 +196,7 @@ def test_a_staged_tree_that_is_not_the_release_is_refused_and_touches_nothing(st
     damage(st.dir)
     with pytest.raises(ValidationFailed, match=message) as e:
         store.activate(st)
-    assert e.value.code == "E_VALIDATE" and st.closed
+    assert e.value.code == "validation_failed" and st.closed
     assert snapshot(store.root) == before and os.listdir(store.staging_dir) == []
     with pytest.raises(StoreError, match="staging is closed"):
         store.activate(st)
@@ -228,7 +228,7 @@ def test_a_lock_held_by_another_process_refuses_every_change_and_names_it(store,
                         store.recover):
             with pytest.raises(Busy) as e:
                 attempt()
-            assert e.value.code == "E_BUSY"
+            assert e.value.code == "update_busy"
             assert f"locked by pid {proc.pid} (storeproc: holding the lock for a test)" in str(e.value)
         assert store.active().state == "trial"  # reading needs no lock
     finally:
@@ -263,7 +263,7 @@ def test_a_corrupt_store_json_is_set_aside_and_the_committed_model_serves_again(
     open(path, "wb").write(b"\x00garbage")
     with pytest.raises(StoreError, match="not valid JSON") as e:
         store.active()
-    assert e.value.code == "E_STORE"
+    assert e.value.code == "model_store_error"
     assert "not valid JSON" in store.status()["problems"][0]
     with pytest.raises(StoreError):
         store.begin("vibration", 7)
@@ -414,7 +414,7 @@ def test_an_install_the_disk_cannot_take_is_refused_before_a_byte_is_written(sma
     before = snapshot(store.root)
     with pytest.raises(NoSpace) as e:
         store.begin("vibration", 6, size_hint=free(small_fs))  # fits, but not with the reserve kept
-    assert e.value.code == "E_SPACE" and "65536 kept in reserve" in str(e.value)
+    assert e.value.code == "no_space" and "65536 kept in reserve" in str(e.value)
     assert snapshot(store.root) == before and os.listdir(store.staging_dir) == []
     install(store, models[6], 6)  # the model itself (~190 KB) fits
 

@@ -51,10 +51,10 @@ def test_a_crash_or_a_non_finite_output_fails_at_once(how):
     else:
         t.observe([0.5, float(how), 0.1, 0.1], 1.0, "imbalance")
     v = t.verdict()
-    assert isinstance(v, Fail) and v.code == "E_HEALTH" and not v.passed
+    assert isinstance(v, Fail) and v.code == "trial_failed" and not v.passed
     assert "vibration v3" in v.reason
     assert ("SIGSEGV" in v.reason) if how == "crash" else ("non-finite" in v.reason and "window 2" in v.reason)
-    assert v.error().code == "E_HEALTH" and str(v.error()) == v.reason
+    assert v.error().code == "trial_failed" and str(v.error()) == v.reason
 
 
 def test_too_slow_fails_only_from_the_minimum_windows_on():

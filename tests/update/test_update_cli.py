@@ -87,8 +87,8 @@ def test_check_install_status_rollback_as_json_and_for_people(repo, tmp_path, ca
     for_people(out)
 
     rc, out, err = cli(capsys, config, "install", "--json")  # a trial is on: the store says busy
-    assert rc == 1 and json.loads(out)["error"]["code"] == "E_BUSY"
-    assert err.startswith("fieldnode update: error [E_BUSY]: ") and len(err.strip().splitlines()) == 1
+    assert rc == 1 and json.loads(out)["error"]["code"] == "update_busy"
+    assert err.startswith("fieldnode update: error [update_busy]: ") and len(err.strip().splitlines()) == 1
 
     rc, out, _ = cli(capsys, config, "rollback", "--reason", "the operator said so", "--json")
     doc = json.loads(out)
@@ -96,7 +96,7 @@ def test_check_install_status_rollback_as_json_and_for_people(repo, tmp_path, ca
     assert doc["reason"] == "the operator said so"
 
     rc, out, err = cli(capsys, config, "install", "--version", "2", "--json")
-    assert rc == 1 and json.loads(out) == {"ok": False, "error": {"code": "E_ROLLBACK", "message": err.split(
+    assert rc == 1 and json.loads(out) == {"ok": False, "error": {"code": "rollback_refused", "message": err.split(
         "]: ", 1)[1].strip()}}
     assert "the operator said so" in err and "Traceback" not in err
 
@@ -116,7 +116,7 @@ def test_install_for_people_and_a_refusal_with_its_code(repo, tmp_path, capsys):
     assert rc == 0 and out.splitlines() == ["rolled back vibration v2 (marked failed: rolled back from the command "
                                             "line)", "serving: the bundled model"]
     rc, out, err = cli(capsys, config, "install")  # the newest, v3, misses its test vectors
-    assert rc == 1 and out == "" and err.startswith("fieldnode update: error [E_VALIDATE]: vibration v3, variant ")
+    assert rc == 1 and out == "" and err.startswith("fieldnode update: error [validation_failed]: vibration v3, variant ")
 
 
 def test_updates_off_is_a_config_error_but_status_still_answers(repo, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_updates_off_is_a_config_error_but_status_still_answers(repo, tmp_path, 
     rc, out, _ = cli(capsys, config, "status", "--json")
     assert rc == 0 and json.loads(out)["serving"] == "bundled"
     rc, out, err = cli(capsys, config, "rollback", "--json")
-    assert rc == 1 and json.loads(out)["error"]["code"] == "E_STORE" and "nothing to roll back" in err
+    assert rc == 1 and json.loads(out)["error"]["code"] == "model_store_error" and "nothing to roll back" in err
 
 
 def test_a_missing_identity_file_is_a_config_error_naming_its_key(repo, tmp_path, capsys):
@@ -162,8 +162,8 @@ def test_the_console_script_exits_with_the_code_and_prints_one_json_object(repo,
     assert ok.returncode == 0 and ok.stdout.startswith("vibration: v3 available"), ok.stderr
     bad = subprocess.run([script, "update", "install", "--version", "7", "--json", "--config", config],
                          capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "E_TARGET"
-    assert bad.stderr.startswith("fieldnode update: error [E_TARGET]: vibration v7: no such release")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "not_for_this_board"
+    assert bad.stderr.startswith("fieldnode update: error [not_for_this_board]: vibration v7: no such release")
 
 
 def test_the_installing_example_in_docs_runs_after_the_worked_example(tmp_path):
@@ -196,7 +196,7 @@ def test_the_installing_example_in_docs_runs_after_the_worked_example(tmp_path):
 
 def test_install_waits_when_the_board_is_low_on_power_unless_forced(repo, tmp_path, capsys):
     """The CLI judges the board as the agent's governor would: a battery at 20 % and not charging is 'saver',
-    so an install is deferred (E_DEFERRED, nothing installed) until --force."""
+    so an install is deferred (update_deferred, nothing installed) until --force."""
     from drivers.sim.board import VirtualBoard
 
     VirtualBoard(str(tmp_path / "sys"), "rpi4", battery_mah=2000, soc_pct=20, mains=False)
@@ -204,7 +204,7 @@ def test_install_waits_when_the_board_is_low_on_power_unless_forced(repo, tmp_pa
     with open(config, "a") as f:
         f.write(f'\n[drivers]\nsysfs_root = "{tmp_path / "sys"}"\n')
     rc, out, err = cli(capsys, config, "install", "--version", "2", "--json")
-    assert rc == 1 and json.loads(out)["error"]["code"] == "E_DEFERRED" and "saver" in err
+    assert rc == 1 and json.loads(out)["error"]["code"] == "update_deferred" and "saver" in err
     rc, out, _ = cli(capsys, config, "status", "--json")
     assert json.loads(out)["active"] is None  # nothing was installed
     rc, out, _ = cli(capsys, config, "install", "--version", "2", "--force", "--json")

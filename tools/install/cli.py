@@ -28,7 +28,7 @@ import subprocess
 import sys
 import zipfile
 
-from device.errors import FieldnodeError
+from device.errors import Exit, FieldnodeError
 from tools.install import files
 
 DEFAULT_PREFIX = "/opt/fieldnode"
@@ -42,6 +42,8 @@ class InstallError(FieldnodeError):
     """The install cannot go on; ``code`` says which part (root, privileges, python, wheel, pip)."""
 
     code = "install_failed"
+    codes = ("install_failed", "install_root", "install_needs_root", "install_python", "install_wheel",
+             "install_pip", "install_users", "install_apply")  # the parts an instance's code names
 
     def __init__(self, message: str, code: str = "install_failed"):
         super().__init__(message)
@@ -88,7 +90,7 @@ def run(args) -> int:
         raise InstallError(str(exc), "install_root") from exc
     if args.json:
         print(json.dumps(report))
-    return 0
+    return Exit.OK
 
 
 class Target:
@@ -157,10 +159,26 @@ class Target:
         return proc.stdout
 
 
+# pip's lines that say *why* (a TLS verification failure, a proxy, a refused connection): its last ERROR line
+# only says that nothing was found.
+_CAUSES = ("Could not fetch URL", "WARNING: Retrying", "Could not install packages", "× ", "╰─>")
+MAX_ERROR_CHARS = 1500
+
+
 def _last_error(output: str) -> str:
+    """What a failed command said, on one line: every error line, and before them the lines that give the cause
+    (the last of each kind: pip repeats its retries), joined with `` | ``."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith(("ERROR", "Error", "error")) or "Error:" in line]
-    return (errors or lines or ["no output"])[-1][:400]
+    causes: dict = {}
+    for line in lines:
+        kind = next((c for c in _CAUSES if line.startswith(c)), None)
+        if kind is not None and line not in errors:
+            causes[kind] = line  # the last one of each kind
+    picked = [line for line in lines if line in causes.values() or line in errors]
+    unique = list(dict.fromkeys(line[:500] for line in picked)) or (lines or ["no output"])[-1:]
+    text = " | ".join(unique)
+    return text if len(text) <= MAX_ERROR_CHARS else "... " + text[-MAX_ERROR_CHARS:]
 
 
 def find_wheel(given: str | None, target: Target) -> str:

@@ -2,16 +2,18 @@
 
 The unit, sysusers, tmpfiles and udev files ship in the wheel as package data (``device/data/systemd/``, copied
 from the checkout's ``systemd/`` when the wheel is built); run from a checkout, they are read from ``systemd/``
-itself. Every write goes through a temporary file in the same directory, fsync and ``os.replace``, so a power
-cut while flashing leaves the old file or the new one. Nothing here runs a program.
+itself. Every write goes through the one atomic writer (temporary file in the same directory, fsync,
+``os.replace``, directory fsync), so a power cut while flashing leaves the old file or the new one. Nothing here
+runs a program.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import textwrap
+
+from device.statefile import write_atomic
 
 UNIT_NAME = "fieldnode.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
@@ -66,26 +68,11 @@ def commented_config() -> str:
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Writes ``path`` through a temporary file in its directory: fsync, chmod, ``os.replace``, fsync the dir."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Writes ``path`` with the one atomic writer (:func:`device.statefile.write_atomic`: temporary file in its
+    directory, fsync, ``os.replace``, directory fsync; ``mode`` whatever the umask). Missing directories are made
+    0755, as a board's ``/etc`` and ``/usr`` directories are."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    write_atomic(path, data, mode)
 
 
 def atomic_copy(src: str, dest: str, mode: int = 0o644) -> None:

@@ -10,7 +10,7 @@ Actions (docs/updates.md has the layout, the roles and keys, the threat model an
 * ``publish DIR`` makes what is staged live (new snapshot and timestamp); ``rotate DIR --role R`` replaces a
   role's keys; ``export DIR --usb OUT`` writes a copy for a stick; ``status DIR`` shows it all.
 
-Every failure is a ``RepositoryError`` (code ``E_REPO``) naming what is wrong; ``--json`` prints one object.
+Every failure is a ``RepositoryError`` (code ``repository_error``) naming what is wrong; ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from device.errors import Exit
 
 ACTIONS = ("init", "add-model", "grant", "publish", "rotate", "export", "status", "serve")
 ROLE_NAMES = ("root", "targets", "snapshot", "timestamp")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs one ``repo`` action; failures raise RepositoryError (the CLI prints it, as JSON with --json).
 
     Returns:
-        0.
+        ``Exit.OK``.
     """
     from device.update.errors import RepositoryError
 
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for line in lines:
             print(line)
-    return 0
+    return Exit.OK
 
 
 def _repo(args):

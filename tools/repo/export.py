@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 
-from device.statefile import fsync_dir, write_atomic
+from device.statefile import AtomicFile, fsync_dir, write_atomic
 from device.update.errors import RepositoryError
 from tools.repo import keys as repo_keys
 from tools.repo.meta import DEFAULT_DAYS, Repository, expiry, utcnow, write_md
@@ -33,10 +33,8 @@ DEFAULT_VALID_DAYS = 30.0
 def _copy(src: str, dst: str) -> None:
     """Copies one file durably (the stick may be pulled right after the command returns)."""
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
+    with open(src, "rb") as fin, AtomicFile(dst, 0o644) as out:
+        shutil.copyfileobj(fin, out.file, 1 << 20)
 
 
 def _prepare(out: str) -> None:

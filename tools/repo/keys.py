@@ -6,8 +6,9 @@ people: which role a key serves is decided by the root metadata, and a key is ma
 (computed from the public key), so renaming or moving a file never changes what it can sign.
 
 A key replaced by ``fieldnode repo rotate`` is moved to ``retired/`` beside it, not deleted: it still signs the
-transition (the new root, and for one publish the snapshot and timestamp, so boards that have not yet fetched
-the new root keep verifying). Delete ``retired/`` once the fleet has moved on.
+transition (the new root, and for the publish that makes it live the snapshot and timestamp, for a board whose
+refresh is under way during that publish: it walked the roots just before, and checks the new timestamp against
+the old root). Delete ``retired/`` once the fleet has moved on.
 
 No key is ever created implicitly or shipped with the project: every key comes from ``generate_signer``.
 """

@@ -11,7 +11,8 @@ so it needs the offline root keys: the new root is signed by a threshold of the 
 for root *and* by a threshold of its own, which is what lets a board walk from one root to the next. Rotating
 the targets keys re-signs the current targets with the new keys too. The replaced keys move to ``retired/``;
 until the new root is published they still sign, and ``publish`` signs the snapshot and timestamp with the old
-online keys too, so a board that has not yet fetched the new root keeps verifying.
+online keys too. A board walks the root chain before it reads a timestamp, so only a refresh under way during
+that publish (no ``N+1.root.json`` a moment before, the new timestamp now) checks them against the old root.
 """
 
 from __future__ import annotations

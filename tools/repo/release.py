@@ -18,16 +18,14 @@ whatever the size of the fleet.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import hashlib
 import os
 import re
 import secrets
-import tempfile
 
-from device.statefile import fsync_dir, write_atomic
+from device.statefile import AtomicFile, write_atomic
 from device.update.errors import RepositoryError, UpdateError
 # The naming rules and the facts schema are shared with the board: one module, two importers.
 from device.update.layout import DEFAULT_RING, MAX_VERSION, grant_path, model_facts, model_target_path, vectors_facts
@@ -65,29 +63,20 @@ def _encrypt_target(repo: Repository, src_path: str, target_path: str, recipient
     basename = target_path.rsplit("/", 1)[-1]
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{basename}.", suffix=".tmp")
+        af = AtomicFile(os.path.join(directory, basename), 0o644)  # public: served as it is
     except OSError as exc:
         raise RepositoryError(f"{directory}: cannot write the target ({exc.strerror or exc})") from exc
     try:
-        try:
-            with open(src_path, "rb") as src, os.fdopen(fd, "w+b") as dst:
-                os.fchmod(dst.fileno(), 0o644)
-                digest = hashlib.sha256()
-                length = _age().encrypt(src, dst, [recipient], chunk_hook=digest.update)
-                dst.flush()
-                os.fsync(dst.fileno())
-                dst.seek(0)
-                info = TargetFile.from_data(target_path, dst, ["sha256"])
-        except OSError as exc:
-            raise RepositoryError(f"{exc.filename or src_path}: cannot read or encrypt it "
-                                  f"({exc.strerror or exc})") from exc
-        final = os.path.join(directory, f"{info.hashes['sha256']}.{basename}")
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+        with af, open(src_path, "rb") as src:
+            digest = hashlib.sha256()
+            length = _age().encrypt(src, af.file, [recipient], chunk_hook=digest.update)
+            af.sync()
+            af.file.seek(0)
+            info = TargetFile.from_data(target_path, af.file, ["sha256"])
+            af.path = os.path.join(directory, f"{info.hashes['sha256']}.{basename}")  # its consistent name
+    except OSError as exc:
+        raise RepositoryError(f"{exc.filename or src_path}: cannot read or encrypt it "
+                              f"({exc.strerror or exc})") from exc
     return info, digest.hexdigest(), length
 
 

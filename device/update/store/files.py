@@ -29,6 +29,8 @@ SLOT_META = ".slot.json"  # the slot's own record, inside the slot, so it moves 
 MAX_STATE_BYTES = 1024 * 1024
 MAX_FAILED_PER_MODEL = 256  # beyond it the lowest versions go: the floor refuses those anyway
 MAX_REASON = 300
+MAX_INSTALLED_PER_MODEL = 256  # plaintext hashes kept per model name
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # the manifest's rule for a model name
 TRIAL, COMMITTED = "trial", "committed"
 
@@ -157,8 +159,36 @@ def parse_floors(raw: bytes) -> dict:
     return dict(floors)
 
 
-def dump_floors(floors: dict) -> bytes:
-    return _dump({"format": FORMAT, "floors": dict(sorted(floors.items()))})
+def parse_installed(raw: bytes) -> dict:
+    """Parses ``floors.json``'s ``installed``: the signed plaintext sha256 of each variant of each version installed
+    on this board → ``{name: {(variant, sha256): version}}`` (a file written before it was kept: empty)."""
+    d = _load(raw, "floors.json").get("installed", {})
+    if not isinstance(d, dict):
+        raise StateCorrupt("floors.json: installed: expected an object of model name -> list")
+    out: dict = {}
+    for name, entries in d.items():
+        if not NAME_RE.match(name) or not isinstance(entries, list):
+            raise StateCorrupt(f"floors.json: installed.{name}: expected a model name and a list")
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("variant"), str) \
+                    or not isinstance(e.get("sha256"), str) or not SHA256_RE.match(e["sha256"]):
+                raise StateCorrupt(f"floors.json: installed.{name}: expected {{version, variant, sha256}} entries")
+            out.setdefault(name, {})[(e["variant"], e["sha256"])] = _int(e.get("version"),
+                                                                           f"floors.json: installed.{name}.version")
+    return out
+
+
+def dump_floors(floors: dict, installed: dict | None = None) -> bytes:
+    """``floors.json``: the floors, and the plaintexts installed (the newest :data:`MAX_INSTALLED_PER_MODEL` per
+    model: older ones are below the floor anyway)."""
+    body: dict = {"format": FORMAT, "floors": dict(sorted(floors.items()))}
+    if installed:
+        body["installed"] = {}
+        for name, entries in sorted(installed.items()):
+            rows = [{"version": v, "variant": var, "sha256": sha}
+                    for (var, sha), v in sorted(entries.items(), key=lambda kv: (kv[1], kv[0]))]
+            body["installed"][name] = rows[-MAX_INSTALLED_PER_MODEL:]
+    return _dump(body)
 
 
 def parse_failed(raw: bytes) -> dict:

@@ -140,23 +140,25 @@ def _clean(store, s: StoreState) -> list:
 
 
 def _clean_metadata(directory: str, now: float, min_age_s: float = 60.0) -> list:
-    """Temporary files a refresh cut short left in the TUF metadata directory (python-tuf's ``tmpXXXXXXXX`` and
-    our ``.not-before.json.*.tmp``): every file that belongs there ends in ``.json``, ``root.json`` is a link and
+    """Temporary files a refresh cut short left in the TUF metadata directory (our ``.NAME.XXXX.tmp``, python-tuf's
+    ``tmpXXXXXXXX`` of older boards): every file that belongs there ends in ``.json``, ``root.json`` is a link and
     ``root_history`` a directory. Only files older than ``min_age_s`` go, so a refresh running now outside the
-    store lock (the CLI's ``check``) keeps its own; ``now`` is the store's clock."""
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    store lock (the CLI's ``check``) keeps its own; ``now`` is the store's clock. ``root_history/`` is cleaned
+    too: each root is written beside its final name there."""
     gone = []
-    for e in entries:
-        if e.name.endswith(".json") or not e.is_file(follow_symlinks=False):
-            continue
+    for sub in ("", "root_history"):
         try:
-            if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
-                continue
-            os.unlink(e.path)
-        except FileNotFoundError:
+            entries = list(os.scandir(os.path.join(directory, sub) if sub else directory))
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        gone.append(f"metadata/{e.name}")
+        for e in entries:
+            if e.name.endswith(".json") or not e.is_file(follow_symlinks=False):
+                continue
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime < min_age_s:
+                    continue
+                os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+            gone.append(f"metadata/{sub + '/' if sub else ''}{e.name}")
     return gone

@@ -11,7 +11,7 @@ import errno
 import os
 import shutil
 
-from device.statefile import fsync_dir
+from device.statefile import fsync_dir, write_atomic
 from device.update.errors import NoSpace, StoreError, UpdateError, ValidationFailed
 from device.update.store.files import SLOT_META, SlotRef, StoreState
 
@@ -33,6 +33,7 @@ class Staging:
     def __init__(self, store, slot: str, name: str, version: int, directory: str):
         self.store, self.slot, self.name, self.version, self.dir = store, slot, name, version, directory
         self.closed = False
+        self.plaintexts: dict = {}  # {variant: signed plaintext sha256}, recorded with the floors at the switch
 
     def path(self, rel: str) -> str:
         """The absolute path of ``rel`` inside the staged model (its parent directories are created).
@@ -59,10 +60,7 @@ class Staging:
             NoSpace: the disk is full.
         """
         try:
-            with open(self.path(rel), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_atomic(self.path(rel), data, 0o644)
         except OSError as exc:
             raise os_error(exc, f"cannot write {rel} in staging", space=True) from exc
 
@@ -150,7 +148,7 @@ def tree_bytes(path: str) -> int:
 
 
 def os_error(exc: OSError, what: str, space: bool = False) -> UpdateError:
-    """An OSError as the family's error: a full disk while staging is E_SPACE, anything else E_STORE."""
+    """An OSError as the family's error: a full disk while staging is no_space, anything else model_store_error."""
     if space and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return NoSpace(f"{what}: the disk is full ({exc.strerror})")
     return StoreError(f"{what}: {exc.strerror or exc}")

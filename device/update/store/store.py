@@ -6,9 +6,10 @@ elsewhere). Layout under ``<state_dir>/update/``::
     slots/a/, slots/b/   complete models only (model.json + files, and the store's own .slot.json record)
     staging/slot-<x>/    the slot being filled; staging/downloads/ is the installer's (kept across restarts)
     store.json           which slot serves, trial or committed, and the fallback slot
-    floors.json          per model name, the highest committed version: anything lower is refused
+    floors.json          per model name, the highest committed version: anything lower is refused; and the
+                         plaintext sha256 of each variant installed: old bytes under a new number are refused
     failed.json          per model name, the versions that failed (never retried) and why
-    lock                 fcntl.flock: one writer (the agent or the CLI), never waiting: E_BUSY names the holder
+    lock                 fcntl.flock: one writer (the agent or the CLI), never waiting: update_busy names the holder
 
 Workflow: :meth:`ModelStore.begin` checks the floor, the failed list and the free space, and returns a
 :class:`Staging` (holding the lock) whose directory the installer fills. :meth:`ModelStore.activate` checks
@@ -149,6 +150,11 @@ class ModelStore:
         """The highest committed version of ``name`` (lower ones are refused), None if never committed."""
         return self._read(self._floors_path, sf.parse_floors, {}).get(name)
 
+    def installed_plaintexts(self, name: str) -> dict:
+        """``{(variant, plaintext sha256): version}`` of every version of ``name`` installed on this board: a newer
+        version whose variant decrypts to the bytes of an older one is refused (:meth:`begin`)."""
+        return self._read(self._floors_path, sf.parse_installed, {}).get(name, {})
+
     def failed_versions(self, name: str) -> dict:
         """``{version: {"reason", "at"}}``: the versions of ``name`` that failed and are never retried."""
         return self._read(self._failed_path, sf.parse_failed, {}).get(name, {})
@@ -183,16 +189,19 @@ class ModelStore:
 
     # --- installing -----------------------------------------------------------------------------------
 
-    def begin(self, name: str, version: int, size_hint: int = 0) -> Staging:
+    def begin(self, name: str, version: int, size_hint: int = 0, plaintexts: dict | None = None) -> Staging:
         """Starts an install: checks, takes the lock, and returns an empty staging directory to fill.
 
         Args:
             name: the model's name (the release's signed facts; ``model.json`` must agree).
             version: the release's integer version.
             size_hint: bytes the install will still write under the store (the download and the model).
+            plaintexts: ``{variant: signed plaintext sha256}`` of the release, recorded at :meth:`activate`.
 
         Raises:
-            RollbackError: ``version`` is below the floor, or failed before on this board.
+            RollbackError: ``version`` is below the floor, or failed before on this board, or a variant's plaintext
+                is the one an older version of the model installed here had (the version floor compares numbers:
+                old bytes listed under a new number would pass it).
             NoSpace: the filesystem cannot take ``size_hint`` and keep ``reserve_bytes`` free.
             Busy: another install holds the lock, or a trial is in progress.
             ValidationFailed: ``name`` or ``version`` is not well formed.
@@ -206,7 +215,8 @@ class ModelStore:
         try:
             s = self._read(self._store_path, sf.parse_store, StoreState())
             if s.trial:
-                raise Busy(f"{s.active.name} v{s.active.version} is on trial: commit or roll it back first")
+                raise Busy(f"{s.active.name} v{s.active.version} is on trial: wait for the agent's verdict, or end "
+                           f"it with `fieldnode update commit` or `fieldnode update rollback`")
             floor = self._read(self._floors_path, sf.parse_floors, {}).get(name)
             if floor is not None and version < floor:
                 raise RollbackError(f"{name} v{version} is below this board's floor v{floor} (its highest "
@@ -215,6 +225,11 @@ class ModelStore:
             if version in failed:
                 raise RollbackError(f"{name} v{version} failed on this board before and is never retried "
                                     f"({failed[version]['reason']}); publish a new version")
+            seen = self._read(self._floors_path, sf.parse_installed, {}).get(name, {})
+            for variant, sha in sorted((plaintexts or {}).items()):
+                older = seen.get((variant, sha))
+                if older is not None and older < version:
+                    raise RollbackError(same_bytes(name, version, variant, older, sha))
             slot = _other(s)
             clean_staging(self.staging_dir)
             ensure_space(self, s, slot, size_hint)
@@ -228,6 +243,7 @@ class ModelStore:
             self._lock.release()
             raise
         self._staging = Staging(self, slot, name, version, directory)
+        self._staging.plaintexts = dict(plaintexts or {})
         return self._staging
 
     def activate(self, staging: Staging, trial: bool = True) -> SlotInfo:
@@ -268,6 +284,8 @@ class ModelStore:
             fsync_dir(self.staging_dir)
             self._step("activate.placed")
             ref = SlotRef(staging.slot, staging.name, staging.version)
+            if staging.plaintexts:
+                self._record_installed(ref, staging.plaintexts)
             if not trial:
                 self._raise_floor(ref)
             s = self._write_store(StoreState(ref, TRIAL if trial else COMMITTED, self._clock.time(), 0,
@@ -392,7 +410,16 @@ class ModelStore:
         floors = self._read(self._floors_path, sf.parse_floors, {})
         if floors.get(ref.name, -1) < ref.version:
             floors[ref.name] = ref.version
-            self._write(self._floors_path, sf.dump_floors(floors))
+            installed = self._read(self._floors_path, sf.parse_installed, {})
+            self._write(self._floors_path, sf.dump_floors(floors, installed))
+
+    def _record_installed(self, ref: SlotRef, plaintexts: dict) -> None:
+        floors = self._read(self._floors_path, sf.parse_floors, {})
+        installed = self._read(self._floors_path, sf.parse_installed, {})
+        entries = installed.setdefault(ref.name, {})
+        for variant, sha in plaintexts.items():
+            entries[(variant, sha)] = max(entries.get((variant, sha), -1), ref.version)
+        self._write(self._floors_path, sf.dump_floors(floors, installed))
 
     def _mark_failed(self, ref: SlotRef, reason: str) -> None:
         failed = self._read(self._failed_path, sf.parse_failed, {})
@@ -431,6 +458,13 @@ class ModelStore:
     def _event(self, kind: str, data: dict) -> None:
         if self._on_event is not None:
             self._on_event(kind, data)
+
+
+def same_bytes(name: str, version: int, variant: str, older: int, sha256: str) -> str:
+    """Why a release that decrypts to an older version's bytes is refused (the store's and the planner's words)."""
+    return (f"{name} v{version} ({variant}) decrypts to the same model as v{older} installed on this board before "
+            f"(plaintext sha256 {sha256[:16]}...): an older model under a newer version number is refused; publish a "
+            f"new build")
 
 
 def _other(s: StoreState) -> str:
