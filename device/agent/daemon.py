@@ -64,9 +64,10 @@ class ReloadSignal:
         self.early = False  # a HUP came before the agent existed
 
     def install(self) -> None:
+        """Makes this SIGHUP's handler (call it from the main thread, first thing)."""
         signal.signal(signal.SIGHUP, self)
 
-    def __call__(self, signum, frame) -> None:
+    def __call__(self, signum: int, frame: object) -> None:
         agent = self.agent
         if agent is None:
             self.early = True
@@ -108,7 +109,12 @@ def _run(args, cfg, log_args, hup: ReloadSignal) -> int:
     log.info("fieldnode %s: device %s, state %s, link %s%s", __version__, agent.device_id, agent.state_dir,
              cfg.link.broker or "off", f", SIMULATED board {cfg.drivers.virtual_board}" if agent.simulated else "")
 
+    stopping: list = []
+
     def stop(*_):
+        if stopping:  # a second TERM (or a flood) runs no code that takes a lock: it could nest in the first
+            return
+        stopping.append(True)
         agent.stop()  # STOPPING=1 and no more watchdog pings at once, even while an inference hangs
 
     for sig in (signal.SIGTERM, signal.SIGINT):

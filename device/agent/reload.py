@@ -10,7 +10,10 @@ Applied at once:
 
 Any other changed key is named as needing a restart (``systemctl restart fieldnode``), in the log and in the
 ``config_reloaded`` event; a file that does not load or that ``fieldnode run`` would refuse changes nothing and
-is a ``config_reload_failed`` event naming the key.
+is a ``config_reload_failed`` event naming the key. So is a trust key file (or the trust directory) that cannot
+be read: the keys in force stay, rather than a key being dropped by a read error while the reload reports
+success (its signed commands would then fail ``unknown_key``). Everything is read and checked before anything
+is applied.
 """
 
 from __future__ import annotations
@@ -69,13 +72,20 @@ def reload(agent) -> dict:
     try:
         new = load_again(agent.cfg)
         policy = Policy.from_config(new.power)
+        changed = changed_keys(agent.cfg.to_dict(), new.to_dict())
+        trust = None
+        if agent.trust is not None and "link.trust_dir" not in changed:
+            try:
+                trust = agent.trust.read(strict=True)  # a key that cannot be read fails the reload, naming it
+            except FieldnodeError as exc:
+                exc.key_path = "link.trust_dir"  # the event's key: where the file is configured
+                raise
     except FieldnodeError as exc:
         log.error("reload refused, nothing changed: %s", exc)
         # The key apart too (None for a file that does not parse), so a fleet tool need not parse the message.
         agent.event("config_reload_failed", {"error": str(exc), "code": exc.code,
                                              "key": getattr(exc, "key_path", "") or None})
         return {"error": str(exc)}
-    changed = changed_keys(agent.cfg.to_dict(), new.to_dict())
     applied = [k for k in changed if k.startswith(RELOADABLE)]
     later = [k for k in changed if k not in applied]
     if any(k.startswith("device.log_") for k in applied):
@@ -85,8 +95,8 @@ def reload(agent) -> dict:
         agent.power.set_policy(policy)
         agent.reader.slope_window_s = policy.slope_window_s
         agent.policy = policy
-    if agent.trust is not None and "link.trust_dir" not in changed:
-        agent.trust.reload()
+    if trust is not None:
+        agent.trust.use(trust)
         applied.append("link.trust_dir keys")
     # The config in force: the old one with the applied keys taken from the new file.
     agent.cfg = agent.cfg.with_overrides({k: _get(new.to_dict(), k) for k in applied if k in changed})

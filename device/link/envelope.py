@@ -89,12 +89,22 @@ def sign_envelope(private_key: ed25519.Ed25519PrivateKey, *, device: str, cmd: s
     return envelope
 
 
+@dataclass(frozen=True)
+class TrustKeys:
+    """What one read of the trust directory found: ``{key id: (name, public key)}`` and the files it skipped."""
+
+    keys: dict[str, tuple[str, ed25519.Ed25519PublicKey]]
+    problems: tuple[str, ...]
+
+
 class TrustStore:
     """The operator public keys a board trusts: every ``*.pub`` file of the trust directory.
 
     A bad file does not stop the others: it is skipped, listed in :attr:`problems` (file and reason) for status
     and diag, and logged once. A key file or directory that every user may write is refused (anyone could plant
-    a key).
+    a key). A reload asked for by an operator (SIGHUP, :meth:`read` with ``strict``) is refused instead when a
+    key file or the directory cannot be read (a permission or I/O error): dropping a key because of a read
+    error would make its signed commands fail ``unknown_key`` while the reload said it succeeded.
 
     Args:
         directory: The trust directory; the agent passes it from its config.
@@ -123,6 +133,17 @@ class TrustStore:
 
     def reload(self) -> None:
         """Reads the trust directory again; the new key set replaces the old one in one step."""
+        self.use(self.read())
+
+    def read(self, *, strict: bool = False) -> "TrustKeys":
+        """Reads the trust directory without changing the keys in force (:meth:`use` puts them in force).
+
+        Args:
+            strict: Raise instead of skipping when the directory or a key file cannot be read.
+
+        Raises:
+            KeyFileError: With ``strict``, the directory or a key file cannot be read (naming it and why).
+        """
         keys: dict[str, tuple[str, ed25519.Ed25519PublicKey]] = {}
         problems: list[str] = []
         d = self.directory
@@ -130,6 +151,9 @@ class TrustStore:
             mode = os.stat(d).st_mode
             names = sorted(os.listdir(d))
         except OSError as exc:
+            if strict:
+                raise KeyFileError(f"trust directory {d}: cannot list it ({_short(exc)}); the keys in force are "
+                                   f"kept") from exc
             problems.append(f"trust directory {d}: cannot list it ({_short(exc)}); no command keys are trusted")
             names = []
         else:
@@ -144,6 +168,8 @@ class TrustStore:
             try:
                 pub = parse_key(read_key_file(path, trusted=True), path, private=False)
             except KeyFileError as exc:
+                if strict and isinstance(exc.__cause__, OSError):  # unreadable, not a bad key: do not drop it
+                    raise KeyFileError(f"{exc}; the keys in force are kept") from exc.__cause__
                 problems.append(f"{exc}; skipped")
                 continue
             kid = key_id(pub)
@@ -151,12 +177,17 @@ class TrustStore:
                 problems.append(f"key file {path}: duplicate of key {kid} from {keys[kid][0]}.pub; skipped")
                 continue
             keys[kid] = (name[:-len(".pub")], pub)
+        return TrustKeys(keys, tuple(problems))
+
+    def use(self, loaded: "TrustKeys") -> None:
+        """Puts keys read by :meth:`read` in force, in one step; logs each new problem once."""
+        keys, problems = dict(loaded.keys), list(loaded.problems)
         self._keys, self._problems = keys, problems  # one assignment each: readers never see a half-loaded set
         for p in problems:
             if p not in self._logged:
                 self._logged.add(p)
                 log.warning("trust: %s", p)
-        log.info("trust: %d command key(s) loaded from %s", len(keys), d)
+        log.info("trust: %d command key(s) loaded from %s", len(keys), self.directory)
 
 
 @dataclass(frozen=True)
@@ -197,6 +228,7 @@ class Verifier:
         self.nonce_path = os.fspath(nonce_path) if nonce_path is not None else None
         self._clock = clock
         self._nonces: dict[tuple[str, str], float] = {}
+        self._claimed: dict[tuple[str, str], float] = {}  # nonces let into the link's signed lane (claim())
         self._counters = {"accepted": 0, **{f"refused_{c}": 0 for c in REFUSAL_CODES}}
         self._load_problems: list[str] = []
         self._write_problem: str | None = None
@@ -246,6 +278,38 @@ class Verifier:
                 raise
             self._counters["accepted"] += 1
             return result
+
+    def claim(self, envelope: Any, cmd: str) -> bool:
+        """Whether ``envelope`` would pass :meth:`verify` now, and no copy of it was claimed before; nothing is
+        used up or written (the link sorts its intake with it, on its network thread).
+
+        Every check of :meth:`verify` but the recording of the nonce; the nonce is remembered as claimed until
+        the envelope expires, so replayed copies are not authentic here a second time.
+        """
+        try:
+            fields, expires, sig, message = _check_shape(envelope)
+        except EnvelopeError:
+            return False
+        now = self._clock.time()
+        if (fields["device"] != self.device_id or fields["cmd"] != cmd or expires < now - self.skew_s
+                or expires > now + self.max_ttl_s + self.skew_s):
+            return False
+        key = (fields["key"], fields["nonce"])
+        entry = self.trust.get(fields["key"])
+        with self._lock:
+            if entry is None or key in self._nonces or key in self._claimed:
+                return False
+        try:
+            entry[1].verify(sig, message)
+        except InvalidSignature:
+            return False
+        with self._lock:
+            if key in self._claimed:
+                return False
+            for k in [k for k, exp in self._claimed.items() if exp < now - self.skew_s]:
+                del self._claimed[k]
+            self._claimed[key] = expires
+        return True
 
     def _verify(self, envelope: Any, cmd: str) -> VerifiedCommand:
         now = self._clock.time()

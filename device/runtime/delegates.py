@@ -1,9 +1,11 @@
 """Accelerator delegates: which to try, in what order, and with which model file.
 
-``delegate = auto`` tries the Edge TPU (only with a variant compiled for it), then the GPU delegate, then
-the CPU (where the interpreter applies XNNPACK by default). Under ``auto`` a delegate that fails to load
-never stops the agent: the failure becomes a warning whose reason is kept, and status, bench and diag show
-it. A model compiled for the Edge TPU is never loaded without one; its CPU variant is loaded instead.
+``delegate = auto`` tries the Edge TPU (only with a variant compiled for it), then the GPU delegate (only on a
+board with a GPU: :func:`board_has_gpu`), then the CPU (where the interpreter applies XNNPACK by default). Under
+``auto`` a delegate that fails to load never stops the agent: the failure becomes a warning whose reason is
+kept, and status, bench and diag show it. A board without a GPU is not a failure: that the GPU delegate is not
+tried there is a note (the runtime logs it at info), not a warning and an event at every start. A model
+compiled for the Edge TPU is never loaded without one; its CPU variant is loaded instead.
 
 An explicitly requested delegate (``edgetpu`` or ``gpu``) is a promise the operator relies on, so it never
 falls back silently: when it cannot be used (its library is missing, the variant is not compiled for it, the
@@ -17,6 +19,7 @@ delegate libraries and the interpreter, so it runs where inference runs: in the 
 from __future__ import annotations
 
 import ctypes
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -29,6 +32,16 @@ from device.runtime.model import Model, check_model_file
 DELEGATE_CHOICES = ("auto", "cpu", "edgetpu", "gpu")
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 GPU_LIBRARIES = ("libtensorflowlite_gpu_delegate.so",)
+
+
+def board_has_gpu(root: str | None = None) -> bool:
+    """Whether this board exposes a GPU the GPU delegate could use: a Jetson's GPU device node (the nodes
+    :mod:`drivers.accel` looks for), under the sysfs root (``FIELDNODE_SYSFS_ROOT``, else ``/``)."""
+    from drivers.accel import JETSON_GPU_NODES
+    from drivers.sysfs import resolve_root
+
+    base = root if root is not None else resolve_root()
+    return any(os.path.exists(os.path.join(base, rel)) for rel in JETSON_GPU_NODES)
 
 
 class DelegateFallback(RuntimeWarning):
@@ -61,7 +74,7 @@ def resolve_variant(manifest: ModelManifest, requested: str, delegate: str) -> s
 
 
 def plan(manifest: ModelManifest, variant: str, delegate: str,
-         fallback: bool = True) -> tuple[list[Candidate], list[str]]:
+         fallback: bool = True, gpu: bool | None = None) -> tuple[list[Candidate], list[str]]:
     """Lists the (delegate, file) candidates to try in order for ``variant``, and notes on choices made.
 
     Args:
@@ -69,6 +82,8 @@ def plan(manifest: ModelManifest, variant: str, delegate: str,
         variant: a variant name (not ``auto``).
         delegate: ``auto``, ``cpu``, ``edgetpu`` or ``gpu``.
         fallback: whether an explicit ``edgetpu`` or ``gpu`` may fall back to the CPU.
+        gpu: whether the board has a GPU (None: :func:`board_has_gpu`); under ``auto`` the GPU delegate is only
+            tried on a board that has one. An explicit ``gpu`` is always tried.
 
     Returns:
         The candidates, and human-readable notes. The last candidate is on the CPU, except for an explicit
@@ -97,8 +112,13 @@ def plan(manifest: ModelManifest, variant: str, delegate: str,
             raise DelegateUnavailable(f"delegate 'edgetpu' was requested, but variant {v.name!r} of model "
                                       f"{manifest.name!r} is not compiled for the Edge TPU{_NO_FALLBACK}")
         notes.append(f"variant {v.name!r} is not compiled for the Edge TPU; running it on the CPU")
-    if delegate in ("auto", "gpu"):
+    if delegate == "gpu":
         out.append(Candidate("gpu", v.name, v.path))
+    elif delegate == "auto":
+        if gpu if gpu is not None else board_has_gpu():
+            out.append(Candidate("gpu", v.name, v.path))
+        else:
+            notes.append("no GPU on this board: the GPU delegate is not tried")
     if not strict:
         out.append(Candidate("cpu", v.name, v.path))
     return out, notes

@@ -3,6 +3,12 @@
 A file is identified by its content (SHA-256), so a replaced file starts clean and a renamed copy of a bad
 file stays quarantined. A success resets the file's count.
 
+Only what the model causes is counted: a worker dying of a fault signal or an exit while it loads or serves the
+file, or hanging. A worker killed from outside (SIGKILL from an operator or the OOM killer) is not, unless such
+kills come at a rate: :data:`KILLS_PER_CRASH` of them within :data:`KILL_WINDOW_S` count one crash
+(:meth:`Quarantine.killed`), so a model that is OOM-killed at every load is still quarantined in the end, while
+a technician killing workers by hand never quarantines anything. Kills are counted in memory only.
+
 With a ``path``, the state survives agent restarts and reboots: it is loaded when the :class:`Quarantine` is
 made and rewritten (atomically: temporary file, fsync, rename, directory fsync) after every change. Changes
 are rare (a worker crash, the first success of a file that had crashed, an operator's release), so no write
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 FILE_VERSION = 1
 SHA256_RE = re.compile(r"[0-9a-f]{64}")  # how a file digest is written here and in commands
 _ENTRY_FIELDS = ("path", "sha256", "crashes", "reason", "since")
+KILLS_PER_CRASH = 5  # kills from outside of one file's workers, while loading or serving, that count one crash
+KILL_WINDOW_S = 600.0  # ... when they come within this many seconds
 
 
 @dataclass(frozen=True)
@@ -59,17 +67,21 @@ class Quarantine:
         wall: returns wall-clock seconds, for the entry's timestamp and the name of a corrupt file moved aside.
         path: the JSON file that keeps the state across restarts; None keeps it in memory only. Its
             directory is created when missing.
+        monotonic: returns monotonic seconds, for the window of kills from outside (:meth:`killed`).
 
     Raises:
         ValueError: ``threshold`` is below 1. A bad or unreadable state file never raises: it is logged.
     """
 
-    def __init__(self, threshold: int = 3, wall=time.time, path: str | None = None) -> None:
+    def __init__(self, threshold: int = 3, wall=time.time, path: str | None = None,
+                 monotonic=time.monotonic) -> None:
         if threshold < 1:
             raise ValueError("threshold must be >= 1")
         self.threshold = threshold
         self.path = path
         self._wall = wall
+        self._monotonic = monotonic
+        self._kills: dict[str, list[float]] = {}  # digest -> when its workers were killed from outside
         self._counts: dict[str, int] = {}
         self._entries: dict[str, QuarantineEntry] = {}
         self._digests: dict[tuple, str] = {}
@@ -123,6 +135,21 @@ class Quarantine:
                 self._entries[d] = QuarantineEntry(path, d, n, reason, self._wall())
             self._save()
         return quarantined
+
+    def killed(self, path: str) -> bool:
+        """Records that a worker loading or serving ``path`` was killed from outside (not by a fault of the
+        model); returns True when this kill is the :data:`KILLS_PER_CRASH`-th within :data:`KILL_WINDOW_S`,
+        and so counts as one crash (the caller then records it with :meth:`crashed`; the kills start over)."""
+        try:
+            d = self.digest(path)
+        except OSError:
+            return False
+        now = self._monotonic()
+        with self._lock:
+            recent = [t for t in self._kills.get(d, ()) if now - t < KILL_WINDOW_S] + [now]
+            counts = len(recent) >= KILLS_PER_CRASH
+            self._kills[d] = [] if counts else recent
+        return counts
 
     def succeeded(self, path: str) -> None:
         """Resets the crash count of ``path`` after it served a request."""

@@ -5,9 +5,15 @@ Inputs and outputs travel through one :class:`~device.runtime.worker.SharedBlock
 
 Failure handling:
 
-- the worker dies (signal or exit) while loading or serving: the request fails with
-  :class:`WorkerCrashed`, the crash is counted against the model file, and the next request starts a fresh
-  worker;
+- the worker dies of a fault (a fault signal: SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGSYS, SIGTRAP; or an
+  exit) while loading or serving: the request fails with :class:`WorkerCrashed`, the crash is counted against
+  the model file, and the next request starts a fresh worker;
+- the worker is killed from outside (SIGKILL, SIGTERM...: an operator, the OOM killer) while loading or
+  serving: a load starts again at once, a request fails with :class:`WorkerCrashed`; neither is counted
+  against the file unless such kills come at a rate (:data:`device.runtime.quarantine.KILLS_PER_CRASH` within
+  :data:`~device.runtime.quarantine.KILL_WINDOW_S`: a model that is OOM-killed at every load);
+- the worker dies while idle, whatever the signal: it ran no model code, so it is restarted for the next
+  request, which is served, and nothing is counted;
 - the worker does not answer within ``deadline_s``: it is SIGKILLed, the request fails with
   :class:`WorkerTimeout`, and the hang counts like a crash;
 - after ``Quarantine.threshold`` consecutive failures on one file, the file is quarantined
@@ -21,165 +27,38 @@ said before it died.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import queue
 import select
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from dataclasses import replace
 from typing import Sequence
 
 from device.runtime import errors as E
-from device.runtime import zygote
 from device.runtime.engine import EngineBase, InferResult, check_input_count
-from device.runtime.quarantine import Quarantine
+from device.runtime.quarantine import KILLS_PER_CRASH, Quarantine
 from device.runtime.tensors import TensorSpec, write_input
+from device.runtime.launch import StderrTail, describe_exit, killed_from_outside, launch
 from device.runtime.worker import (FRAME, MSG_ATTACH, MSG_ATTACHED, MSG_FAILED, MSG_LOADING, MSG_READY,
                                    OP_INFER, OP_STOP, ST_ERROR, Channel, SharedBlock, WorkerSpec, arrays_in,
                                    layout, stamps_in)
 
 log = logging.getLogger(__name__)
-worker_log = logging.getLogger("device.runtime.worker")
+
+
+class _KilledWhileLoading(Exception):
+    """The worker loading ``path`` was killed from outside (caught in :meth:`ProcessEngine._spawn`)."""
+
+    def __init__(self, path: str, text: str) -> None:
+        super().__init__(text)
+        self.path, self.text = path, text
+
 
 _FAILED_CODES = {cls.code: cls for cls in (E.ModelInvalid, E.BackendUnavailable, E.InputInvalid,
                                            E.ModelQuarantined, E.DelegateUnavailable)}
-
-
-def _worker_env() -> dict:
-    """The worker's environment: ours, with this package's parent directory first on PYTHONPATH, and without
-    systemd's notification variables (only the agent speaks to systemd)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-class _Launcher:
-    """Starts worker processes from one long-lived thread.
-
-    The worker asks for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), and Linux ties that to the
-    *thread* that forked it: a worker started from a short-lived thread (a hot swap run in the background)
-    would be killed when that thread ends. So every ``Popen`` happens on this thread, which lives as long
-    as the agent.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, args, **kwargs) -> subprocess.Popen:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="fieldnode-launcher", daemon=True)
-                self._thread.start()
-        box: dict = {}
-        done = threading.Event()
-        self._jobs.put((args, kwargs, box, done))
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box["proc"]
-
-    def _run(self) -> None:
-        while True:
-            args, kwargs, box, done = self._jobs.get()
-            try:
-                box["proc"] = subprocess.Popen(args, **kwargs)
-            except BaseException as exc:  # handed to the caller, who raises it
-                box["error"] = exc
-            done.set()
-
-
-_LAUNCHER = _Launcher()
-
-
-def _launch(child_fd: int):
-    """Starts a worker serving on ``child_fd``: forked by the zygote when this process has one
-    (:mod:`device.runtime.zygote`, ``fieldnode run``), else by exec, which also takes over from a zygote
-    that failed (the zygote module says so)."""
-    z = zygote.current()
-    if z is not None:
-        try:
-            return z.spawn(child_fd)
-        except zygote.ZygoteGone:
-            pass
-    return _LAUNCHER.popen([sys.executable, "-m", "device.runtime.worker", str(child_fd)],
-                           pass_fds=(child_fd,), env=_worker_env(), stdin=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, close_fds=True)
-
-
-class StderrTail:
-    """Reads a worker's stderr on its own thread until EOF: every line goes to the ``device.runtime.worker``
-    logger at debug level (the interpreter's chatter is not the agent's business), the last ones are kept.
-
-    Args:
-        stream: the read end of the worker's stderr pipe (binary).
-        pid: the worker's process id, for the log lines.
-        keep: how many lines to keep.
-    """
-
-    MAX_LINE = 4096
-
-    def __init__(self, stream, pid: int, keep: int = 40) -> None:
-        self.lines: collections.deque = collections.deque(maxlen=keep)
-        self._thread = threading.Thread(target=self._run, args=(stream, pid), name=f"worker-{pid}-stderr",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, stream, pid: int) -> None:
-        try:
-            for raw in iter(lambda: stream.readline(self.MAX_LINE), b""):
-                line = raw.decode("utf-8", "replace").rstrip()
-                if line:
-                    self.lines.append(line)
-                    worker_log.debug("worker %d: %s", pid, line)
-        except (OSError, ValueError):  # the pipe was closed under us: nothing more to read
-            pass
-        finally:
-            stream.close()
-
-    def last_words(self, wait_s: float = 1.0) -> str:
-        """What the worker said that explains its end, in one line: the fatal error and the innermost Python
-        frame of a faulthandler dump, and other lines, without the interpreter's ``INFO:`` chatter; "" when
-        it said nothing. Waits up to ``wait_s`` for the reader to reach EOF (call it after the worker ended).
-        """
-        self._thread.join(wait_s)
-        kept: list[str] = []
-        frames = 0  # after a dump's thread header: how many frames to keep (innermost first)
-        for line in list(self.lines):
-            text = line.strip()
-            if not text or text.startswith(("INFO: ", "Extension modules:")):
-                continue
-            if text.startswith(("Current thread ", "Thread 0x")):
-                frames = 1
-            elif text.startswith("File "):
-                if frames:
-                    kept.append(text)
-                    frames -= 1
-            else:
-                kept.append(text)
-        out = " | ".join(kept[-6:])
-        return out if len(out) <= 600 else "..." + out[-597:]
-
-
-def describe_exit(returncode: int | None) -> str:
-    """``was killed by signal SIGSEGV`` / ``exited with status 1`` / ``did not exit``."""
-    if returncode is None:
-        return "did not exit"
-    if returncode < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
 
 
 class ProcessEngine(EngineBase):
@@ -214,6 +93,7 @@ class ProcessEngine(EngineBase):
         self._suspect = False  # the loaded file has crashed before: a success should reset its count
         self._tail: StderrTail | None = None  # the latest worker's stderr
         self._aborted = False  # abort(): the request in flight is given up, not counted against the model
+        self._forced = False  # the last teardown had to kill the worker: its exit status is ours, not a cause
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
@@ -287,19 +167,23 @@ class ProcessEngine(EngineBase):
             entered = time.perf_counter_ns()
             if self._closed:
                 raise E.RuntimeClosed("engine is closed")
-            if self._proc is None:
-                self.restarts += 1
-                self._spawn()
-                entered = time.perf_counter_ns()
-            check_input_count(values, self.inputs)
-            for spec, dest, scratch, v in zip(self.inputs, self._shm_in, self._scratch, values):
-                write_input(spec, v, dest, scratch)
-            self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
-            t0 = time.perf_counter_ns()
-            try:
-                os.write(self._fd, FRAME.pack(OP_INFER, seq, 0))
-            except OSError:
-                self._crashed("before the request reached it")
+            for attempt in range(2):
+                if self._proc is None:
+                    self.restarts += 1
+                    self._spawn()
+                    entered = time.perf_counter_ns()
+                check_input_count(values, self.inputs)
+                for spec, dest, scratch, v in zip(self.inputs, self._shm_in, self._scratch, values):
+                    write_input(spec, v, dest, scratch)
+                self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
+                t0 = time.perf_counter_ns()
+                try:
+                    os.write(self._fd, FRAME.pack(OP_INFER, seq, 0))
+                    break
+                except OSError:  # its end is closed: it died before this request, while idle
+                    if attempt:
+                        self._crashed("before the request reached it")
+                    self._died_idle()
             frame = self._await_reply()
             got = time.perf_counter_ns()
             if len(frame) != FRAME.size:
@@ -361,23 +245,51 @@ class ProcessEngine(EngineBase):
             frame += more
         return frame
 
+    def _died_idle(self) -> None:
+        """The worker died between two requests: it was running no model code, so whatever killed it (an
+        operator's kill, the OOM killer choosing it) is not the model's fault. The next request restarts it."""
+        proc = self._proc
+        self._teardown()
+        if self._aborted:
+            self._closed = True
+            raise E.RuntimeClosed("the agent is stopping: the inference in flight was given up")
+        log.warning("inference worker (pid %d) %s while idle on %s; started again for the next request (not "
+                    "counted against the model)", proc.pid, describe_exit(proc.returncode), self._what())
+
     def _spawn(self) -> None:
+        """Starts a worker; one killed from outside while loading is started again, and only kills that come
+        at a rate are counted against the file (see the module docstring)."""
+        kills = 0
+        while True:
+            try:
+                return self._spawn_once()
+            except _KilledWhileLoading as k:
+                kills += 1
+                if self.quarantine.killed(k.path) or kills >= KILLS_PER_CRASH:
+                    self._fail(k.path, f"{k.text}, {kills} time(s) in a row", E.WorkerCrashed)
+                log.warning("inference worker %s; started again (a kill from outside is not counted against "
+                            "the model)", k.text)
+
+    def _spawn_once(self) -> None:
         q = self.quarantine
         cands = self.usable_candidates()
         skipped = [f"{c.delegate} candidate {os.path.basename(c.path)} is quarantined"
                    for c in self.spec.candidates if c not in cands]
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc = _launch(child.fileno())
+            proc = launch(child.fileno())
         finally:
             child.close()
         self._tail = StderrTail(proc.stderr, proc.pid)
         parent = Channel(parent)
-        parent.send_bytes(replace(self.spec, candidates=tuple(cands)).to_json())
         self._proc, self._conn, self._fd = proc, parent, parent.fileno()
         self._poller = select.poll()
         self._poller.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         loading = cands[0].path
+        try:
+            parent.send_bytes(replace(self.spec, candidates=tuple(cands)).to_json())
+        except OSError:  # it died before it could read what to load
+            self._died_loading(loading)
         end = time.monotonic() + self.start_timeout_s
         while True:
             msg = self._recv_start(end, loading)
@@ -421,10 +333,17 @@ class ProcessEngine(EngineBase):
         try:
             return self._conn.recv_bytes()
         except (EOFError, OSError):
-            proc = self._proc
-            self._teardown()
-            self._fail(loading, f"(pid {proc.pid}) {describe_exit(proc.returncode)} while loading "
-                                f"{os.path.basename(loading)}", E.WorkerCrashed)
+            self._died_loading(loading)
+
+    def _died_loading(self, loading: str):
+        """The worker died while it loaded ``loading``: a kill from outside is started again by :meth:`_spawn`,
+        anything else is a crash of that file."""
+        proc = self._proc
+        self._teardown()
+        text = f"(pid {proc.pid}) {describe_exit(proc.returncode)} while loading {os.path.basename(loading)}"
+        if killed_from_outside(proc.returncode) and not self._forced:
+            raise _KilledWhileLoading(loading, text) from None
+        self._fail(loading, text, E.WorkerCrashed)
 
     def _crashed(self, when: str, path: str | None = None):
         proc = self._proc
@@ -432,9 +351,15 @@ class ProcessEngine(EngineBase):
         if self._aborted:
             self._closed = True
             raise E.RuntimeClosed("the agent is stopping: the inference in flight was given up")
-        self._fail(path or self.info.get("path", ""), f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on "
-                                              f"{self._what()}; the request failed, and the next one restarts "
-                                              f"the worker", E.WorkerCrashed)
+        path = path or self.info.get("path", "")
+        text = (f"(pid {proc.pid}) {describe_exit(proc.returncode)} {when} on {self._what()}; the request failed, "
+                f"and the next one restarts the worker")
+        counted = True
+        if killed_from_outside(proc.returncode) and not self._forced:
+            counted = bool(path) and self.quarantine.killed(path)
+            if not counted:
+                text += " (killed from outside: not counted against the model)"
+        self._fail(path, text, E.WorkerCrashed, counted=counted)
 
     def _hung(self):
         pid = self._proc.pid
@@ -447,7 +372,8 @@ class ProcessEngine(EngineBase):
     def _what(self) -> str:
         return f"variant {self.info.get('variant')!r} ({os.path.basename(self.info.get('path', ''))})"
 
-    def _fail(self, path: str, text: str, cls):
+    def _fail(self, path: str, text: str, cls, counted: bool = True):
+        """Raises ``cls`` for a worker that failed on ``path``, counting it against the file when ``counted``."""
         self.crashes += cls is E.WorkerCrashed
         message = f"inference worker {text}"
         said = self._tail.last_words() if self._tail is not None else ""
@@ -455,7 +381,7 @@ class ProcessEngine(EngineBase):
             message += f" (its stderr: {said})"
         self.last_error = message
         log.error("%s", message)
-        if path and self.quarantine.crashed(path, message):
+        if counted and path and self.quarantine.crashed(path, message):
             exc = E.ModelQuarantined(f"{message}; model file {path} is now quarantined after "
                                      f"{self.quarantine.threshold} consecutive failures", newly=True)
         else:
@@ -469,12 +395,15 @@ class ProcessEngine(EngineBase):
         self._teardown()
 
     def _teardown(self) -> None:
-        """Reaps the worker (killing it if needed) and closes the socket; keeps the shared memory."""
+        """Reaps the worker (killing it if needed, then :attr:`_forced` says so) and closes the socket; keeps the
+        shared memory."""
         proc, self._proc = self._proc, None
+        self._forced = False
         if proc is not None:
             try:
                 proc.wait(0.5)
             except subprocess.TimeoutExpired:
+                self._forced = True
                 proc.kill()
                 proc.wait(5.0)
         if self._conn is not None:

@@ -296,11 +296,19 @@ def _die_with_parent() -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def ignore_hangup() -> None:
+    """SIGHUP is the agent's (a reload): the worker ignores it, then unblocks it. The supervisor starts an exec'd
+    worker with HUP blocked, so one that comes while this interpreter starts waits, and is dropped here."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
 def main(argv: Sequence[str]) -> int:
     """``python -m device.runtime.worker FD``: serve on the inherited socket FD."""
     if len(argv) != 1 or not argv[0].isdigit():
         print("the inference worker is started by the fieldnode supervisor, not by hand", file=sys.stderr)
         return 2
+    ignore_hangup()
     _die_with_parent()
     from device.linux import name_process
 
@@ -312,6 +320,7 @@ def serve_fd(fd: int) -> int:
     """Serves on the socket ``fd`` until STOP or until the supervisor goes away: an exec'd worker
     (:func:`main`) and one forked by the zygote (:mod:`device.runtime.zygote`) both end up here."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    ignore_hangup()
     import faulthandler
 
     faulthandler.enable()  # a fatal signal prints where it struck to stderr, which the supervisor keeps

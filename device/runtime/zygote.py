@@ -25,7 +25,12 @@ Protocol, on one socket pair with :class:`~device.runtime.worker.Channel` messag
            or ERR <text>           the fork failed
 
 When the zygote is gone (killed, or never started: tests, ``selftest``, ``diag``), the supervisor starts
-workers by exec, as before; see :func:`current`.
+workers by exec, as before; see :func:`current`. A zygote that dies is reaped at once (a thread,
+``zygote-watch``, waits on its pidfd), so it never lingers as a zombie, and its loss is said once, as a
+warning: from then on each worker is exec'd and costs about 25 MB more. It is not started again: a zygote must
+be forked while the agent has one thread, and the agent runs a dozen by then (a fork copies only the forking
+thread, with the locks the others held); an exec'd zygote would cost as much as the exec'd worker it saves.
+``systemctl restart fieldnode`` brings it back.
 
 Process names (``/proc/<pid>/comm``, what ``ps`` and ``top`` show): ``fieldnode-fork`` for the zygote and
 ``fieldnode-infer`` for a worker.
@@ -56,6 +61,17 @@ ZYGOTE_NAME = b"fieldnode-fork"
 
 class ZygoteGone(Exception):
     """The zygote did not fork a worker: it is dead, stuck, or its fork failed."""
+
+
+def _describe_status(status: int) -> str:
+    """``was killed by signal SIGKILL`` / ``exited with status 1``, from a ``waitpid`` status."""
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _os_threads() -> int:
@@ -130,8 +146,29 @@ class Zygote:
     def __init__(self, pid: int, chan) -> None:
         self.pid = pid
         self._chan = chan
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one SPAWN exchange at a time
+        self._state_lock = threading.Lock()  # gone, and whether the zygote has been reaped
+        self._reaped = False  # once reaped its pid may be another process's: never signalled or waited again
         self.gone: str | None = None  # why it can no longer fork, once it cannot
+        try:
+            pidfd = os.pidfd_open(pid)  # readable once the zygote has ended (Linux >= 5.3)
+        except (AttributeError, OSError):
+            pidfd = -1  # then a lost zygote is found (and reaped) at the next spawn
+        if pidfd >= 0:
+            threading.Thread(target=self._watch, args=(pidfd,), name="zygote-watch", daemon=True).start()
+
+    def _watch(self, pidfd: int) -> None:
+        """Waits for the zygote to end, reaps it at once and says it is lost (unless it was stopped)."""
+        try:
+            p = select.poll()
+            p.register(pidfd, select.POLLIN)
+            while not p.poll():
+                pass
+        finally:
+            os.close(pidfd)
+        status = self._reap(os.WNOHANG)
+        if status is not None:
+            self._mark_lost(f"{_describe_status(status)}")
 
     def spawn(self, child_fd: int) -> ForkedProc:
         """Forks a worker that serves on ``child_fd`` (the worker's end of its socket pair; the caller keeps
@@ -164,28 +201,53 @@ class Zygote:
             raise ZygoteGone(why)
         return ForkedProc(int(msg[4:]), open(r, "rb"))
 
-    def _lost(self, why: str):
-        self.gone = f"the worker zygote (pid {self.pid}) {why}"
+    def _mark_lost(self, why: str) -> bool:
+        """Records that the zygote can no longer fork and says so, once (not when it was stopped)."""
+        with self._state_lock:
+            if self.gone is not None:
+                return False
+            self.gone = f"the worker zygote (pid {self.pid}) {why}"
         log.warning("%s; inference workers are started by exec from now on, each with its own copy of Python "
-                    "and numpy", self.gone)
+                    "and numpy (about 25 MB more per worker; systemctl restart fieldnode forks a new zygote)",
+                    self.gone)
+        return True
+
+    def _lost(self, why: str):
+        self._mark_lost(why)
         self.stop()
         raise ZygoteGone(self.gone)
 
+    def _reap(self, flags: int = 0) -> int | None:
+        """Waits for the zygote (``os.WNOHANG`` in ``flags``: only if it has ended); its wait status, or None
+        when it has not ended or was reaped already. Only ever this pid: workers are reaped by their own
+        handles."""
+        with self._state_lock:
+            if self._reaped:
+                return None
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:
+                pid, status = self.pid, 0
+            if pid != self.pid:
+                return None
+            self._reaped = True
+            return status
+
     def stop(self) -> None:
         """Ends the zygote (its workers are the agent's and are not touched) and reaps it."""
+        with self._state_lock:
+            self.gone = self.gone or "was stopped"  # before it ends: its watcher must not call it lost
         try:
             self._chan.close()  # EOF: the zygote exits
         except OSError:
             pass
-        self.gone = self.gone or "was stopped"
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        with self._state_lock:
+            if not self._reaped:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._reap()
 
 
 _current: Zygote | None = None
@@ -268,6 +330,9 @@ def _zygote(chan, agent: int) -> int:
         return 0
     name_process(ZYGOTE_NAME)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the agent's to handle
+    # `systemctl reload` and a stray `kill -HUP` are the agent's too; its handler, inherited, only sets a flag
+    # until here. Ignored, HUP is ignored by every worker forked from here as well.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # only the agent speaks to systemd
         os.environ.pop(var, None)

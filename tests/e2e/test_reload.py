@@ -9,6 +9,7 @@ through ``fieldnode send``) and in the agent's log.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 
@@ -134,5 +135,32 @@ def test_sighup_with_an_unchanged_file_reloads_the_operator_keys(board, tmp_path
     shutil.copy(tmp_path / "second-operator.pub", f"{board.dirs.trust}/second-operator.pub")
     event = hup_and_wait(board, "config_reloaded")
     assert event["needs_restart"] == [] and "link.trust_dir keys" in event["applied"], event
+    rc, reply = H.fieldnode_json(*argv)
+    assert rc == 0 and reply["ok"], reply
+
+
+def test_sighup_with_a_trust_key_that_cannot_be_read_keeps_the_keys_in_force(board):
+    """A read error must not drop a key while the reload says it succeeded (its signed commands would then fail
+    ``unknown_key``): the reload fails naming the file, and the key in force still verifies."""
+    from device.link.errors import KeyFileError
+
+    pub = f"{board.dirs.trust}/operator.pub"
+    kept = f"{board.dirs.root}/operator.pub.kept"
+    argv = ("send", "--config", board.dirs.config, "--timeout", "30", "governor", "--args", '{"level": "auto"}',
+            "--sign", board.operator.key)
+    shutil.move(pub, kept)
+    try:
+        os.symlink("operator.pub", pub)  # opening it fails (ELOOP) whoever reads it, root included
+        failed = hup_and_wait(board, "config_reload_failed")
+        assert failed["code"] == KeyFileError.code and failed["key"] == "link.trust_dir", failed
+        assert pub in failed["error"] and "cannot read it" in failed["error"], failed
+        rc, reply = H.fieldnode_json(*argv)
+        assert rc == 0 and reply["ok"], reply
+    finally:
+        if os.path.islink(pub):
+            os.unlink(pub)
+        shutil.move(kept, pub)
+    event = hup_and_wait(board, "config_reloaded")
+    assert "link.trust_dir keys" in event["applied"], event
     rc, reply = H.fieldnode_json(*argv)
     assert rc == 0 and reply["ok"], reply

@@ -1,5 +1,6 @@
 """Delegate planning and fallback. No accelerator exists on a build machine, so the real fallback path runs."""
 
+import logging
 import warnings
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ def kinds(cands):
 def test_plan_orders_edgetpu_gpu_cpu_and_never_pairs_cpu_with_the_edgetpu_file(tpu_model):
     assert resolve_variant(tpu_model, "auto", "auto") == "edgetpu"
     assert resolve_variant(tpu_model, "auto", "cpu") == "full"
-    cands, notes = plan(tpu_model, "edgetpu", "auto")
+    cands, notes = plan(tpu_model, "edgetpu", "auto", gpu=True)
     assert kinds(cands) == [("edgetpu", "edgetpu"), ("gpu", "full"), ("cpu", "full")]
     assert cands[0].path.endswith("_edgetpu.tflite")
     assert all(not c.path.endswith("_edgetpu.tflite") for c in cands[1:])
@@ -27,10 +28,14 @@ def test_plan_orders_edgetpu_gpu_cpu_and_never_pairs_cpu_with_the_edgetpu_file(t
     cands, notes = plan(tpu_model, "lite", "edgetpu")
     assert kinds(cands) == [("cpu", "lite")] and "not compiled for the Edge TPU" in notes[0]
     assert kinds(plan(tpu_model, "lite", "gpu")[0]) == [("gpu", "lite"), ("cpu", "lite")]
+    # Under auto, a board without a GPU does not try the GPU delegate; an explicit gpu always does.
+    cands, notes = plan(tpu_model, "lite", "auto", gpu=False)
+    assert kinds(cands) == [("cpu", "lite")] and notes == ["no GPU on this board: the GPU delegate is not tried"]
+    assert kinds(plan(tpu_model, "lite", "gpu", gpu=False)[0]) == [("gpu", "lite"), ("cpu", "lite")]
 
 
 def test_missing_edgetpu_falls_back_to_cpu_variant_with_reason(backend, tpu_model):
-    cands, _ = plan(tpu_model, "edgetpu", "auto")
+    cands, _ = plan(tpu_model, "edgetpu", "auto", gpu=True)
     tried = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -104,3 +109,40 @@ def test_an_explicit_edgetpu_may_fall_back_when_the_settings_allow_it(settings, 
         assert st["delegate_fallbacks"] == [d["reason"] for k, d in events if k == "delegate_fallback"]
         assert "libedgetpu.so.1" in st["delegate_fallbacks"][0]
         assert rt.infer(np.zeros((1, 256, 3), np.float32)).outputs[0].shape == (1, 4)
+
+
+@pytest.fixture
+def board_root(tmp_path, monkeypatch):
+    """A board's tree (``FIELDNODE_SYSFS_ROOT``), without a GPU unless the test adds its device node."""
+    root = tmp_path / "board"
+    (root / "dev").mkdir(parents=True)
+    monkeypatch.setenv("FIELDNODE_SYSFS_ROOT", str(root))
+    return root
+
+
+def delegate_logs(caplog) -> list:
+    return [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name.startswith("device.runtime") and "GPU" in r.getMessage().replace("gpu", "GPU")]
+
+
+def test_under_auto_a_board_without_a_gpu_says_so_at_info_with_no_event(settings, vibration, board_root, caplog):
+    events = []
+    with caplog.at_level(logging.DEBUG, logger="device.runtime"):
+        with Runtime(settings(delegate="auto"), manifest=vibration, on_event=lambda k, d: events.append(k)) as rt:
+            rt.set_variant("lite")  # a swap plans again: still no warning
+            st = rt.status()
+    assert st["delegate_fallbacks"] == [] and "delegate_fallback" not in events, (st, events)
+    said = delegate_logs(caplog)
+    assert said and all(level < logging.WARNING for level, _ in said), said
+    assert said[0] == (logging.INFO, "no GPU on this board: the GPU delegate is not tried"), said
+
+
+def test_under_auto_a_board_with_a_gpu_whose_delegate_fails_still_warns(settings, vibration, board_root, caplog):
+    (board_root / "dev" / "nvgpu").write_text("")  # a Jetson's GPU node
+    events = []
+    with caplog.at_level(logging.INFO, logger="device.runtime"):
+        with Runtime(settings(delegate="auto"), manifest=vibration, on_event=lambda k, d: events.append(k)) as rt:
+            st = rt.status()
+    assert any(r.startswith("gpu delegate unavailable") for r in st["delegate_fallbacks"]), st
+    assert events.count("delegate_fallback") == 1, events
+    assert any(level == logging.WARNING and "gpu delegate unavailable" in m for level, m in delegate_logs(caplog))

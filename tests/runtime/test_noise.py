@@ -16,7 +16,11 @@ from tests.runtime.test_cli import fieldnode
 X = np.zeros((256, 3), np.float32)
 
 
-def test_a_delegate_fallback_is_said_once_per_reason_however_many_swaps(settings, vibration, caplog):
+def test_a_delegate_fallback_is_said_once_per_reason_however_many_swaps(settings, vibration, caplog, tmp_path,
+                                                                       monkeypatch):
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvgpu").write_text("")  # a board with a GPU (a Jetson's node), whose delegate is missing
+    monkeypatch.setenv("FIELDNODE_SYSFS_ROOT", str(tmp_path))
     events = []
     with caplog.at_level(logging.INFO, logger="device.runtime"):
         with Runtime(settings(delegate="auto", isolation="process"), manifest=vibration,

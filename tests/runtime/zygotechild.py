@@ -45,6 +45,28 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def wait_ended(pid: int, limit: float = 30.0) -> None:
+    """Until ``pid`` is gone or a zombie whose threads have all ended (its descriptors closed)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            if state(pid) in (None, "Z") and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.01)
+
+
+def wait_reaped(pid: int, limit: float = 30.0) -> bool:
+    """Whether ``pid`` is gone (reaped, not a zombie) within ``limit`` seconds."""
+    end = time.monotonic() + limit
+    while state(pid) is not None:
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def describe(pid: int) -> dict:
     return {"pid": pid, "comm": comm(pid), "ppid": ppid(pid), "exec": "device.runtime.worker" in cmdline(pid)}
 
@@ -91,7 +113,7 @@ def main(scenario: str, backend: str, tmp: str) -> dict:
             out["zygote"] = {"pid": z.pid, "comm": comm(z.pid), "ppid": ppid(z.pid)}  # named by now
             out["equal"] = bool(np.array_equal(rp.infer(x).outputs[0], ri.infer(x).outputs[0]))
             os.kill(first, signal.SIGKILL)
-            time.sleep(0.2)
+            wait_ended(first)
             try:
                 rp.infer(x)
                 out["after_kill"] = "served"
@@ -125,7 +147,9 @@ def main(scenario: str, backend: str, tmp: str) -> dict:
         rt.close()
     elif scenario == "zygote_killed":
         os.kill(z.pid, signal.SIGKILL)
-        time.sleep(0.2)
+        out["reaped_at_once"] = wait_reaped(z.pid)  # before any worker is asked for: not left a zombie
+        out["current_before_spawn"] = zygote.current() is not None
+        out["warned_before_spawn"] = [w for w in warnings if "zygote" in w]
         vib = load_manifest(bundled_model_dir())
         with Runtime(settings, manifest=vib) as rp:
             out["worker"] = describe(rp.worker_pid)
