@@ -2,7 +2,9 @@
 
 It builds one request and sends it over one MQTT session (:mod:`device.link.session`), then prints
 ``ok: <result>`` or ``error <code>: <message>`` (the reply JSON with ``--json``; a failure of its own is then a
-JSON object of the same shape, with the code of its error class).
+JSON object of the same shape, with the code of its error class). An ok reply to ``status`` is printed for people,
+as ``fieldnode status`` prints it (:func:`tools.status.block`); ``--json`` gives the raw object.
+The password file is read as the board's link reads it (:func:`device.link.mqttclient.read_password`).
 On the board itself, without ``--broker``, everything the board's own link uses comes from its config (``--config``,
 else ``FIELDNODE_CONFIG``, else the default path): ``link.broker``, ``link.ca_file``, ``link.cert_file``,
 ``link.key_file``, ``link.username``, ``link.password_file``, ``link.prefix``, ``link.protocol`` and the device id,
@@ -30,6 +32,7 @@ from device.errors import ConfigError
 from device.link import envelope, wire
 from device.link.errors import (BadInput, BrokerUrlError, ConnectError, EnvelopeError, LinkError, NoReply,
                                 PublishError, SubscribeError)
+from device.link.mqttclient import PasswordFileError, read_password
 from device.link.session import PROTOCOLS, build_request, printable, send
 from device.link.url import BrokerUrl, TlsFiles, parse_broker_url, tls_problem
 
@@ -106,6 +109,13 @@ def run(args: argparse.Namespace, *, clock=SYSTEM_CLOCK) -> int:
         return fail(exc, EXIT_ERROR_REPLY, request.request_id)
     if args.json:
         print(json.dumps(reply))
+    elif reply["ok"] and args.cmd == "status" and isinstance(reply.get("result"), dict):
+        from tools.status import block
+
+        # Input from a board: block() renders values with for_people(); control characters are escaped here too.
+        result = reply["result"]
+        for text in block(result, result.get("pid")):
+            print(printable(text))
     elif reply["ok"]:
         # ensure_ascii: a reply is input from a board; escaping keeps control sequences out of the terminal.
         print("ok: " + json.dumps(reply.get("result"), indent=2, ensure_ascii=True))
@@ -198,7 +208,7 @@ def _board_key_hint(target: _Target, role: str, tls: TlsFiles) -> str:
     return ""
 
 
-def _credentials(target: _Target, url: BrokerUrl) -> tuple[str | None, bytes | None]:
+def _credentials(target: _Target, url: BrokerUrl) -> tuple[str | None, str | None]:
     user_name, password_name = target.names["username"], target.names["password"]
     if target.password_file and target.username is None:
         raise BadInput(f"{password_name} needs {user_name}")
@@ -207,12 +217,9 @@ def _credentials(target: _Target, url: BrokerUrl) -> tuple[str | None, bytes | N
     if not target.password_file:
         return target.username, None
     try:
-        with open(target.password_file, "rb") as fh:
-            password = fh.read(64 * 1024)
-    except OSError as exc:
-        raise BadInput(f"{password_name} {target.password_file}: cannot read it ({exc.strerror or exc})") from exc
-    # Editors end the file with a newline; it is not part of the password.
-    password = password[:-2] if password.endswith(b"\r\n") else password.removesuffix(b"\n")
+        password = read_password(target.password_file)  # one trailing line ending is not part of it
+    except PasswordFileError as exc:
+        raise BadInput(f"{password_name} {exc.path}: {exc.problem}") from exc
     if not url.tls:
         print(f"fieldnode send: warning: the password goes unencrypted over {url}; use mqtts://", file=sys.stderr)
     return target.username, password

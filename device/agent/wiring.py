@@ -169,20 +169,21 @@ def _link(parts: Parts, hub: Hub) -> None:
     parts.dispatcher = Dispatcher(build_registry(hub.command_ops()), verifier=verifier,
                                   max_payload=int(lc.max_payload_kb * 1024), dedupe_window_s=lc.dedupe_window_s,
                                   rate_burst=lc.commands_burst, rate_per_s=lc.commands_per_s)
-    password = ""
+    password = None
     if lc.password_file:
+        from device.link.mqttclient import PasswordFileError, read_password
+
         try:
-            with open(lc.password_file, encoding="utf-8") as f:
-                password = f.read().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {lc.password_file}: {exc.strerror or exc}", "link.password_file",
-                              cfg.source) from exc
+            password = read_password(lc.password_file)  # the one reader: one trailing line ending is not part of it
+        except PasswordFileError as exc:
+            raise ConfigError(str(exc), "link.password_file", cfg.source) from exc
     try:
         parts.link = Link(lc.broker, parts.device_id, parts.spool, prefix=lc.prefix, protocol=lc.protocol,
                           tls=TlsFiles(lc.ca_file, lc.cert_file, lc.key_file), username=lc.username,
                           password=password, keepalive_s=lc.keepalive_s,
                           backoff=(lc.backoff_min_s, lc.backoff_max_s), inflight=lc.inflight,
-                          dispatcher=parts.dispatcher, birth=hub.birth, on_event=hub.event)
+                          ack_timeout_s=lc.ack_timeout_s, dispatcher=parts.dispatcher, birth=hub.birth,
+                          on_event=hub.event)
     except BrokerUrlError as exc:  # the loader checked these; a TLS file changed since: name its key again
         key, message = (lc.validate() or [("link.broker", str(exc))])[0]
         raise ConfigError(message, key, cfg.source) from exc

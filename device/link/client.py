@@ -17,9 +17,19 @@ Threads and ownership:
   slow command never stalls the network) and hands the reply back to the network thread, through the bounded
   queues of :class:`device.link.channel.CommandChannel`: a flood of commands costs neither memory nor results,
   and a Response Topic the board will not publish to is refused without touching the connection.
-* **Inbound size**: under MQTT 5 the CONNECT carries Maximum Packet Size (``max_payload`` plus headroom for the
-  topic and properties), so the broker drops an oversized command before it reaches the board. MQTT 3.1.1 has no
-  such property: there the dispatcher refuses it (``payload_too_large``) after paho has read it.
+* **Inbound size**: the client comes from :mod:`device.link.mqttclient`; under MQTT 5 its CONNECT carries Maximum
+  Packet Size (``max_payload`` plus headroom for the topic and properties), so the broker drops an oversized command
+  before it reaches the board. MQTT 3.1.1 has no such property: there the dispatcher refuses it
+  (``payload_too_large``) after paho has read it.
+* **Acknowledgements that stop**: a broker under load can stop acknowledging while the connection stays up (a
+  flood of commands filled its queue for this client, and the results' PUBACKs never came). A message in flight
+  longer than ``ack_timeout_s`` resets the session: the client is dropped and a fresh one replays the spool
+  (consumers drop the duplicates by ``id``). From that moment until a PUBACK arrives again the link reports
+  itself unhealthy (:attr:`Link.healthy`, ``status()["acks_stalled"]``), so the agent's status and watchdog
+  see it.
+* **The journal** says each change once: the disconnect with a readable reason (what the broker said, "the
+  broker closed the connection", "network error: ..."), the reconnect with how long the board was offline and
+  how many messages wait in the spool, and when that backlog has been delivered.
 * **Producers** (the agent's loops) call :meth:`Link.publish_result` / ``publish_event`` /
   ``publish_telemetry``: a spool ``put``, no I/O on their thread. Nothing is published before it is
   committed to disk.
@@ -37,8 +47,6 @@ import threading
 from typing import Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.link.channel import CommandChannel
@@ -46,7 +54,8 @@ from device.link.errors import ConnectError
 from device.link.spool.spool import Kind, Spool
 from device.link import wire
 from device.link.wire import Topics, default_prefix
-from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.link.mqttclient import Client, Endpoint, disconnect_reason, new_client
+from device.link.url import TlsFiles, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ DEFAULT_MAX_PAYLOAD = 16384  # the dispatcher's default
 # up to wire.MAX_REPLY_TOPIC_BYTES, Correlation Data, expiry). A command needing more is dropped by the broker.
 PACKET_HEADROOM = 4096
 REPLY_INFLIGHT = 16  # QoS 1 replies awaiting PUBACK, in a window apart from the results'
+DEFAULT_ACK_TIMEOUT_S = 30.0
 
 
 def _json(obj) -> bytes:
@@ -75,7 +85,7 @@ class Link:
         protocol: ``"5"`` or ``"3.1.1"``.
         tls: CA, client certificate and key for ``mqtts``.
         username: Optional username.
-        password: Optional password.
+        password: Optional password (from :func:`device.link.mqttclient.read_password`); None or empty: none.
         keepalive_s: MQTT keepalive.
         backoff: ``(min, max)`` reconnect delay in seconds.
         inflight: Most QoS 1 messages awaiting PUBACK.
@@ -88,18 +98,23 @@ class Link:
             ``PACKET_HEADROOM`` and the prefix. Default: the dispatcher's ``max_payload``.
         refusal_budget: ``(burst, per_s)`` of replies to refused or repeated commands (sent at QoS 0); past it
             they are not answered (see :mod:`device.link.channel`).
+        ack_timeout_s: A result in flight this long without its PUBACK resets the session (see the module
+            docstring).
     """
 
     def __init__(self, broker: str, device_id: str, spool: Spool, *, prefix: str = "", protocol: str = "5",
-                 tls: TlsFiles = TlsFiles(), username: str = "", password: str = "", keepalive_s: int = 30,
+                 tls: TlsFiles = TlsFiles(), username: str = "", password: str | None = None, keepalive_s: int = 30,
                  backoff: tuple[float, float] = (0.5, 60.0), inflight: int = 64, dispatcher=None,
                  birth: Callable[[], dict] | None = None, clock=SYSTEM_CLOCK, on_event: EventSink | None = None,
                  rng: random.Random | None = None, max_payload: int | None = None,
-                 refusal_budget: tuple[int, float] = (10, 1.0)):
+                 refusal_budget: tuple[int, float] = (10, 1.0), ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S):
         self.url = parse_broker_url(broker)
-        check_tls(self.url, tls)
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
+        self.endpoint = Endpoint(self.url, tls, username or None, password or None, protocol)  # checks the TLS files
+        if not ack_timeout_s > 0:
+            raise ValueError(f"ack_timeout_s must be a positive number of seconds, got {ack_timeout_s!r}")
+        self.ack_timeout_s = float(ack_timeout_s)
         self.device_id = device_id
         self.topics = Topics(prefix or default_prefix(device_id))
         self.spool = spool
@@ -121,11 +136,17 @@ class Link:
         self._on_event = on_event
         self.on_turn: Callable[[], None] | None = None  # called at each turn of the network thread (the watchdog)
         self._rng = rng or random.Random()
-        self._client: mqtt.Client | None = None
+        self._client: Client | None = None
         self._connected = False
         self._lost: str | None = None
-        self._inflight: dict[int, int] = {}  # paho mid -> spool id
+        self._net_error: str | None = None  # paho's first socket error of this connection (the disconnect's cause)
+        self._inflight: dict[int, tuple[int, float]] = {}  # paho mid -> (spool id, monotonic publish time), in order
+        self._resetting = False
+        self._ack_stall_since: float | None = None  # monotonic time the acknowledgements were found stopped
+        self._offline_since: float | None = None  # monotonic; None while connected or before the first attempt
+        self._draining: tuple[int, int, float] | None = None  # (last id waiting, how many, monotonic start)
         self._cursor = 0  # highest spool id fetched for publishing
+        self._at_end = False  # the last read found nothing past the cursor
         self._ahead: collections.deque = collections.deque()  # fetched, not yet published
         self._acked: list[int] = []  # PUBACKed this loop iteration; handed to the spool in one call
         self.channel = None if dispatcher is None else CommandChannel(
@@ -137,7 +158,7 @@ class Link:
         self._threads: list[threading.Thread] = []
         self._failures = 0
         self.counters = {"connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "acked": 0,
-                         "refused": 0}
+                         "refused": 0, "ack_timeouts": 0}
         self.last_error: str | None = None
         self.connected_since: float | None = None
         self._refused_topics: set[str] = set()
@@ -171,6 +192,7 @@ class Link:
         if self._threads:
             return
         self._stop.clear()
+        self._offline_since = self.clock.monotonic()
         loops = [(self._run, "link-net")] + ([(self.channel.serve, "link-cmd")] if self.channel is not None else [])
         for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -197,10 +219,23 @@ class Link:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def healthy(self) -> bool:
+        """False from the moment results in flight went unacknowledged past ``ack_timeout_s`` until a PUBACK
+        arrives again (the link resets its session meanwhile). A link that is merely offline is healthy: its
+        state is :attr:`connected`."""
+        return self._ack_stall_since is None
+
     def status(self) -> dict:
+        """The link for ``status``: the broker and connection, counters, ``healthy`` and ``acks_stalled`` (with
+        ``ack_stall_s``, seconds since the acknowledgements stopped), the command channel's queues."""
+        stall = self._ack_stall_since
         return {"broker": str(self.url), "protocol": self.protocol, "prefix": self.topics.prefix,
                 "connected": self._connected, "connected_since": self.connected_since,
                 "last_error": self.last_error, "inflight": len(self._inflight), "max_packet": self.max_packet,
+                "healthy": stall is None, "acks_stalled": stall is not None,
+                "ack_stall_s": None if stall is None else round(max(0.0, self.clock.monotonic() - stall), 3),
+                "ack_timeout_s": self.ack_timeout_s,
                 **self.counters, **(self.channel.status() if self.channel is not None else {}),
                 "commands": self.dispatcher.counters if self.dispatcher is not None else None}
 
@@ -219,7 +254,7 @@ class Link:
                     self.spool.ack(self._acked)
                     self._acked = []
                 if rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS and self._lost is None:
-                    self._lost = f"network loop: {mqtt.error_string(rc)}"
+                    self._lost = f"network error: {self._net_error or mqtt.error_string(rc)}"
                 if self._lost is not None:
                     self._drop_client(self._lost)
                     self._backoff_wait()
@@ -232,15 +267,13 @@ class Link:
                 self._backoff_wait()
         self._shutdown()
 
-    def _new_client(self) -> mqtt.Client:
-        v5 = self.protocol == "5"
-        kw = {} if v5 else {"clean_session": True}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_id,
-                        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, **kw)
+    def _new_client(self) -> Client:
+        c = new_client(self.endpoint, self.device_id, max_packet=self.max_packet)
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_publish = self._cb_publish
         c.on_message = self._cb_message
+        c.on_log = self._cb_log
         c.suppress_exceptions = True  # belt and braces: every callback below also catches everything itself
         # Results and replies have windows of their own; paho's is their sum (plus the state message), and its
         # queue can never grow past that: our windows bound it, and a publish past it fails instead of queueing.
@@ -248,22 +281,14 @@ class Link:
         c.max_inflight_messages_set(window)
         c.max_queued_messages_set(window)
         c.will_set(self.topics.state, _json({"state": "lost", "device": self.device_id}), qos=1, retain=True)
-        if self.username:
-            c.username_pw_set(self.username, self.password or None)
-        if self.url.tls:
-            apply_tls(c, self.tls)
         return c
 
     def _connect(self) -> bool:
         self._lost = None
+        self._net_error = None
         try:
             c = self._new_client()
-            kw = {}
-            if self.protocol == "5":
-                props = Properties(PacketTypes.CONNECT)
-                props.MaximumPacketSize = self.max_packet  # the broker drops larger packets instead of sending them
-                kw = {"clean_start": True, "properties": props}
-            c.connect(self.url.host, self.url.port, keepalive=self.keepalive_s, **kw)
+            c.open(self.keepalive_s)  # MQTT 5: announces max_packet, so the broker drops larger commands
         except Exception as exc:  # OSError, ssl.SSLError, socket.timeout, ValueError from paho
             err = ConnectError(f"cannot connect to {self.url}: {type(exc).__name__}: {exc}")
             self._note_failure(str(err))
@@ -274,6 +299,7 @@ class Link:
     def _note_failure(self, reason: str) -> None:
         self.counters["connect_failures"] += 1
         self._failures += 1
+        self._ack_stall_since = None  # offline now: `connected` says so; acks cannot come until it is back
         if reason != self.last_error:
             log.warning("link: %s", reason)
         self.last_error = reason
@@ -294,6 +320,13 @@ class Link:
         self._ahead.clear()
         if self.channel is not None:
             self.channel.reset()
+        if c is not None and self._resetting:
+            try:
+                c.disconnect()
+                c.loop_write()
+            except Exception:  # the connection is going anyway
+                pass
+        self._resetting = False
         if c is not None:
             try:
                 c.socket() and c.socket().close()
@@ -303,8 +336,11 @@ class Link:
             self.counters["disconnects"] += 1
             self._failures = 1
             self.connected_since = None
+            self._offline_since = self.clock.monotonic()
+            self._draining = None
+            self.last_error = reason
             self._emit("link_disconnected", {"reason": reason})
-            log.warning("link: disconnected: %s", reason)
+            log.warning("link: lost the connection to %s: %s", self.url, reason)
         else:
             self._note_failure(reason)
 
@@ -320,6 +356,32 @@ class Link:
         self._pump_results(c)  # results first: replies never hold them up
         if self.channel is not None and self._lost is None:
             self.channel.pump(c)
+        self._check_acks()
+
+    def _check_acks(self) -> None:
+        """Resets the session when the oldest result in flight has waited past ``ack_timeout_s``; notes when the
+        backlog waiting at the connect has been delivered."""
+        if self._draining is not None:
+            last, count, since = self._draining
+            oldest_sid = next(iter(self._inflight.values()))[0] if self._inflight else None
+            fetched_all = self._cursor >= last or (self._at_end and not self._ahead)
+            if fetched_all and (oldest_sid is None or oldest_sid > last):
+                self._draining = None
+                log.info("link: the backlog of %d message(s) is delivered (%.1f s after the connect)", count,
+                         self.clock.monotonic() - since)
+        if not self._inflight:
+            self._ack_stall_since = None  # nothing awaits an acknowledgement: nothing can be stalled
+            return
+        now = self.clock.monotonic()
+        waited = now - next(iter(self._inflight.values()))[1]
+        if waited <= self.ack_timeout_s or self._lost is not None:
+            return
+        self.counters["ack_timeouts"] += 1
+        if self._ack_stall_since is None:
+            self._ack_stall_since = now
+        self._resetting = True  # a clean DISCONNECT: the broker must not publish the last will for a reset
+        self._lost = (f"no PUBACK from the broker for {waited:.0f} s with {len(self._inflight)} message(s) in flight "
+                      f"(link.ack_timeout_s {self.ack_timeout_s:g}); resetting the session")
 
     def _pump_results(self, c: mqtt.Client) -> None:
         room = self.inflight_limit - len(self._inflight)
@@ -329,6 +391,7 @@ class Link:
             # Fetch well ahead of the window: a read waits while the spool commits (an fsync), so fewer,
             # larger reads keep the pipe full.
             fetched = self.spool.batch(self._cursor, max(room, _READ_AHEAD))
+            self._at_end = not fetched
             if fetched:
                 self._cursor = fetched[-1].id
                 self._ahead.extend(fetched)
@@ -344,7 +407,7 @@ class Link:
             if m.qos == 0:
                 self._acked.append(m.id)
             else:
-                self._inflight[info.mid] = m.id
+                self._inflight[info.mid] = (m.id, self.clock.monotonic())
 
     def _shutdown(self) -> None:
         c = self._client
@@ -375,12 +438,14 @@ class Link:
                 return
             self._connected = True
             self._cursor = 0  # replay the spool from the start: anything unacknowledged goes again
+            self._at_end = False
             self._inflight.clear()
             self._ahead.clear()
             self.counters["connects"] += 1
             self.connected_since = self.clock.time()
             self.last_error = None
             self._failures = 0
+            self._note_connected()
             client.subscribe(self.topics.cmd_filter, qos=1)
             self._publish_birth(client)
             dropped = self.spool.pop_dropped()
@@ -392,21 +457,40 @@ class Link:
             log.exception("link on_connect failed")
             self._lost = "on_connect failed"
 
+    def _note_connected(self) -> None:
+        """Logs the connect: how long the board was offline and how much waits in the spool."""
+        now = self.clock.monotonic()
+        st = self.spool.stats()
+        waiting = st["messages"] + st["pending"]
+        offline = "" if self._offline_since is None else f" after {now - self._offline_since:.1f} s offline"
+        first = self.counters["connects"] == 1
+        self._offline_since = None
+        log.info("link: connected to %s%s, %d message(s) waiting", self.url,
+                 " (first connect)" if first else offline, waiting)
+        self._draining = (self.spool.durable_id, waiting, now) if waiting else None
+
     def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         try:
             if self._lost is None:
-                self._lost = f"disconnected: {reason_code}"
+                self._lost = disconnect_reason(flags, reason_code, keepalive_s=self.keepalive_s,
+                                               net_error=self._net_error)
         except Exception:  # an exception here would end paho's loop call mid-packet
             log.exception("link on_disconnect failed")
             self._lost = "disconnected"
 
+    def _cb_log(self, client, userdata, level, buf) -> None:
+        if level == mqtt.MQTT_LOG_ERR and self._net_error is None:
+            self._net_error = buf  # the first error is the cause; later ones are paho noticing the dead socket
+
     def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
         try:
-            sid = self._inflight.pop(mid, None)
-            if sid is None:
-                if self.channel is not None:
-                    self.channel.acknowledged(mid)  # a reply; else the state message
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
+                if self.channel is not None and self.channel.acknowledged(mid):  # a reply; else the state message
+                    self._ack_stall_since = None  # acknowledgements flow (again)
                 return
+            self._ack_stall_since = None
+            sid = entry[0]
             if reason_code is not None and getattr(reason_code, "is_failure", False):
                 self.counters["refused"] += 1  # the broker will never take it (ACL): retrying would block the queue
                 self._emit_refused(sid, str(reason_code))

@@ -1,7 +1,8 @@
 """``[link]``: the MQTT link, its durable spool, and command intake.
 
 :meth:`LinkConfig.validate` holds the rules across keys: the broker URL, the TLS files it needs (read, so a
-missing or unreadable file shows when the config is loaded, not when the link starts), the password file,
+missing or unreadable file shows when the config is loaded, not when the link starts), the password file (read
+as the link reads it: :func:`device.link.mqttclient.read_password`),
 the topic prefix (the topic tree's own rule) and the order of the reconnect delays.
 """
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from device.configschema import setting
 from device.link.errors import BrokerUrlError
-from device.link.url import TlsFiles, file_problem, parse_broker_url, tls_problem
+from device.link.url import TlsFiles, parse_broker_url, tls_problem
 from device.link.wire import Topics
 
 # The key each TLS file is read from, for url.tls_problem's roles.
@@ -30,13 +31,17 @@ class LinkConfig:
     cert_file: str = setting("", "This board's client certificate (PEM), for mutual TLS.")
     key_file: str = setting("", "This board's client key (PEM), for mutual TLS.")
     username: str = setting("", "Username; empty sends none (with mutual TLS the certificate is the identity).")
-    password_file: str = setting("", "File holding the password (never the password itself in the config).")
+    password_file: str = setting("", "File holding the password (never the password itself in the config); one "
+                                     "trailing line ending is not part of it, spaces are.")
     keepalive_s: int = setting(30, "MQTT keepalive.", minimum=5, maximum=3600)
     backoff_min_s: float = setting(0.5, "First reconnect delay; doubles per failure, with jitter.",
                                    minimum=0.05, maximum=600)
     backoff_max_s: float = setting(60.0, "Reconnect delay cap.", minimum=0.1, maximum=3600)
     inflight: int = setting(64, "QoS 1 messages published and not yet acknowledged, at most.", minimum=1,
                             maximum=65535)
+    ack_timeout_s: float = setting(
+        30.0, "A result in flight this long without its PUBACK resets the connection (the spool replays it); until "
+              "acknowledgements flow again the link reports itself unhealthy.", minimum=1, maximum=3600)
     spool_commit_ms: int = setting(
         50, "Spool commits start as soon as a result arrives (group commit); acknowledged messages are deleted "
             "at least this often.", minimum=1, maximum=10000)
@@ -94,9 +99,12 @@ class LinkConfig:
         if found is not None:
             problems.append((_TLS_KEYS[found[0]], found[1]))
         if self.password_file:
-            why = file_problem(self.password_file, "password file")
-            if why:
-                problems.append(("link.password_file", why))
+            from device.link.mqttclient import PasswordFileError, read_password  # paho: only when a file is named
+
+            try:
+                read_password(self.password_file)
+            except PasswordFileError as exc:
+                problems.append(("link.password_file", str(exc)))
         return problems
 
     def tls(self) -> TlsFiles:

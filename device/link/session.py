@@ -8,7 +8,9 @@ operator's tools use.
    which the reply carries back. MQTT 3.1.1: the first reply on ``<prefix>/reply`` with our ``request_id``.
 
 Topics, request ids, the JSON encoding and the reply shape come from the wire contract (:mod:`device.link.wire`),
-which the board's link imports too. The command line is :mod:`tools.send`.
+which the board's link imports too. The client comes from :mod:`device.link.mqttclient` (TLS, credentials, and under
+MQTT 5 a Maximum Packet Size of :data:`REPLY_MAX_PACKET`, so no reply can make the sender read more). The command
+line is :mod:`tools.send`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from device.clock import SYSTEM_CLOCK
 from device.link import envelope, wire
 from device.link.errors import (BadInput, ConnectError, LinkError, NoReply,
                                 PublishError, ReplyMalformed, SubscribeError)
-from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls
+from device.link.mqttclient import PROTOCOLS, Endpoint, new_client
+from device.link.url import BrokerUrl, TlsFiles
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+__all__ = ["PROTOCOLS", "Request", "Session", "build_request", "send"]
 KEEPALIVE_S = 30
+REPLY_MAX_PACKET = 1024 * 1024  # a board's largest reply (diag's, status) is a few tens of kB
+_VERSIONS = {mqtt.MQTTv5: "5", mqtt.MQTTv311: "3.1.1"}
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,8 @@ def build_request(device: str, cmd: str, args: dict, *, prefix: str | None = Non
     return Request(topic=wire.Topics(prefix).command(cmd), payload=payload, request_id=rid, prefix=prefix)
 
 
-def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protocol: int = mqtt.MQTTv5,
-         timeout_s: float = 10.0, username: str | None = None, password: bytes | None = None,
+def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protocol: int | str = mqtt.MQTTv5,
+         timeout_s: float = 10.0, username: str | None = None, password: str | None = None,
          deadline: float | None = None, clock=SYSTEM_CLOCK) -> dict:
     """Publishes one request and waits for its reply, all within ``timeout_s`` (or by ``deadline``).
 
@@ -103,11 +108,11 @@ def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protoc
         url: The broker.
         request: From :func:`build_request`.
         tls: TLS files for ``mqtts://`` (checked with :func:`check_tls` first).
-        protocol: ``mqtt.MQTTv5`` or ``mqtt.MQTTv311``.
+        protocol: ``mqtt.MQTTv5`` or ``mqtt.MQTTv311`` (or ``"5"``, ``"3.1.1"``).
         timeout_s: Overall time limit: connect, subscribe, publish and reply. (Only a host name lookup that
             hangs in the system resolver can take longer.)
         username: MQTT username, or None.
-        password: MQTT password, or None.
+        password: MQTT password (:func:`device.link.mqttclient.read_password`), or None.
         deadline: When to give up, on ``clock.monotonic()``; default ``timeout_s`` from now. :func:`run` starts
             it with the command, so reading files and signing count too.
         clock: Time source of the deadline (a seam for tests).
@@ -123,13 +128,10 @@ def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protoc
         NoReply: Nothing came back in time.
         ReplyMalformed: The reply to this request broke the contract.
     """
-    check_tls(url, tls)
-    session = Session(url, request, protocol, timeout_s, clock.monotonic() + timeout_s if deadline is None
-                       else deadline, clock)
-    if url.tls:
-        apply_tls(session.client, tls)
-    if username is not None:
-        session.client.username_pw_set(username, password)
+    endpoint = Endpoint(url, tls, username, password if username is not None else None,
+                        _VERSIONS.get(protocol, protocol))  # checks the TLS files first
+    session = Session(endpoint, request, timeout_s, clock.monotonic() + timeout_s if deadline is None
+                      else deadline, clock)
     try:
         session.connect(missing_cert=url.tls and not tls.cert)
         session.subscribe()
@@ -143,13 +145,21 @@ class Session:
 
     Callbacks only record and notify; each catches everything, because an exception would end paho's thread
     and leave the caller waiting for the timeout.
+
+    Args:
+        endpoint: The broker and the login (:class:`device.link.mqttclient.Endpoint`).
+        request: From :func:`build_request`.
+        timeout_s: The overall limit (for messages). deadline: When to give up, on ``clock.monotonic()``.
+        clock: Time source of the deadline.
+
+    Raises:
+        BrokerUrlError: The TLS files do not load.
     """
 
-    def __init__(self, url: BrokerUrl, request: Request, protocol: int, timeout_s: float, deadline: float,
-                 clock) -> None:
-        self.url, self.request, self.timeout_s = url, request, timeout_s
+    def __init__(self, endpoint: Endpoint, request: Request, timeout_s: float, deadline: float, clock) -> None:
+        self.endpoint, self.url, self.request, self.timeout_s = endpoint, endpoint.url, request, timeout_s
         self.deadline, self.clock = deadline, clock
-        self.v5 = protocol == mqtt.MQTTv5
+        self.v5 = endpoint.v5
         # At most 23 characters, the length every MQTT 3.1.1 broker must accept; random, so two operators (or
         # a rerun while the old session lingers) never take over each other's connection or reply topic.
         client_id = f"fn-send-{secrets.token_hex(6)}"
@@ -157,8 +167,7 @@ class Session:
         self.reply_topic = topics.reply_for(client_id) if self.v5 else topics.reply
         # reconnect_on_failure=False: a refused or dropped connection is an answer, not something to retry.
         self.cond = threading.Condition()
-        self.client = c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-                                      reconnect_on_failure=False, **({} if self.v5 else {"clean_session": True}))
+        self.client = c = new_client(endpoint, client_id, max_packet=REPLY_MAX_PACKET, reconnect_on_failure=False)
         guard = self._guard  # VERSION2 signatures: (client, userdata, flags|mid, reason code(s), properties)
         c.on_connect = guard(lambda _c, _u, _f, rc, _p: self._record("connack", rc))
         c.on_disconnect = guard(lambda _c, _u, _f, rc, _p: self._record("dropped", rc))
@@ -178,7 +187,7 @@ class Session:
         url = self.url
         try:
             self.client.connect_timeout = max(self.remaining(), 0.01)  # TCP connect and TLS
-            self.client.connect(url.host, url.port, KEEPALIVE_S, **({"clean_start": True} if self.v5 else {}))
+            self.client.open(KEEPALIVE_S)
         except (OSError, ValueError) as exc:  # ssl.SSLError, refused, timed out, unresolvable
             raise ConnectError(f"could not connect to {url}: {reason(exc)}") from exc
         self.client.loop_start()

@@ -20,9 +20,14 @@ Which side checks what: the bytes that arrive are only bytes. Metadata goes thro
 (:class:`MqttFetcher` is its fetcher; a missing file is ``DownloadHTTPError(..., 404)``, which is what ends the
 root walk), targets through :func:`device.update.fetch.download_target` (:class:`MqttSource` is its
 ``RangeSource``: resumable by chunk offset, capped, hashed, verified). A broker restart loses the requests in
-flight: :class:`MqttTransport` raises :class:`MqttTransportError` (a ``ConnectionError``); the fetcher and the
-source ask again from the same offset once the link is back (``retries`` times), and past that the download
-resumes from the partial file as after any dropped connection.
+flight: :class:`MqttTransport` raises :class:`MqttTransportError` (a ``ConnectionError``) and reconnects as the
+board's link does (a fresh client per connection after a backoff with jitter, sleeping on the clock seam); the
+fetcher and the source ask again from the same offset once the link is back (``retries`` times), and past that the
+download resumes from the partial file as after any dropped connection.
+
+The board announces a Maximum Packet Size on every connection (the transport's ``max_chunk`` plus headroom), so a
+hostile or broken server's oversized answer is dropped by the broker and never read: the request goes unanswered
+and fails like a lost one, within the transport's timeout.
 
 A board names an MQTT repository ``mqtt://HOST[:PORT]/<root>`` (or ``mqtts://``): see :func:`transport_for`.
 """
@@ -33,21 +38,27 @@ import collections
 import json
 import logging
 import os
+import random
 import threading
-import time
 from typing import Iterator
 from urllib.parse import unquote
 
+from paho.mqtt.client import MQTT_LOG_ERR
 from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
-from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.clock import SYSTEM_CLOCK, backoff_delay
+from device.link.mqttclient import Endpoint, disconnect_reason, new_client, read_password
+from device.link.url import BrokerUrl, TlsFiles, parse_broker_url
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "fieldnode/v1/repo"
 CHUNK = 64 * 1024
 MAX_CHUNK = 1024 * 1024  # the server's cap on one response, whatever a request asks
+# Room in an answer besides its bytes: fixed header, the response topic (added per transport), correlation data and
+# the status/size user properties.
+RESPONSE_HEADROOM = 1024
 PUBLIC_DIRS = ("metadata", "targets", "grants")
 SCHEMES = ("mqtt", "mqtts")
 
@@ -98,77 +109,103 @@ def split_repository_url(url: str) -> tuple[BrokerUrl, str]:
 
 
 class MqttTransport:
-    """One board-side MQTT client that asks repository files in chunks (see the module docstring).
+    """One board-side MQTT connection that asks repository files in chunks (see the module docstring).
 
-    Connects in :meth:`start` (or on first use), keeps paho's network thread running and reconnecting, and
-    re-subscribes to its response topic after each reconnect.
+    Its network thread (started by :meth:`start`, or on first use) connects, subscribes to the response topic and
+    waits; when the connection drops (or never comes up) the client is discarded and a fresh one is made after an
+    exponential backoff with jitter, as the board's link does (a fresh client per connection: paho #785). Deadlines
+    and the backoff's sleeps go through ``clock`` (:mod:`device.clock`). Every CONNECT announces Maximum Packet
+    Size :attr:`max_packet` (``max_chunk`` plus headroom): the broker drops a larger answer instead of sending it,
+    so a hostile server cannot make the board read more than it asked for; that request goes unanswered and fails
+    as any lost request does.
 
     Args:
         broker_url: ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``.
         tls: TLS files for ``mqtts://``.
-        username: MQTT username (empty: none). password: Its password.
+        username: MQTT username (empty: none). password: Its password (:func:`device.link.mqttclient.read_password`).
         root: The topic root the servers listen under.
         identity: Names this board's response topics (``<root>/resp/<identity>/<nonce>``): with a broker ACL, the
             board's certificate identity, so ``pattern read <root>/resp/%u/#`` lets it read its own answers only.
         client_id: MQTT client id (default ``<identity>-repo-<random>``).
         timeout_s: Longest wait for the link and for each answer.
-        keepalive_s: MQTT keepalive. reconnect: ``(min, max)`` seconds between paho's reconnect attempts.
+        keepalive_s: MQTT keepalive. reconnect: ``(min, max)`` seconds of the reconnect backoff.
         history: How many recent ``(path, offset)`` requests :attr:`history` keeps (for diagnostics).
+        max_chunk: The most bytes one answer may carry; a longer request is shortened to it.
+        clock: Time source of the deadlines and the sleeps. rng: Randomness of the backoff's jitter.
     """
 
-    def __init__(self, broker_url: str, *, tls: TlsFiles | None = None, username: str = "", password: str = "",
-                 root: str = DEFAULT_ROOT, identity: str = "board", client_id: str = "", timeout_s: float = 30.0,
-                 keepalive_s: int = 30, reconnect: tuple = (0.2, 10.0), history: int = 256) -> None:
+    def __init__(self, broker_url: str, *, tls: TlsFiles | None = None, username: str = "",
+                 password: str | None = None, root: str = DEFAULT_ROOT, identity: str = "board", client_id: str = "",
+                 timeout_s: float = 30.0, keepalive_s: int = 30, reconnect: tuple = (0.2, 10.0), history: int = 256,
+                 max_chunk: int = CHUNK, clock=SYSTEM_CLOCK, rng: random.Random | None = None) -> None:
         self.url = parse_broker_url(broker_url)
         self.tls = tls or TlsFiles()
-        check_tls(self.url, self.tls)
+        self.endpoint = Endpoint(self.url, self.tls, username or None, password if username else None)
         self.root = root.strip("/")
         nonce = os.urandom(6).hex()
         self.client_id = client_id or f"{identity}-repo-{nonce}"
         self.response_topic = f"{self.root}/resp/{identity}/{nonce}"
         self.timeout_s = timeout_s
         self.keepalive_s = keepalive_s
+        if isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1:
+            raise ValueError(f"max_chunk must be a positive number of bytes, got {max_chunk!r}")
+        self.max_chunk = max_chunk
+        self.max_packet = max_chunk + RESPONSE_HEADROOM + len(self.response_topic.encode())
         self.history: collections.deque = collections.deque(maxlen=history)
-        self._username, self._password, self._reconnect = username, password, reconnect
+        self.clock = clock
+        self.connects = 0  # connections that came up, each with a fresh client
+        self.answers = 0  # messages the broker delivered on the response topic (matched to a request or not)
+        self._reconnect = reconnect
+        self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._ready = False  # connected and subscribed to the response topic
         self._generation = 0  # bumped on every disconnect: a request waiting across it is lost
         self._pending: dict = {}
         self._unheard: set = set()  # mids the broker acknowledged with "no matching subscribers"
         self._client = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._net_error: str | None = None
+        self._came_up = False  # this connection got as far as its subscription
         self._ids = 0
 
     # -- connection ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the client (idempotent); the first connection may still be under way when it returns."""
-        import paho.mqtt.client as mqtt
-
+        """Starts the network thread (idempotent); the first connection may still be under way when it returns."""
         with self._cond:
-            if self._client is not None:
+            if self._thread is not None:
                 return
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-            if self.url.tls:
-                apply_tls(c, self.tls)
-            if self._username:
-                c.username_pw_set(self._username, self._password or None)
-            c.reconnect_delay_set(*self._reconnect)
-            c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
-            c.on_message, c.on_publish = self._on_message, self._on_publish
-            self._client = c
-        c.connect_async(self.url.host, self.url.port, self.keepalive_s)
-        c.loop_start()
+            self._closing = False
+            self._thread = threading.Thread(target=self._run, name="update-mqtt", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
-        """Disconnects and stops paho's thread (safe to call twice); waiting requests fail."""
+        """Disconnects and stops the network thread (safe to call twice); waiting requests fail."""
         with self._cond:
-            c, self._client = self._client, None
+            thread, self._thread = self._thread, None
+            self._closing = True
             self._ready = False
             self._generation += 1
             self._cond.notify_all()
-        if c is not None:
-            c.disconnect()
-            c.loop_stop()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(30.0)
+
+    @property
+    def client(self):
+        """The paho client of the current connection (a new one after each reconnect), or None."""
+        return self._client
+
+    @property
+    def ready(self) -> bool:
+        """Connected and subscribed to the response topic."""
+        return self._ready
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Waits up to ``timeout`` seconds for :attr:`ready` (starting the transport); returns it."""
+        self.start()
+        with self._cond:
+            return self._cond.wait_for(lambda: self._ready, timeout)
 
     def __enter__(self) -> MqttTransport:
         self.start()
@@ -177,11 +214,67 @@ class MqttTransport:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            connected = self._connect()
+            if connected is None:
+                failures += 1
+            else:
+                client, generation = connected
+                with self._cond:  # until this connection ends, or close()
+                    self._cond.wait_for(lambda: self._closing or self._generation != generation)
+                    served = self._came_up
+                self._drop(client)
+                failures = 1 if served else failures + 1  # a refused login backs off like an unreachable broker
+            if not self._closing:
+                self._pause(backoff_delay(failures - 1, *self._reconnect, self._rng))
+
+    def _connect(self):
+        """``(client, generation)``: a fresh client, connecting in paho's thread; None when the attempt failed."""
+        try:
+            c = new_client(self.endpoint, self.client_id, max_packet=self.max_packet)
+            c.on_connect, c.on_disconnect, c.on_subscribe = self._on_connect, self._on_disconnect, self._on_subscribe
+            c.on_message, c.on_publish, c.on_log = self._on_message, self._on_publish, self._on_log
+            self._net_error = None
+            with self._cond:
+                generation, self._client, self._came_up = self._generation, c, False
+            c.open(self.keepalive_s)  # TCP and TLS handshakes here; the CONNACK arrives in paho's thread
+            c.loop_start()
+        except Exception as exc:  # OSError, ssl.SSLError, a TLS file that no longer loads
+            with self._cond:
+                self._client = None
+            log.warning("repository broker %s: cannot connect (%s: %s); retrying", self.url, type(exc).__name__, exc)
+            return None
+        return c, generation
+
+    def _drop(self, client) -> None:
+        """Ends one connection: a clean DISCONNECT when closing, then paho's thread stopped."""
+        with self._cond:
+            self._client = None
+            self._ready = False
+        try:
+            client.disconnect()
+        except Exception:  # already gone
+            pass
+        client.loop_stop()
+
+    def _pause(self, seconds: float) -> None:
+        """Sleeps ``seconds`` on the clock, in short steps so that :meth:`close` need not wait for it."""
+        end = self.clock.monotonic() + seconds
+        while not self._closing:
+            left = end - self.clock.monotonic()
+            if left <= 0:
+                return
+            self.clock.sleep(min(left, 0.1))
+
     # Callbacks run in paho's thread: they only record and notify (an exception there would kill the thread).
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("repository broker %s refused the connection: %s", self.url, reason_code)
+            self._lost(client)
             return
+        self.connects += 1
         client.subscribe(self.response_topic, qos=1)
 
     def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
@@ -190,14 +283,27 @@ class MqttTransport:
             log.warning("repository broker %s refused the subscription to %s: %s", self.url, self.response_topic,
                         reason_code_list)
         with self._cond:
-            self._ready = ok
-            self._cond.notify_all()
+            if client is self._client:
+                self._ready = ok
+                self._came_up = self._came_up or ok
+                self._cond.notify_all()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if not self._closing:
+            log.info("repository broker %s: %s; reconnecting", self.url,
+                     disconnect_reason(flags, reason_code, keepalive_s=self.keepalive_s, net_error=self._net_error))
+        self._lost(client)
+
+    def _lost(self, client) -> None:
         with self._cond:
-            self._ready = False
-            self._generation += 1
-            self._cond.notify_all()
+            if client is self._client or self._client is None:
+                self._ready = False
+                self._generation += 1
+                self._cond.notify_all()
+
+    def _on_log(self, client, userdata, level, buf) -> None:
+        if level == MQTT_LOG_ERR and self._net_error is None:
+            self._net_error = buf
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code == 16:  # MQTT 5 PUBACK "No matching subscribers": no server listens, fail fast
@@ -206,6 +312,7 @@ class MqttTransport:
                 self._cond.notify_all()
 
     def _on_message(self, client, userdata, message) -> None:
+        self.answers += 1
         props = getattr(message, "properties", None)
         cid = bytes(getattr(props, "CorrelationData", b"") or b"")
         with self._cond:
@@ -216,14 +323,15 @@ class MqttTransport:
     # -- requests -----------------------------------------------------------------------------------------
 
     def request(self, path: str, offset: int = 0, length: int = CHUNK) -> tuple[int, int, bytes]:
-        """Asks for ``length`` bytes of the repository file ``path`` from ``offset``.
+        """Asks for ``length`` bytes (at most ``max_chunk``) of the repository file ``path`` from ``offset``.
 
         Returns:
             ``(status, size, data)``: the server's status (200, 400, 404, 416), the file's total length (-1 when
             not known) and the bytes (an error's reason for a status other than 200).
 
         Raises:
-            MqttTransportError: No link within ``timeout_s``, the link dropped while waiting, or no answer in time.
+            MqttTransportError: No link within ``timeout_s``, the link dropped while waiting, or no answer in time
+                (an answer larger than :attr:`max_packet` is dropped by the broker, so it never arrives either).
             ValueError: ``path`` is not one a server would answer (:func:`check_path`).
         """
         from paho.mqtt.packettypes import PacketTypes
@@ -233,9 +341,13 @@ class MqttTransport:
         if problem is not None:
             raise ValueError(problem)
         self.start()
-        deadline = time.monotonic() + self.timeout_s
+        deadline = self.clock.monotonic() + self.timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - self.clock.monotonic())
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._ready, max(0.0, deadline - time.monotonic())):
+            if not self._cond.wait_for(lambda: self._ready, left()):
                 raise MqttTransportError(f"no link to the repository broker {self.url} within {self.timeout_s:g} s")
             self._ids += 1
             cid = f"{self._ids}-{os.urandom(4).hex()}".encode()
@@ -245,13 +357,13 @@ class MqttTransport:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.response_topic
         props.CorrelationData = cid
-        body = json.dumps({"path": path, "offset": int(offset), "length": int(length)}).encode()
+        body = json.dumps({"path": path, "offset": int(offset), "length": min(int(length), self.max_chunk)}).encode()
         mid = -1
         try:
             mid = client.publish(f"{self.root}/req", body, qos=1, properties=props).mid
             with self._cond:
                 self._cond.wait_for(lambda: self._pending.get(cid) is not None or self._generation != generation
-                                    or mid in self._unheard, max(0.0, deadline - time.monotonic()))
+                                    or mid in self._unheard, left())
                 answer = self._pending.get(cid)
                 unheard = mid in self._unheard
         finally:
@@ -260,7 +372,9 @@ class MqttTransport:
                 self._unheard.discard(mid)
         if answer is None:
             why = ("no repository server listens" if unheard else "the link dropped"
-                   if self._generation != generation else f"no answer in {self.timeout_s:g} s")
+                   if self._generation != generation else
+                   f"no answer in {self.timeout_s:g} s (an answer over this board's limit of {self.max_packet} "
+                   f"bytes is dropped by the broker)")
             raise MqttTransportError(f"{path} from byte {offset}: {why} (repository broker {self.url})")
         rprops, data = answer
         user = dict(getattr(rprops, "UserProperty", None) or [])
@@ -283,7 +397,7 @@ def _chunks(transport: MqttTransport, path: str, offset: int, chunk: int, retrie
             if failures > retries:
                 raise
             log.info("%s; asking again from byte %d", exc, offset)
-            time.sleep(min(2.0, 0.25 * failures))  # a server re-subscribing after a broker restart
+            transport.clock.sleep(min(2.0, 0.25 * failures))  # a server re-subscribing after a broker restart
             continue
         failures = 0
         if status == 416:  # nothing past the offset: the caller checks the length
@@ -366,23 +480,17 @@ def transport_for(url: str, cfg=None, *, identity: str = "", timeout_s: float | 
         identity: Overrides the device id. timeout_s: Overrides ``update.timeout_s``.
 
     Raises:
-        device.link.errors.BrokerUrlError: A malformed URL, TLS files that do not fit it, an unreadable password
-            file.
+        device.link.errors.BrokerUrlError: A malformed URL, TLS files that do not fit it, a password file that cannot
+            be used (:class:`device.link.mqttclient.PasswordFileError`).
     """
-    from device.link.errors import BrokerUrlError
-
     broker, root = split_repository_url(url)
-    tls, username, password = TlsFiles(), "", ""
+    tls, username, password = TlsFiles(), "", None
     if cfg is not None:
         link = cfg.link
         tls = TlsFiles(link.ca_file, link.cert_file, link.key_file)
         username = link.username
         if link.password_file:
-            try:
-                with open(link.password_file, encoding="utf-8") as fh:
-                    password = fh.read().strip("\r\n")
-            except OSError as exc:
-                raise BrokerUrlError(f"password file {link.password_file}: {exc.strerror or exc}") from exc
+            password = read_password(link.password_file)  # as the link reads it (a PasswordFileError otherwise)
         if not identity:
             from device import config as config_mod
 

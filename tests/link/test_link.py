@@ -268,3 +268,51 @@ def test_a_device_cannot_use_another_devices_topics(acl_broker, pki, tmp_path, m
     finally:
         link.stop()
         spool.close()
+
+
+def test_the_journal_says_what_happened_to_the_link(broker, tmp_path, caplog):
+    """A broker stop and start: the disconnect is logged once with a reason people can read (never paho's
+    "Unspecified error"), the reconnect with the time offline and the messages waiting, and once when that backlog
+    has been delivered."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="device.link.client")
+    link, spool, _ = make_link(broker, tmp_path)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        link.publish_result("vibration", {"n": -1})
+        wait_acked(link, 1)
+        broker.stop()
+        for _ in range(1000):
+            if not link.connected:
+                break
+            threading.Event().wait(0.01)
+        assert not link.connected
+        ids = [link.publish_result("vibration", {"n": i}) for i in range(30)]
+        spool.flush()
+        broker.start()
+        assert link.wait_connected(30)
+        wait_acked(link, 31)
+        for _ in range(1000):  # the backlog line follows the last PUBACK at the network thread's next turn
+            if any("backlog" in r.getMessage() for r in caplog.records):
+                break
+            threading.Event().wait(0.01)
+    finally:
+        link.stop()
+        spool.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "device.link.client"]
+    lost = [m for m in lines if m.startswith("link: lost the connection")]
+    assert len(lost) == 1, lines
+    assert lost[0].startswith(f"link: lost the connection to {broker.url}: ")
+    assert "Unspecified error" not in lost[0] and "disconnected: disconnected" not in lost[0]
+    reason = lost[0][len(f"link: lost the connection to {broker.url}: "):]
+    assert reason in ("the broker closed the connection", "the broker disconnected this client (Server shutting down)") \
+        or reason.startswith("network error: "), lost[0]
+    connected = [m for m in lines if m.startswith("link: connected to")]
+    assert connected[0] == f"link: connected to {broker.url} (first connect), 0 message(s) waiting", connected
+    assert len(connected) == 2 and connected[1].startswith(f"link: connected to {broker.url} after ")
+    assert " s offline, " in connected[1] and connected[1].endswith(f", {len(ids)} message(s) waiting"), connected
+    backlog = [m for m in lines if "backlog" in m]
+    assert len(backlog) == 1 and backlog[0].startswith(f"link: the backlog of {len(ids)} message(s) is delivered ("), \
+        lines

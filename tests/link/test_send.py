@@ -569,7 +569,7 @@ def test_a_provisioned_board_sends_status_with_only_its_config(acl_broker: Broke
     code, out, err = _board_send(capsys, conf, "status")
 
     assert (code, err) == (0, "")
-    assert json.loads(out[len("ok: "):]) == {"state": "serving", "device": "pole-17"}
+    assert out.splitlines()[0].startswith("device    pole-17 ")  # status is printed for people (tools.status.block)
     connected = [line for line in acl_broker.log_text().splitlines() if " as fn-send-" in line]
     assert len(connected) == 1 and connected[0].endswith("u'pole-17').")  # the provisioned certificate
 
@@ -650,3 +650,55 @@ def test_broker_without_device_exits_2(capsys) -> None:
     code, out, err = _run(capsys, "--broker", _closed_url(), "status")
 
     assert (code, out) == (2, "") and "--device ID is needed with --broker" in err
+
+
+# -- status for people ---------------------------------------------------------------------------------------------
+
+
+STATUS = {"device": "dev-a", "version": "0.1.0", "pid": 4242, "simulated": False, "serving": True, "results": 1200,
+          "failures": 0, "runtime": {"model": "vibration", "variant": "full", "backend": "litert", "delegate": "xnnpack",
+                                     "threads": 2, "latency": {"p50_ms": 0.41}},
+          "governor": {"level": "balanced", "reason": "battery 50%"}, "sensor": {"state": "ok", "frames": 960},
+          "link": {"broker": "mqtts://broker.example:8883", "connected": True, "inflight": 3},
+          "spool": {"messages": 2, "bytes": 900}, "faults": {"sensor": {"problem": "crc \x1b[31merrors", "for_s": 5}}}
+
+
+def _status_responder(mqtt_client, broker: Broker, reply: dict):
+    """Answers ``status`` with ``reply`` (the board's side of the contract, MQTT 5)."""
+    responder = mqtt_client(broker, connect=False)
+
+    def on_message(client, userdata, message) -> None:
+        rid = json.loads(message.payload)["request_id"]
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = message.properties.CorrelationData
+        client.publish(message.properties.ResponseTopic, json.dumps({**reply, "cmd": "status", "request_id": rid}),
+                       qos=1, properties=props)
+
+    responder.client.on_message = on_message
+    responder.connect()
+    responder.subscribe(f"{PREFIX}/cmd/status")
+    return responder
+
+
+def test_status_is_printed_for_people(broker: Broker, mqtt_client, capsys) -> None:
+    from tools.status import block
+
+    _status_responder(mqtt_client, broker, {"ok": True, "result": STATUS})
+
+    code, out, err = _run(capsys, "--broker", broker.url, "--device", "dev-a", "status")
+    json_code, json_out, _ = _run(capsys, "--broker", broker.url, "--device", "dev-a", "status", "--json")
+
+    assert (code, err) == (0, "")
+    expected = [send.printable(line) for line in block(STATUS, 4242)]
+    assert out.splitlines() == expected and not out.startswith("ok: ")
+    assert out.splitlines()[0].startswith("device    dev-a (fieldnode 0.1.0, agent pid 4242): real board")
+    assert "\x1b" not in out and "\\x1b[31m" in out  # a board's text never drives the terminal
+    assert json_code == 0 and json.loads(json_out)["result"] == STATUS  # --json: the raw reply
+
+
+def test_an_error_reply_to_status_is_printed_as_an_error(broker: Broker, mqtt_client, capsys) -> None:
+    _status_responder(mqtt_client, broker, {"ok": False, "error": {"code": "sensor_fault", "message": "boom"}})
+
+    code, out, err = _run(capsys, "--broker", broker.url, "--device", "dev-a", "status")
+
+    assert (code, out, err) == (1, "error sensor_fault: boom\n", "")

@@ -19,8 +19,9 @@ from paho.mqtt.properties import Properties
 from tuf.api.exceptions import DownloadHTTPError
 
 from device.update import client as client_mod
-from device.update.mqttfetch import (DEFAULT_ROOT, MqttFetcher, MqttSource, MqttTransport, repository_path,
-                                     split_repository_url)
+from device.clock import SystemClock
+from device.update.mqttfetch import (DEFAULT_ROOT, MqttFetcher, MqttSource, MqttTransport, MqttTransportError,
+                                     repository_path, split_repository_url)
 from tests.link.conftest import MqttTestClient, run_broker
 from tests.update.reposim import World
 from tools.repo.serve import read_chunk
@@ -123,7 +124,7 @@ def test_a_board_refreshes_fetches_its_grant_and_resumes_a_download_across_a_bro
     key = repo.fetch_release_key(release, "board-a", [world.board[0]])
     with pytest.raises(client_mod.UpdateError) as info:
         repo.fetch_release_key(release, "board-z", [world.board[0]])
-    assert info.value.code == "E_NOT_GRANTED"
+    assert info.value.code == "not_granted"
 
     restarted: list = []
     asked = len(transport.history)
@@ -230,7 +231,7 @@ def test_serve_refuses_what_is_not_a_repository_and_a_bad_broker(tmp_path, capsy
 
     assert main(["repo", "serve", str(tmp_path), "--broker", "mqtt://127.0.0.1:1", "--json"]) == 1
     error = json.loads(capsys.readouterr().out.splitlines()[0])["error"]
-    assert error["code"] == "E_REPO" and "not a fieldnode repository" in error["message"], error
+    assert error["code"] == "repository_error" and "not a fieldnode repository" in error["message"], error
     (tmp_path / "w").mkdir()
     world = World(tmp_path / "w", capsys)
     capsys.readouterr()
@@ -240,7 +241,7 @@ def test_serve_refuses_what_is_not_a_repository_and_a_bad_broker(tmp_path, capsy
                         (["--broker", "mqtt://127.0.0.1", "--root", "#"], "--root '#'")):
         assert main(["repo", "serve", world.path, *argv, "--json"]) == 1, argv
         error = json.loads(capsys.readouterr().out.splitlines()[0])["error"]
-        assert error["code"] == "E_REPO" and words in error["message"], (argv, error)
+        assert error["code"] == "repository_error" and words in error["message"], (argv, error)
 
 
 def test_repository_urls_name_a_broker_and_a_topic_root():
@@ -300,3 +301,94 @@ def test_an_mqtt_repository_is_read_through_the_mqtt_transport_only(tmp_path):
     inst = Installer.from_config(cfg)
     assert isinstance(inst.repo.fetcher, MqttFetcher)
     assert isinstance(inst.repo._sources["targets"], MqttSource) and isinstance(inst.repo._sources["grants"], MqttSource)
+
+
+class ChunkServer:
+    """A chunk server written here: answers every request with ``answer(request) -> bytes`` and status 200, whatever
+    length was asked (a hostile or broken server, when the answer is large)."""
+
+    def __init__(self, broker, answer, root: str = DEFAULT_ROOT) -> None:
+        self.answer, self.requests, self.errors = answer, [], []
+        self.test_client = MqttTestClient(broker, client_id=f"chunk-server-{os.getpid()}")
+        self.test_client.client.on_message = self._on_message
+        self.test_client.connect()
+        self.test_client.subscribe(f"{root}/req")
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self.requests.append(json.loads(message.payload))
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = message.properties.CorrelationData
+            data = self.answer(self.requests[-1])
+            props.UserProperty = [("status", "200"), ("size", str(len(data)))]
+            client.publish(message.properties.ResponseTopic, data, qos=1, properties=props)
+        except Exception as exc:  # noqa: BLE001 - an exception would kill paho's thread
+            self.errors.append(repr(exc))
+
+    def close(self) -> None:
+        self.test_client.close()
+
+
+def test_an_answer_over_the_boards_limit_never_reaches_it_and_the_download_fails_in_time(broker, transports):
+    """A hostile chunk server answers a 16 KiB request with 3 MiB. The board announced its Maximum Packet Size, so the
+    broker drops the answer instead of sending it: the board never reads it, and the download fails with an error
+    that says so within the transport's timeout (per request, times the retries)."""
+    server = ChunkServer(broker, lambda request: b"\xee" * (3 * 1024 * 1024))
+    transport = transports(broker.url, timeout_s=2.0, max_chunk=16 * 1024)
+    try:
+        with pytest.raises(MqttTransportError) as info:
+            list(MqttSource(transport, 16 * 1024, retries=1).read("targets/models/m.tflite", 0))
+        assert "dropped by the broker" in str(info.value) and str(transport.max_packet) in str(info.value)
+        assert len(server.requests) == 2 and server.errors == []  # asked, retried once, then gave up
+        assert all(r["length"] == 16 * 1024 for r in server.requests)
+        broker.wait_for_log("(3145728 bytes)", count=2)  # the broker did receive both answers...
+        assert transport.answers == 0  # ...and handed the board none of them
+    finally:
+        server.close()
+
+
+def test_a_request_longer_than_the_limit_is_shortened_and_answered(broker, transports):
+    server = ChunkServer(broker, lambda request: b"a" * request["length"])
+    transport = transports(broker.url, max_chunk=1000)
+    try:
+        status, size, data = transport.request("metadata/1.root.json", 0, 10**6)
+        assert (status, data) == (200, b"a" * 1000) and server.requests[0]["length"] == 1000
+    finally:
+        server.close()
+
+
+class RecordingClock(SystemClock):
+    """The real clock, recording every sleep asked of it."""
+
+    def __init__(self) -> None:
+        self.sleeps: list = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        super().sleep(seconds)
+
+
+def test_the_transport_reconnects_with_a_fresh_client_after_a_backoff_on_its_clock(broker, transports):
+    """The broker stops and starts again: the transport notices, waits its backoff on the clock seam (no paho
+    reconnect delay, no time.sleep), connects with a new client and answers again."""
+    server = ChunkServer(broker, lambda request: b"ok")
+    clock = RecordingClock()
+    transport = transports(broker.url, clock=clock, reconnect=(0.2, 0.4))
+    try:
+        assert transport.request("metadata/1.root.json")[2] == b"ok"
+        first = transport.client
+        broker.stop()
+        for _ in range(500):
+            if not transport.ready:
+                break
+            threading.Event().wait(0.02)
+        assert not transport.ready
+        broker.start()
+        assert transport.wait_ready(20), broker.log_tail()
+        server.test_client.wait_connected(2)  # the test's own server reconnects by paho's means
+        server.test_client.subscribe(f"{DEFAULT_ROOT}/req")
+        assert transport.request("metadata/1.root.json")[2] == b"ok"
+        assert transport.connects == 2 and transport.client is not first  # a fresh client for the new connection
+        assert clock.sleeps and sum(clock.sleeps) >= 0.1  # the backoff slept on the clock: at least half of 0.2 s
+    finally:
+        server.close()

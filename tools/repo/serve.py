@@ -12,6 +12,8 @@ What it serves and how:
   out), so ``keys/`` and ``staged/`` stay private whatever a request says.
 * One response per request, at most the requested length (capped at :data:`MAX_CHUNK`), read with a seek: a
   large target is never held in memory.
+* Its client comes from :mod:`device.link.mqttclient` and announces a Maximum Packet Size of
+  :data:`REQUEST_MAX_PACKET` (a request is a short JSON object), so no peer makes it read a large packet.
 * Answers go only to response topics under ``<root>/resp/``: a request cannot make the server publish repository
   bytes onto another topic (a board's command topic, say). Requests without a response topic or correlation data
   are dropped.
@@ -32,11 +34,12 @@ import threading
 import time
 from collections import Counter
 
-from device.link.url import TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.link.url import TlsFiles, check_tls, parse_broker_url
 from device.update.errors import RepositoryError
 from device.update.mqttfetch import CHUNK, DEFAULT_ROOT, MAX_CHUNK, check_path
 
 DEFAULT_GROUP = "fieldnode-repo"
+REQUEST_MAX_PACKET = 64 * 1024  # a request: a path, two numbers, a response topic and correlation data
 
 
 def _say(text: str) -> None:
@@ -91,7 +94,7 @@ class Server:
         from device.link.errors import BrokerUrlError
         from tools.repo.meta import Repository
 
-        Repository(repo_dir)  # a RepositoryError (E_REPO) for a directory that is not one
+        Repository(repo_dir)  # a RepositoryError (repository_error) for a directory that is not one
         self.repo_dir = os.path.abspath(repo_dir)
         self.tls = tls or TlsFiles()
         try:
@@ -115,21 +118,20 @@ class Server:
 
     def start(self) -> None:
         """Connects (paho's thread reconnects and re-subscribes after an outage)."""
-        import paho.mqtt.client as mqtt
-
         from device.link.errors import BrokerUrlError
+        from device.link.mqttclient import Endpoint, new_client
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        if self.url.tls:
-            try:
-                apply_tls(c, self.tls)
-            except BrokerUrlError as exc:
-                raise RepositoryError(f"serve: {exc}") from exc
+        try:
+            # A server, not a board: paho's own reconnect keeps it subscribed after an outage.
+            c = new_client(Endpoint(self.url, self.tls), self.client_id, max_packet=REQUEST_MAX_PACKET,
+                           reconnect_on_failure=True)
+        except BrokerUrlError as exc:
+            raise RepositoryError(f"serve: {exc}") from exc
         c.reconnect_delay_set(0.2, 10)
         c.on_connect, c.on_subscribe, c.on_message = self._on_connect, self._on_subscribe, self._on_message
         c.on_disconnect = self._on_disconnect
         self._client = c
-        c.connect_async(self.url.host, self.url.port, 30)
+        c.open(30, asynchronous=True)
         c.loop_start()
 
     def stop(self) -> None:
