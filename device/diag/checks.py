@@ -70,12 +70,14 @@ def whoami() -> Who:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = f"uid {uid}"
+    from device.configfiles import service_user
+
     try:
-        g = grp.getgrnam(SERVICE_GROUP)
+        g = grp.getgrnam(service_user())
         in_group = g.gr_gid in os.getgroups() or g.gr_gid == os.getegid() or user in g.gr_mem
     except KeyError:  # no such group here (a development machine): nobody is in it
         in_group = False
-    return Who(user, root=uid == 0, service=user == SERVICE_USER, in_group=in_group)
+    return Who(user, root=uid == 0, service=user == service_user(), in_group=in_group)
 
 
 def permission_denied(exc: BaseException | None) -> bool:
@@ -319,7 +321,7 @@ def ask_agent_denied(cfg, timeout: float) -> tuple[dict | None, str, bool]:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def file_mode_problem(path: str, what: str, key: str, agent_user: str = "fieldnode") -> Check | None:
+def file_mode_problem(path: str, what: str, key: str, agent_user: str | None = None) -> Check | None:
     """Whether a secret file is safe and usable: exists, a regular file, mode 0600, owned by the agent's user.
 
     The group ``fieldnode`` is the one technicians join for ``fieldnode status``, so a key its group can read is
@@ -332,7 +334,10 @@ def file_mode_problem(path: str, what: str, key: str, agent_user: str = "fieldno
     """
     import pwd
 
-    fix = f"chown fieldnode:fieldnode {path} && chmod 600 {path}"
+    from device.configfiles import service_user
+
+    agent_user = agent_user or service_user()
+    fix = f"chown {agent_user}:{agent_user} {path} && chmod 600 {path}"
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -30,6 +30,7 @@ def agent(tmp_path):
 [device]
 id = "io-test"
 state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
 [runtime]
 isolation = "inline"
 delegate = "cpu"

@@ -5,6 +5,7 @@ code and a one-line error naming the problem, never a traceback and never the CL
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,12 +72,26 @@ BAD_VALUES = [
 ]
 
 
+# The board's default paths. A command run here with the defaults must not see (or write into) those of an agent
+# installed or running on this machine: each command runs in a mount namespace of its own in which an empty tmpfs
+# covers whichever of them exist (the host's mounts are untouched).
+BOARD_DIRS = ("/etc/fieldnode", "/run/fieldnode", "/var/lib/fieldnode")
+_UNSHARE = shutil.which("unshare")
+HIDE = os.geteuid() == 0 and _UNSHARE is not None and subprocess.run(
+    [_UNSHARE, "--mount", "--propagation", "private", "true"], capture_output=True, check=False).returncode == 0
+_HIDING = ('for d in ' + " ".join(BOARD_DIRS) + '; do if [ -d "$d" ]; then mount -t tmpfs -o size=4m tmpfs "$d" '
+           '|| exit 97; fi; done; exec "$@"')
+
+
 def fieldnode(args, env_extra=None, cwd=None, timeout=120):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
     env.update(env_extra or {})
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run([FIELDNODE, *args], capture_output=True, text=True, env=env, cwd=cwd or root,
+    hide = [_UNSHARE, "--mount", "--propagation", "private", "sh", "-c", _HIDING, "sh"] if HIDE else []
+    proc = subprocess.run([*hide, FIELDNODE, *args], capture_output=True, text=True, env=env, cwd=cwd or root,
                           timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 97, f"could not hide the board's directories: {proc.stderr}"
+    return proc
 
 
 def check(proc, codes):
@@ -90,7 +105,10 @@ def check(proc, codes):
 
 @pytest.fixture(scope="module")
 def no_config():
-    assert not os.path.exists("/etc/fieldnode/fieldnode.toml"), "this test needs a machine without a config file"
+    """The commands below run with the board's default paths; on a machine where an agent is installed or runs,
+    those are hidden from them (:func:`fieldnode`), so the case is the same everywhere."""
+    assert HIDE or not any(os.path.exists(d) for d in BOARD_DIRS), \
+        "an agent's directories exist here and cannot be hidden (needs root and unshare)"
 
 
 @pytest.mark.parametrize("args,codes", NO_CONFIG, ids=lambda a: " ".join(a) if isinstance(a, list) else None)

@@ -17,9 +17,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from device import config
+from device.configfiles import service_user
 from device.diag.checks import FAIL, OK, SKIP, WARN, Context
 
 pytestmark = pytest.mark.timeout(60)
+
+SERVICE = service_user()  # the agent's user as the suite names it (tests/conftest.py)
 
 
 def make_cfg(tmp_path: pathlib.Path, **sections) -> config.Config:
@@ -91,7 +94,7 @@ def test_world_readable_key_fails_with_a_chmod_remedy(tmp_path):
     assert check_keys(ctx_for(cfg)).status == OK
     os.chmod(key, 0o644)
     c = check_keys(ctx_for(cfg))
-    assert c.status == FAIL and "0644" in c.detail and c.remedy == f"chown fieldnode:fieldnode {key} && chmod 600 {key}"
+    assert c.status == FAIL and "0644" in c.detail and c.remedy == f"chown {SERVICE}:{SERVICE} {key} && chmod 600 {key}"
     os.chmod(key, 0o660)
     c = check_keys(ctx_for(cfg))
     assert c.status == WARN and "0660" in c.detail and "chmod 600" in c.remedy
@@ -111,7 +114,7 @@ def test_a_key_the_agents_user_does_not_own_fails(tmp_path):
     other = pwd.getpwnam("nobody")  # stands for the service user: the file is ours, not its
     assert os.stat(key).st_uid != other.pw_uid
     c = file_mode_problem(str(key), "TLS client key", "link.key_file", agent_user="nobody")
-    assert c.status == FAIL and "not the agent's user nobody" in c.detail and c.remedy.startswith("chown fieldnode:")
+    assert c.status == FAIL and "not the agent's user nobody" in c.detail and c.remedy.startswith("chown nobody:nobody ")
     os.chown(key, other.pw_uid, -1)
     assert file_mode_problem(str(key), "TLS client key", "link.key_file", agent_user="nobody") is None
 

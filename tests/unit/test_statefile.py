@@ -55,9 +55,15 @@ def test_move_aside_takes_every_side_file_along(tmp_path):
     assert (tmp_path / "spool.db.corrupt-20260101T010101Z-wal").read_bytes() == b"-wal"
 
 
-def test_fsync_dir_is_best_effort(tmp_path):
+def test_fsync_dir_syncs_the_directory_and_is_best_effort_when_it_cannot_open_it(tmp_path, mocker):
+    # os.fsync is wrapped, not replaced: the real fsync runs, the test learns which inode it was given.
+    synced = []
+    real = os.fsync
+    mocker.patch("os.fsync", side_effect=lambda fd: (synced.append(os.fstat(fd).st_ino), real(fd))[1])
     fsync_dir(str(tmp_path))
+    assert synced == [os.stat(tmp_path).st_ino]
     fsync_dir(str(tmp_path / "missing"))  # cannot open: the rename it guards is done already, no error
+    assert synced == [os.stat(tmp_path).st_ino]
 
 
 def test_short_error_prefers_the_os_text_and_cuts_long_messages():

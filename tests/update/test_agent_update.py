@@ -49,6 +49,7 @@ def agent_config(tmp_path, *, trial_s=2.0, min_windows=8, isolation="inline", sh
 [device]
 id = "{DEV}"
 state_dir = "{tmp_path / 'state'}"
+runtime_dir = "{tmp_path / 'run'}"
 [runtime]
 isolation = "{isolation}"
 delegate = "cpu"
@@ -140,7 +141,7 @@ def test_a_model_that_disagrees_with_the_previous_one_is_rolled_back(tmp_path, p
         labels_after = a.last_result.scores
     rb = r.of("update_rolled_back")[0]
     back_to, back_version = ("bundled", "1.0.0") if previous == "bundled" else ("vibration v2", "2")
-    assert rb["version"] == 3 and rb["code"] == "E_HEALTH" and "disagrees" in rb["reason"] and rb["to"] == back_to
+    assert rb["version"] == 3 and rb["code"] == "trial_failed" and "disagrees" in rb["reason"] and rb["to"] == back_to
     assert r.of("update_trial")[-1]["verdict"] == "fail"
     assert r.of("update_shadow")[0]["model_version"] == back_version
     assert [(d["from_version"], d["to_version"]) for d in r.of("model_changed")] == [("3", back_version)]
@@ -174,7 +175,7 @@ def test_a_model_that_crashes_its_worker_is_rolled_back_by_itself(tmp_path):
         quarantined = [q["path"] for q in a.runtime.status()["quarantined"]]
     rb = r.of("update_rolled_back")[0]
     # quarantine_after = 1: the first crash quarantines the file (the event that fails the trial names the signal)
-    assert rb["version"] == 4 and rb["code"] == "E_HEALTH" and "SIGSEGV" in rb["reason"]
+    assert rb["version"] == 4 and rb["code"] == "trial_failed" and "SIGSEGV" in rb["reason"]
     assert r.of("model_quarantined") and r.of("variant_fallback")[0]["to"] == "lite"  # it even served, on lite
     assert 4 in ModelStore.for_state_dir(state).failed_versions("vibration")
     assert quarantined == [os.path.join(state, "update", "slots", "a", "vibration_full.tflite")]  # only its file
@@ -222,6 +223,6 @@ def test_runtime_model_overrides_the_store(tmp_path):
         assert st["store"]["active"]["version"] == 7 and st["store"]["active"]["restarts"] == 0  # not counted
         with pytest.raises(Exception) as err:
             a.updates.start_install()
-        assert getattr(err.value, "code", None) == "E_STORE" and "runtime.model" in str(err.value)
+        assert getattr(err.value, "code", None) == "model_store_error" and "runtime.model" in str(err.value)
     finally:
         a.close()

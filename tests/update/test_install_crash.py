@@ -304,8 +304,10 @@ def test_killed_at_random_points_the_store_holds_the_old_or_the_new_model(world,
         shutil.rmtree(state)
     print(f"\nrandom points: {kills} kills in {attempts} runs, old v{OLD}: {versions[OLD]}, new v{NEW}: "
           f"{versions[NEW]}; last step announced: {dict(last)}; {temps} temporary files left in metadata/")
-    assert len(last) >= len(BOUNDARIES) - 2, last  # the kills landed all over the install
-    assert versions[OLD] >= 20 and versions[NEW] >= 15, versions
+    # Where the random kills fell is printed, not asserted: it depends on the machine's timing. Every boundary is
+    # killed at deterministically by test_killed_at_every_step_boundary_the_store_holds_the_old_or_the_new_model;
+    # what this test asserts is check()'s verdict after each of the RANDOM_KILLS kills.
+    assert kills == RANDOM_KILLS and sum(versions.values()) == RANDOM_KILLS
 
 
 def test_killed_inside_a_validation_by_workers_the_old_model_stays(world, reference):
