@@ -11,13 +11,16 @@
 | ``governor`` | yes | ``level`` (a level, or ``auto``), ``ttl_s`` | overrides the power level for a while; ``auto`` ends it |
 | ``quarantine.release`` | yes | ``sha256`` (as ``status`` lists it) | lifts a model file's quarantine |
 | ``update.status`` | no | - | installed versions, floors, failed versions, the trial, the last install |
-| ``update.check`` | yes | - | refreshes the repository and says what ``update.install`` would install |
+| ``update.check`` | yes | - | starts a repository refresh and replies ``started``; an ``update_check`` event says what ``update.install`` would install |
 | ``update.install`` | yes | ``version`` (optional), ``force`` | starts an install and replies ``started``; ``update_install`` events follow, then the trial's |
 | ``update.rollback`` | yes | ``reason`` | back to the previous model now; the version is marked failed |
 
 The update commands are :class:`device.update.agentside.AgentUpdates`'s; their errors carry the update codes
-(``E_BUSY``, ``E_STORE``...). An install runs on its own thread (it downloads, decrypts and validates: minutes
-on a slow link), so the command thread answers at once and never holds other commands up.
+(``update_busy``, ``model_store_error``...). A check and an install run on threads of their own (a refresh
+waits on the network, an install also downloads, decrypts and validates: minutes on a slow link, and two minutes
+a file against a repository that never answers), so the single command thread answers at once and never holds
+``ping`` or any other command up. The commands marked local in the registry (``ping``, ``status``,
+``update.status``, ``config.get``: unprivileged, read-only) are also answered on the local control socket.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def build_registry(ops: Ops) -> Registry:
         return ops.updates.status()
 
     def update_check(args: dict, ctx: CallContext):
-        return ops.updates.check()
+        return ops.updates.check(by=ctx.signer)
 
     def update_install(args: dict, ctx: CallContext):
         return ops.updates.start_install(args.get("version"), args["force"], by=ctx.signer)
@@ -134,9 +137,9 @@ def build_registry(ops: Ops) -> Registry:
         return ops.updates.rollback(args["reason"], by=ctx.signer)
 
     reg.register("diag", diag, doc="run fieldnode diag's checks on the board (offline ones and the broker)")
-    reg.register("status", status, doc="runtime, governor, sensor, link and spool status")
+    reg.register("status", status, local=True, doc="runtime, governor, sensor, link and spool status")
     reg.register("infer", infer, doc="classify the latest sensor window now")
-    reg.register("config.get", config_get, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),
+    reg.register("config.get", config_get, local=True, args=(Arg("key", str, doc="dotted key, e.g. runtime.threads"),),
                  doc="the effective configuration, or one key")
     reg.register("variant", variant, privileged=True,
                  args=(Arg("variant", str, required=True, doc="a variant name, or auto"),),
@@ -151,10 +154,11 @@ def build_registry(ops: Ops) -> Registry:
     reg.register("quarantine.release", quarantine_release, privileged=True,
                  args=(Arg("sha256", str, required=True, doc="the model file's digest, as status lists it"),),
                  doc="lift a model file's quarantine; the next start or variant swap may load it again")
-    reg.register("update.status", update_status,
+    reg.register("update.status", update_status, local=True,
                  doc="installed model versions, the trial in progress, the last install")
     reg.register("update.check", update_check, privileged=True,
-                 doc="refresh the update repository and say what update.install would install")
+                 doc="start refreshing the update repository (an update_check event says what update.install "
+                     "would install)")
     reg.register("update.install", update_install, privileged=True,
                  args=(Arg("version", int, minimum=0, doc="the release version (default: the newest)"),
                        Arg("force", bool, default=False, doc="install even when the power governor says wait")),

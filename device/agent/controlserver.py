@@ -1,62 +1,154 @@
 """The agent's side of the local control socket: :class:`ControlServer` (the protocol: :mod:`device.control`).
 
-One thread accepts (woken by a pipe on :meth:`ControlServer.close`), one thread per connection reads request lines
-and runs the handler on itself, so a slow handler holds up only its own connection; the number of connections is
-capped. Every failure of a request is an error reply; none ends a thread other than its connection's.
+The socket serves the agent's command registry (:class:`device.link.commands.Registry`), the same one the MQTT
+dispatcher serves, but only the commands registered ``local=True``: unprivileged and read-only (``status``,
+``ping`` and the like). A request is checked and run by the registry's own code (:func:`check_args`,
+:func:`run_command`), so a command means the same on both transports; what differs is only the framing (one JSON
+request a line, :mod:`device.control`) and the trust (the socket's mode and group, not a signature).
+
+Serving is the standard library's :mod:`socketserver`: a threading Unix stream server, one thread per connection,
+so a slow handler holds up only its own connection. Threads are bounded: ``max_connections`` connections of the
+socket's group at once, and ``root_connections`` more that only root (the peer's uid from ``SO_PEERCRED``) may
+use, so members of the group holding every slot cannot lock root out of ``fieldnode status``. An idle connection
+is closed after ``idle_timeout`` seconds; a refused connection gets a ``too_many_connections`` reply and is
+logged (at most once every :data:`REFUSAL_LOG_S` seconds, with the count of the ones not said).
 """
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
-import select
 import socket
+import socketserver
 import stat
+import struct
 import threading
-from typing import Any, Callable, Mapping
+import time
+from typing import Any, Callable
 
-from device.control import (MAX_LINE, ControlBusy, ControlSocketError, path_problem, socket_peer_pid, encode_line,
-                            now)
+from device.control import (MAX_LINE, ControlBusy, ControlSocketError, encode_line, now, path_problem,
+                            socket_peer_pid)
 from device.errors import FieldnodeError, error_json
 from device.link import wire
-from device.link.errors import BadJson, BadRequest, CommandCrashed, PayloadTooLarge, UnknownCommand
+from device.link.commands import CallContext, Registry, check_args, run_command
+from device.link.errors import BadJson, BadRequest, PayloadTooLarge, UnknownCommand
 
 log = logging.getLogger(__name__)
 
+REFUSAL_LOG_S = 60.0  # a refused connection is logged at most this often (a flood must not flood the journal)
+_WAKE_POLL_S = 30.0  # serve_forever's select timeout; close() wakes it at once by shutting the listening socket
 
-class _TooManyConnections(FieldnodeError):
+
+class TooManyConnections(FieldnodeError):
+    """Every connection slot of the control socket is in use."""
+
     code = "too_many_connections"
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int | None, int | None]:
+    """``(pid, uid)`` of the process at the other end of a Unix socket (``(None, None)`` where unknown)."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        return pid or None, uid
+    except (OSError, AttributeError):  # SO_PEERCRED is Linux's
+        return None, None
+
+
+def _is_root(uid: int | None) -> bool:
+    return uid == 0
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: "_Server"
+
+    def handle(self) -> None:
+        self.server.owner.converse(self.request)
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The standard library's threading Unix server, with admission (slots, root's reserve) and named threads."""
+
+    daemon_threads = True  # a handler stuck in the agent cannot be interrupted; close() does not wait for ever
+    block_on_close = False
+    request_queue_size = 16
+
+    def __init__(self, owner: "ControlServer") -> None:
+        self.owner = owner
+        super().__init__(owner.path, _Handler, bind_and_activate=False)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):  # wait rather than spin
+                log.warning("control socket: cannot accept a connection: %s", exc.strerror or exc)
+                self.owner.closing.wait(0.5)
+            raise
+
+    def verify_request(self, request, client_address) -> bool:
+        return self.owner.admit(request)
+
+    def process_request(self, request, client_address) -> None:
+        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                             name="control-conn", daemon=True)
+        self.owner.started(request, t)
+        try:
+            t.start()
+        except BaseException:  # no thread (RuntimeError at the process's limit): its slot is free again
+            self.owner.ended(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.owner.ended(request)
+
+    def handle_error(self, request, client_address) -> None:
+        log.exception("control connection failed")  # never expected: the commands' failures are replies
+
+
 class ControlServer:
-    """Serves ``handlers`` on a Unix stream socket at ``path``, one JSON request per line.
+    """Serves the ``local`` commands of ``registry`` on a Unix stream socket at ``path``, one JSON request a line.
 
     Args:
-        path: The socket file (:func:`socket_path`).
-        handlers: ``op -> handler(args) -> result``; each runs on the connection's thread and returns a JSON value.
+        path: The socket file (:func:`device.control.socket_path`).
+        registry: The agent's commands; only those registered ``local=True`` are served.
         mode: The socket file's mode.
         group: The group given the socket (and the directory, when this server creates it), if it exists here.
-        max_connections: Connections served at once.
+        max_connections: Connections served at once (anyone who may open the socket).
+        root_connections: Connections beyond ``max_connections`` that only root may use.
         read_timeout: Seconds a started request line has to end (and a reply has to be taken).
-        idle_timeout: Seconds a connection may wait between requests.
+        idle_timeout: Seconds a connection may wait between requests before it is closed.
+        is_root: ``is_root(uid)``: whether a peer may use root's reserve (a seam for tests, which run as root).
     """
 
-    def __init__(self, path: str, handlers: Mapping[str, Callable[[dict], Any]], *, mode: int = 0o660,
-                 group: str | None = "fieldnode", max_connections: int = 8, read_timeout: float = 10.0,
-                 idle_timeout: float = 120.0):
+    def __init__(self, path: str, registry: Registry, *, mode: int = 0o660, group: str | None = "fieldnode",
+                 max_connections: int = 8, root_connections: int = 2, read_timeout: float = 5.0,
+                 idle_timeout: float = 10.0, is_root: Callable[[int | None], bool] = _is_root):
+        if not isinstance(registry, Registry):
+            raise TypeError(f"registry must be a device.link.commands.Registry, not {type(registry).__name__}")
+        if max_connections < 1 or root_connections < 0:
+            raise ValueError("need max_connections >= 1 and root_connections >= 0")
         self.path = os.fspath(path)
-        self.handlers = dict(handlers)
+        self.registry = registry
         self.mode, self.group = mode, group
-        self.max_connections = max_connections
+        self.max_connections, self.root_connections = max_connections, root_connections
         self.read_timeout, self.idle_timeout = read_timeout, idle_timeout
-        self._sock: socket.socket | None = None
-        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
-        self._wake_r = self._wake_w = -1
+        self.is_root = is_root
+        self.closing = threading.Event()
+        self.counters = {"connections": 0, "refused": 0, "idle_closed": 0}
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self._lock = threading.Lock()
-        self._conns: dict[socket.socket, threading.Thread] = {}
-        self._closing = threading.Event()
+        self._conns: dict[socket.socket, tuple[str, threading.Thread | None]] = {}  # conn -> (pool, thread)
+        self._pools = {"shared": 0, "root": 0}
+        self._refusals_unsaid = 0
+        self._refusal_said_at: float | None = None
 
     def __enter__(self) -> "ControlServer":
         self.start()
@@ -66,50 +158,55 @@ class ControlServer:
         self.close()
 
     def start(self) -> None:
-        """Makes the socket (replacing a stale one) and starts accepting.
+        """Makes the socket (replacing a stale one) and starts serving.
 
         Raises:
             ControlBusy: Another process answers on ``path``.
             ControlSocketError: The directory cannot be made, a non-socket file is in the way, the path is too
                 long, or the socket cannot be bound.
         """
-        if self._sock is not None:
+        if self._server is not None:
             raise RuntimeError("the control server has started already")
         problem = path_problem(self.path)
         if problem:
             raise ControlSocketError(f"control socket {self.path}: {problem}")
         self._make_directory()
         self._clear_stale()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server = _Server(self)
         try:
-            sock.bind(self.path)
+            server.server_bind()
             st = os.lstat(self.path)
             self._ident = (st.st_dev, st.st_ino)
             os.chmod(self.path, self.mode)
             self._give_group(self.path)
-            sock.listen(16)
-            sock.setblocking(False)
+            server.server_activate()
         except OSError as exc:
-            sock.close()
+            server.server_close()
             if self._ident is not None:
                 self._unlink_own()
             raise ControlSocketError(f"cannot make the control socket {self.path}: {exc.strerror or exc}") from exc
-        self._sock = sock
-        self._wake_r, self._wake_w = os.pipe()
-        self._closing.clear()
-        self._thread = threading.Thread(target=self._accept_loop, name="control", daemon=True)
+        self._server = server
+        self.closing.clear()
+        self._thread = threading.Thread(target=server.serve_forever, args=(_WAKE_POLL_S,), name="control",
+                                        daemon=True)
         self._thread.start()
         log.info("control socket %s (mode %o)", self.path, self.mode)
 
     def close(self) -> None:
         """Stops accepting, ends the connections (waiting a moment for a handler), unlinks our own socket file."""
-        if self._sock is None:
+        server = self._server
+        if server is None:
             return
-        self._closing.set()
+        self.closing.set()
+        # shutdown() only raises a flag that serve_forever reads after its select: shutting the listening socket
+        # makes that select return at once (and every later one: no wake-up is lost).
+        stopper = threading.Thread(target=server.shutdown, name="control-stop", daemon=True)
+        stopper.start()
         try:
-            os.write(self._wake_w, b"x")
+            server.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        stopper.join(5)
         if self._thread is not None:
             self._thread.join(5)
         with self._lock:
@@ -119,16 +216,65 @@ class ControlServer:
                 conn.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv
             except OSError:
                 pass
-        for _, t in conns:
-            t.join(2)  # a handler stuck in the agent cannot be interrupted; its thread is a daemon
-        self._sock.close()
-        self._sock = None
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
-        self._wake_r = self._wake_w = -1
+        for _, (_, t) in conns:
+            if t is not None:
+                t.join(2)
+        server.server_close()
+        self._server = None
         self._unlink_own()
 
-    # -------------------------------------------------------------------------------------------- setup
+    # ------------------------------------------------------------------------------------------ admission
+
+    def admit(self, conn: socket.socket) -> bool:
+        """Takes a slot for a new connection (root: a shared one, else its reserve); refuses it when none is free."""
+        if self.closing.is_set():
+            return False
+        pid, uid = peer_credentials(conn)
+        with self._lock:
+            pool = None
+            if self._pools["shared"] < self.max_connections:
+                pool = "shared"
+            elif self._pools["root"] < self.root_connections and self.is_root(uid):
+                pool = "root"
+            if pool is not None:
+                self._pools[pool] += 1
+                self._conns[conn] = (pool, None)
+                self.counters["connections"] += 1
+                return True
+            self.counters["refused"] += 1
+        self._refuse(conn, pid, uid)
+        return False
+
+    def started(self, conn: socket.socket, thread: threading.Thread) -> None:
+        with self._lock:
+            pool, _ = self._conns[conn]
+            self._conns[conn] = (pool, thread)
+
+    def ended(self, conn: socket.socket) -> None:
+        with self._lock:
+            pool, _ = self._conns.pop(conn, ("", None))
+            if pool:
+                self._pools[pool] -= 1
+
+    def _refuse(self, conn: socket.socket, pid: int | None, uid: int | None) -> None:
+        try:
+            conn.setblocking(False)  # best effort: a refusal never waits on the client
+            conn.send(encode_line(error_json(TooManyConnections(
+                f"the agent serves {self.max_connections} control connections already; try again shortly"))))
+        except OSError:
+            pass
+        t = now()
+        with self._lock:
+            if self._refusal_said_at is not None and t - self._refusal_said_at < REFUSAL_LOG_S:
+                self._refusals_unsaid += 1
+                return
+            unsaid, self._refusals_unsaid, self._refusal_said_at = self._refusals_unsaid, 0, t
+        more = f" ({unsaid} more refused since the last such message)" if unsaid else ""
+        log.warning("control socket: refused a connection of uid %s (pid %s): all %d connection slots are in use%s; "
+                    "idle connections are closed after %g s", uid, pid, self.max_connections, more,
+                    self.idle_timeout)
+
+    # ------------------------------------------------------------------------------------------ setup
 
     def _make_directory(self) -> None:
         directory = os.path.dirname(self.path) or "."
@@ -211,66 +357,21 @@ class ControlServer:
 
     # ------------------------------------------------------------------------------------------ serving
 
-    def _accept_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
-        while not self._closing.is_set():
-            try:
-                poller.poll()
-            except InterruptedError:
-                continue
-            if self._closing.is_set():
-                break
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
-                log.warning("control socket: cannot accept a connection: %s", exc.strerror or exc)
-                self._closing.wait(0.5)
-                continue
-            with self._lock:
-                full = len(self._conns) >= self.max_connections
-                if not full:
-                    t = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
-                    self._conns[conn] = t
-            if full:
-                self._refuse(conn)
-            else:
-                t.start()
-
-    def _refuse(self, conn: socket.socket) -> None:
-        try:
-            conn.setblocking(False)  # best effort: a refusal never waits on the client
-            conn.send(encode_line(error_json(_TooManyConnections(
-                f"the agent serves {self.max_connections} control connections already; try again shortly"))))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def converse(self, conn: socket.socket) -> None:
+        """Serves one connection: request lines in, one reply line each, until EOF, a bound or the idle timeout."""
         try:
             self._converse(conn)
         except OSError as exc:  # the client went away, or close() shut the connection
             log.debug("control connection ended: %s", exc)
-        except Exception:  # never expected: the handlers' failures are caught in _answer
-            log.exception("control connection failed")
-        finally:
-            with self._lock:
-                self._conns.pop(conn, None)
-            conn.close()
 
     def _converse(self, conn: socket.socket) -> None:
         buf = bytearray()
         line_deadline = None
-        while not self._closing.is_set():
+        while not self.closing.is_set():
             nl = buf.find(b"\n")
             if nl < 0:
                 if len(buf) > MAX_LINE:
-                    self._send(conn, error_json(PayloadTooLarge(
-                        f"request line longer than {MAX_LINE} bytes; the connection is closed")))
+                    self._send(conn, error_json(_too_long()))
                     return
                 if buf:
                     if line_deadline is None:
@@ -288,27 +389,28 @@ class ControlServer:
                 except socket.timeout:
                     if buf:
                         continue  # the deadline check above replies
+                    with self._lock:
+                        self.counters["idle_closed"] += 1
                     return  # idle too long: closed quietly, a client reconnects
                 if not data:
                     if buf.strip():  # `printf '{"op":"status"}' | socat - UNIX:...`: a last line without newline
-                        self._send(conn, self._answer(bytes(buf)))
+                        self._send(conn, self.answer(bytes(buf)))
                     return
                 buf += data
                 continue
             line, buf = bytes(buf[:nl]), buf[nl + 1:]
             line_deadline = None
             if len(line) > MAX_LINE:
-                self._send(conn, error_json(PayloadTooLarge(
-                    f"request line longer than {MAX_LINE} bytes; the connection is closed")))
+                self._send(conn, error_json(_too_long()))
                 return
-            self._send(conn, self._answer(line))
+            self._send(conn, self.answer(line))
 
     def _send(self, conn: socket.socket, doc: dict) -> None:
         conn.settimeout(self.read_timeout)  # a client that does not read its reply is dropped
         conn.sendall(encode_line(doc))
 
-    def _answer(self, line: bytes) -> dict:
-        """The reply to one request line; never raises."""
+    def answer(self, line: bytes) -> dict:
+        """The reply to one request line, through the registry; never raises."""
         try:
             req = wire.parse_object(line.rstrip(b"\r"))
         except ValueError as exc:
@@ -325,22 +427,20 @@ class ControlServer:
             return error_json(BadRequest("'op' is missing or not a non-empty string"))
         if not isinstance(args, dict):
             return error_json(BadRequest("'args' must be a JSON object"))
-        handler = self.handlers.get(op)
-        if handler is None:
+        command = self.registry.get(op)
+        if command is None or not command.local:
             shown = op if len(op) <= 64 else op[:61] + "..."
-            return error_json(UnknownCommand(f"unknown op {shown!r}; this agent answers "
-                                             f"{', '.join(sorted(self.handlers)) or 'nothing'}"))
+            where = " (it is an MQTT command: use fieldnode send)" if command is not None else ""
+            served = [n for n in self.registry.names() if self.registry.get(n).local]
+            return error_json(UnknownCommand(f"unknown op {shown!r}{where}; this socket answers "
+                                             f"{', '.join(served) or 'nothing'}"))
         try:
-            result = handler(args)
+            result: Any = run_command(command, check_args(command.args, args),
+                                      CallContext(cmd=op, request_id=None, signer=None, received_at=time.time()))
         except FieldnodeError as exc:
             return error_json(exc)
-        except (Exception, SystemExit) as exc:  # a handler calling sys.exit() must not end the connection thread
-            log.exception("control op %s failed", op)
-            return error_json(CommandCrashed(f"op '{op}' failed: {type(exc).__name__} (see the agent's log)"))
-        doc = {"ok": True, "result": result}
-        try:
-            encode_line(doc)
-        except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug, like a crash
-            log.error("control op %s returned a result that is not JSON: %s", op, exc)
-            return error_json(CommandCrashed(f"op '{op}' returned a result that is not JSON ({type(exc).__name__})"))
-        return doc
+        return {"ok": True, "result": result}
+
+
+def _too_long() -> FieldnodeError:
+    return PayloadTooLarge(f"request line longer than {MAX_LINE} bytes; the connection is closed")

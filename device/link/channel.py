@@ -7,13 +7,18 @@ connection. So:
   wire contract (:meth:`device.link.wire.Topics.reply_topic_problem`) before anything else; a topic the board will
   not publish to (a wildcard, ``$``, one of the board's own topics...) makes the command ``bad_reply_topic``: it
   does not run, and its refusal goes to ``<prefix>/reply``. Commands wait in a queue of ``queue_size``; past it,
-  they are dropped and counted (``commands_dropped``).
+  they are dropped and counted (``commands_dropped``). An operator's signed command has a lane of its own: an
+  envelope that a trusted key signed, unexpired, for this board, whose nonce is new
+  (:meth:`device.link.commands.Dispatcher.signed_lane`), waits in a queue of ``signed_queue`` that the command
+  thread serves first, so a flood of unsigned, badly signed or replayed commands, which fills the shared queue,
+  cannot keep it out (``signed_received``, ``signed_dropped``).
 * **The command thread** (:meth:`serve`) runs the dispatcher. A reply to a command that ran is sent at QoS 1 (the
   dispatcher's rate limit bounds how many). A refusal (anything that did not run: malformed, over the rate limit,
   unauthorized, a bad reply topic) or a de-duplicated repeat is sent at QoS 0 within the refusal budget, a token
   bucket of ``refusal_budget = (burst, per second)``; past it, it is not answered (``replies_dropped``), so a
   flood of refused commands costs neither memory nor bandwidth. Replies wait in a queue of ``reply_queue``; past
-  it, they are dropped and counted too.
+  it, they are dropped and counted too. A signed-lane command's reply is always sent (at QoS 1) and has
+  ``signed_queue`` more places in the reply queue: the flood's replies never crowd it out.
 * **Publishing** (network thread, :meth:`pump`, called after the spool's results): at most ``reply_inflight``
   QoS 1 replies are unacknowledged, in a window of their own (paho's in-flight limit is the results' window plus
   this one), so results never wait behind replies. A reply paho refuses is lost, the connection is not.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
+import threading
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -53,27 +58,37 @@ class CommandChannel:
         reply_queue: Most replies waiting for the network thread.
         reply_inflight: Most QoS 1 replies awaiting PUBACK.
         refusal_budget: ``(burst, per_s)`` of refusal replies.
+        signed_queue: Most signed-lane commands waiting (and the reply queue's extra places for their replies).
     """
 
     def __init__(self, dispatcher, topics: Topics, *, v5: bool, wake: Callable[[], None] = lambda: None,
                  clock=SYSTEM_CLOCK, queue_size: int = 64, reply_queue: int = 64, reply_inflight: int = 16,
-                 refusal_budget: tuple[int, float] = (10, 1.0)) -> None:
+                 refusal_budget: tuple[int, float] = (10, 1.0), signed_queue: int = 16) -> None:
         burst, per_s = refusal_budget
-        if not (queue_size >= 1 and reply_queue >= 1 and reply_inflight >= 1 and burst >= 0 and per_s >= 0):
-            raise ValueError("need queue_size, reply_queue, reply_inflight >= 1 and a refusal budget >= 0")
+        if not (queue_size >= 1 and reply_queue >= 1 and reply_inflight >= 1 and burst >= 0 and per_s >= 0
+                and signed_queue >= 1):
+            raise ValueError("need queue_size, reply_queue, reply_inflight, signed_queue >= 1 and a refusal budget "
+                             ">= 0")
         self.dispatcher, self.topics, self.v5, self._wake, self.clock = dispatcher, topics, v5, wake, clock
         self.queue_size, self.reply_queue, self.reply_inflight = queue_size, reply_queue, reply_inflight
+        self.signed_queue = signed_queue
         self._burst, self._per_s = float(burst), float(per_s)
         self._tokens, self._refilled_at = float(burst), clock.monotonic()
-        self._commands: queue.Queue = queue.Queue(maxsize=queue_size)
+        # (name, payload, response, correlation, problem, signed): the signed lane is served first
+        self._cond = threading.Condition()
+        self._commands: collections.deque = collections.deque()
+        self._signed: collections.deque = collections.deque()
+        self._stopping = False
         self._replies: collections.deque = collections.deque()  # (topic, body, properties, qos); bounded below
         self._inflight: set[int] = set()  # paho mids of QoS 1 replies
         self.counters = {"commands_received": 0, "commands_dropped": 0, "commands_queue_peak": 0, "bad_reply_topic": 0,
+                         "signed_received": 0, "signed_dropped": 0,
                          "replies": 0, "replies_failed": 0, "replies_dropped": 0, "replies_queue_peak": 0}
 
     def status(self) -> dict:
         """Counters and current queue lengths."""
-        return {**self.counters, "commands_queued": self._commands.qsize(), "replies_queued": len(self._replies)}
+        return {**self.counters, "commands_queued": len(self._commands), "signed_queued": len(self._signed),
+                "replies_queued": len(self._replies)}
 
     # ---------------------------------------------------------------------------------------- network thread
 
@@ -85,13 +100,18 @@ class CommandChannel:
             if problem is not None:
                 self.counters["bad_reply_topic"] += 1
                 log.debug("command %s: refused reply topic %.80r: %s", name, response, problem)
-        try:
-            self._commands.put_nowait((name, payload, response, correlation, problem))
-        except queue.Full:
-            self.counters["commands_dropped"] += 1
+        signed = problem is None and self.dispatcher.signed_lane(name, payload)
+        lane, room = (self._signed, self.signed_queue) if signed else (self._commands, self.queue_size)
+        with self._cond:
+            full = len(lane) >= room
+            if not full:
+                lane.append((name, payload, response, correlation, problem, signed))
+                depth = len(self._commands)
+                self._cond.notify()
+        if full:
+            self.counters["signed_dropped" if signed else "commands_dropped"] += 1
             return
-        self.counters["commands_received"] += 1
-        depth = self._commands.qsize()
+        self.counters["signed_received" if signed else "commands_received"] += 1
         if depth > self.counters["commands_queue_peak"]:
             self.counters["commands_queue_peak"] = depth
 
@@ -131,28 +151,27 @@ class CommandChannel:
     def serve(self) -> None:
         """The command thread's loop: dispatch, decide what is answered, queue the reply. Ends on :meth:`stop`."""
         while True:
-            item = self._commands.get()
-            if item is None:
-                return
+            with self._cond:
+                self._cond.wait_for(lambda: self._signed or self._commands or self._stopping)
+                if self._signed:
+                    item = self._signed.popleft()
+                elif self._commands:
+                    item = self._commands.popleft()
+                else:
+                    return
             try:
                 self._serve_one(*item)
             except Exception:  # the dispatcher never raises; this is the last line of defence
                 log.exception("command %r failed in the link", item[0])
 
     def stop(self) -> None:
-        """Ends :meth:`serve` (after the commands already queued), even when the queue is full."""
-        while True:
-            try:
-                self._commands.put_nowait(None)
-                return
-            except queue.Full:
-                try:
-                    self._commands.get_nowait()
-                except queue.Empty:
-                    pass
+        """Ends :meth:`serve` (after the commands already queued)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
 
     def _serve_one(self, name: str, payload: bytes, response: object, correlation: bytes | None,
-                   problem: str | None) -> None:
+                   problem: str | None, signed: bool) -> None:
         if problem is not None:
             shown = response[:80] if isinstance(response, str) else response
             reply = self.dispatcher.refuse(name, payload, BadReplyTopic(
@@ -160,11 +179,11 @@ class CommandChannel:
                 f"to {self.topics.reply}"))
         else:
             reply = self.dispatcher.handle(name, payload)
-        limited = reply.refused or reply.cached
+        limited = (reply.refused or reply.cached) and not signed  # the signed lane holds few, all authentic
         if limited and not self._spend():
             self.counters["replies_dropped"] += 1
             return
-        if len(self._replies) >= self.reply_queue:
+        if len(self._replies) >= self.reply_queue + (self.signed_queue if signed else 0):
             self.counters["replies_dropped"] += 1
             return
         props = None

@@ -1,15 +1,18 @@
 """The command registry and the transport-free dispatcher behind ``<prefix>/cmd/<name>``.
 
-The agent registers each command (:class:`Registry`) with its handler, its arguments (:class:`Arg`) and
-whether it is privileged. The MQTT link takes ``<name>`` from the topic, calls :meth:`Dispatcher.handle` with
-the raw payload and publishes the :class:`Reply` body. ``handle`` never raises; it stops at the first failure:
+The agent registers each command (:class:`Registry`) with its handler, its arguments
+(:class:`device.link.cmdargs.Arg`), whether it is privileged and whether the local control socket serves it
+too. The MQTT link takes ``<name>`` from the topic, calls :meth:`Dispatcher.handle` with the raw payload and
+publishes the :class:`Reply` body. ``handle`` never raises; it stops at the first failure:
 
 1. size (``payload_too_large``, before parsing); 2. known command (``unknown_command``); 3. a UTF-8 JSON
 object (``bad_json``); 4. ``request_id`` and fields (``bad_request``); 5. de-duplication: a ``request_id``
-seen within the window gets the cached reply byte for byte, runs nothing and uses no rate token; 6. the token
-bucket (``rate_limited``); 7. privilege: a payload with ``sig`` is a signed envelope for
-:meth:`Verifier.verify`, a privileged command without one is ``unauthorized``; 8. arguments (``bad_args``);
-9. the handler. Replies have the shape of the wire contract (:mod:`device.link.wire`): ``{"ok": true, "cmd",
+seen within the window gets the cached reply byte for byte, runs nothing and uses no rate token; 6 and 7, the
+token bucket (``rate_limited``) and privilege: a payload with ``sig`` is a signed envelope, verified first
+(:meth:`Verifier.verify`) and then charged to a bucket of its own, so that a flood of unsigned or badly signed
+commands, which drains the shared bucket, never refuses an operator's signed command; a plain request takes a
+token of the shared bucket, and a privileged command without an envelope is ``unauthorized``; 8. arguments
+(``bad_args``); 9. the handler. Replies have the shape of the wire contract (:mod:`device.link.wire`): ``{"ok": true, "cmd",
 "request_id", "result"}`` or ``{"ok": false, "cmd", "request_id", "error": {"code", "message"}}`` (plus
 ``retry_after_s`` for ``rate_limited``). A reply says whether the request was refused before its handler ran
 (steps 1-8), so the link can answer refusals within a budget.
@@ -17,7 +20,6 @@ bucket (``rate_limited``); 7. privilege: a payload with ``sig`` is a signed enve
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -29,19 +31,19 @@ from enum import Enum
 from typing import Any, Callable
 
 from device.clock import SYSTEM_CLOCK
-from device.configschema import ValueSpec, show as _show
+from device.configschema import show as _show
 from device.errors import FieldnodeError
 from device.link import wire
 from device.link.errors import (BadArgs, BadJson, BadReplyTopic, BadRequest, BadSignature, CommandCrashed,
                                 CommandError, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
                                 EnvelopeTooLong, PayloadTooLarge, RateLimited, Unauthorized, UnknownCommand, UnknownKey,
                                 WrongTarget)
+from device.link.cmdargs import ARG_NAME_RE, Arg, check_args, listed  # noqa: F401 - kept importable here
 from device.link.wire import REQUEST_FIELDS, REQUEST_ID_RE  # noqa: F401 - the contract's; kept importable here
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}\Z")
-ARG_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 _ENVELOPE_ONLY = ("cmd", "device", "nonce", "expires", "key")  # with these but no "sig": a half-built envelope
 
 Handler = Callable[[dict, "CallContext"], Any]
@@ -55,85 +57,6 @@ ErrorCode = Enum("ErrorCode", [(c.code.upper(), c.code) for c in (
 
 # A retry of these may succeed, so their replies are never served from the de-duplication cache.
 RETRIABLE_CODES = frozenset({ErrorCode.RATE_LIMITED.value, ErrorCode.INTERNAL.value})
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One command argument: its JSON type and constraints, judged by the config's own checker.
-
-    :class:`device.configschema.ValueSpec` does the checking, so a value means the same here as in the config:
-    a boolean is not an integer; an integer is accepted (and passed on as a float) where only a number is
-    expected; NaN and infinities are refused. ``minimum``/``maximum`` (inclusive) apply to numbers,
-    ``choices`` to any value.
-
-    Raises:
-        ValueError: At definition: a bad name, an unsupported type (bool, int, float, str, dict, list), bounds
-            without a numeric type, a required argument with a default, or a choice or default that is invalid.
-    """
-
-    name: str
-    type: type | tuple[type, ...]
-    required: bool = False
-    default: Any = None
-    choices: tuple = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    doc: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "choices", tuple(self.choices))
-        if not isinstance(self.name, str) or not ARG_NAME_RE.match(self.name):
-            raise ValueError(f"argument name {self.name!r}: expected [A-Za-z_][A-Za-z0-9_]{{0,63}}")
-        if self.required and self.default is not None:
-            raise ValueError(f"argument {self.name!r}: a required argument cannot have a default")
-        try:
-            spec = ValueSpec(self.type, choices=self.choices, minimum=self.minimum, maximum=self.maximum,
-                             default=self.default)
-        except ValueError as exc:
-            raise ValueError(f"argument {self.name!r}: {exc}") from None
-        object.__setattr__(self, "_spec", spec)  # not a field: asdict(), == and describe() leave it out
-        object.__setattr__(self, "default", spec.normalize(self.default))  # 1 -> 1.0 for a float argument
-
-    def expected(self) -> str:
-        """What a valid value looks like, e.g. ``an integer from 1 to 64`` or ``one of 'full', 'lite'``."""
-        return self._spec.expected()
-
-    def problem(self, value: Any) -> str | None:
-        """Why ``value`` is not valid for this argument (for a message), or None when it is."""
-        return self._spec.problem(value)
-
-    def describe(self) -> dict:
-        """A JSON-able description (``fieldnode send --help`` and the docs show it)."""
-        return {**dataclasses.asdict(self), "type": self._spec.type_text(), "choices": list(self.choices)}
-
-    def _normalize(self, value: Any) -> Any:
-        """``value`` as passed to the handler when its type is accepted, else None."""
-        return self._spec.normalize(value)
-
-
-def check_args(specs: tuple[Arg, ...], given: dict) -> dict:
-    """The arguments a handler gets: ``given`` checked against ``specs``, defaults filled in.
-
-    Raises:
-        BadArgs: An unknown argument, a missing required one, or an invalid value; the message names it.
-    """
-    known = {a.name: a for a in specs}
-    unknown = [k for k in given if k not in known]
-    if unknown:
-        hint = f"known: {', '.join(known)}" if known else "this command takes no arguments"
-        raise BadArgs(f"unknown argument(s) {_listed(unknown)}; {hint}")
-    out = {}
-    for a in specs:
-        if a.name in given:
-            why = a.problem(given[a.name])
-            if why is not None:
-                raise BadArgs(f"argument '{a.name}': {why}")
-            out[a.name] = a._normalize(given[a.name])
-        elif a.required:
-            raise BadArgs(f"missing required argument '{a.name}' ({a.expected()})")
-        elif a.default is not None:
-            out[a.name] = copy.deepcopy(a.default)  # a handler mutating a list default must not change it
-    return out
 
 
 @dataclass(frozen=True)
@@ -155,6 +78,7 @@ class Command:
     args: tuple[Arg, ...]
     privileged: bool
     doc: str
+    local: bool = False  # also served on the local control socket (unprivileged and read-only)
 
 
 class Registry:
@@ -165,7 +89,7 @@ class Registry:
         self._lock = threading.Lock()
 
     def register(self, name: str, handler: Handler, *, args: tuple[Arg, ...] = (), privileged: bool = False,
-                 doc: str = "") -> Command:
+                 doc: str = "", local: bool = False) -> Command:
         """Registers a command.
 
         Args:
@@ -175,12 +99,15 @@ class Registry:
             args: The accepted arguments; anything else is refused before the handler runs.
             privileged: Whether a signed envelope is required.
             doc: One line for help output; default the first line of the handler's docstring.
+            local: Also served on the local control socket (:mod:`device.agent.controlserver`), whose trust is
+                the socket's group, not a signature: only for unprivileged commands that change nothing.
 
         Returns:
             The registered command.
 
         Raises:
-            ValueError: A bad or duplicate name, a handler that is not callable, args that are not unique Args.
+            ValueError: A bad or duplicate name, a handler that is not callable, args that are not unique Args,
+                a privileged command marked local.
         """
         if not isinstance(name, str) or not NAME_RE.match(name):
             raise ValueError(f"command name {name!r}: expected [a-z][a-z0-9_.-]{{0,63}}")
@@ -189,8 +116,11 @@ class Registry:
         args = tuple(args)
         if not all(isinstance(a, Arg) for a in args) or len({a.name for a in args}) != len(args):
             raise ValueError(f"command {name!r}: args must be Arg instances with unique names")
+        if local and privileged:
+            raise ValueError(f"command {name!r}: a privileged command cannot be local (the socket checks no "
+                             f"signature)")
         doc = doc or (handler.__doc__ or "").strip().split("\n", 1)[0]
-        command = Command(name, handler, args, bool(privileged), doc)
+        command = Command(name, handler, args, bool(privileged), doc, bool(local))
         with self._lock:
             if name in self._commands:
                 raise ValueError(f"command {name!r} is already registered")
@@ -213,8 +143,9 @@ class Registry:
         return sorted(self._commands)
 
     def describe(self) -> list[dict]:
-        """Every command as JSON-able ``{name, privileged, doc, args: [...]}``, sorted by name."""
-        return [{"name": c.name, "privileged": c.privileged, "doc": c.doc, "args": [a.describe() for a in c.args]}
+        """Every command as JSON-able ``{name, privileged, local, doc, args: [...]}``, sorted by name."""
+        return [{"name": c.name, "privileged": c.privileged, "local": c.local, "doc": c.doc,
+                 "args": [a.describe() for a in c.args]}
                 for c in (self._commands[n] for n in self.names())]
 
 
@@ -230,7 +161,36 @@ def register_builtin(registry: Registry, *, version: str, clock=SYSTEM_CLOCK) ->
         """Liveness check: answers with the board's time and agent version."""
         return {"pong": True, "time": clock.time(), "version": version}
 
-    registry.register("ping", ping)
+    registry.register("ping", ping, local=True)
+
+
+def run_command(command: Command, args: dict, ctx: CallContext) -> Any:
+    """Runs ``command``'s handler on checked ``args``; what both transports (MQTT, the control socket) call.
+
+    Returns:
+        The handler's result, known to encode as JSON.
+
+    Raises:
+        FieldnodeError: The handler's own; BadArgs for its ValueError or TypeError; CommandCrashed for any other
+            exception (SystemExit included: a handler must not end the thread) or a result that is not JSON.
+    """
+    try:
+        result = command.handler(args, ctx)
+    except FieldnodeError:
+        raise
+    except (ValueError, TypeError) as exc:  # the handler's own argument checks
+        raise BadArgs(_short(exc)) from None
+    except (Exception, SystemExit) as exc:  # a handler calling sys.exit() must not stop the command thread
+        log.exception("command %s (request %s) failed", command.name, ctx.request_id)
+        raise CommandCrashed(f"command '{command.name}' failed: {type(exc).__name__} (see the board's log)") \
+            from None
+    try:
+        wire.encode(result)
+    except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug, so "internal" like a crash
+        log.error("command %s returned a result that is not JSON: %s", command.name, _short(exc))
+        raise CommandCrashed(f"command '{command.name}' returned a result that is not JSON "
+                             f"({type(exc).__name__})") from None
+    return result
 
 
 @dataclass(frozen=True)
@@ -281,7 +241,8 @@ class Dispatcher:
         self._cache: OrderedDict[tuple[str, str], tuple[float, Reply]] = OrderedDict()
         self._inflight: set[tuple[str, str]] = set()
         self._waiting = 0  # threads waiting for an in-flight duplicate (tests wait for it)
-        self._tokens, self._refilled_at = float(rate_burst), clock.monotonic()
+        self._shared = _Bucket(rate_burst, rate_per_s, clock, "commands")
+        self._signed = _Bucket(rate_burst, rate_per_s, clock, "signed commands")  # verified envelopes only
         self._counters = {"requests": 0, "ok": 0, "duplicates": 0, **{c.value: 0 for c in ErrorCode}}
 
     @property
@@ -399,8 +360,12 @@ class Dispatcher:
         """Steps 6-9; returns ``(None, result)``, ``(code, error dict)``, or ``(code, error dict, True)`` when
         refused before the handler ran."""
         try:
-            self._take_token()
-            args, signer = self._authorize(command, obj)
+            if "sig" in obj:  # verified before it is charged: its bucket is the verified envelopes' own
+                args, signer = self._authorize(command, obj)
+                self._signed.take(self._cond)
+            else:
+                self._shared.take(self._cond)
+                args, signer = self._authorize(command, obj)
             args = check_args(command.args, args)
         except (CommandError, EnvelopeError) as exc:
             return (*_error(exc), True)
@@ -408,34 +373,28 @@ class Dispatcher:
         if signer is not None:
             log.info("command %s (request %s) signed by %s", command.name, request_id, signer)
         try:
-            result = command.handler(args, ctx)
+            return None, run_command(command, args, ctx)
         except FieldnodeError as exc:
             return _error(exc)
-        except (ValueError, TypeError) as exc:  # the handler's own argument checks
-            return _error(BadArgs(_short(exc)))
-        except (Exception, SystemExit) as exc:  # a handler calling sys.exit() must not stop the command thread
-            log.exception("command %s (request %s) failed", command.name, request_id)
-            return _error(CommandCrashed(f"command '{command.name}' failed: {type(exc).__name__} "
-                                         f"(see the board's log)"))
-        try:
-            wire.encode(result)
-        except (TypeError, ValueError, RecursionError) as exc:  # the handler's bug, so "internal" like a crash
-            log.error("command %s returned a result that is not JSON: %s", command.name, _short(exc))
-            return _error(CommandCrashed(f"command '{command.name}' returned a result that is not JSON "
-                                         f"({type(exc).__name__})"))
-        return None, result
 
-    def _take_token(self) -> None:
-        with self._cond:
-            now = self._clock.monotonic()
-            self._tokens = min(float(self.rate_burst), self._tokens + (now - self._refilled_at) * self.rate_per_s)
-            self._refilled_at = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return
-            wait = math.ceil((1 - self._tokens) / self.rate_per_s * 1000) / 1000
-        raise RateLimited(f"more than {self.rate_burst} commands in a burst (refill {self.rate_per_s:g}/s); "
-                          f"retry in {wait:g} s", retry_after_s=wait)
+    def signed_lane(self, name: str, payload: bytes) -> bool:
+        """Whether a payload just received is an authentic envelope seen for the first time, which the link queues
+        in a lane of its own (:mod:`device.link.channel`); cheap for anything else, never raises.
+
+        Nothing is used up: :meth:`handle` verifies it again. Only a trusted key's signature over an unexpired
+        envelope for this board and command, whose nonce is new, is let in (:meth:`Verifier.claim`), so neither a
+        flood nor replayed copies of an operator's envelope can fill that lane.
+        """
+        if self.verifier is None or b'"sig"' not in payload or len(payload) > self.max_payload:
+            return False
+        try:
+            obj = wire.parse_object(bytes(payload))
+            return "sig" in obj and self.registry.get(name) is not None and self.verifier.claim(obj, name)
+        except (ValueError, TypeError, RecursionError):
+            return False
+        except Exception:  # noqa: BLE001 - the network thread calls this: a bug costs the lane, not the link
+            log.exception("command %r: the signed-lane check failed", name)
+            return False
 
     def _authorize(self, command: Command, obj: dict) -> tuple[dict, str | None]:
         """``(args, signer)``: the envelope's verified args and key name, or the plain request's args."""
@@ -461,6 +420,31 @@ class Dispatcher:
                      refused=refused)
 
 
+class _Bucket:
+    """A token bucket of ``burst`` tokens refilled at ``per_s``; its state is guarded by the dispatcher's lock."""
+
+    def __init__(self, burst: int, per_s: float, clock, what: str) -> None:
+        self.burst, self.per_s, self.what, self._clock = float(burst), per_s, what, clock
+        self._tokens, self._refilled_at = float(burst), clock.monotonic()
+
+    def take(self, lock) -> None:
+        """Takes a token.
+
+        Raises:
+            RateLimited: None is left; the message says when one will be.
+        """
+        with lock:
+            now = self._clock.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled_at) * self.per_s)
+            self._refilled_at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            wait = math.ceil((1 - self._tokens) / self.per_s * 1000) / 1000
+        raise RateLimited(f"more than {self.burst:g} {self.what} in a burst (refill {self.per_s:g}/s); "
+                          f"retry in {wait:g} s", retry_after_s=wait)
+
+
 def _parse(raw: bytes) -> dict:
     """The payload as a JSON object; BadJson names what is wrong."""
     try:
@@ -481,7 +465,7 @@ def _check_fields(obj: dict) -> None:
     unknown = [k for k in obj if k not in REQUEST_FIELDS]
     if unknown:
         hint = "; a signed envelope also needs 'sig'" if any(k in _ENVELOPE_ONLY for k in unknown) else ""
-        raise BadRequest(f"unknown field(s) {_listed(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
+        raise BadRequest(f"unknown field(s) {listed(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}{hint}")
     if "args" in obj and not isinstance(obj["args"], dict):
         raise BadRequest(f"args: expected a JSON object, got {_show(obj['args'])}")
 
@@ -492,10 +476,6 @@ def _error(exc: FieldnodeError) -> tuple:
     if isinstance(exc, RateLimited):
         err["retry_after_s"] = exc.retry_after_s
     return code, err
-
-
-def _listed(keys: list) -> str:
-    return ", ".join(_show(k, typed=False) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
 
 
 def _name(name: Any) -> str:

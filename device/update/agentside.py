@@ -18,10 +18,13 @@ background install started by a command. The agent calls it at a few points and 
   (``update_rolled_back`` {name, version, reason, code}). ``update_trial`` {version, windows, p50_ms, agreement}
   is emitted at the start and at the verdict. A reboot mid-trial resumes it from zero windows (the store counts
   restarts and rolls back a model that keeps taking the board down).
-* **commands** (:mod:`device.agent.commands`): :meth:`status`, :meth:`rollback`, :meth:`check` (on the command
-  thread, bounded by ``update.timeout_s`` per request) and :meth:`start_install`, which returns at once and
-  installs on an ``update-install`` thread: ``update_install`` {state: started | progress | up_to_date |
-  installed | failed, ...} events say how it goes, then the new slot serves on trial as above.
+* **commands** (:mod:`device.agent.commands`): :meth:`status`, :meth:`rollback`, and the two that wait on the
+  network, which return at once so that the link's single command thread never waits on a repository (one that
+  never answers holds a request for ``(retries + 1) * update.timeout_s`` per file): :meth:`check` refreshes on
+  an ``update-check`` thread (``update_check`` {state: started | checked | failed, ...} events; ``checked``
+  carries what an install would install), and :meth:`start_install` installs on an ``update-install`` thread:
+  ``update_install`` {state: started | progress | up_to_date | installed | failed, ...} events say how it goes,
+  then the new slot serves on trial as above. One of them runs at a time; another is refused ``Busy``.
 
 Store events are forwarded as ``store_<kind>`` (what changed on disk); the ``update_*`` events are the
 agent's decisions. Every model change goes through one lock, so a verdict, a command's rollback and an
@@ -39,7 +42,7 @@ from typing import Callable
 from device.clock import SYSTEM_CLOCK
 from device.errors import FieldnodeError
 from device.runtime.manifest import bundled_model_dir, load_manifest
-from device.update.errors import Busy, Deferred, StoreError, UpdateError
+from device.update.errors import Busy, Deferred, HealthGateFailed, StoreError, UpdateError
 from device.update.store.store import ModelStore
 from device.update.trial import Trial, TrialSettings
 
@@ -79,6 +82,9 @@ class AgentUpdates:
         self._retry_at = 0.0
         self._job: threading.Thread | None = None
         self._job_state: dict | None = None
+        self._check_job: threading.Thread | None = None
+        self._check_start = threading.Lock()
+        self._check_state: dict | None = None
         self._deferred: tuple | None = None  # (version, by, when) of an install deferred for power or heat
         self._recovering = True
         self.store = ModelStore.for_state_dir(cfg.device.state_dir, who="agent", clock=clock,
@@ -170,9 +176,9 @@ class AgentUpdates:
 
     def close(self) -> None:
         self._drop_shadow(None)
-        job = self._job
-        if job is not None:
-            job.join(1.0)  # an install cut short here is cleaned by the store's recovery at the next start
+        for job in (self._job, self._check_job):
+            if job is not None:
+                job.join(1.0)  # an install cut short here is cleaned by the store's recovery at the next start
 
     # --- the verdict ----------------------------------------------------------------------------------
 
@@ -249,15 +255,44 @@ class AgentUpdates:
         self._emit("update_rolled_back", data)
         return data
 
-    def check(self) -> dict:
-        """What an install would install (a repository refresh on this thread).
+    def check(self, by: str | None = None) -> dict:
+        """Starts a repository refresh on its own thread and returns at once; ``update_check`` events follow,
+        the last one ``checked`` (with what an install would install) or ``failed`` (with the error's code).
 
         Raises:
-            ConfigError: updates are off. Busy: an install runs. UpdateError: the refresh failed.
+            ConfigError: updates are off. StoreError: ``runtime.model`` overrides the store. Busy: a check or an
+                install runs.
         """
-        self._refuse_if_busy()
-        with self._installer(progress=None) as installer:
-            return installer.check()
+        with self._check_start:  # check-and-start, so two checks cannot both start
+            self._refuse_if_busy()
+            installer = self._installer(progress=None)  # a configuration error is the command's reply
+            state = {"state": "started", "by": by, "started_at": self._clock.time()}
+            job = threading.Thread(target=self._check, args=(installer, by), name="update-check", daemon=True)
+            with self._mu:
+                self._check_state, self._check_job = dict(state), job
+            self._emit("update_check", state)  # before the thread starts, so the outcome always comes after it
+            try:
+                job.start()
+            except RuntimeError:  # no thread to be had: not busy for ever
+                with self._mu:
+                    self._check_job = None
+                raise
+        return {"started": True, "by": by, "events": "update_check"}
+
+    def _check(self, installer, by: str | None) -> None:
+        try:
+            with installer:
+                result = installer.check()
+        except Exception as exc:  # noqa: BLE001 - every failure ends in an event, never a dead thread
+            if not isinstance(exc, FieldnodeError):
+                log.exception("the update check failed")
+            state = {"state": "failed", "code": getattr(exc, "code", UpdateError.code), "message": str(exc),
+                     "by": by}
+        else:
+            state = {"state": "checked", **result, "by": by}
+        with self._mu:
+            self._check_state = dict(state)
+        self._emit("update_check", state)
 
     def start_install(self, version: int | None = None, force: bool = False, by: str | None = None) -> dict:
         """Starts an install on its own thread and returns at once (``update_install`` events follow).
@@ -286,6 +321,11 @@ class AgentUpdates:
         job = self._job
         if job is not None and job.is_alive():
             raise Busy("an install is already running (see update.status)")
+        check = self._check_job
+        if check is not None and (check.is_alive() or check.ident is None):  # running, or about to start
+            since = (self._check_state or {}).get("started_at")
+            raise Busy("an update check is already running" + (f" (started at {since:.0f})" if since else "")
+                       + "; its outcome comes as an update_check event (and in update.status)")
 
     def _installer(self, progress):
         from device.update.install import Installer
@@ -318,7 +358,7 @@ class AgentUpdates:
                                      f"{DEFERRED_RETRY_S:g} s"})
             return
         except Exception as exc:  # noqa: BLE001 - every failure ends in an event, never a dead thread
-            code = getattr(exc, "code", "E_UPDATE")
+            code = getattr(exc, "code", UpdateError.code)
             if not isinstance(exc, FieldnodeError):
                 log.exception("the update install failed")
             self._job_done({"state": "failed", "version": version, "code": code, "message": str(exc)})
@@ -424,7 +464,7 @@ class AgentUpdates:
     def _store_event(self, kind: str, data: dict) -> None:
         self._emit(f"store_{kind}", data)
         if kind == "rolled_back" and self._recovering:  # recovery rolled a trial back (restarts, damage)
-            self._emit("update_rolled_back", {**data, "code": "E_HEALTH", "by": "recovery"})
+            self._emit("update_rolled_back", {**data, "code": HealthGateFailed.code, "by": "recovery"})
 
     def _trouble(self, message: str, exc: Exception | None = None) -> None:
         self.problem = message
@@ -436,10 +476,10 @@ class AgentUpdates:
     def status(self) -> dict:
         """For the ``status`` and ``update.status`` replies: the store, what serves and why, the trial, the install."""
         with self._mu:
-            trial, shadow, job = self._trial, self._shadow, self._job_state
+            trial, shadow, job, check = self._trial, self._shadow, self._job_state, self._check_state
         out = {"source": self.source, "override": self.override, "recovery": self.recovery, "problem": self.problem,
                "store": self.store.status(), "trial": trial.status() if trial is not None else None,
-               "install": dict(job) if job else None}
+               "install": dict(job) if job else None, "check": dict(check) if check else None}
         if out["trial"] is not None:
             out["trial"]["shadow"] = (None if shadow is None else
                                       {"model": shadow.manifest.name, "model_version": shadow.manifest.version})

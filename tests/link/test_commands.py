@@ -674,7 +674,7 @@ def test_registry_starts_empty_and_describes_commands(registry):
     assert registry.names() == ["boom", "echo", "ping", "tune", "variant"]
     desc = {d["name"]: d for d in registry.describe()}
     json.dumps(desc)  # JSON-able for `fieldnode send --help` and the docs
-    assert desc["ping"] == {"name": "ping", "privileged": False, "args": [],
+    assert desc["ping"] == {"name": "ping", "privileged": False, "local": True, "args": [],
                             "doc": "Liveness check: answers with the board's time and agent version."}
     assert desc["echo"]["doc"] == "Echoes its text."  # from the docstring
     assert desc["variant"]["privileged"] is True and desc["variant"]["doc"] == "sets the model variant"

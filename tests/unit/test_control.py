@@ -23,30 +23,44 @@ from device.agent.controlserver import ControlServer
 from device.control import (MAX_LINE, Client, ControlBusy, ControlError, ControlProtocolError,
                             ControlSocketError, ControlUnavailable, request, socket_path)
 from device.errors import ConfigError
+from device.link.commands import Arg, Registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def handlers(calls=None):
-    def status(args):
+def one(name, fn) -> Registry:
+    """A registry of one local command ``name`` answering ``fn()``."""
+    reg = Registry()
+    reg.register(name, lambda args, ctx: fn(), local=True)
+    return reg
+
+
+def handlers(calls=None) -> Registry:
+    """The registry the socket serves in these tests: local commands, and one privileged command it must not."""
+    def status(args, ctx):
         return {"device": "dev-a", "simulated": True}
 
-    def echo(args):
+    def echo(args, ctx):
         if calls is not None:
             calls.append((threading.current_thread().name, args))
         return args
 
-    def config_error(args):
+    def config_error(args, ctx):
         raise ConfigError("must be a number", "power.step_s", "fieldnode.toml")
 
-    def crash(args):
+    def crash(args, ctx):
         raise RuntimeError("boom")
 
-    def leave(args):
+    def leave(args, ctx):
         sys.exit(3)
 
-    return {"status": status, "echo": echo, "config_error": config_error, "crash": crash, "exit": leave,
-            "object": lambda args: object(), "nan": lambda args: {"x": float("nan")}}
+    reg = Registry()
+    for name, fn in (("status", status), ("config_error", config_error), ("crash", crash), ("exit", leave),
+                     ("object", lambda args, ctx: object()), ("nan", lambda args, ctx: {"x": float("nan")})):
+        reg.register(name, fn, local=True)
+    reg.register("echo", echo, local=True, args=(Arg("n", int), Arg("s", str), Arg("k", list)))
+    reg.register("variant", lambda args, ctx: "pinned", privileged=True)
+    return reg
 
 
 @pytest.fixture
@@ -188,6 +202,10 @@ def test_an_unknown_op_names_the_ops_the_agent_answers(server, path):
         request(path, "reboot")
     assert e.value.code == "unknown_command"
     assert "'reboot'" in str(e.value) and "echo" in str(e.value) and "status" in str(e.value)
+    assert "variant" not in str(e.value)  # registered, but privileged: not served here
+    with pytest.raises(ControlError) as e:
+        request(path, "variant")
+    assert e.value.code == "unknown_command" and "fieldnode send" in str(e.value)
 
 
 def test_a_handler_that_raises_costs_one_error_reply_never_the_server(server, path):
@@ -229,11 +247,12 @@ def test_a_file_that_is_not_a_socket_is_left_alone(path):
 
 def test_a_second_server_on_the_same_path_is_refused(server, path):
     with pytest.raises(ControlBusy) as e:
-        ControlServer(path, {}, group=None).start()
+        ControlServer(path, Registry(), group=None).start()
     assert e.value.code == "control_busy" and path in str(e.value) and f"pid {os.getpid()}" in str(e.value)
     # ... and from another process, through its own import of the module
     code = ("import sys; from device.agent.controlserver import ControlServer\nfrom device.control import ControlBusy\n"
-            "try:\n    ControlServer(sys.argv[1], {}, group=None).start()\n"
+            "from device.link.commands import Registry\n"
+            "try:\n    ControlServer(sys.argv[1], Registry(), group=None).start()\n"
             "except ControlBusy as e:\n    print(e.code); sys.exit(3)\n")
     p = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert (p.returncode, p.stdout.strip()) == (3, "control_busy"), p.stderr
@@ -241,10 +260,10 @@ def test_a_second_server_on_the_same_path_is_refused(server, path):
 
 
 def test_close_unlinks_only_its_own_socket(path):
-    first = ControlServer(path, {"who": lambda a: "first"}, group=None)
+    first = ControlServer(path, one("who", lambda: "first"), group=None)
     first.start()
     os.unlink(path)  # someone removed it, and another server took the path
-    with ControlServer(path, {"who": lambda a: "second"}, group=None):
+    with ControlServer(path, one("who", lambda: "second"), group=None):
         first.close()
         assert request(path, "who") == "second"
     assert not os.path.exists(path)
@@ -276,7 +295,7 @@ def test_slow_and_idle_connections_are_closed(path):
 
 
 def test_connections_beyond_the_cap_are_refused_politely(path):
-    with ControlServer(path, handlers(), group=None, max_connections=2):
+    with ControlServer(path, handlers(), group=None, max_connections=2, root_connections=0):
         held = [raw(path), raw(path)]
         for s in held:  # both are being served (their threads counted)
             s.sendall(b'{"op": "status"}\n')
@@ -321,7 +340,7 @@ def test_the_client_says_what_to_do(tmp_path, path):
     with pytest.raises(ControlUnavailable, match="longer than"):
         request(long_path, "status")
     with pytest.raises(ControlSocketError, match="device.runtime_dir"):
-        ControlServer(long_path, {}, group=None).start()
+        ControlServer(long_path, Registry(), group=None).start()
 
 
 def test_permission_denied_says_to_join_the_group(tmp_path):

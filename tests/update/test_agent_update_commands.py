@@ -59,7 +59,7 @@ def test_status_for_anyone_and_a_signed_rollback(tmp_path):
         assert done["result"]["version"] == 2 and done["result"]["to"] == "bundled" and done["result"]["code"] is None
         assert r.agent.runtime.manifest.root == bundled_model_dir() and r.agent.updates.status()["trial"] is None
         again = board.send("update.rollback", {})
-        assert not again["ok"] and again["error"]["code"] == "E_STORE"  # nothing installed any more
+        assert not again["ok"] and again["error"]["code"] == "model_store_error"  # nothing installed any more
     assert ModelStore.for_state_dir(state).failed_versions("vibration")[2]["reason"] == "field report"
     assert [d["by"] for d in r.of("update_rolled_back")] == ["operator"]
 
@@ -102,9 +102,11 @@ def test_install_by_command_replies_at_once_then_the_new_model_serves_on_trial(t
         reply = board.send("update.install", {})
         assert reply["ok"] and reply["result"]["started"] is True, reply
         busy = board.send("update.install", {})  # while the first one runs, or its model is on trial
-        assert not busy["ok"] and busy["error"]["code"] == "E_BUSY", busy
+        assert not busy["ok"] and busy["error"]["code"] == "update_busy", busy
         r.wait(lambda: r.of("update_committed"), timeout=40, what="the installed model committed")
-        checked = board.send("update.check", {})
+        started = board.send("update.check", {})
+        assert started["ok"] and started["result"]["started"] is True, started  # at once; the outcome is an event
+        r.wait(lambda: [d for d in r.of("update_check") if d["state"] != "started"], what="the check's outcome")
     states = [d["state"] for d in r.of("update_install")]
     assert states[0] == "started" and "progress" in states and states[-1] == "installed"
     installed = r.of("update_install")[-1]
@@ -113,14 +115,16 @@ def test_install_by_command_replies_at_once_then_the_new_model_serves_on_trial(t
     assert changed["from_version"] == "1.0.0" and changed["to_version"] != "1.0.0"  # the bundled model, then v2's
     assert r.of("update_trial")[0]["baseline_ms"] is not None  # the model before, measured before the switch
     assert r.of("update_committed")[0]["version"] == 2
-    assert checked["ok"] and checked["result"]["available"] is None  # nothing newer than what is installed
+    checked = r.of("update_check")[-1]
+    assert checked["state"] == "checked" and checked["available"] is None  # nothing newer than what is installed
+    assert checked["by"] == "operator"
     store = ModelStore.for_state_dir(str(tmp_path / "state"))
     assert store.active().version == 2 and store.active().state == "committed" and store.floor("vibration") == 2
 
 
 def test_an_install_deferred_for_power_starts_again_by_itself_when_the_governor_allows(tmp_path, repository,
                                                                                         monkeypatch):
-    """E_DEFERRED is 'retried later': the agent keeps the request and starts it again once the governor leaves
+    """update_deferred is 'retried later': the agent keeps the request and starts it again once the governor leaves
     saver/critical (the retry interval is shortened here; it is a pacing constant, not what is tested)."""
     from device.update import agentside
 
