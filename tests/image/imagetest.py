@@ -55,7 +55,9 @@ class StepFailed(Exception):
     pass
 
 
-def _run(argv: list[str], what: str, *, env: dict | None = None, ok=(0,), timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_step(argv: list[str], what: str, *, env: dict | None = None, ok=(0,),
+             timeout: float = 1800) -> subprocess.CompletedProcess:
+    """Runs one command of a step; :class:`StepFailed` with its output when it fails or exits outside ``ok``."""
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -119,7 +121,7 @@ def _base_root(cache: str, timings: dict, arch: str, include: str) -> str:
     print(f"image test: building the {SUITE} {arch} root with debootstrap from {mirror} (cached in {final})",
           flush=True)
     start = time.monotonic()
-    _run(argv + [os.path.join(building, "root"), mirror], "debootstrap")
+    run_step(argv + [os.path.join(building, "root"), mirror], "debootstrap")
     with open(os.path.join(building, "complete"), "w", encoding="utf-8") as fh:
         fh.write(" ".join(argv + [mirror]) + "\n")
     os.rename(building, final)
@@ -136,10 +138,10 @@ def check_tools() -> None:
     if missing:
         raise StepFailed(f"missing {', '.join(missing)}: apt-get install qemu-user-static binfmt-support debootstrap")
     if not os.path.exists("/proc/sys/fs/binfmt_misc/status"):
-        _run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], "mounting binfmt_misc")
+        run_step(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], "mounting binfmt_misc")
     handler = "/proc/sys/fs/binfmt_misc/qemu-aarch64"
     if not os.path.exists(handler) or "enabled" not in open(handler, encoding="utf-8").read():
-        _run(["update-binfmts", "--enable", "qemu-aarch64"], "update-binfmts --enable qemu-aarch64")
+        run_step(["update-binfmts", "--enable", "qemu-aarch64"], "update-binfmts --enable qemu-aarch64")
     with open(handler, encoding="utf-8") as fh:
         flags = re.search(r"^flags: (\S*)", fh.read(), re.MULTILINE)
     if not flags or "F" not in flags.group(1):
@@ -152,7 +154,7 @@ def mount_image(lower: str, run_dir: str, cache: str) -> str:
     merged, upper, work = (os.path.join(run_dir, d) for d in ("root", "upper", "work"))
     for d in (merged, upper, work):
         os.makedirs(d)
-    _run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", merged],
+    run_step(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", merged],
          "mounting the overlay root")
     sys.path.insert(0, CHECKOUT)
     from tests.image import pipsettings
@@ -162,7 +164,7 @@ def mount_image(lower: str, run_dir: str, cache: str) -> str:
     pip_cache = os.path.join(cache, "pip-cache")
     os.makedirs(pip_cache, exist_ok=True)
     os.makedirs(os.path.join(merged, "root/.cache/pip"), exist_ok=True)
-    _run(["mount", "--bind", pip_cache, os.path.join(merged, "root/.cache/pip")], "binding pip's cache")
+    run_step(["mount", "--bind", pip_cache, os.path.join(merged, "root/.cache/pip")], "binding pip's cache")
     return merged
 
 
@@ -179,14 +181,14 @@ def mount_board(root: str, run_dir: str) -> None:
         (["mount", "--bind", f"{root}/dev/pts/ptmx", f"{root}/dev/ptmx"], "binding /dev/ptmx"),
         (["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", f"{root}/dev/shm"], "mounting /dev/shm"),
     ):
-        _run(argv, what)
+        run_step(argv, what)
 
 
 def on_board(root: str, argv: list[str], what: str, ok=(0,), timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs the installed ``fieldnode`` in the root as a Pi 4 would: emulated Cortex-A72, a clean environment."""
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
            "QEMU_CPU": QEMU_CPU}
-    return _run(["chroot", root, f"{PREFIX}/venv/bin/fieldnode"] + argv, what, env=env, ok=ok, timeout=timeout)
+    return run_step(["chroot", root, f"{PREFIX}/venv/bin/fieldnode"] + argv, what, env=env, ok=ok, timeout=timeout)
 
 
 def step_selftest(root: str) -> str:
@@ -264,12 +266,12 @@ def inside(args) -> int:
         step = "debootstrap"
         lower = base_root(args.cache, timings)
         step = "wheel"
-        wheel = args.wheel or _build_wheel(args.run_dir)
+        wheel = args.wheel or build_wheel(args.run_dir)
         step = "overlay"
         root = mount_image(lower, args.run_dir, args.cache)
         step = "fieldnode install --root"
         start = time.monotonic()
-        proc = _run([sys.executable, "-c", CLI, "install", "--root", root, "--wheel", wheel], step,
+        proc = run_step([sys.executable, "-c", CLI, "install", "--root", root, "--wheel", wheel], step,
                     env=dict(os.environ, PYTHONPATH=CHECKOUT))
         timings["install (venv + pip, emulated)"] = f"{time.monotonic() - start:.0f} s"
         print(proc.stdout.rstrip(), flush=True)
@@ -290,7 +292,8 @@ def inside(args) -> int:
     return 0
 
 
-def _build_wheel(run_dir: str) -> str:
+def build_wheel(run_dir: str) -> str:
+    """The wheel of the checkout, built into ``run_dir`` (:class:`StepFailed` when it does not build)."""
     sys.path.insert(0, CHECKOUT)
     from tests import wheelcheck
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -121,6 +123,36 @@ def test_service_keeps_the_choices_docs_explain():
     assert d["DevicePolicy"] == ["closed"]
     allowed = {v.split()[0] for v in d["DeviceAllow"]}
     assert {"char-ttyAMA", "char-ttyUSB", "char-gpiochip", "char-apex", "char-usb_device"} <= allowed
+
+
+# A child that says "ready", then "HUP" when SIGHUP arrives, and exits 0.
+HUP_CHILD = ("import signal, sys\n"
+             "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
+             "print('ready', flush=True)\n"
+             "while True: signal.pause()\n")
+
+
+def test_reload_sends_sighup_without_a_kill_binary(tmp_path):
+    # A minimal Debian image (debootstrap --variant=minbase) has no procps, so no /bin/kill: the reload must use
+    # what every Debian and Raspberry Pi OS system has, the shell (dash, essential) and its builtin kill.
+    argv = shlex.split(_directives(SERVICE.read_text())["ExecReload"][0])
+    assert argv[0] == "/bin/sh", argv
+    child = subprocess.Popen([sys.executable, "-c", HUP_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        # As systemd runs it: $MAINPID in the environment; no kill program anywhere on PATH (an empty directory).
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        proc = subprocess.run(argv, env={"MAINPID": str(child.pid), "PATH": str(empty)}, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert child.stdout.readline().strip() == "HUP"
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
 
 
 def test_sysusers_creates_the_account_and_its_groups(tmp_path):
