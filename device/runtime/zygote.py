@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 
-from device.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, name_process, prctl
+from device.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, name_process, prctl, set_cmdline
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +329,7 @@ def _zygote(chan, agent: int) -> int:
     if os.getppid() != agent:  # the agent died before the line above
         return 0
     name_process(ZYGOTE_NAME)
+    set_cmdline(ZYGOTE_NAME)  # else systemctl status shows the agent's command line for it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is the agent's to handle
     # `systemctl reload` and a stray `kill -HUP` are the agent's too; its handler, inherited, only sets a flag
     # until here. Ignored, HUP is ignored by every worker forked from here as well.
@@ -433,6 +434,7 @@ def _worker(chan, agent: int, sock_fd: int, err_fd: int) -> None:
         from device.runtime import worker
 
         name_process(worker.WORKER_NAME)
+        set_cmdline(worker.WORKER_NAME)
 
         code = worker.serve_fd(sock_fd)
     except BaseException:
