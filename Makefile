@@ -16,10 +16,10 @@ PY313_VENV ?= .venv-py313
 # The link, power, driver and end-to-end tests (about 4 min more) are pure Python over the same dependencies and
 # would take an uncached CI run (10.5 min now, the image root built beside the suites) near 15 minutes.
 PY313_TESTS ?= tests/unit tests/runtime tests/update tests/e2e
-# The arm64 image test's debootstrap root and pip downloads, kept between runs (outside the checkout).
+# The image tests' debootstrap roots (arm64, amd64) and pip downloads, kept between runs (outside the checkout).
 IMAGE_CACHE ?= $(HOME)/.cache/fieldnode-image
 
-.PHONY: all demo test wheel wheel-check systemd-tools image-tools image-test py313-test bench venv tflite-venv mosquitto models clean
+.PHONY: all demo test lint wheel wheel-check systemd-tools image-tools image-test nspawn-test py313-test bench venv tflite-venv mosquitto models clean
 
 all: test
 
@@ -68,15 +68,22 @@ mosquitto:
 systemd-tools:
 	$(call apt_need,command -v systemd-analyze >/dev/null 2>&1,systemd)
 
-# debootstrap, qemu-user-static and binfmt-support for the arm64 image test.
+# debootstrap, qemu-user-static and binfmt-support for the arm64 image test; systemd-container (systemd-nspawn)
+# for its systemd stage.
 image-tools:
 	$(call apt_need,command -v debootstrap >/dev/null 2>&1 && command -v qemu-aarch64-static >/dev/null 2>&1 \
-		&& command -v update-binfmts >/dev/null 2>&1,qemu-user-static binfmt-support debootstrap)
+		&& command -v update-binfmts >/dev/null 2>&1 && command -v systemd-nspawn >/dev/null 2>&1,qemu-user-static \
+		binfmt-support debootstrap systemd-container)
 
 # The closest thing to a board: fieldnode install --root into an arm64 Debian bookworm root, then selftest,
 # diag --sim and run --sim in it under qemu-user as a Cortex-A72 (tests/image/imagetest.py).
 image-test: venv mosquitto image-tools
 	$(PY) -m tests.image.imagetest --cache $(IMAGE_CACHE)
+
+# The unit under a real systemd: fieldnode install --root into an amd64 Debian bookworm root, booted with
+# systemd-nspawn; READY, reload, the watchdog, the stop drain and the sandbox (tests/image/nspawntest.py).
+nspawn-test: venv mosquitto image-tools
+	$(PY) -m tests.image.nspawntest --cache $(IMAGE_CACHE)
 
 demo: venv
 	$(VENV)/bin/fieldnode demo --seconds $(DEMO_SECONDS)
@@ -89,19 +96,33 @@ wheel-check: venv
 wheel: venv
 	$(PY) tests/wheelcheck.py --out dist
 
-# The image test's debootstrap root (minutes, mostly downloads and unpacking) is prepared beside the test runs,
-# which leave a core idle most of the time; the image test itself waits for it (a lock in the cache).
+# The image tests' debootstrap roots (minutes, mostly downloads and unpacking) are prepared beside the test runs,
+# which leave a core idle most of the time; the image tests themselves wait for them (a lock in the cache).
+# Both roots share one build lock, so the two preparations take turns.
 IMAGE_PREPARE_LOG ?= $(IMAGE_CACHE).prepare.log
+NSPAWN_PREPARE_LOG ?= $(IMAGE_CACHE).prepare-nspawn.log
 
-test: venv tflite-venv mosquitto systemd-tools image-tools wheel-check
+test: venv lint tflite-venv mosquitto systemd-tools image-tools wheel-check
 	@mkdir -p "$$(dirname $(IMAGE_CACHE))"; \
 	$(PY) -m tests.image.imagetest --cache $(IMAGE_CACHE) --prepare > $(IMAGE_PREPARE_LOG) 2>&1 & prep=$$!; \
-	trap 'kill $$prep 2>/dev/null' EXIT; \
+	$(PY) -m tests.image.nspawntest --cache $(IMAGE_CACHE) --prepare > $(NSPAWN_PREPARE_LOG) 2>&1 & prep2=$$!; \
+	trap 'kill $$prep $$prep2 2>/dev/null' EXIT; \
 	FIELDNODE_TEST_BACKEND=litert $(PY) -m pytest -q $(PYTEST_ARGS) && \
 	FIELDNODE_TEST_BACKEND=tflite $(TFLITE_VENV)/bin/python -m pytest -q -m runtime $(PYTEST_ARGS) tests/runtime && \
 	$(MAKE) --no-print-directory py313-test && \
-	{ wait $$prep || { cat $(IMAGE_PREPARE_LOG); exit 1; }; } && cat $(IMAGE_PREPARE_LOG) && \
-	$(MAKE) --no-print-directory image-test
+	{ wait $$prep && wait $$prep2 || { cat $(IMAGE_PREPARE_LOG) $(NSPAWN_PREPARE_LOG); exit 1; }; } && \
+	cat $(IMAGE_PREPARE_LOG) $(NSPAWN_PREPARE_LOG) && \
+	$(MAKE) --no-print-directory image-test && \
+	$(MAKE) --no-print-directory nspawn-test
+
+# The lint gate: ruff with the small rule set stated in pyproject.toml ([tool.ruff.lint]); and the modules written
+# since the gate exists must annotate every function's arguments and return type (ANNOTATED grows, never shrinks).
+ANNOTATED ?= device/linux.py device/cliargs.py device/configfiles.py device/link/mqttclient.py device/link/session.py \
+	device/link/cmdargs.py device/diag/runner.py device/runtime/launch.py tools/diag/report.py tools/provision_renew.py \
+	tests/waiting.py tests/hostpaths.py
+lint: venv
+	$(VENV)/bin/ruff check device drivers power tools tests
+	$(VENV)/bin/ruff check --select ANN001,ANN201,ANN202 $(ANNOTATED)
 
 bench: venv
 	@for b in tests/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,8 +1,10 @@
 """``fieldnode``: the one console entry point, with subcommands.
 
-Every subcommand takes ``--config PATH`` (else ``FIELDNODE_CONFIG``, else /etc/fieldnode/fieldnode.toml).
-Subcommands register themselves in :data:`COMMANDS` so later tools (``run``, ``diag``, ``send``...) add
-one entry each.
+The commands that read this board's config take ``--config PATH`` (else ``FIELDNODE_CONFIG``, else
+/etc/fieldnode/fieldnode.toml) before or after the command's name, and so does every top-level command; the
+operator's tools that work on files of their own (``keys``, ``repo``) read no board config. Subcommands register
+in :data:`COMMANDS`; most are loaded by name only when used (:func:`_lazy`), so ``fieldnode run`` carries none
+of the tools' imports.
 
 :func:`main` is where every command ends: it prints whatever error ended it the one way
 (:func:`device.cliargs.print_error`: ``fieldnode CMD: error [code]: message``, and the JSON error object with

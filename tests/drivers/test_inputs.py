@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from drivers.gpio import Pull
 from drivers.inputs import PowerGoodInput, TriggerInput
 from drivers.sim.clock import EPOCH, SimClock
 from drivers.sim.gpio import SimPinFactory
+from tests.waiting import eventually
 
 PIN = 23
 
@@ -133,16 +133,6 @@ def test_check_on_a_closed_line_raises(board):
         trigger.check()
 
 
-def wait_until(predicate, limit: float = 30.0) -> bool:
-    """Polls a condition a background thread will make true; the limit only guards against a hang."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
-
-
 def test_the_thread_fires_on_a_driven_press(board):
     clock, factory = board
     done = threading.Event()
@@ -155,7 +145,7 @@ def test_the_thread_fires_on_a_driven_press(board):
     trigger = TriggerInput(factory.input(PIN, Pull.DOWN), on_trigger, clock=clock)
     trigger.start()
     trigger.start()  # already running: no second thread
-    assert wait_until(lambda: clock.monotonic() > 101.0)  # the thread is waiting on the line
+    assert eventually(lambda: clock.monotonic() > 101.0)  # the thread is waiting on the line
     before = clock.monotonic()
     factory.drive_high(PIN)
     after = clock.monotonic()
@@ -172,7 +162,7 @@ def test_the_thread_survives_a_broken_line_and_says_so_once(board, caplog):
     line.close()
     caplog.set_level(logging.WARNING, logger="drivers.inputs")
     trigger.start()
-    assert wait_until(lambda: clock.monotonic() > 110.0)
+    assert eventually(lambda: clock.monotonic() > 110.0)
     trigger.stop()
     assert [r.getMessage() for r in caplog.records] == ["trigger input: pin 23: the line is closed"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from drivers.led import PRIORITY, LedCode, StatusLed, cycle_s, draw, pattern
 from drivers.sim.clock import SimClock
 from drivers.sim.gpio import SimPinFactory
 from tests.conftest import ROOT
+from tests.waiting import eventually
 
 PIN = 5
 
@@ -35,16 +35,6 @@ def run_for(led: StatusLed, clock: SimClock, seconds: float) -> None:
 def changes(factory: SimPinFactory) -> list[tuple[float, bool]]:
     """The recorded states after the initial one, times rounded to the microsecond."""
     return [(round(t, 6), v) for t, v in factory.states(PIN)[1:]]
-
-
-def wait_until(predicate, limit: float = 30.0) -> bool:
-    """Polls a condition a background thread will make true; the limit only guards against a hang."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def test_patterns_match_their_documented_timing():
@@ -160,7 +150,7 @@ def test_thread_blinks_the_pattern_and_stop_turns_the_led_off(board):
     led.raise_code(LedCode.STARTING)
     led.start()
     led.start()  # already running: no second thread
-    assert wait_until(lambda: len(factory.states(PIN)) >= 8)
+    assert eventually(lambda: len(factory.states(PIN)) >= 8)
     led.stop()
     assert not led.running
     recorded = factory.states(PIN)
@@ -177,7 +167,7 @@ def test_thread_survives_a_broken_led_and_says_so_once(board, caplog):
     led = StatusLed(line, clock)
     caplog.set_level(logging.WARNING, logger="drivers.led")
     led.start()
-    assert wait_until(lambda: clock.monotonic() > 5.0)  # many ticks have failed by now
+    assert eventually(lambda: clock.monotonic() > 5.0)  # many ticks have failed by now
     led.stop()
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("status LED: pin 5: the line is closed") == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from drivers.serialproto import FrameDecoder, FrameType
 from drivers.sim.clock import SimClock
 from drivers.sim.mcu import FIRMWARE, LINK_NAME, Fault, FaultKind, SimulatedMcu
 from drivers.sim.signal import VibrationSource
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -69,16 +69,6 @@ class Reader:
 
 def samples_of(frames):
     return np.concatenate([f.samples() for f in frames if f.type == FrameType.SAMPLES])
-
-
-def wait_for(predicate, timeout=10.0):
-    """Polls a predicate on real time (for a thread we cannot subscribe to); True when it held."""
-    tick = threading.Event()
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return True
-        tick.wait(0.005)
-    return predicate()
 
 
 def test_frames_on_the_pty_carry_the_source_samples(make_mcu, open_port):
@@ -242,7 +232,7 @@ def test_live_mode_follows_the_clock(make_mcu, open_port):
     mcu.start(clock=clock)
     mcu.start(clock=clock)  # already running: no-op
     clock.advance(0.2)
-    assert wait_for(lambda: mcu.samples_emitted == 200)
+    assert eventually(lambda: mcu.samples_emitted == 200, timeout=10.0)
     mcu.stop()
     mcu.stop()
     assert mcu.samples_emitted == 200

@@ -20,7 +20,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
+from tests.waiting import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEV = "e2e-board"
@@ -44,19 +45,6 @@ def env_for_child(**extra: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
-
-
-def wait_for(pred: Callable[[], object], timeout: float = HANG_S, what: str = "condition",
-             detail: Callable[[], str] = lambda: "") -> object:
-    """Polls ``pred`` until it returns something true; fails naming ``what`` (and ``detail()``) on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
-        time.sleep(0.05)
 
 
 def short_dir(prefix: str) -> str:
@@ -268,7 +256,7 @@ class AgentProcess:
                                      f"{self.log_tail()}")
             return next((m for m in self.notify.messages(self.pid) if m.startswith("READY=1")), None)
 
-        return wait_for(got, timeout, "READY=1", self.log_tail)
+        return eventually(got, timeout=timeout, what="READY=1", detail=self.log_tail)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -291,7 +279,7 @@ class AgentProcess:
                     return pid
             return None
 
-        return wait_for(find, HANG_S, "the inference worker among the agent's children", self.log_tail)
+        return eventually(find, timeout=HANG_S, what="the inference worker among the agent's children", detail=self.log_tail)
 
     def zygote_pid(self) -> int | None:
         """The worker zygote (the agent's child named ``fieldnode-fork``), None when there is none."""

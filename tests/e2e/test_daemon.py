@@ -14,6 +14,7 @@ import time
 
 from tests.e2e import helpers as H
 from tests.link.conftest import MqttTestClient
+from tests.waiting import eventually
 
 RESULTS = f"{H.PREFIX}/results/vibration"
 SEND_TIMEOUT = "30"  # a bound only a hang exceeds, also on a loaded CI machine
@@ -69,8 +70,8 @@ def test_ready_first_then_the_retained_birth_results_and_telemetry(board):
     assert all(r["model"] == "vibration" and r["simulated"] is True and r["label"] for r in new), new[0]
 
     # Telemetry every second (the test config's telemetry_s); one sent after the first results counts them.
-    tel = H.wait_for(lambda: next((t for t in payloads(board.watcher, f"{H.PREFIX}/telemetry")
-                                   if t["results"] >= 1), None), what="telemetry counting results")
+    tel = eventually(lambda: next((t for t in payloads(board.watcher, f"{H.PREFIX}/telemetry")
+                                   if t["results"] >= 1), None), timeout=60.0, what="telemetry counting results")
     assert isinstance(tel["id"], int) and tel["governor"]["level"] and tel["latency"]["count"] >= 1, tel
     assert tel["sensor"]["frames"] > 0 and tel["spool"] is not None, tel
 
@@ -88,8 +89,7 @@ def test_ping_and_a_signed_variant_through_fieldnode_send(board):
         assert rc == 0 and reply["ok"], reply
         assert reply["result"]["variant"] == "lite" and reply["result"]["pinned"] == "lite", reply
         # What the board publishes follows: results made by the lite variant arrive.
-        H.wait_for(lambda: any(r["variant"] == "lite" for r in payloads(board.watcher, RESULTS)[-3:]),
-                   what="a result of the lite variant", detail=board.agent.log_tail)
+        eventually(lambda: any(r["variant"] == "lite" for r in payloads(board.watcher, RESULTS)[-3:]), timeout=60.0, what="a result of the lite variant", detail=board.agent.log_tail)
     finally:  # the shared board goes back to the plan's choice
         rc, back = send(board, "variant", "--args", '{"variant": "auto"}', "--sign", board.operator.key)
     assert rc == 0 and back["ok"] and back["result"]["pinned"] is None, back
@@ -138,23 +138,20 @@ def test_a_second_run_on_the_same_state_directory_is_refused(board):
 
 def test_watchdog_pings_stop_while_the_inference_worker_hangs_and_resume(board):
     n = len(board.notify.pings())
-    H.wait_for(lambda: len(board.notify.pings()) >= n + 3, what="watchdog pings while healthy",
-               detail=board.agent.log_tail)
+    eventually(lambda: len(board.notify.pings()) >= n + 3, timeout=60.0, what="watchdog pings while healthy", detail=board.agent.log_tail)
     worker = board.agent.worker_pid()
     os.kill(worker, signal.SIGSTOP)  # a hang for real: the loop blocks in predict (deadline_ms is 10 minutes)
     try:
-        H.wait_for(lambda: H.proc_state(worker) == "T", what="the worker to stop")
+        eventually(lambda: H.proc_state(worker) == "T", timeout=60.0, what="the worker to stop")
         # No ping for 3 s = 6 intervals while the worker stays stopped: systemd's watchdog would fire.
-        H.wait_for(lambda: board.notify.quiet_for(3.0), what="the pings to stop with the worker hung",
-                   detail=board.agent.log_tail)
+        eventually(lambda: board.notify.quiet_for(3.0), timeout=60.0, what="the pings to stop with the worker hung", detail=board.agent.log_tail)
         assert H.proc_state(worker) == "T" and board.agent.alive  # only the pings tell systemd
         assert "watchdog: not pinging, no progress in loop" in board.agent.log()
         stopped_at = len(board.notify.pings())
         seen = len(board.watcher.messages(RESULTS))
     finally:
         os.kill(worker, signal.SIGCONT)
-    H.wait_for(lambda: len(board.notify.pings()) >= stopped_at + 2, what="the pings to resume",
-               detail=board.agent.log_tail)
+    eventually(lambda: len(board.notify.pings()) >= stopped_at + 2, timeout=60.0, what="the pings to resume", detail=board.agent.log_tail)
     board.watcher.wait_for_messages(seen + 1, timeout=H.HANG_S, topic=RESULTS)  # results resume too
     assert board.agent.worker_pid() == worker  # the same worker: it was waited for, not killed
     assert "watchdog: healthy again, pinging" in board.agent.log()
@@ -174,7 +171,7 @@ def stable_status(config: str) -> dict:
         same = a["results"] == b["results"] and a["last_result"] == b["last_result"] and a["last_result"]
         return b if same else None
 
-    return H.wait_for(agree, what="two agreeing status answers")
+    return eventually(agree, timeout=60.0, what="two agreeing status answers")
 
 
 def gone(pid: int) -> bool:
@@ -205,36 +202,35 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
     try:
         # Run 1 dies by kill -9 with the broker up: the broker publishes the last will, retained.
         first = start("run1")
-        H.wait_for(lambda: states()[-1] == "online", what="online")
+        eventually(lambda: states()[-1] == "online", timeout=60.0, what="online")
         watcher.wait_for_messages(2, timeout=H.HANG_S, topic=RESULTS)
         worker = first.worker_pid()
         zygote = first.zygote_pid()
         assert zygote is not None, first.children()
         first.signal(signal.SIGKILL)
         assert first.wait() == -signal.SIGKILL
-        H.wait_for(lambda: states()[-1] == "lost", what="the last will 'lost'", detail=broker.log_tail)
+        eventually(lambda: states()[-1] == "lost", timeout=60.0, what="the last will 'lost'", detail=broker.log_tail)
         assert retained_state(broker) == (True, {"state": "lost", "device": H.DEV})
-        H.wait_for(lambda: gone(worker), what="the worker to die with its agent")
-        H.wait_for(lambda: gone(zygote), what="the worker zygote to die with its agent")
+        eventually(lambda: gone(worker), timeout=60.0, what="the worker to die with its agent")
+        eventually(lambda: gone(zygote), timeout=60.0, what="the worker zygote to die with its agent")
         boundary1 = H.spool_last_id(dirs.state)  # nothing writes the spool now: run 2's ids are all above
 
         # Run 2: online again; then the broker goes away and results are spooled on disk.
         second = start("run2")
-        H.wait_for(lambda: states()[-1] == "online", what="online after the restart")
-        H.wait_for(lambda: any(i > boundary1 for i in result_ids()), what="a result of run 2")
+        eventually(lambda: states()[-1] == "online", timeout=60.0, what="online after the restart")
+        eventually(lambda: any(i > boundary1 for i in result_ids()), timeout=60.0, what="a result of run 2")
         broker.stop()
-        H.wait_for(lambda: len([i for i in H.spooled_result_ids(dirs.state) if i > boundary1]) >= 5,
-                   what="results spooled while the broker is down", detail=second.log_tail)
+        eventually(lambda: len([i for i in H.spooled_result_ids(dirs.state) if i > boundary1]) >= 5, timeout=60.0, what="results spooled while the broker is down", detail=second.log_tail)
         # Freeze inference (the worker stopped: the loop blocks in predict), so the agent's own count of
         # results and its last result id describe the same moment; then make sure that id is durable.
         worker = second.worker_pid()
         os.kill(worker, signal.SIGSTOP)
         st = stable_status(dirs.config)
         made, last = st["results"], st["last_result"]["id"]
-        H.wait_for(lambda: H.spool_last_id(dirs.state) >= last, what=f"result {last} committed to the spool")
+        eventually(lambda: H.spool_last_id(dirs.state) >= last, timeout=60.0, what=f"result {last} committed to the spool")
         second.signal(signal.SIGKILL)
         assert second.wait() == -signal.SIGKILL
-        H.wait_for(lambda: gone(worker), what="the stopped worker to die with its agent")
+        eventually(lambda: gone(worker), timeout=60.0, what="the stopped worker to die with its agent")
         must_arrive = [i for i in H.spooled_result_ids(dirs.state) if i > boundary1]
         assert last in must_arrive and len(must_arrive) >= 5, (last, must_arrive)
         boundary2 = H.spool_last_id(dirs.state)
@@ -245,10 +241,9 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         watcher.wait_connected(connects + 1, timeout=H.HANG_S)
         watcher.subscribe(f"{H.PREFIX}/#")
         third = start("run3")
-        H.wait_for(lambda: set(must_arrive) <= set(result_ids()), what="every spooled result",
-                   detail=lambda: f"missing {sorted(set(must_arrive) - set(result_ids()))[:5]}\n"
+        eventually(lambda: set(must_arrive) <= set(result_ids()), timeout=60.0, what="every spooled result", detail=lambda: f"missing {sorted(set(must_arrive) - set(result_ids()))[:5]}\n"
                                   f"{third.log_tail()}")
-        H.wait_for(lambda: any(i > boundary2 for i in result_ids()), what="a result of run 3 after the replay")
+        eventually(lambda: any(i > boundary2 for i in result_ids()), timeout=60.0, what="a result of run 3 after the replay")
         ids = result_ids()
         run2 = sorted({i for i in ids if boundary1 < i <= last})
         # Nothing lost: every result run 2 made up to `last` (its own count) reached the broker, once each.
@@ -256,8 +251,7 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         assert all(i <= boundary2 for i in run2)
         firsts = list(dict.fromkeys(ids))
         assert firsts == sorted(firsts), "results arrived out of id order"
-        H.wait_for(lambda: not set(must_arrive) & set(H.spooled_result_ids(dirs.state)),
-                   what="the replayed results acknowledged and gone from the spool")
+        eventually(lambda: not set(must_arrive) & set(H.spooled_result_ids(dirs.state)), timeout=60.0, what="the replayed results acknowledged and gone from the spool")
 
         # SIGTERM: STOPPING=1, offline (retained), exit 0, within a bound only a hang exceeds.
         third.signal(signal.SIGTERM)
@@ -265,7 +259,7 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         said = notify.messages(third.pid)
         assert "STOPPING=1" in said, said
         assert "WATCHDOG=1" not in said[said.index("STOPPING=1"):]
-        H.wait_for(lambda: states()[-1] == "offline", what="offline")
+        eventually(lambda: states()[-1] == "offline", timeout=60.0, what="offline")
         retain, state = retained_state(broker)
         assert retain and state["state"] == "offline" and state["device"] == H.DEV, state
         assert "Traceback" not in third.log()
@@ -306,17 +300,16 @@ def test_sigterm_while_an_inference_hangs_still_drains_within_the_units_stop_tim
     agent = H.AgentProcess(dirs.config, notify, dirs.log("hung"))
     try:
         agent.ready()
-        H.wait_for(lambda: len(notify.pings()) >= 2, what="watchdog pings while healthy", detail=agent.log_tail)
+        eventually(lambda: len(notify.pings()) >= 2, timeout=60.0, what="watchdog pings while healthy", detail=agent.log_tail)
         worker = agent.worker_pid()
         os.kill(worker, signal.SIGSTOP)
-        H.wait_for(lambda: H.proc_state(worker) == "T", what="the worker to stop")
-        H.wait_for(lambda: notify.quiet_for(3.0), what="the loop to hang in predict", detail=agent.log_tail)
+        eventually(lambda: H.proc_state(worker) == "T", timeout=60.0, what="the worker to stop")
+        eventually(lambda: notify.quiet_for(3.0), timeout=60.0, what="the loop to hang in predict", detail=agent.log_tail)
         agent.signal(signal.SIGTERM)
-        H.wait_for(lambda: "STOPPING=1" in notify.messages(agent.pid), timeout=10,
-                   what="STOPPING=1 on SIGTERM", detail=agent.log_tail)
+        eventually(lambda: "STOPPING=1" in notify.messages(agent.pid), timeout=10, what="STOPPING=1 on SIGTERM", detail=agent.log_tail)
         assert agent.wait(unit_stop_timeout_s()) == 0, agent.log_tail()
-        H.wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", what="offline")
-        H.wait_for(lambda: gone(worker), what="the hung worker to be gone")
+        eventually(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", timeout=60.0, what="offline")
+        eventually(lambda: gone(worker), timeout=60.0, what="the hung worker to be gone")
         # Giving up an inference to stop is not a fault of the model: nothing counts towards its quarantine
         # (three such stops in a row would quarantine a good model), and the log says no error.
         counts = quarantine_counts(dirs.state)

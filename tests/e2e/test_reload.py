@@ -14,6 +14,7 @@ import shutil
 import signal
 
 from tests.e2e import helpers as H
+from tests.waiting import eventually
 
 EVENTS = f"{H.PREFIX}/events"
 RESULTS = f"{H.PREFIX}/results/vibration"
@@ -29,7 +30,7 @@ def hup_and_wait(board, kind: str) -> dict:
         new = [json.loads(m.payload) for m in board.watcher.messages(EVENTS)[seen:]]
         return next((e for e in new if e["kind"].startswith("config_reload")), None)
 
-    event = H.wait_for(answer, what=f"a {kind} event after SIGHUP", detail=board.agent.log_tail)
+    event = eventually(answer, timeout=60.0, what=f"a {kind} event after SIGHUP", detail=board.agent.log_tail)
     assert event["kind"] == kind, event
     assert board.agent.alive
     return event
@@ -41,7 +42,7 @@ def wait_event(board, kind: str, after: int) -> dict:
         events = [json.loads(m.payload) for m in board.watcher.messages(EVENTS)]
         return next((e for e in events if e["kind"] == kind and e["id"] > after), None)
 
-    return H.wait_for(found, what=f"a {kind} event", detail=board.agent.log_tail)
+    return eventually(found, timeout=60.0, what=f"a {kind} event", detail=board.agent.log_tail)
 
 
 def config_get(board, key: str):
@@ -87,8 +88,7 @@ def test_sighup_applies_power_and_log_level_and_names_what_needs_a_restart(board
         assert config_get(board, "power.step_s") == 0.7
         assert config_get(board, "runtime.threads") == 2
         # The new level is in force, in the format the command line chose (not the file's "text").
-        H.wait_for(lambda: any(d["level"] == "debug" for d in json_lines(board.agent.log()[log_at:])),
-                   what="a debug line in the log after the reload", detail=board.agent.log_tail)
+        eventually(lambda: any(d["level"] == "debug" for d in json_lines(board.agent.log()[log_at:])), timeout=60.0, what="a debug line in the log after the reload", detail=board.agent.log_tail)
         lines = json_lines(board.agent.log()[log_at:])
         assert any("runtime.threads" in d["message"] and d["level"] == "warning" for d in lines), lines[-5:]
 
@@ -98,9 +98,8 @@ def test_sighup_applies_power_and_log_level_and_names_what_needs_a_restart(board
         assert failed["key"] == "power.step_s" and failed["code"] == "config_invalid", failed
         assert "power.step_s" in failed["error"] and "0.1" in failed["error"], failed  # the rule, for people
         assert config_get(board, "power.step_s") == 0.7
-        H.wait_for(lambda: any(json.loads(m.payload)["id"] > failed["id"]
-                               for m in board.watcher.messages(RESULTS)),
-                   what="a result published after the failed reload", detail=board.agent.log_tail)
+        eventually(lambda: any(json.loads(m.payload)["id"] > failed["id"]
+                               for m in board.watcher.messages(RESULTS)), timeout=60.0, what="a result published after the failed reload", detail=board.agent.log_tail)
 
         # A file that is not TOML at all: the same, with no key to name.
         with open(board.dirs.config, "a", encoding="utf-8") as f:

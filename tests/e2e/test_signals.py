@@ -18,6 +18,7 @@ import pytest
 
 from tests.e2e import helpers as H
 from tests.e2e.conftest import BoardDirs
+from tests.waiting import eventually
 
 # HUPs sent back to back (about half a second of them here): the kernel merges those that come while one is
 # pending, so it takes a sustained flood for some to land while the agent's handler runs. Before the handler only
@@ -44,8 +45,7 @@ def reloaded_since(agent: H.AgentProcess, before: int) -> bool:
 
 def served_after(config: str, agent: H.AgentProcess, requests: int) -> dict:
     """The status once the runtime has served more than ``requests`` requests."""
-    return H.wait_for(lambda: (lambda st: st if st["runtime"]["requests"] > requests else None)(status(config)),
-                      what=f"more than {requests} requests served", detail=agent.log_tail)
+    return eventually(lambda: (lambda st: st if st["runtime"]["requests"] > requests else None)(status(config)), timeout=60.0, what=f"more than {requests} requests served", detail=agent.log_tail)
 
 
 def alive(pid: int) -> bool:
@@ -86,14 +86,13 @@ def test_a_flood_of_sighups_is_coalesced_into_reloads_and_the_agent_lives(hup_bo
     before = reloads(agent)
     for _ in range(FLOOD):
         os.kill(agent.pid, signal.SIGHUP)
-    H.wait_for(lambda: reloaded_since(agent, before), what="a reload after the flood", detail=agent.log_tail)
+    eventually(lambda: reloaded_since(agent, before), timeout=60.0, what="a reload after the flood", detail=agent.log_tail)
     assert agent.alive, agent.log_tail()
     # A reload still does its work after the flood: a changed key that needs a restart is named.
     try:
         H.edit_config(config, {"threads = 2": "threads = 1"})
         agent.signal(signal.SIGHUP)
-        H.wait_for(lambda: "runtime.threads" in agent.log(), what="the reload of the edited file",
-                   detail=agent.log_tail)
+        eventually(lambda: "runtime.threads" in agent.log(), timeout=60.0, what="the reload of the edited file", detail=agent.log_tail)
     finally:
         H.edit_config(config, {"threads = 1": "threads = 2"})
     log = agent.log()
@@ -118,8 +117,7 @@ def test_sighups_to_the_zygote_and_the_worker_change_nothing(hup_board):
     assert (st["crashes"], st["restarts"]) == (before["crashes"], before["restarts"]), st
     # The zygote forks the next worker asked for after the HUPs (the worker killed from outside, while idle).
     os.kill(worker, signal.SIGKILL)
-    new = H.wait_for(lambda: (lambda p: p if p != worker else None)(status(config)["runtime"]["worker_pid"]),
-                     what="a new worker", detail=agent.log_tail)
+    new = eventually(lambda: (lambda p: p if p != worker else None)(status(config)["runtime"]["worker_pid"]), timeout=60.0, what="a new worker", detail=agent.log_tail)
     assert H.comm(new) == "fieldnode-infer" and "device.runtime.worker" not in H.cmdline(new), H.cmdline(new)
     assert agent.zygote_pid() == zygote and alive(zygote)
     assert "zygote" not in agent.log(), agent.log_tail()  # it never fell back to exec
@@ -133,8 +131,7 @@ def test_a_sighup_during_start_up_is_kept_for_the_first_turn(e2e_broker, operato
     sent = {"agent": 0, "zygote": 0}
 
     def hup_until_ready():
-        zygote = H.wait_for(lambda: b.agent.zygote_pid() if b.agent.alive else -1, what="the zygote",
-                            detail=b.agent.log_tail)
+        zygote = eventually(lambda: b.agent.zygote_pid() if b.agent.alive else -1, timeout=60.0, what="the zygote", detail=b.agent.log_tail)
         while not stop.is_set() and b.agent.alive:
             for who, pid in (("agent", b.agent.pid), ("zygote", zygote)):
                 try:
@@ -153,8 +150,7 @@ def test_a_sighup_during_start_up_is_kept_for_the_first_turn(e2e_broker, operato
         assert sent["agent"] > 0 and sent["zygote"] > 0, sent
         zygote = b.agent.zygote_pid()
         assert zygote is not None and alive(zygote)
-        H.wait_for(lambda: reloaded_since(b.agent, 0), what="the reload asked for during start-up",
-                   detail=b.agent.log_tail)
+        eventually(lambda: reloaded_since(b.agent, 0), timeout=60.0, what="the reload asked for during start-up", detail=b.agent.log_tail)
         b.agent.signal(signal.SIGTERM)
         assert b.agent.wait() == 0, b.agent.log_tail()
     finally:
@@ -168,14 +164,11 @@ def test_a_killed_zygote_is_reaped_at_once_and_said_once(hup_board):
     agent, config = hup_board.agent, hup_board.dirs.config
     zygote, worker = agent.zygote_pid(), agent.worker_pid()
     os.kill(zygote, signal.SIGKILL)
-    H.wait_for(lambda: H.proc_state(zygote) is None, what=f"the killed zygote {zygote} to be reaped",
-               detail=lambda: f"state {H.proc_state(zygote)}\n{agent.log_tail()}")
-    said = H.wait_for(lambda: [ln for ln in agent.log().splitlines() if "zygote" in ln],
-                      what="the zygote's loss said", detail=agent.log_tail)
+    eventually(lambda: H.proc_state(zygote) is None, timeout=60.0, what=f"the killed zygote {zygote} to be reaped", detail=lambda: f"state {H.proc_state(zygote)}\n{agent.log_tail()}")
+    said = eventually(lambda: [ln for ln in agent.log().splitlines() if "zygote" in ln], timeout=60.0, what="the zygote's loss said", detail=agent.log_tail)
     assert len(said) == 1 and "SIGKILL" in said[0] and "WARNING" in said[0] and "25 MB" in said[0], said
     os.kill(worker, signal.SIGKILL)
-    new = H.wait_for(lambda: (lambda p: p if p not in (None, worker) else None)(status(config)["runtime"]["worker_pid"]),
-                     what="a new worker", detail=agent.log_tail)
+    new = eventually(lambda: (lambda p: p if p not in (None, worker) else None)(status(config)["runtime"]["worker_pid"]), timeout=60.0, what="a new worker", detail=agent.log_tail)
     assert "device.runtime.worker" in H.cmdline(new), H.cmdline(new)  # exec'd now
     served_after(config, agent, status(config)["runtime"]["requests"])
     assert len([ln for ln in agent.log().splitlines() if "zygote" in ln]) == 1, agent.log_tail()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -22,14 +21,6 @@ def clock():
 def path(tmp_path):
     """Where a spool test's database lives (import it into a test module to use it as a fixture)."""
     return str(tmp_path / "spool" / "spool.db")
-
-
-def wait_until(pred, timeout: float = 10.0) -> None:
-    """Polls ``pred`` (a generous limit only to fail instead of hanging; nothing asserts on durations)."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
 
 
 def all_messages(spool: Spool) -> list[Message]:

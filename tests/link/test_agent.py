@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from device import config
 from device.agent.agent import Agent
 from device.link.envelope import sign_envelope
+from tests.waiting import eventually
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEV = "dev-a"
@@ -239,31 +240,21 @@ def spawn_agent(cfg_path: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_last_will_of_a_killed_agent_and_clean_offline(tmp_path, broker, mqtt_client, operator_key):
     watcher = mqtt_client(broker)
     watcher.subscribe(f"{PREFIX}/state")
     proc = spawn_agent(write_config(tmp_path, broker, keepalive_s=5))
     try:
-        wait_for(lambda: any(json.loads(m.payload)["state"] == "online" for m in watcher.messages()), what="online")
+        eventually(lambda: any(json.loads(m.payload)["state"] == "online" for m in watcher.messages()), timeout=60.0, what="online")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         # mosquitto publishes the will when it notices the dead socket (the kernel closes it at once)
-        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "lost", what="lost")
+        eventually(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "lost", timeout=60.0, what="lost")
         proc = spawn_agent(write_config(tmp_path, broker))
-        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "online", what="online again")
+        eventually(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "online", timeout=60.0, what="online again")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        wait_for(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", what="offline")
+        eventually(lambda: json.loads(watcher.messages()[-1].payload)["state"] == "offline", timeout=60.0, what="offline")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -275,7 +266,7 @@ def test_agent_killed_while_offline_delivers_every_spooled_result_after_restart(
     cfg = write_config(tmp_path, broker)
     proc = spawn_agent(cfg)
     try:
-        wait_for(lambda: len(results.messages()) >= 3, what="results before the outage")
+        eventually(lambda: len(results.messages()) >= 3, timeout=60.0, what="results before the outage")
         broker.stop()
         spool_path = str(tmp_path / "state" / "spool" / "spool.db")
 
@@ -289,7 +280,7 @@ def test_agent_killed_while_offline_delivers_every_spooled_result_after_restart(
             finally:
                 db.close()
 
-        wait_for(lambda: len(spooled()) >= 8, what="results spooled while offline")
+        eventually(lambda: len(spooled()) >= 8, timeout=60.0, what="results spooled while offline")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         must_arrive = spooled()  # everything committed before the kill
@@ -297,8 +288,8 @@ def test_agent_killed_while_offline_delivers_every_spooled_result_after_restart(
         results.wait_connected(2)
         results.subscribe(f"{PREFIX}/results/#")
         proc = spawn_agent(cfg)
-        got = wait_for(lambda: (lambda ids: ids if set(must_arrive) <= ids else None)(
-            {json.loads(m.payload)["id"] for m in results.messages()}), what="every spooled result")
+        got = eventually(lambda: (lambda ids: ids if set(must_arrive) <= ids else None)(
+            {json.loads(m.payload)["id"] for m in results.messages()}), timeout=60.0, what="every spooled result")
         assert set(must_arrive) <= got
         ids = [json.loads(m.payload)["id"] for m in results.messages()]
         firsts = list(dict.fromkeys(ids))
@@ -323,12 +314,12 @@ def test_a_corrupt_spool_is_moved_aside_and_the_agent_runs(tmp_path, broker, mqt
     try:
         assert a.link.wait_connected(30)
         evs = [json.loads(m.payload) for m in watcher.wait_for_messages(1)]
-        wait_for(lambda: any(e["kind"] == "spool_corrupt" for e in
-                             [json.loads(m.payload) for m in watcher.messages()]), what="spool_corrupt event")
+        eventually(lambda: any(e["kind"] == "spool_corrupt" for e in
+                             [json.loads(m.payload) for m in watcher.messages()]), timeout=60.0, what="spool_corrupt event")
         assert a.spool.stats()["corrupt_recoveries"] == 1
         assert [p for p in os.listdir(spool_dir) if ".corrupt-" in p]
         assert evs is not None and a.sensor.wait_until(lambda h: h.windows >= 1, timeout=30)
-        wait_for(lambda: a.results >= 1, what="a result on the fresh spool")
+        eventually(lambda: a.results >= 1, timeout=60.0, what="a result on the fresh spool")
     finally:
         a.stop()
         t.join(30)
@@ -382,8 +373,8 @@ def test_telemetry_and_events_are_published(tmp_path, broker, mqtt_client, opera
         assert tel["governor"]["level"] == "performance" and tel["power"]["temp_source"] == "cpu-thermal"
         assert set(tel) >= {"id", "time", "power", "governor", "latency", "results", "sensor", "spool"}
         a.governor.override("saver", 60, by="test")
-        wait_for(lambda: any(json.loads(m.payload)["kind"] == "governor_level"
-                             for m in watcher.messages(f"{PREFIX}/events")), what="a governor_level event")
+        eventually(lambda: any(json.loads(m.payload)["kind"] == "governor_level"
+                             for m in watcher.messages(f"{PREFIX}/events")), timeout=60.0, what="a governor_level event")
         ev = next(json.loads(m.payload) for m in watcher.messages(f"{PREFIX}/events")
                   if json.loads(m.payload)["kind"] == "governor_level")
         assert ev["to"] == "saver" and ev["override"] is True and isinstance(ev["id"], int)

@@ -19,8 +19,9 @@ from device.errors import ConfigError
 from device.link.envelope import sign_envelope
 from device.runtime.manifest import bundled_model_dir
 from drivers.led import LedCode
-from tests.link.test_agent import DEV, PREFIX, Operator, operator_key, wait_for, write_config  # noqa: F401 (fixture)
+from tests.link.test_agent import DEV, PREFIX, Operator, operator_key, write_config  # noqa: F401 (fixture)
 from tests.runtime.crashmodel import make_crashing_model
+from tests.waiting import eventually
 
 
 class Watcher:
@@ -85,7 +86,7 @@ def test_a_simulated_board_says_so_in_birth_status_and_every_result(tmp_path, br
     t = start(agent)
     try:
         assert agent.link.wait_connected(30)
-        wait_for(lambda: len(watcher.of("results/")) >= 3, what="three results")
+        eventually(lambda: len(watcher.of("results/")) >= 3, timeout=60.0, what="three results")
         births = [b for b in watcher.of("state") if b.get("state") == "online"]
         assert births and births[-1]["simulated"] is True and births[-1]["virtual_board"] == "rpi4"
         # The link comes up before the model: the birth is refreshed once the runtime serves.
@@ -199,13 +200,12 @@ def test_a_crashing_variant_falls_back_and_the_board_stays_reachable(tmp_path, b
     op = Operator(broker)
     try:
         assert agent.link.wait_connected(30)
-        wait_for(lambda: agent.runtime.variant == "lite" and agent.serving, what="serving on lite")
-        wait_for(lambda: len(watcher.of("results/")) >= 2, what="results from lite")
+        eventually(lambda: agent.runtime.variant == "lite" and agent.serving, timeout=60.0, what="serving on lite")
+        eventually(lambda: len(watcher.of("results/")) >= 2, timeout=60.0, what="results from lite")
         assert {r["variant"] for r in watcher.of("results/")} == {"lite"}
         st = op.send("status", {})["result"]
         assert st["serving"] is True and st["runtime"]["variant"] == "lite" and st["runtime"]["quarantined"]
-        wait_for(lambda: watcher.events("variant_fallback") and watcher.events("worker_crashed"),
-                 what="crash and fallback events on the broker")
+        eventually(lambda: watcher.events("variant_fallback") and watcher.events("worker_crashed"), timeout=60.0, what="crash and fallback events on the broker")
         fb = watcher.events("variant_fallback")[0]
         assert fb["from"] == "full" and fb["to"] == "lite"
     finally:
@@ -222,13 +222,12 @@ def test_no_variant_can_serve_the_board_says_so_and_takes_quarantine_release(tmp
     op = Operator(broker)
     try:
         assert agent.link.wait_connected(30)
-        wait_for(lambda: len(agent.runtime.status()["quarantined"]) == 2
+        eventually(lambda: len(agent.runtime.status()["quarantined"]) == 2
                  and agent.runtime.status()["not_serving_reason"], timeout=120, what="both quarantined, not serving")
         st = op.send("status", {})["result"]
         assert st["serving"] is False and st["runtime"]["not_serving_reason"]
-        wait_for(lambda: watcher.events("not_serving"), what="not_serving on the broker")
-        wait_for(lambda: [b for b in watcher.of("state") if b.get("state") == "online"][-1]["serving"] is False,
-                 what="the retained birth to say it does not serve")
+        eventually(lambda: watcher.events("not_serving"), timeout=60.0, what="not_serving on the broker")
+        eventually(lambda: [b for b in watcher.of("state") if b.get("state") == "online"][-1]["serving"] is False, timeout=60.0, what="the retained birth to say it does not serve")
         assert st["faults"]["runtime"]["problem"]
         # The board is still reachable for a signed release of a quarantine.
         sha = st["runtime"]["quarantined"][0]["sha256"]
@@ -263,7 +262,6 @@ def test_a_hung_worker_is_a_fault_once_its_request_is_late(tmp_path, capsys):
     import signal
 
     from device.errors import Exit
-    from tests.waiting import eventually
     from tools import cli
 
     path = tmp_path / "fieldnode.toml"

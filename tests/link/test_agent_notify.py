@@ -11,7 +11,7 @@ import pytest
 
 from device import config
 from device.agent.agent import Agent
-from tests.link.test_agent import wait_for
+from tests.waiting import eventually
 
 
 class Listener:
@@ -128,31 +128,30 @@ def test_ready_then_pings_while_healthy_none_while_a_part_hangs_then_stopping(tm
     t = threading.Thread(target=agent.run, daemon=True)
     t.start()
     try:
-        wait_for(lambda: "READY=1" in "\n".join(listener.messages()), timeout=60, what="READY=1")
+        eventually(lambda: "READY=1" in "\n".join(listener.messages()), timeout=60, what="READY=1")
         ready = next(m for m in listener.messages() if m.startswith("READY=1"))
         assert agent.serving  # said once the model is warm
         assert "STATUS=serving vibration" in ready and "SIMULATED" in ready, ready
         assert (f"link {link_url}" if link_url else "link off") in ready, ready
         assert listener.messages()[0] == ready  # nothing before READY
-        wait_for(lambda: len(listener.pings()) >= 4, timeout=30, what="watchdog pings while healthy")
+        eventually(lambda: len(listener.pings()) >= 4, timeout=30, what="watchdog pings while healthy")
         # A level change shows in `systemctl status` (said by the governor loop, once).
         level = "saver" if agent.governor.level.label != "saver" else "performance"
         agent.governor.override(level, 600)
-        wait_for(lambda: any(m.startswith("STATUS=") and f"level {level};" in m for m in listener.messages()),
-                 timeout=30, what=f"a STATUS= line with level {level}")
+        eventually(lambda: any(m.startswith("STATUS=") and f"level {level};" in m for m in listener.messages()), timeout=30, what=f"a STATUS= line with level {level}")
         statuses = [m for m in listener.messages() if m.startswith("STATUS=")]
         assert len(statuses) == len(set(statuses)) and f"level {level};" not in ready  # each said once
 
         gate.open.clear()  # hang it
         assert gate.blocked.wait(30)
         # The pings stop within a few intervals: none for 3 s (6 intervals) while the part stays hung.
-        wait_for(lambda: listener.quiet_for(3.0), timeout=30, what=f"the pings to stop with the {part} hung")
+        eventually(lambda: listener.quiet_for(3.0), timeout=30, what=f"the pings to stop with the {part} hung")
         assert gate.blocked.is_set() and not gate.open.is_set()
         assert t.is_alive()  # the agent itself is still up: only the pings tell systemd
 
         stopped_at = len(listener.pings())
         gate.open.set()  # it recovers: the pings come back
-        wait_for(lambda: len(listener.pings()) >= stopped_at + 2, timeout=30, what="the pings to resume")
+        eventually(lambda: len(listener.pings()) >= stopped_at + 2, timeout=30, what="the pings to resume")
     finally:
         gate.open.set()
         agent.stop()

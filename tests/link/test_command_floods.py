@@ -24,7 +24,8 @@ from device.link.errors import BadSignature, EnvelopeReplayed, RateLimited
 from device.link.spool.spool import Spool
 from device.link.wire import Topics
 from tests.link.conftest import run_broker
-from tests.link.test_link_commands import PREFIX, REFUSAL_BURST, FrozenClock, wait_until
+from tests.link.test_link_commands import PREFIX, REFUSAL_BURST, FrozenClock
+from tests.waiting import eventually
 
 DEV = "dev-a"
 SIGNED = 10
@@ -199,7 +200,7 @@ def test_signed_commands_are_answered_through_a_flood(deep_broker, mqtt_client, 
         flood.start()
         received = lambda: link.status()["commands_received"] + link.status()["commands_dropped"]  # noqa: E731
         # The shared bucket is empty and the refusal budget spent long before: all that counts from here on
-        wait_until(lambda: received() >= 2000 and d.counters["rate_limited"] > 1000, what="the flood at the board")
+        eventually(lambda: received() >= 2000 and d.counters["rate_limited"] > 1000, what="the flood at the board")
         for n in range(SIGNED):
             props = Properties(PacketTypes.PUBLISH)
             props.ResponseTopic = f"ops/signed/{n}"
@@ -207,7 +208,7 @@ def test_signed_commands_are_answered_through_a_flood(deep_broker, mqtt_client, 
             op.client.publish(f"{PREFIX}/cmd/whoami", envelope(operator, args={"n": n}), qos=1, properties=props)
         answers = watcher.wait_for_messages(SIGNED, timeout=60, topic="ops/signed/#")
         at_answers = received()
-        wait_until(lambda: received() >= at_answers + 500, what="the flood going on after the answers")
+        eventually(lambda: received() >= at_answers + 500, what="the flood going on after the answers")
     finally:
         flood.stop.set()
         flood.join(30)

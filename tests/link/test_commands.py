@@ -20,6 +20,7 @@ from device.link.commands import (RETRIABLE_CODES, Arg, CallContext, Dispatcher,
 from device.link.envelope import TrustStore, Verifier, sign_envelope
 from device.link.errors import BadArgs, BadReplyTopic, CommandError, LinkError
 from drivers.sim.clock import SimClock
+from tests.waiting import eventually
 
 DEVICE = "pump-07"
 
@@ -458,16 +459,6 @@ def test_oldest_entry_is_evicted_past_dedupe_max(registry, clock, calls):
     assert d.counters["duplicates"] == 3 and d.counters["ok"] == 5
 
 
-def _wait_for(predicate, what: str) -> None:
-    """Polls a condition that another thread will make true; the bound only keeps a broken test finite."""
-    event = threading.Event()
-    for _ in range(10000):
-        if predicate():
-            return
-        event.wait(0.001)
-    raise AssertionError(f"never happened: {what}")
-
-
 def test_concurrent_duplicates_run_the_handler_once(registry, clock):
     entered, release, runs = threading.Event(), threading.Event(), []
 
@@ -492,7 +483,7 @@ def test_concurrent_duplicates_run_the_handler_once(registry, clock):
     assert entered.wait(30)
     for t in threads[1:]:
         t.start()
-    _wait_for(lambda: d._waiting == 5, "five duplicates waiting")
+    eventually(lambda: d._waiting == 5, timeout=10.0, what="five duplicates waiting")
     release.set()
     for t in threads:
         t.join(30)

@@ -20,6 +20,7 @@ from device.link.client import Link
 from device.link.commands import Dispatcher, Registry, register_builtin
 from device.link.spool.spool import Spool
 from tests.link.broker import Broker
+from tests.waiting import eventually
 
 PREFIX = "fieldnode/v1/dev-a"
 REFUSAL_BURST = 10
@@ -75,16 +76,6 @@ def ping(client, *, response: str | None = None, correlation: bytes | None = Non
         if correlation is not None:
             props.CorrelationData = correlation
     return client.client.publish(f"{PREFIX}/cmd/ping", payload, qos=qos, properties=props)
-
-
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 # -- 7.2: a Response Topic the board will not publish to ---------------------------------------------------------
@@ -155,13 +146,13 @@ def test_a_command_flood_is_bounded_and_results_keep_flowing(broker, board, mqtt
     flooder.start()
     try:
         received = lambda: link.status()["commands_received"] + link.status()["commands_dropped"]  # noqa: E731
-        wait_until(lambda: received() >= 2000, what="2000 flood commands at the board")
+        eventually(lambda: received() >= 2000, what="2000 flood commands at the board")
         ids = [link.publish_result("vibration", {"n": i}) for i in range(20)]
         got = watcher.wait_for_messages(20, timeout=60, topic=f"{PREFIX}/results/#")
         assert [json.loads(m.payload)["id"] for m in got] == ids
         at_results = received()
         # The flood was still coming in when the results were through: they did not wait for it to end.
-        wait_until(lambda: received() >= at_results + 1000, what="the flood going on after the results")
+        eventually(lambda: received() >= at_results + 1000, what="the flood going on after the results")
     finally:
         flooder.stop.set()
         flooder.join(30)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Callable
 
 import pytest
 
@@ -20,19 +19,9 @@ from device.link.commands import Dispatcher, Registry, register_builtin
 from device.link.spool.spool import Spool
 from tests.link.broker import Broker
 from tests.link.conftest import MqttTestClient, run_broker
+from tests.waiting import eventually
 
 CMD = "fieldnode/v1/dev-a/cmd/ping"
-
-
-def eventually(check: Callable[[], object], timeout: float, what: Callable[[], str]) -> object:
-    """Polls ``check`` until it is true (bounded; never a sleep as the check itself)."""
-    done = threading.Event()
-    for _ in range(int(timeout / 0.05)):
-        value = check()
-        if value:
-            return value
-        done.wait(0.05)
-    raise AssertionError(f"not within {timeout} s: {what()}")
 
 
 @pytest.fixture
@@ -119,8 +108,7 @@ def test_results_resume_after_command_floods_without_a_manual_reconnect(small_qu
 
         # After the floods: results flow to the fleet again, well past what one in-flight window holds.
         received = len(watcher.messages())
-        eventually(lambda: len(watcher.messages()) >= received + 2000, 90,
-                   lambda: f"results stopped: {len(watcher.messages()) - received} since the floods, {link.status()}")
+        eventually(lambda: len(watcher.messages()) >= received + 2000, timeout=90, what=lambda: f"results stopped: {len(watcher.messages()) - received} since the floods, {link.status()}")
         assert link.connected
     finally:
         log.close()
@@ -141,24 +129,22 @@ def test_a_broker_that_stops_acknowledging_makes_the_link_unhealthy_until_acks_f
     producer = Producer(link, 0.01)
     frozen = False
     try:
-        eventually(lambda: link.counters["acked"] >= 20, 20, lambda: str(link.status()))
+        eventually(lambda: link.counters["acked"] >= 20, timeout=20, what=lambda: str(link.status()))
         assert link.healthy and not link.status()["acks_stalled"]
         os.kill(broker.pid, signal.SIGSTOP)
         frozen = True
-        eventually(lambda: not link.healthy, 30, lambda: str(link.status()))
+        eventually(lambda: not link.healthy, timeout=30, what=lambda: str(link.status()))
         status = link.status()
         assert status["acks_stalled"] and status["healthy"] is False and status["ack_stall_s"] >= 0
-        eventually(lambda: link.counters["ack_timeouts"] >= 1 and link.counters["disconnects"] >= 1, 30,
-                   lambda: str(link.status()))
+        eventually(lambda: link.counters["ack_timeouts"] >= 1 and link.counters["disconnects"] >= 1, timeout=30, what=lambda: str(link.status()))
         os.kill(broker.pid, signal.SIGCONT)
         frozen = False
-        eventually(lambda: link.healthy and link.connected, 60, lambda: str(link.status()))
+        eventually(lambda: link.healthy and link.connected, timeout=60, what=lambda: str(link.status()))
         producer.stop()
         ids = list(producer.ids)
-        eventually(lambda: {json.loads(m.payload)["id"] for m in watcher.messages()} >= set(ids), 60,
-                   lambda: f"{len(watcher.messages())} messages for {len(ids)} results")
+        eventually(lambda: {json.loads(m.payload)["id"] for m in watcher.messages()} >= set(ids), timeout=60, what=lambda: f"{len(watcher.messages())} messages for {len(ids)} results")
         spool.flush()
-        eventually(lambda: spool.flush() or spool.stats()["messages"] == 0, 30, lambda: str(spool.stats()))
+        eventually(lambda: spool.flush() or spool.stats()["messages"] == 0, timeout=30, what=lambda: str(spool.stats()))
         assert link.status()["acks_stalled"] is False
     finally:
         if frozen:

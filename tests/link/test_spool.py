@@ -18,11 +18,10 @@ from device.link.spool.spool import Kind, Message, Spool
 from drivers.sim.clock import EPOCH, SimClock
 
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spool_writer.py")
-from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import E, R, T, all_messages  # noqa: F401
 from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
+from tests.waiting import eventually
 ZERO = {"telemetry": 0, "result": 0, "event": 0}
-
-
 
 
 # -- basic flow ----------------------------------------------------------------------------------------
@@ -96,7 +95,7 @@ def test_background_thread_commits_and_close_flushes_the_rest(path):
     s.start()
     s.start()  # idempotent
     first = s.put(E, "e", b"1")
-    wait_until(lambda: s.durable_id >= first)
+    eventually(lambda: s.durable_id >= first, timeout=10.0)
     assert s.stats()["commits"] >= 1 and isinstance(s.stats()["last_commit_ms"], float)
     last = [s.put(R, "r", b"%d" % i) for i in range(100)][-1]
     s.close()

@@ -14,7 +14,8 @@ from device.link.errors import SpoolError
 from device.link.spool.spool import Spool
 from drivers.sim.clock import SimClock
 
-from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import E, R, T, all_messages  # noqa: F401
+from tests.waiting import eventually
 
 FS_BYTES = 2 * 1024 * 1024
 
@@ -75,13 +76,13 @@ def test_results_made_while_the_disk_is_full_are_committed_once_space_returns(sm
     s.start()
     try:
         before = [s.put(R, "r", os.urandom(300)) for _ in range(200)]
-        wait_until(lambda: s.durable_id >= before[-1])
+        eventually(lambda: s.durable_id >= before[-1], timeout=10.0)
         ballast = fill(small_fs)
         during = [s.put(R, "r", os.urandom(300)) for _ in range(300)]  # the broker is down: nothing is acked
-        wait_until(lambda: any(k == "spool_error" for k, _ in events))
+        eventually(lambda: any(k == "spool_error" for k, _ in events), timeout=10.0)
         assert s.durable_id < during[-1]  # not on disk yet: they wait in memory
         os.unlink(ballast)
-        wait_until(lambda: s.durable_id >= during[-1])  # by itself, nobody calls flush
+        eventually(lambda: s.durable_id >= during[-1], timeout=10.0)  # by itself, nobody calls flush
         assert [m.id for m in all_messages(s)] == before + during  # nothing lost, order kept
         assert [k for k, _ in events] == ["spool_error"]  # reported once
         # The broker is back: everything is acknowledged and results keep coming. The deletes and the new rows
@@ -89,7 +90,7 @@ def test_results_made_while_the_disk_is_full_are_committed_once_space_returns(sm
         s.ack(before + during)
         for _ in range(100):  # 100 x 40 x 500 B: 2 MB more, the size of the whole disk
             ids = [s.put(R, "r", os.urandom(500)) for _ in range(40)]
-            wait_until(lambda: s.durable_id >= ids[-1])
+            eventually(lambda: s.durable_id >= ids[-1], timeout=10.0)
             s.ack(ids)
             assert wal_size(path) <= FS_BYTES // 4
         assert [k for k, _ in events] == ["spool_error"]

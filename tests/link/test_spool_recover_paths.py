@@ -13,9 +13,10 @@ import tracemalloc
 from device.link.spool import open as spoolopen, disk as spooldisk
 from device.link.spool.spool import Spool
 
-from tests.link.spoolhelp import E, R, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import E, R, all_messages  # noqa: F401
 from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
 from tests.link.test_spool_salvage import TOPIC, open_recording, root_page, smash, table_leaves, write_spool
+from tests.waiting import eventually
 
 
 def _smash_a_table_leaf(path: str, nth: int = 3) -> set[int]:
@@ -43,9 +44,9 @@ def test_batch_on_the_network_thread_never_runs_the_recovery(path, clock, mocker
     try:
         assert s.batch(0, 1_000_000) == []  # the corruption is found, the recovery left to the commit thread
         assert threads in ([], ["spool-commit"])  # never this thread, whatever the commit thread has done yet
-        wait_until(lambda: events)
+        eventually(lambda: events, timeout=10.0)
         assert threads == ["spool-commit"] and events[0][0] == "spool_corrupt"
-        wait_until(lambda: s.batch(0, 1) != [])
+        eventually(lambda: s.batch(0, 1) != [], timeout=10.0)
         assert [m.id for m in all_messages(s)] == [w[0] for w in written if w[0] not in lost]
         assert events[0][1]["lost"] == len(lost)
     finally:

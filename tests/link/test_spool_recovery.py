@@ -15,10 +15,9 @@ from device.link.errors import SpoolCorrupt, SpoolError
 from device.link.spool.spool import Spool
 from drivers.sim.clock import EPOCH, SimClock
 
-from tests.link.spoolhelp import E, R, T, all_messages, wait_until  # noqa: F401
+from tests.link.spoolhelp import E, R, T, all_messages  # noqa: F401
 from tests.link.spoolhelp import clock, path  # noqa: F401 (fixtures)
-
-
+from tests.waiting import eventually
 
 
 def make_real_spool(path: str, n: int = 2000) -> bytes:
@@ -267,8 +266,8 @@ def test_commit_thread_survives_errors_and_reports_once(path, mocker):
                                 side_effect=sqlite3.OperationalError("disk I/O error"))
     s.start()
     mid = s.put(R, "r", b"x")
-    wait_until(lambda: patch.call_count >= 3)
+    eventually(lambda: patch.call_count >= 3, timeout=10.0)
     mocker.stopall()
-    wait_until(lambda: s.durable_id >= mid)
+    eventually(lambda: s.durable_id >= mid, timeout=10.0)
     s.close()
     assert events == ["spool_error"]

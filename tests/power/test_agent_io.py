@@ -4,24 +4,15 @@ the whole agent running (virtual board, pty sensor, worker; no link)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from device import config
 from device.agent.agent import Agent
 from drivers.led import LedCode
+from tests.waiting import eventually
 
 LED, TRIGGER, POWER_GOOD = 17, 22, 27
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -55,23 +46,25 @@ step_s = 0.1
 
 def test_led_shows_ok_once_running_and_power_critical_when_power_good_drops(agent):
     pins = agent.io.pins
-    wait_for(lambda: agent.io.led.code == LedCode.OK, what="LED OK")
+    eventually(lambda: agent.io.led.code == LedCode.OK, what="LED OK")
     assert any(v for _, v in pins.states(LED))  # it really blinked the line
-    assert agent.governor.snapshot.power_good is True  # pulled up: good
+    # pulled up: good (the LED says OK from the agent's first turn; the governor's first reading may come after it)
+    eventually(lambda: agent.governor.snapshot is not None, what="the governor's first reading")
+    assert agent.governor.snapshot.power_good is True
     pins.drive_low(POWER_GOOD)  # the UPS HAT's low-battery output
-    wait_for(lambda: agent.governor.level.label == "critical", what="critical level")
+    eventually(lambda: agent.governor.level.label == "critical", what="critical level")
     assert "power-good input" in agent.governor.reason
-    wait_for(lambda: agent.io.led.code == LedCode.POWER_CRITICAL, what="LED power critical")
+    eventually(lambda: agent.io.led.code == LedCode.POWER_CRITICAL, what="LED power critical")
     pins.drive_high(POWER_GOOD)
     assert agent.status()["hardware"]["gpio"]["backend"] == "sim"
 
 
 def test_trigger_input_classifies_the_latest_window_now(agent):
-    wait_for(lambda: agent.sensor.latest_window() is not None, what="a window")
+    eventually(lambda: agent.sensor.latest_window() is not None, what="a window")
     assert agent.last_trigger is None
     agent.io.pins.drive_high(TRIGGER)
-    wait_for(lambda: agent.io.trigger.triggers == 1, what="a debounced trigger")
-    wait_for(lambda: agent.last_trigger is not None, what="a triggered inference")
+    eventually(lambda: agent.io.trigger.triggers == 1, what="a debounced trigger")
+    eventually(lambda: agent.last_trigger is not None, what="a triggered inference")
     assert agent.last_trigger["result"]["label"] in ("normal", "imbalance", "bearing_fault", "loose_mount")
     agent.io.pins.drive_low(TRIGGER)
     assert agent.status()["hardware"]["trigger"]["triggers"] == 1

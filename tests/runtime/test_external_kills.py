@@ -15,7 +15,8 @@ from device.runtime import errors as E
 from device.runtime.quarantine import KILL_WINDOW_S, KILLS_PER_CRASH, Quarantine
 from device.runtime.runtime import Runtime
 from tests.conftest import TEST_MODELS
-from tests.e2e.helpers import children, cmdline, proc_state, wait_for
+from tests.e2e.helpers import children, cmdline, proc_state
+from tests.waiting import eventually
 
 SLOW = str(TEST_MODELS / "slow_conv_int8.tflite")
 
@@ -51,7 +52,7 @@ def test_workers_sigkilled_while_idle_are_restarted_and_never_counted(settings, 
             pid = rt.worker_pid
             seen.add(pid)
             os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: dead(pid), what=f"worker {pid} to die")
+            eventually(lambda: dead(pid), timeout=60.0, what=f"worker {pid} to die")
             rt.infer(x)  # served by a new worker: the request never reached the dead one
             assert rt.worker_pid not in seen and rt.variant == "full"
         st = rt.status()
@@ -113,7 +114,7 @@ def test_a_worker_sigkilled_during_a_request_fails_it_without_a_strike(settings,
             before = cpu_ticks(pid)
             t = threading.Thread(target=request)
             t.start()
-            wait_for(lambda: cpu_ticks(pid) > before + 5 or not t.is_alive(), what="the worker to be busy")
+            eventually(lambda: cpu_ticks(pid) > before + 5 or not t.is_alive(), timeout=60.0, what="the worker to be busy")
             os.kill(pid, signal.SIGKILL)
             t.join(60)
             if "error" in outcome:

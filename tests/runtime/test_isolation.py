@@ -16,6 +16,7 @@ from device.runtime import errors as E
 from device.runtime.runtime import Runtime
 from device.runtime.supervisor import ProcessEngine
 from tests.runtime.crashmodel import make_crashing_model
+from tests.waiting import eventually
 
 SLOW = str(TEST_MODELS / "slow_conv_int8.tflite")
 
@@ -24,14 +25,6 @@ def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def wait_until(cond, what, limit=60.0):
-    end = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def alive(pid):
@@ -140,7 +133,7 @@ def test_worker_sigkilled_mid_request_fails_the_request_and_restarts(settings, s
         before = cpu_ticks(pid)
         t = threading.Thread(target=request)
         t.start()
-        wait_until(lambda: cpu_ticks(pid) > before + 5, "the worker to be busy inferring")
+        eventually(lambda: cpu_ticks(pid) > before + 5, timeout=60.0, what="the worker to be busy inferring")
         os.kill(pid, signal.SIGKILL)
         t.join(60)
         err = outcome.get("error")
@@ -203,7 +196,7 @@ def test_close_stops_the_worker_and_frees_shared_memory(settings, vibration):
     shm_name = rt._engine._shm.name
     assert os.path.exists(f"/dev/shm/{shm_name}")
     rt.close()
-    wait_until(lambda: not alive(pid), "the worker to exit")
+    eventually(lambda: not alive(pid), timeout=60.0, what="the worker to exit")
     assert not os.path.exists(f"/dev/shm/{shm_name}")
     with pytest.raises(E.RuntimeClosed):
         rt.infer(np.zeros((256, 3), np.float32))
@@ -245,6 +238,6 @@ def test_worker_dies_with_a_killed_agent(backend, tmp_path):
         assert alive(worker)
         agent.kill()
         agent.wait(10)
-        wait_until(lambda: not alive(worker), "the orphaned worker to exit", limit=20)
+        eventually(lambda: not alive(worker), timeout=20, what="the orphaned worker to exit")
     finally:
         agent.kill()

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import socket
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from device.clock import SYSTEM_CLOCK
 from device.control import Client, ControlError, request
 from device.link.commands import Dispatcher, Registry
 from device.link.errors import UnknownCommand
+from tests.waiting import eventually
 
 LOCAL = {"ping", "status", "update.status", "config.get"}
 
@@ -39,16 +39,6 @@ def ops() -> Ops:
                config=lambda: {"runtime": {"threads": 2}}, variants=lambda: ["full"],
                pin_variant=never, set_level=never,
                release_quarantine=lambda sha, by: False, quarantined=lambda: [], updates=Updates())
-
-
-def eventually(predicate, timeout: float = 30.0, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached within {timeout} s")
 
 
 def connect(path) -> socket.socket:

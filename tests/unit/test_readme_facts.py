@@ -45,3 +45,20 @@ def test_the_variants_table_matches_the_manifest_and_the_files():
         assert round(real["accuracy"][name], 3) == acc, name
         if cost is not None:
             assert float(cost) == v["cost"], name
+
+
+def test_the_core_dependencies_the_readme_names_are_setup_cfgs():
+    """The README's count and list of core dependencies is setup.cfg's install_requires, less the interpreter
+    (named apart) and the tomli backport of Python < 3.11."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    lines = [ln.split("#")[0].strip() for ln in cfg["options"]["install_requires"].splitlines()]
+    names = {re.split(r"[<>=;\s\[]", ln, maxsplit=1)[0].lower() for ln in lines if ln}
+    core = names - {"ai-edge-litert", "tomli"}
+    said = re.search(r"with (\w+) core dependencies \(([^)]*)\)", readme().replace("\n", " "))
+    assert said, "the README no longer says how many core dependencies there are"
+    words = {"four": 4, "five": 5, "six": 6, "seven": 7}
+    listed = {n.strip().lower().replace("python-tuf", "tuf") for n in said.group(2).split(",")}
+    assert words[said.group(1)] == len(core) and listed == core, (said.group(0), sorted(core))
