@@ -502,10 +502,14 @@ class Agent:
             _quietly(self.sensor.stop, "the sensor")
             if self.mcu is not None:
                 _quietly(self.mcu.close, "the simulated sensor MCU")
+            log.info("stopping: the link says offline and the spool commits what it holds")
             if self.link is not None:
                 _quietly(self.link.stop, "the link")
             if self.spool is not None:
                 _quietly(self.spool.close, "the spool")
+                kept = self.spool.stats()
+                log.info("stopped: %d message(s) kept in the spool for the next start%s", kept["messages"],
+                         f", {kept['pending']} not committed" if kept["pending"] else "")
             _quietly(self.updates.close, "the updates")
             _quietly(self.runtime.close, "the runtime")
             _quietly(self.io.close, "the GPIO lines")

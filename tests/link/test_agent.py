@@ -414,3 +414,22 @@ def test_quarantine_survives_a_restart_and_a_signed_command_releases_it(tmp_path
         op.close()
         a.stop()
         t.join(30)
+
+
+def test_a_stop_says_what_it_drains_and_what_it_keeps(tmp_path, broker, caplog):
+    """The journal of a systemctl stop: what the agent does while it drains, and what it leaves for the next start."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="device.agent")
+    a = Agent(config.load(write_config(tmp_path, broker)))
+    t = threading.Thread(target=a.run, daemon=True)
+    t.start()
+    try:
+        assert a.link.wait_connected(30)
+        eventually(lambda: a.spool.stats()["commits"] > 0, what="a spool commit")
+    finally:
+        a.stop()
+        t.join(30)
+    said = [r.getMessage() for r in caplog.records if r.name == "device.agent"]
+    assert any(m.startswith("stopping: the link says offline") for m in said), said
+    assert any(m.startswith("stopped: ") and "kept in the spool" in m for m in said), said

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -213,9 +212,12 @@ def test_worker_started_from_a_thread_outlives_that_thread(settings, vibration):
         t = threading.Thread(target=rt.set_variant, args=("lite",))
         t.start()
         t.join()
-        time.sleep(0.2)  # give a wrongly delivered parent-death signal time to land
-        assert rt.worker_pid != pid and alive(rt.worker_pid)
+        # A parent-death signal tied to that thread is sent as the kernel ends the thread. Once its task is gone,
+        # a SIGKILL would be pending in the worker before the request below, so the worker could not answer it:
+        # the answer is the positive event that comes after the moment a wrong signal would have landed.
+        eventually(lambda: not os.path.exists(f"/proc/self/task/{t.native_id}"), what="the thread's task to end")
         assert rt.predict(np.zeros((256, 3), np.float32)).variant == "lite"
+        assert rt.worker_pid != pid and alive(rt.worker_pid)
         assert rt.status()["crashes"] == 0
     finally:
         rt.close()

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from device.agent.agent import Agent
 from device.runtime.manifest import bundled_model_dir
 from device.update.store.store import ModelStore
 from tests.runtime.crashmodel import make_crashing_model
+from tests.waiting import eventually
 
 DEV = "dev-a"
 DERANGED = ["imbalance", "normal", "loose_mount", "bearing_fault"]  # no label keeps its place
@@ -87,12 +87,7 @@ class Running:
             return [d for k, d in self.events if k == kind]
 
     def wait(self, cond, timeout=25.0, what="the condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; events: {[k for k, _ in self.events]}")
+        eventually(cond, timeout=timeout, what=what, detail=lambda: f"events: {[k for k, _ in self.events]}")
 
     def __enter__(self):
         self.thread.start()
