@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from device.errors import Exit, FieldnodeError, error_json
+
+if TYPE_CHECKING:
+    from device.config import Config
 
 
 def print_error(command: str, exc: FieldnodeError, *, as_json: bool = False, exit_code: Exit | None = None,
@@ -39,7 +42,7 @@ def print_error(command: str, exc: FieldnodeError, *, as_json: bool = False, exi
     return Exit(exc.exit_code if exit_code is None else exit_code)
 
 
-def load_config(args):
+def load_config(args: argparse.Namespace) -> Config:
     from device import config
 
     return config.load(getattr(args, "config", None))
@@ -68,7 +71,7 @@ def number(kind: type = float, *, minimum: float | None = None, maximum: float |
                   f"<= {maximum:g}" if maximum is not None else ""]
         expected = " ".join([what] + [x for x in limits if x])
 
-    def convert(text: str):
+    def convert(text: str) -> float:
         try:
             value = kind(text)
         except (TypeError, ValueError):
@@ -87,7 +90,7 @@ nonnegative_float = number(float, minimum=0)
 positive_seconds = number(float, above=0, what="a number of seconds")
 
 
-def for_people(value, unit: str = "", none: str = "unknown") -> str:
+def for_people(value: object, unit: str = "", none: str = "unknown") -> str:
     """A value as a person reads it, not as Python prints it: ``yes``/``no``, ``0-3`` for consecutive CPUs, a list
     joined with ``; ``, a mapping as ``key value, ...``, ``none`` for an empty list and ``none`` (the argument)
     for a missing value."""
@@ -105,7 +108,8 @@ def for_people(value, unit: str = "", none: str = "unknown") -> str:
     return f"{value}{unit}"
 
 
-def sim_argument(parser, help: str, *, default_profile: str | None = "rpi4") -> None:
+def sim_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str, *,
+                 default_profile: str | None = "rpi4") -> None:
     """Adds ``--sim [PROFILE]``, the one flag that asks for a simulated board in ``run``, ``demo`` and ``power``.
 
     Args:

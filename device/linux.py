@@ -11,7 +11,7 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def prctl(option: int, arg) -> bool:
+def prctl(option: int, arg: int | bytes) -> bool:
     """``prctl(option, arg)``; False when it failed or this is not Linux."""
     try:
         import ctypes

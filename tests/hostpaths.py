@@ -12,6 +12,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pytest
 
 ENV = "FIELDNODE_TEST_HOST_ROOT"
 
@@ -50,7 +54,7 @@ def move_host_defaults(root: str) -> dict[str, str]:
     return moved
 
 
-def pytest_configure(config) -> None:  # noqa: ARG001 - pytest's hook signature
+def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001 - pytest's hook signature
     root = os.environ.get(ENV)
     if root:
         move_host_defaults(root)

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from device.errors import Exit, FieldnodeError, UsageError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 
 class RenewError(FieldnodeError):
@@ -30,7 +33,7 @@ class NothingToRenew(RenewError):
 
 
 def renew(args: argparse.Namespace, root: str, config_path: str, text: str, *, make_plan: Callable,
-          make_csr: Callable) -> int:
+          make_csr: Callable[[PrivateKeyTypes, str], bytes]) -> int:
     """Renews the certificate request of the board (or the image under ``root``) from its existing key.
 
     Args:
@@ -99,7 +102,7 @@ def renew(args: argparse.Namespace, root: str, config_path: str, text: str, *, m
     return Exit.OK
 
 
-def _read_key(path: str, board_path: str):
+def _read_key(path: str, board_path: str) -> PrivateKeyTypes:
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -117,7 +120,7 @@ def _read_key(path: str, board_path: str):
                              f"with --force") from exc
 
 
-def _matching_request(path: str, key, device_id: str) -> bytes | None:
+def _matching_request(path: str, key: PrivateKeyTypes, device_id: str) -> bytes | None:
     """The request at ``path`` when it is for ``key`` and names ``device_id``, else None."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

@@ -14,9 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING, Callable
 
-from device.diag.checks import CHECKS, FAIL, OK, SKIP, STATUSES, WARN, Check, Context, fail
+from device.diag.checks import CHECKS, FAIL, OK, SKIP, STATUSES, WARN, Check, Context, Spec, Who, fail
 from device.errors import Exit
+
+if TYPE_CHECKING:
+    from device.config import Config
 
 ORDER = ("config", "identity", "keys", "certificate", "clock", "broker", "trust", "accelerators", "delegates",
          "models", "update_store", "sensor", "gpio", "thermal", "battery", "throttle", "cpufreq", "disk", "spool",
@@ -24,6 +28,7 @@ ORDER = ("config", "identity", "keys", "certificate", "clock", "broker", "trust"
 BUDGET_S = 10.0
 MARGIN_S = 1.0  # the checks' own deadline comes this much before the runner's, so their bounded waits fit
 EXIT = {OK: Exit.OK, SKIP: Exit.OK, WARN: Exit.WARN, FAIL: Exit.FAULTS}
+
 
 def load_checks() -> None:
     # Each module registers its checks in device.diag.checks.CHECKS when imported.
@@ -33,9 +38,9 @@ def load_checks() -> None:
     import device.diag.model  # noqa: F401
 
 
-def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sample_s: float = 2.0, on_check=None,
-               config_error: Exception | None = None, agent_status: dict | None = None,
-               who=None) -> list[Check]:
+def run_checks(cfg: Config, *, sim: str | None = None, budget_s: float = BUDGET_S, sample_s: float = 2.0,
+               on_check: Callable[[Check], None] | None = None, config_error: Exception | None = None,
+               agent_status: dict | None = None, who: Who | None = None) -> list[Check]:
     """Runs every check, side by side, within ``budget_s``.
 
     Args:
@@ -71,7 +76,7 @@ def run_checks(cfg, *, sim: str | None = None, budget_s: float = BUDGET_S, sampl
     results: list[Check | None] = [None] * len(specs)
     cond = threading.Condition()
 
-    def one(i: int, spec) -> None:
+    def one(i: int, spec: Spec) -> None:
         try:
             c = spec.fn(ctx)
             if not isinstance(c, Check) or c.name != spec.name:
@@ -131,7 +136,7 @@ def to_json(checks: list[Check], *, simulated: bool) -> dict:
             "simulated": simulated}
 
 
-def diagnose(cfg, *, sim: str | None = None, agent_status: dict | None = None) -> dict:
+def diagnose(cfg: Config, *, sim: str | None = None, agent_status: dict | None = None) -> dict:
     """The whole diagnosis as the ``--json`` object: what the MQTT ``diag`` command replies, with the agent's
     own ``status()`` as ``agent_status`` (see :func:`run_checks`). A config with ``drivers.virtual_board`` is
     diagnosed on a virtual board of that profile, and says so."""

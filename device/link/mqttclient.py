@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -26,6 +27,9 @@ from paho.mqtt.properties import Properties
 
 from device.link.errors import BrokerUrlError
 from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+
+if TYPE_CHECKING:
+    from paho.mqtt.reasoncodes import ReasonCode
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 MAX_PASSWORD_BYTES = 4096  # far above any real password; a larger file is the wrong file
@@ -81,6 +85,26 @@ def read_password(path: str | os.PathLike) -> str:
     return text.removesuffix("\n")
 
 
+class LinkLogin(Protocol):
+    """What :meth:`Endpoint.from_link_config` reads of a ``[link]`` section (:class:`device.link.config.LinkConfig`,
+    which imports this module, so it is named by its shape rather than imported)."""
+
+    @property
+    def broker(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def ca_file(self) -> str: ...
+    @property
+    def cert_file(self) -> str: ...
+    @property
+    def key_file(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def password_file(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """A broker and how to log in to it.
@@ -112,7 +136,7 @@ class Endpoint:
         return self.protocol == "5"
 
     @classmethod
-    def from_link_config(cls, link, url: BrokerUrl | str | None = None) -> Endpoint:
+    def from_link_config(cls, link: LinkLogin, url: BrokerUrl | str | None = None) -> Endpoint:
         """The endpoint of a board's ``[link]`` section: its broker (or ``url``, same credentials), TLS files,
         username and password file.
 
@@ -193,7 +217,8 @@ def new_client(endpoint: Endpoint, client_id: str, *, max_packet: int,
     return c
 
 
-def disconnect_reason(flags, reason_code, *, keepalive_s: int, net_error: str | None = None) -> str:
+def disconnect_reason(flags: mqtt.DisconnectFlags, reason_code: ReasonCode, *, keepalive_s: int,
+                      net_error: str | None = None) -> str:
     """Why a connection ended, for people (paho's own words are often "Unspecified error").
 
     Args:

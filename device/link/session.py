@@ -21,18 +21,21 @@ import secrets
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.clock import SYSTEM_CLOCK
+from device.clock import SYSTEM_CLOCK, Clock
 from device.link import envelope, wire
 from device.link.errors import (BadInput, ConnectError, LinkError, NoReply,
                                 PublishError, ReplyMalformed, SubscribeError)
 from device.link.mqttclient import PROTOCOLS, Endpoint, new_client
 from device.link.url import BrokerUrl, TlsFiles
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class Request:
 
 
 def build_request(device: str, cmd: str, args: dict, *, prefix: str | None = None, request_id: str | None = None,
-                  private_key=None, ttl_s: float = 60.0) -> Request:
+                  private_key: ed25519.Ed25519PrivateKey | None = None, ttl_s: float = 60.0) -> Request:
     """Checks the input and builds the request.
 
     Args:
@@ -101,7 +104,7 @@ def build_request(device: str, cmd: str, args: dict, *, prefix: str | None = Non
 
 def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protocol: int | str = mqtt.MQTTv5,
          timeout_s: float = 10.0, username: str | None = None, password: str | None = None,
-         deadline: float | None = None, clock=SYSTEM_CLOCK) -> dict:
+         deadline: float | None = None, clock: Clock = SYSTEM_CLOCK) -> dict:
     """Publishes one request and waits for its reply, all within ``timeout_s`` (or by ``deadline``).
 
     Args:
@@ -156,7 +159,7 @@ class Session:
         BrokerUrlError: The TLS files do not load.
     """
 
-    def __init__(self, endpoint: Endpoint, request: Request, timeout_s: float, deadline: float, clock) -> None:
+    def __init__(self, endpoint: Endpoint, request: Request, timeout_s: float, deadline: float, clock: Clock) -> None:
         self.endpoint, self.url, self.request, self.timeout_s = endpoint, endpoint.url, request, timeout_s
         self.deadline, self.clock = deadline, clock
         self.v5 = endpoint.v5
@@ -270,8 +273,8 @@ class Session:
     def _drop(self) -> str:
         return f"{self.dropped}" + (f"; {self.first_error}" if self.first_error else "")
 
-    def _guard(self, fn: Callable) -> Callable:
-        def callback(*args):
+    def _guard(self, fn: Callable[..., object]) -> Callable[..., None]:
+        def callback(*args: object) -> None:
             try:
                 fn(*args)
             except Exception as exc:  # noqa: BLE001 - see the class docstring
@@ -289,13 +292,13 @@ class Session:
                 getattr(self, name)[key] = value
             self.cond.notify_all()
 
-    def _on_log(self, client, userdata, level, buf) -> None:
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, buf: str) -> None:
         log.debug("paho: %s", buf)
         if level == mqtt.MQTT_LOG_ERR:
             with self.cond:  # the first error is the cause; later ones are paho noticing the dead socket
                 self.first_error = self.first_error or buf
 
-    def _on_message(self, client, userdata, message) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         # A retained message predates this request; with a reused --request-id it could look like our reply.
         if message.retain or message.topic != self.reply_topic:
             return

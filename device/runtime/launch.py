@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+from typing import IO
 
 from device.runtime import zygote
 
@@ -52,7 +53,7 @@ class _Launcher:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def popen(self, args, **kwargs) -> subprocess.Popen:
+    def popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="fieldnode-launcher", daemon=True)
@@ -81,7 +82,7 @@ class _Launcher:
 _LAUNCHER = _Launcher()
 
 
-def launch(child_fd: int):
+def launch(child_fd: int) -> zygote.ForkedProc | subprocess.Popen:
     """Starts a worker serving on ``child_fd``: forked by the zygote when this process has one
     (:mod:`device.runtime.zygote`, ``fieldnode run``), else by exec, which also takes over from a zygote
     that failed (the zygote module says so)."""
@@ -108,13 +109,13 @@ class StderrTail:
 
     MAX_LINE = 4096
 
-    def __init__(self, stream, pid: int, keep: int = 40) -> None:
+    def __init__(self, stream: IO[bytes], pid: int, keep: int = 40) -> None:
         self.lines: collections.deque = collections.deque(maxlen=keep)
         self._thread = threading.Thread(target=self._run, args=(stream, pid), name=f"worker-{pid}-stderr",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, stream, pid: int) -> None:
+    def _run(self, stream: IO[bytes], pid: int) -> None:
         try:
             for raw in iter(lambda: stream.readline(self.MAX_LINE), b""):
                 line = raw.decode("utf-8", "replace").rstrip()

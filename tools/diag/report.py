@@ -12,8 +12,12 @@ import subprocess
 import sys
 import tarfile
 import time
+from typing import TYPE_CHECKING, Any, Iterator
 
 from device.errors import FieldnodeError
+
+if TYPE_CHECKING:
+    from device.config import Config
 
 REDACTED = "<redacted>"
 SECRET_RE = re.compile(r"password|token|secret", re.IGNORECASE)
@@ -35,7 +39,7 @@ def check_report_path(path: str) -> None:
         raise ReportError(f"--report {path}: the directory {d} is not writable by this user")
 
 
-def redact(obj):
+def redact(obj: Any) -> Any:  # a JSON value: anything json.dumps takes
     """A copy of ``obj`` with the value of every key named like a password, token or secret replaced."""
     if isinstance(obj, dict):
         return {k: (REDACTED if SECRET_RE.search(str(k)) and obj[k] not in ("", None) else redact(v))
@@ -71,7 +75,7 @@ def redact_toml(text: str) -> str:
 _TOML_SECRET_MULTILINE = re.compile(r"""(?im)^\s*["']?[\w.-]*(password|token|secret)[\w.-]*["']?\s*=\s*("{3}|'{3})""")
 
 
-def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | None = None) -> str:
+def write_report(path: str, cfg: Config, diag: dict, text: str, *, config_path: str | None = None) -> str:
     """Writes the support bundle ``path`` (a tar.gz) atomically: temporary file, fsync, rename.
 
     Members (under one directory named after the device id): ``diag.json`` and ``diag.txt`` (this run),
@@ -125,7 +129,7 @@ def write_report(path: str, cfg, diag: dict, text: str, *, config_path: str | No
     return path
 
 
-def _password(cfg) -> str:
+def _password(cfg: Config) -> str:
     # Read only to scrub it from everything else; it never goes into the bundle itself.
     if not cfg.link.password_file:
         return ""
@@ -137,14 +141,14 @@ def _password(cfg) -> str:
         return ""
 
 
-def _agent_status(cfg) -> dict:
+def _agent_status(cfg: Config) -> dict:
     from device.diag.checks import ask_agent
 
     status, why = ask_agent(cfg, 2.0)
     return {"available": status is not None, "from": why, "status": status}
 
 
-def _versions(cfg) -> dict:
+def _versions(cfg: Config) -> dict:
     from device import __version__
     from device.runtime.backends import load_backend
 
@@ -165,14 +169,14 @@ def _versions(cfg) -> dict:
     return out
 
 
-def _os_release(text: str):
+def _os_release(text: str) -> Iterator[tuple[str, str]]:
     for raw in text.splitlines():
         key, sep, value = raw.partition("=")
         if sep and key.strip() and not key.startswith("#"):
             yield key.strip(), value.strip().strip('"').strip("'")
 
 
-def _throttle(cfg) -> dict:
+def _throttle(cfg: Config) -> dict:
     from drivers import throttle
     from drivers.sysfs import Sysfs, resolve_root
 
