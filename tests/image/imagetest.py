@@ -303,13 +303,13 @@ def build_wheel(run_dir: str) -> str:
         raise StepFailed(str(exc)) from exc
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="install fieldnode into an arm64 Debian root and run it under "
-                                                 "qemu-user as a Raspberry Pi 4")
+def parse_image_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    """The options every image stage takes (this one and tests/image/nspawntest.py), with absolute paths."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--wheel", help="the wheel to install (default: build one from the checkout)")
     parser.add_argument("--cache", default=os.environ.get("FIELDNODE_IMAGE_CACHE")
                         or os.path.expanduser("~/.cache/fieldnode-image"),
-                        help="where the debootstrap root and pip's downloads are kept between runs")
+                        help="where the debootstrap roots and pip's downloads are kept between runs")
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # set by the parent for the namespaced child
     parser.add_argument("--prepare", action="store_true",
                         help="only build (or find) the cached debootstrap root, e.g. while other tests run")
@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     args.cache = os.path.abspath(args.cache)
     if args.wheel:
         args.wheel = os.path.abspath(args.wheel)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_image_args(argv, "install fieldnode into an arm64 Debian root and run it under qemu-user as a "
+                                  "Raspberry Pi 4")
     if args.run_dir:
         return inside(args)
     if os.geteuid() != 0:

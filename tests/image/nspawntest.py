@@ -34,7 +34,6 @@ signal). The amd64 root (debootstrap with systemd) is cached beside the arm64 on
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import glob
 import json
@@ -49,7 +48,7 @@ import time
 
 from tests.image import imagetest
 from tests.image.container import BOUND_S, Container, comm, descendants, die_with_parent, wait_for
-from tests.image.imagetest import CHECKOUT, StepFailed, run_step
+from tests.image.imagetest import CHECKOUT, StepFailed, parse_image_args, run_step
 
 ARCH = "amd64"
 INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv"
@@ -426,19 +425,8 @@ def systemd_version(root: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="install fieldnode into an amd64 Debian root and check its "
-                                                 "systemd unit under a real systemd (systemd-nspawn)")
-    parser.add_argument("--wheel", help="the wheel to install (default: build one from the checkout)")
-    parser.add_argument("--cache", default=os.environ.get("FIELDNODE_IMAGE_CACHE")
-                        or os.path.expanduser("~/.cache/fieldnode-image"),
-                        help="where the debootstrap roots and pip's downloads are kept between runs")
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)  # set by the parent for the namespaced child
-    parser.add_argument("--prepare", action="store_true",
-                        help="only build (or find) the cached debootstrap root, e.g. while other tests run")
-    args = parser.parse_args(argv)
-    args.cache = os.path.abspath(args.cache)
-    if args.wheel:
-        args.wheel = os.path.abspath(args.wheel)
+    args = parse_image_args(argv, "install fieldnode into an amd64 Debian root and check its systemd unit under a "
+                                  "real systemd (systemd-nspawn)")
     if args.run_dir:
         signal.signal(signal.SIGTERM, _interrupted)  # the finally of inside() stops the container
         hold_run_lock(args.run_dir)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from device.errors import Exit
+from tests.cleanenv import clean_env
 
 FIELDNODE = os.path.join(os.path.dirname(sys.executable), "fieldnode")
 MISSING = "/nonexistent/fieldnode-test"
@@ -84,7 +85,7 @@ _HIDING = ('for d in ' + " ".join(BOARD_DIRS) + '; do if [ -d "$d" ]; then mount
 
 
 def fieldnode(args, env_extra=None, cwd=None, timeout=120):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
+    env = clean_env()
     env.update(env_extra or {})
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     hide = [_UNSHARE, "--mount", "--propagation", "private", "sh", "-c", _HIDING, "sh"] if HIDE else []
@@ -176,7 +177,7 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly():
     (no ``BrokenPipeError``, no ``Exception ignored ... Broken pipe``), and exits with the table's code for it."""
     import fcntl
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
+    env = clean_env()
     read_end, write_end = os.pipe()
     # A small pipe, so the command is still writing when the reader leaves (its output is larger than this).
     fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)

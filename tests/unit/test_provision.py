@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from device import config
 from device.update import age
 from tools import provision
+from tests.cleanenv import clean_env
 
 UID, GID = 4242, 4243  # the image's fieldnode user, unknown to this machine
 CONF = "etc/fieldnode/fieldnode.toml"
@@ -55,7 +56,7 @@ def call(capsys, *argv: str) -> tuple:
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
+    env = clean_env()
     return subprocess.run([sys.executable, "-c", ENTRY, "provision", *argv], capture_output=True, text=True,
                           env=env, timeout=60, stdin=subprocess.DEVNULL)
 

@@ -4,11 +4,8 @@ names another place."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from cryptography import x509
@@ -17,26 +14,11 @@ from cryptography.x509.oid import NameOID
 
 from device import config
 from device.errors import UsageError
+from tests.unit.test_provision import call, cli  # noqa: F401 - one copy of the two ways to run provision
 from tools import provision
 
 pytestmark = pytest.mark.timeout(120)
-ENTRY = "import sys; from tools import cli; sys.exit(cli.main(sys.argv[1:]))"
 SPKI = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-
-
-def call(capsys, *argv: str) -> tuple:
-    p = argparse.ArgumentParser(prog="fieldnode provision")
-    p.add_argument("--config")
-    provision.add_arguments(p)
-    code = provision.run(p.parse_args(list(argv)))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FIELDNODE_")}
-    return subprocess.run([sys.executable, "-c", ENTRY, "provision", *argv], capture_output=True, text=True,
-                          env=env, timeout=60, stdin=subprocess.DEVNULL)
 
 
 def conf(tmp_path, text: str = "") -> str:
