@@ -117,4 +117,5 @@ class EngineOpener:
         """Emits the event of a worker fault (crash, timeout, a quarantine that just happened)."""
         if isinstance(exc, E.ModelQuarantined) and not exc.newly:
             return  # refused without loading: the quarantine itself was reported when it happened
-        self._emit(exc.code, {"message": str(exc), "variant": variant, "path": getattr(exc, "path", None) or path})
+        self._emit(exc.code, {"message": str(exc), "variant": variant, "path": getattr(exc, "path", None) or path,
+                              "counted": getattr(exc, "counted", True)})

@@ -387,6 +387,7 @@ class ProcessEngine(EngineBase):
         else:
             exc = cls(message)
         exc.path = path  # the file to blame, for the runtime's event
+        exc.counted = counted  # a kill from outside is no fault of the model: an update's trial must not fail on it
         raise exc
 
     def _kill(self) -> None:

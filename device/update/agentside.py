@@ -134,7 +134,9 @@ class AgentUpdates:
     def on_event(self, kind: str, data: dict) -> None:
         """Every event of the agent: a fault of the new model's runtime fails its trial at once."""
         trial = self._trial
-        if trial is not None and kind in CRASH_EVENTS and not data.get("shadow"):
+        # A worker killed from outside (an operator, the OOM killer) is not counted against the model, and does
+        # not fail its trial either: the event says so (counted false).
+        if trial is not None and kind in CRASH_EVENTS and not data.get("shadow") and data.get("counted", True):
             trial.crashed(f"{kind}: {data.get('message') or data.get('reason') or data}")
 
     def observe(self, window, prediction) -> None:

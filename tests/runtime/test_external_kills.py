@@ -96,7 +96,9 @@ def test_six_sigkills_of_loading_workers_quarantine_nothing(settings, vibration,
 
 def test_a_worker_sigkilled_during_a_request_fails_it_without_a_strike(settings, single_model, tmp_path):
     manifest = single_model(SLOW, "slow.tflite")
+    events: list = []
     rt = Runtime(settings(isolation="process", warmup_runs=0, deadline_ms=600_000), manifest=manifest,
+                 on_event=lambda kind, data: events.append((kind, data)),
                  quarantine_path=str(tmp_path / "quarantine.json"))
     with rt:
         path = manifest.variant("default").path
@@ -122,6 +124,8 @@ def test_a_worker_sigkilled_during_a_request_fails_it_without_a_strike(settings,
             assert rt.quarantine.crashes(path) == 0
             assert rt.infer(x).outputs  # the next request starts a new worker
         assert rt.quarantine.entries() == []
+    crashed = [d for k, d in events if k == "worker_crashed"]
+    assert crashed and all(d["counted"] is False for d in crashed), crashed  # an update's trial reads this
 
 
 def test_kills_count_one_crash_only_at_a_rate():

@@ -221,3 +221,17 @@ def test_runtime_model_overrides_the_store(tmp_path):
         assert getattr(err.value, "code", None) == "model_store_error" and "runtime.model" in str(err.value)
     finally:
         a.close()
+
+
+def test_a_worker_killed_from_outside_does_not_fail_the_trial(tmp_path):
+    """The runtime says a kill from outside (an operator, the OOM killer) is not the model's fault with counted false
+    (tests/runtime/test_external_kills.py); the agent's trial reads it, and the model is committed all the same."""
+    state = str(tmp_path / "state")
+    put_on_trial(state, 8)
+    with Running(agent_config(tmp_path, trial_s=2, min_windows=4, shadow=False)) as r:
+        r.wait(lambda: r.agent.updates.status()["trial"], what="the trial")
+        r.agent.updates.on_event("worker_crashed", {"message": "inference worker (pid 1) was killed by signal "
+                                                    "SIGKILL (killed from outside: not counted against the model)",
+                                                    "variant": "full", "path": "", "counted": False})
+        r.wait(lambda: r.of("update_committed") or r.of("update_rolled_back"), what="the trial's verdict")
+    assert r.of("update_committed") and not r.of("update_rolled_back")
