@@ -145,7 +145,7 @@ def _summary_line(r: dict) -> str:
     classes = ", ".join(f"{k} {v}" for k, v in sorted(r["classes"].items())) or "none"
     return (f"done: {r['results']} results, {r['failures']} failures, agreement with the simulated truth {agree}, "
             f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, swaps {r['swaps']}, governor level {r['level']} after "
-            f"{r['level_changes']} changes, sensor frames {r['sensor_frames']} (crc errors {r['crc_errors']}, "
+            f"{r['level_changes']} change{'' if r['level_changes'] == 1 else 's'}, sensor frames {r['sensor_frames']} (crc errors {r['crc_errors']}, "
             f"gaps {r['seq_gaps']}), classes: {classes}")
 
 
