@@ -12,9 +12,9 @@ import ctypes
 import os
 import signal
 import subprocess
-import time
 
 from tests.image.imagetest import StepFailed, run_step
+from tests.waiting import eventually
 
 BOUND_S = 120.0  # the longest any one awaited thing may take
 PR_SET_PDEATHSIG = 1
@@ -115,15 +115,12 @@ class Container:
 
 
 def wait_for(pred, what: str, detail=lambda: "", timeout: float = BOUND_S, every: float = 0.2):
-    """Polls ``pred`` until it returns something true; :class:`StepFailed` naming ``what`` after ``timeout``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise StepFailed(f"no {what} within {timeout:g} s\n{detail()}")
-        time.sleep(every)
+    """:func:`tests.waiting.eventually`, failing as a step of the stage (:class:`StepFailed`, which the stage
+    reports with what was seen) instead of as a test."""
+    try:
+        return eventually(pred, timeout=timeout, what=what, detail=detail, interval=every)
+    except AssertionError as exc:
+        raise StepFailed(str(exc)) from None
 
 
 def _status_field(pid: int, name: str) -> str:
