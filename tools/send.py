@@ -126,9 +126,13 @@ def run(args: argparse.Namespace, *, clock=SYSTEM_CLOCK) -> int:
 
 
 def _fail(args: argparse.Namespace, exc: LinkError, code: int, request_id: str | None = None) -> int:
-    """Reports a failure of the sender itself: one line on stderr; with ``--json`` also a JSON error object on
-    stdout, shaped like an error reply, whose code (``no_reply``, ``connect_failed``...) is the error class's."""
-    print(f"fieldnode send: {exc}", file=sys.stderr)
+    """Reports a failure of the sender itself: one line on stderr, the way every command does
+    (:func:`device.cliargs.print_error`: ``fieldnode send: error [code]: message``); with ``--json`` also a JSON
+    error object on stdout, shaped like an error reply (what a script reading replies expects), whose code
+    (``no_reply``, ``connect_failed``...) is the error class's."""
+    from device.cliargs import print_error
+
+    print_error("send", exc, exit_code=code)
     if getattr(args, "json", False):
         doc = wire.error_reply(args.cmd, request_id or args.request_id, exc.code, str(exc))
         print(json.dumps(doc, ensure_ascii=True))

@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 from tools import send
 from device.link.envelope import TrustStore, Verifier
-from device.link.errors import EnvelopeError
+from device.link.errors import BadInput, ConnectError, EnvelopeError
 from tests.link.broker import Broker, free_port
 from tests.link.conftest import run_broker
 
@@ -326,7 +326,7 @@ def test_unreachable_broker_exits_4(capsys) -> None:
     code, out, err = _run(capsys, "--broker", url, "--device", "dev-a", "status", "--timeout", "5")
 
     assert (code, out) == (4, "")
-    assert err == f"fieldnode send: could not connect to {url}: Connection refused\n"
+    assert err == f"fieldnode send: error [{ConnectError.code}]: could not connect to {url}: Connection refused\n"
 
 
 def test_a_listener_that_never_answers_exits_4(capsys) -> None:
@@ -338,7 +338,7 @@ def test_a_listener_that_never_answers_exits_4(capsys) -> None:
         code, out, err = _run(capsys, "--broker", url, "--device", "dev-a", "status", "--timeout", "1")
 
     assert (code, out) == (4, "")
-    assert err == f"fieldnode send: could not connect to {url}: no CONNACK within 1 s\n"
+    assert err == f"fieldnode send: error [{ConnectError.code}]: could not connect to {url}: no CONNACK within 1 s\n"
 
 
 @pytest.mark.parametrize("mode", ["tls", "acl"])
@@ -361,7 +361,7 @@ def test_tls_without_a_client_certificate_exits_4(tls_broker: Broker, pki, capsy
                           *_tls_args(pki, identity=None))
 
     assert (code, out) == (4, "")
-    assert err.startswith(f"fieldnode send: could not connect to {tls_broker.url}: ")
+    assert err.startswith(f"fieldnode send: error [{ConnectError.code}]: could not connect to {tls_broker.url}: ")
     # TLS 1.3: the handshake completes, then mosquitto drops us; TLS 1.2 would fail inside connect().
     assert "disconnected before CONNACK" in err or "SSL" in err, err
     tls_broker.wait_for_log("peer did not return a certificate")
@@ -441,7 +441,8 @@ def test_json_failures_print_an_error_object(broker: Broker, capsys, case: str, 
     doc = json.loads(out)
     assert doc == {"ok": False, "cmd": "status", "request_id": "r-9",
                    "error": {"code": code, "message": doc["error"]["message"]}}
-    assert err == f"fieldnode send: {doc['error']['message']}\n"  # the same words for people, on stderr
+    # the same words for people, on stderr, the way every command says an error
+    assert err == f"fieldnode send: error [{doc['error']['code']}]: {doc['error']['message']}\n"
 
 
 # -- --timeout covers the whole command --------------------------------------------------------------------------
@@ -642,7 +643,8 @@ def test_no_config_file_at_all_names_the_default_path(capsys, tmp_path, monkeypa
 
     out, err = capsys.readouterr()
     assert (code, out) == (2, "")
-    assert err == (f"fieldnode send: no --broker given, and there is no config file at {tmp_path}/fieldnode.toml: "
+    assert err == (f"fieldnode send: error [{BadInput.code}]: no --broker given, and there is no config file at "
+                   f"{tmp_path}/fieldnode.toml: "
                    f"give --broker URL (and --device ID), or set link.broker in the board's config\n")
 
 
