@@ -4,7 +4,7 @@ It builds one request and sends it over one MQTT session (:mod:`device.link.sess
 ``ok: <result>`` or ``error <code>: <message>`` (the reply JSON with ``--json``; a failure of its own is then a
 JSON object of the same shape, with the code of its error class). An ok reply to ``status`` is printed for people,
 as ``fieldnode status`` prints it (:func:`tools.status.block`); ``--json`` gives the raw object.
-The password file is read as the board's link reads it (:func:`device.link.mqttclient.read_password`).
+The password file is read as the board's link reads it (:func:`device.link.url.read_password`).
 On the board itself, without ``--broker``, everything the board's own link uses comes from its config (``--config``,
 else ``FIELDNODE_CONFIG``, else the default path): ``link.broker``, ``link.ca_file``, ``link.cert_file``,
 ``link.key_file``, ``link.username``, ``link.password_file``, ``link.prefix``, ``link.protocol`` and the device id,
@@ -32,7 +32,7 @@ from device.errors import ConfigError
 from device.link import envelope, wire
 from device.link.errors import (BadInput, BrokerUrlError, ConnectError, EnvelopeError, LinkError, NoReply,
                                 PublishError, SubscribeError)
-from device.link.mqttclient import PasswordFileError, read_password
+from device.link.url import PasswordFileError, read_password
 from device.link.session import PROTOCOLS, build_request, printable, send
 from device.link.url import BrokerUrl, TlsFiles, parse_broker_url, tls_problem
 

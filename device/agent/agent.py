@@ -304,7 +304,7 @@ class Agent:
         self._update_led()
 
     def _after_step(self) -> None:
-        self._watch()
+        # The fault watch runs on its own thread (_watch_loop): here only the STATUS= line follows the step.
         faults = self._faults()  # systemctl status shows them too: the agent runs, and something is wrong
         self.notifier.status_if_changed(describe(self.runtime.status(), self.cfg.link.broker, self.simulated,
                                                  self.governor.level.label)

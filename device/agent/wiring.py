@@ -171,7 +171,7 @@ def _link(parts: Parts, hub: Hub) -> None:
                                   rate_burst=lc.commands_burst, rate_per_s=lc.commands_per_s)
     password = None
     if lc.password_file:
-        from device.link.mqttclient import PasswordFileError, read_password
+        from device.link.url import PasswordFileError, read_password
 
         try:
             password = read_password(lc.password_file)  # the one reader: one trailing line ending is not part of it

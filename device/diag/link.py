@@ -52,7 +52,8 @@ def check_broker(ctx) -> Check:
     from device.clock import SYSTEM_CLOCK
     from device.link import session as mqtt_session
     from device.link.errors import LinkError
-    from device.link.mqttclient import Endpoint, PasswordFileError
+    from device.link.mqttclient import Endpoint
+    from device.link.url import PasswordFileError
 
     lc = ctx.cfg.link
     if not lc.broker:

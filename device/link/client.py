@@ -85,7 +85,7 @@ class Link:
         protocol: ``"5"`` or ``"3.1.1"``.
         tls: CA, client certificate and key for ``mqtts``.
         username: Optional username.
-        password: Optional password (from :func:`device.link.mqttclient.read_password`); None or empty: none.
+        password: Optional password (from :func:`device.link.url.read_password`); None or empty: none.
         keepalive_s: MQTT keepalive.
         backoff: ``(min, max)`` reconnect delay in seconds.
         inflight: Most QoS 1 messages awaiting PUBACK.

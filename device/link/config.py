@@ -2,7 +2,7 @@
 
 :meth:`LinkConfig.validate` holds the rules across keys: the broker URL, the TLS files it needs (read, so a
 missing or unreadable file shows when the config is loaded, not when the link starts), the password file (read
-as the link reads it: :func:`device.link.mqttclient.read_password`),
+as the link reads it: :func:`device.link.url.read_password`),
 the topic prefix (the topic tree's own rule) and the order of the reconnect delays.
 """
 
@@ -99,7 +99,7 @@ class LinkConfig:
         if found is not None:
             problems.append((_TLS_KEYS[found[0]], found[1]))
         if self.password_file:
-            from device.link.mqttclient import PasswordFileError, read_password  # paho: only when a file is named
+            from device.link.url import PasswordFileError, read_password
 
             try:
                 read_password(self.password_file)

@@ -16,8 +16,6 @@ diag's broker check, which uses its session) and ``fieldnode repo serve``.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,64 +23,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from device.link.errors import BrokerUrlError
-from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url
+from device.link.url import BrokerUrl, TlsFiles, apply_tls, check_tls, parse_broker_url, read_password
 
 if TYPE_CHECKING:
     from paho.mqtt.reasoncodes import ReasonCode
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
-MAX_PASSWORD_BYTES = 4096  # far above any real password; a larger file is the wrong file
 MQTT_MAX_PACKET = 268_435_455  # the largest packet MQTT can express (the property's upper bound)
-
-
-class PasswordFileError(BrokerUrlError):
-    """A password file cannot be read, is not a regular file, is not UTF-8 or is too large.
-
-    Attributes:
-        path: The file.
-        problem: What is wrong with it, without the file's name in front (callers name it their way).
-    """
-
-    code = "password_file_invalid"
-
-    def __init__(self, path: str, problem: str) -> None:
-        self.path, self.problem = path, problem
-        super().__init__(f"password file {path}: {problem}")
-
-
-def read_password(path: str | os.PathLike) -> str:
-    """The password a file holds.
-
-    Args:
-        path: The password file.
-
-    Returns:
-        Its text without one trailing ``"\\n"`` or ``"\\r\\n"``; anything else (spaces, a second newline) is part
-        of the password.
-
-    Raises:
-        PasswordFileError: Missing, unreadable, not a regular file (a FIFO fails instead of hanging), larger than
-            :data:`MAX_PASSWORD_BYTES`, or not UTF-8.
-    """
-    path = os.fspath(path)
-    try:
-        # O_NONBLOCK: a FIFO given by mistake must fail the regular-file check, not hang the open.
-        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                raise PasswordFileError(path, "not a regular file")
-            data = fh.read(MAX_PASSWORD_BYTES + 1)
-    except OSError as exc:
-        raise PasswordFileError(path, f"cannot read it ({exc.strerror or exc})") from exc
-    if len(data) > MAX_PASSWORD_BYTES:
-        raise PasswordFileError(path, f"larger than {MAX_PASSWORD_BYTES} bytes; it must hold the password only")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PasswordFileError(path, f"not UTF-8 text (byte {exc.start} cannot be decoded)") from exc
-    if text.endswith("\r\n"):
-        return text[:-2]
-    return text.removesuffix("\n")
 
 
 class LinkLogin(Protocol):

@@ -115,7 +115,7 @@ def send(url: BrokerUrl, request: Request, *, tls: TlsFiles = TlsFiles(), protoc
         timeout_s: Overall time limit: connect, subscribe, publish and reply. (Only a host name lookup that
             hangs in the system resolver can take longer.)
         username: MQTT username, or None.
-        password: MQTT password (:func:`device.link.mqttclient.read_password`), or None.
+        password: MQTT password (:func:`device.link.url.read_password`), or None.
         deadline: When to give up, on ``clock.monotonic()``; default ``timeout_s`` from now. :func:`run` starts
             it with the command, so reading files and signing count too.
         clock: Time source of the deadline (a seam for tests).

@@ -344,3 +344,57 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+# -- the password file: read one way by every MQTT client (the link, update delivery, send, diag) ----------------
+
+MAX_PASSWORD_BYTES = 4096  # far above any real password; a larger file is the wrong file
+
+
+class PasswordFileError(BrokerUrlError):
+    """A password file cannot be read, is not a regular file, is not UTF-8 or is too large.
+
+    Attributes:
+        path: The file.
+        problem: What is wrong with it, without the file's name in front (callers name it their way).
+    """
+
+    code = "password_file_invalid"
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"password file {path}: {problem}")
+
+
+def read_password(path: str | os.PathLike) -> str:
+    """The password a file holds.
+
+    Args:
+        path: The password file.
+
+    Returns:
+        Its text without one trailing ``"\\n"`` or ``"\\r\\n"``; anything else (spaces, a second newline) is part
+        of the password.
+
+    Raises:
+        PasswordFileError: Missing, unreadable, not a regular file (a FIFO fails instead of hanging), larger than
+            :data:`MAX_PASSWORD_BYTES`, or not UTF-8.
+    """
+    path = os.fspath(path)
+    try:
+        # O_NONBLOCK: a FIFO given by mistake must fail the regular-file check, not hang the open.
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise PasswordFileError(path, "not a regular file")
+            data = fh.read(MAX_PASSWORD_BYTES + 1)
+    except OSError as exc:
+        raise PasswordFileError(path, f"cannot read it ({exc.strerror or exc})") from exc
+    if len(data) > MAX_PASSWORD_BYTES:
+        raise PasswordFileError(path, f"larger than {MAX_PASSWORD_BYTES} bytes; it must hold the password only")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PasswordFileError(path, f"not UTF-8 text (byte {exc.start} cannot be decoded)") from exc
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text.removesuffix("\n")

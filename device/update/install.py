@@ -420,12 +420,12 @@ def _credentials(cfg) -> str | None:
     path = cfg.update.credentials_file
     if not path:
         return None
+    from device.link.url import PasswordFileError, read_password
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read(4096).strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConfigError(f"cannot read the update credentials {path}: {why}", "update.credentials_file",
+        text = read_password(path)
+    except PasswordFileError as exc:
+        raise ConfigError(f"the update credentials {path}: {exc.problem}", "update.credentials_file",
                           cfg.source) from exc
     user, sep, _ = text.partition(":")
     if not sep or not user or "\n" in text:

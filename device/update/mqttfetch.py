@@ -48,7 +48,8 @@ from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface
 
 from device.clock import SYSTEM_CLOCK, backoff_delay
-from device.link.mqttclient import Endpoint, disconnect_reason, new_client, read_password
+from device.link.mqttclient import Endpoint, disconnect_reason, new_client
+from device.link.url import read_password
 from device.link.url import BrokerUrl, TlsFiles, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class MqttTransport:
     Args:
         broker_url: ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``.
         tls: TLS files for ``mqtts://``.
-        username: MQTT username (empty: none). password: Its password (:func:`device.link.mqttclient.read_password`).
+        username: MQTT username (empty: none). password: Its password (:func:`device.link.url.read_password`).
         root: The topic root the servers listen under.
         identity: Names this board's response topics (``<root>/resp/<identity>/<nonce>``): with a broker ACL, the
             board's certificate identity, so ``pattern read <root>/resp/%u/#`` lets it read its own answers only.
@@ -481,7 +482,7 @@ def transport_for(url: str, cfg=None, *, identity: str = "", timeout_s: float | 
 
     Raises:
         device.link.errors.BrokerUrlError: A malformed URL, TLS files that do not fit it, a password file that cannot
-            be used (:class:`device.link.mqttclient.PasswordFileError`).
+            be used (:class:`device.link.url.PasswordFileError`).
     """
     broker, root = split_repository_url(url)
     tls, username, password = TlsFiles(), "", None

@@ -16,7 +16,8 @@ import pytest
 
 from device import config
 from device.agent.agent import Agent
-from device.link.mqttclient import MAX_PASSWORD_BYTES, Endpoint, PasswordFileError, new_client, read_password
+from device.link.mqttclient import Endpoint, new_client
+from device.link.url import MAX_PASSWORD_BYTES, PasswordFileError, read_password
 from tests.link.broker import Broker
 from tests.link.conftest import run_broker
 from tools import send

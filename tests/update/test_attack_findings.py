@@ -378,3 +378,27 @@ def test_the_http_repository_gets_the_credentials_files_login(fleet, runtime_set
             inst.repo.fetch_release_key(inst.repo.releases()[0], "board-a", [fleet.identity])
     granted = [a for a in srv.authorizations if a is not None]
     assert granted and set(granted) == {srv.require_authorization}
+
+
+def test_the_credentials_file_is_read_as_the_links_password_file(tmp_path):
+    """One reader for both (device.link.url.read_password): a FIFO named by mistake is refused instead of hanging
+    the install, and a file that is not one USER:PASSWORD line is refused naming the key, never the content."""
+    from device.errors import ConfigError
+    from device.update import install
+
+    (tmp_path / "root.json").write_text("{}")
+
+    def build(path) -> None:
+        cfg = config.loads(f'[update]\nroot_file = "{tmp_path / "root.json"}"\nrepository = "https://r.example/"\n'
+                           f'credentials_file = "{path}"\n')
+        install._credentials(cfg)  # what Installer.from_config sends as HTTP Basic
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file") as info:
+        build(fifo)
+    assert info.value.key_path == "update.credentials_file"
+    (tmp_path / "two").write_text("fleet:s3cret\nsecond line\n")
+    with pytest.raises(ConfigError, match="USER:PASSWORD") as info:
+        build(tmp_path / "two")
+    assert "s3cret" not in str(info.value)

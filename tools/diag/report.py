@@ -133,7 +133,7 @@ def _password(cfg: Config) -> str:
     # Read only to scrub it from everything else; it never goes into the bundle itself.
     if not cfg.link.password_file:
         return ""
-    from device.link.mqttclient import PasswordFileError, read_password
+    from device.link.url import PasswordFileError, read_password
 
     try:
         return read_password(cfg.link.password_file)  # exactly what the link sends, trailing spaces included
