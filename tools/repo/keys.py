@@ -108,16 +108,7 @@ def load_signers(*directories: str, problems: list | None = None) -> dict:
     signers = {}
     for top in directories:
         for directory in (top, os.path.join(top, RETIRED)):
-            try:
-                names = sorted(os.listdir(directory))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise RepositoryError(f"key directory {directory}: cannot list it ({exc.strerror or exc})") from exc
-            for name in names:
-                path = os.path.join(directory, name)
-                if not name.endswith(".pem") or not os.path.isfile(path):
-                    continue
+            for path in _pem_files(directory):
                 try:
                     pem = read_secret(path, "signing key")
                     try:
@@ -137,6 +128,21 @@ def load_signers(*directories: str, problems: list | None = None) -> dict:
     return signers
 
 
+def _pem_files(directory: str) -> list[str]:
+    """The ``.pem`` files of a key directory, by name; none when it does not exist.
+
+    Raises:
+        RepositoryError: The directory cannot be listed.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RepositoryError(f"key directory {directory}: cannot list it ({exc.strerror or exc})") from exc
+    return [os.path.join(directory, n) for n in names if n.endswith(".pem") and os.path.isfile(os.path.join(directory, n))]
+
+
 def retire(directory: str, keyids) -> list:
     """Moves the key files of ``keyids`` found in ``directory`` to ``directory/retired/``.
 
@@ -148,19 +154,11 @@ def retire(directory: str, keyids) -> list:
     """
     moved = []
     wanted = set(keyids)
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return moved
-    except OSError as exc:
-        raise RepositoryError(f"key directory {directory}: cannot list it ({exc.strerror or exc})") from exc
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from securesystemslib.signer import SSlibKey
 
-    for name in names:
-        path = os.path.join(directory, name)
-        if not name.endswith(".pem") or not os.path.isfile(path):
-            continue
+    for path in _pem_files(directory):
+        name = os.path.basename(path)
         private = load_pem_private_key(read_secret(path, "signing key"), None)
         if SSlibKey.from_crypto(private.public_key(), scheme="ed25519").keyid not in wanted:
             continue
