@@ -3,9 +3,10 @@
 Workflow: :func:`read_supplies` reads every ``sys/class/power_supply/*`` directory into a frozen
 :class:`Supply`; :func:`read_power` picks the one battery and the one external supply that matter and
 returns them as a :class:`PowerState`, whose properties answer the governor's questions (charging? on
-external power? battery percentage?).
+external power? battery percentage?). :meth:`Supply.remaining_energy` says how many watt-hours a battery has
+left and what that figure rests on.
 
-Units are converted from the kernel's µV, µA and µW. Boards expose very different subsets (a laptop has
+Units are converted from the kernel's µV, µA, µW, µAh and µWh. Boards expose very different subsets (a laptop has
 ``BAT0`` and ``AC``; a UPS HAT's fuel gauge is a lone ``Battery``; a bare Pi has nothing), so a missing
 node means "unknown" (``None``), and so does a value that cannot be parsed or is impossible. Reading
 never raises.
@@ -39,6 +40,14 @@ EXTERNAL_TYPES = (
 CHARGING_STATUSES = ("Charging", "Full")
 DISCHARGING_STATUS = "Discharging"
 
+# What :attr:`Supply.power_w` was computed from.
+POWER_NOW = "power_now"
+CURRENT_TIMES_VOLTAGE = "current_now*voltage_now"
+
+# A single lithium cell's nominal voltage: turns a charge (Ah) into an energy (Wh) when the gauge gives no
+# voltage. Packs of several cells in series make this an underestimate, hence "estimate" in the basis.
+NOMINAL_CELL_V = 3.7
+
 
 @dataclass(frozen=True)
 class Supply:
@@ -58,6 +67,14 @@ class Supply:
         scope: The ``scope`` node (``System`` or ``Device``), or ``None``; ``Device`` marks the battery
             of a peripheral (a wireless mouse), not of the board.
         present: The ``present`` node (``False`` for an empty battery slot), or ``None``.
+        power_basis: What ``power_w`` came from: :data:`POWER_NOW` or :data:`CURRENT_TIMES_VOLTAGE`, or
+            ``None`` when ``power_w`` is unknown.
+        charge_now_ah: ``charge_now`` in ampere-hours, or ``None``.
+        charge_full_ah: ``charge_full`` (the capacity the battery holds now, after ageing) in ampere-hours,
+            or ``None``.
+        charge_full_design_ah: ``charge_full_design`` in ampere-hours, or ``None``.
+        energy_now_wh: ``energy_now`` in watt-hours, or ``None``.
+        energy_full_wh: ``energy_full`` in watt-hours, or ``None``.
     """
 
     name: str
@@ -70,6 +87,36 @@ class Supply:
     power_w: float | None = None
     scope: str | None = None
     present: bool | None = None
+    power_basis: str | None = None
+    charge_now_ah: float | None = None
+    charge_full_ah: float | None = None
+    charge_full_design_ah: float | None = None
+    energy_now_wh: float | None = None
+    energy_full_wh: float | None = None
+
+    def remaining_energy(self) -> tuple[float | None, str | None]:
+        """The energy left in this battery, in watt-hours, and what the figure rests on.
+
+        In order of trust: ``energy_now`` (the gauge's own figure); ``charge_now`` × ``voltage_now``;
+        ``capacity`` × ``energy_full``; ``capacity`` × ``charge_full`` (else ``charge_full_design``) ×
+        :data:`NOMINAL_CELL_V`, which is an estimate (the basis starts with ``estimate:``).
+
+        Returns:
+            ``(wh, basis)``, or ``(None, None)`` when nothing the supply exposes gives the energy.
+        """
+        if self.energy_now_wh is not None:
+            return self.energy_now_wh, "energy_now"
+        if self.charge_now_ah is not None and self.voltage_v:  # a 0 V reading is no voltage
+            return self.charge_now_ah * self.voltage_v, "charge_now*voltage_now"
+        if self.capacity_pct is None:
+            return None, None
+        share = self.capacity_pct / 100.0
+        if self.energy_full_wh is not None:
+            return share * self.energy_full_wh, "capacity*energy_full"
+        for full, node in ((self.charge_full_ah, "charge_full"), (self.charge_full_design_ah, "charge_full_design")):
+            if full is not None:
+                return share * full * NOMINAL_CELL_V, f"estimate:capacity*{node}*{NOMINAL_CELL_V:g}V"
+        return None, None
 
 
 @dataclass(frozen=True)
@@ -121,6 +168,18 @@ def _read_flag(fs: Sysfs, rel: str) -> bool | None:
     return None if value is None or value < 0 else value != 0
 
 
+def _read_amount(fs: Sysfs, rel: str, positive: bool = False) -> float | None:
+    """A µAh or µWh node in Ah or Wh; ``None`` when absent, garbage, negative, or zero where it must be
+    positive (a full charge of 0 is a gauge that has not learnt its battery yet)."""
+    value = fs.read_optional_int(rel)
+    if value is None:
+        return None
+    if value < 0 or (positive and value == 0):
+        log.debug("%s is %d, impossible; treated as unknown", rel, value)
+        return None
+    return value / 1e6
+
+
 def read_supply(fs: Sysfs, name: str) -> Supply:
     """Reads one supply directory.
 
@@ -144,10 +203,11 @@ def read_supply(fs: Sysfs, name: str) -> Supply:
     microwatts = fs.read_optional_int(f"{base}/power_now")
     voltage = microvolts / 1e6 if microvolts is not None else None
     current = microamps / 1e6 if microamps is not None else None
+    power_basis: str | None = None
     if microwatts is not None:
-        power = abs(microwatts) / 1e6
+        power, power_basis = abs(microwatts) / 1e6, POWER_NOW
     elif voltage is not None and current is not None:
-        power = abs(voltage * current)
+        power, power_basis = abs(voltage * current), CURRENT_TIMES_VOLTAGE
     else:
         power = None
     return Supply(
@@ -161,6 +221,12 @@ def read_supply(fs: Sysfs, name: str) -> Supply:
         power_w=power,
         scope=fs.read_optional(f"{base}/scope"),
         present=_read_flag(fs, f"{base}/present"),
+        power_basis=power_basis,
+        charge_now_ah=_read_amount(fs, f"{base}/charge_now"),
+        charge_full_ah=_read_amount(fs, f"{base}/charge_full", positive=True),
+        charge_full_design_ah=_read_amount(fs, f"{base}/charge_full_design", positive=True),
+        energy_now_wh=_read_amount(fs, f"{base}/energy_now"),
+        energy_full_wh=_read_amount(fs, f"{base}/energy_full", positive=True),
     )
 
 

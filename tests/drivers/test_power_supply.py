@@ -7,7 +7,9 @@ import errno
 
 import pytest
 
-from drivers.power_supply import PowerState, Supply, read_power, read_supplies, read_supply
+from drivers.power_supply import (
+    CURRENT_TIMES_VOLTAGE, NOMINAL_CELL_V, POWER_NOW, PowerState, Supply, read_power, read_supplies, read_supply,
+)
 from drivers.sysfs import Sysfs
 from tests.drivers.sysfs_tree import SUPPLY, laptop, ups_hat, write
 
@@ -28,7 +30,7 @@ def _supply(tmp_path, name, nodes):
 def test_laptop_on_ac_charging(tmp_path):
     state = read_power(Sysfs(str(laptop(tmp_path))))
     assert state.battery == Supply("BAT0", "Battery", None, "Charging", 87.0, 12.48, 1.25, 15.6,
-                                   scope="System", present=True)
+                                   scope="System", present=True, power_basis=POWER_NOW)
     assert state.external == Supply("AC", "Mains", online=True)
     assert (state.charging, state.on_external_power, state.battery_pct) == (True, True, 87.0)
 
@@ -174,18 +176,87 @@ def test_every_node_missing(tmp_path):
 
 def test_power_now_is_preferred_and_is_a_magnitude(tmp_path):
     s = _supply(tmp_path, "BAT0", {"voltage_now": 12000000, "current_now": -1000000, "power_now": -11500000})
-    assert s.power_w == pytest.approx(11.5)
+    assert s.power_w == pytest.approx(11.5) and s.power_basis == POWER_NOW
     assert s.current_a == pytest.approx(-1.0)
 
 
 def test_garbage_power_now_falls_back_to_v_times_i(tmp_path):
     s = _supply(tmp_path, "BAT0", {"voltage_now": 5000000, "current_now": 2000000, "power_now": "?"})
-    assert s.power_w == pytest.approx(10.0)
+    assert s.power_w == pytest.approx(10.0) and s.power_basis == CURRENT_TIMES_VOLTAGE
 
 
 def test_power_unknown_without_current(tmp_path):
     s = _supply(tmp_path, "BAT0", {"voltage_now": 5000000, "current_now": "x"})
-    assert (s.voltage_v, s.current_a, s.power_w) == (5.0, None, None)
+    assert (s.voltage_v, s.current_a, s.power_w, s.power_basis) == (5.0, None, None, None)
+
+
+# ----------------------------------------------------------------------------- charge, energy, energy left
+
+
+def test_charge_and_energy_nodes_in_ah_and_wh(tmp_path):
+    s = _supply(tmp_path, "BAT0", {"charge_now": 2100000, "charge_full": 4800000, "charge_full_design": 5000000,
+                                   "energy_now": 7770000, "energy_full": 17760000})
+    assert (s.charge_now_ah, s.charge_full_ah, s.charge_full_design_ah) == (2.1, 4.8, 5.0)
+    assert (s.energy_now_wh, s.energy_full_wh) == (7.77, 17.76)
+
+
+@pytest.mark.parametrize("node, raw, field", [
+    ("charge_now", "abc", "charge_now_ah"),
+    ("charge_now", -1, "charge_now_ah"),
+    ("charge_now", "", "charge_now_ah"),
+    ("charge_full", 0, "charge_full_ah"),  # a gauge that has not learnt its battery yet
+    ("charge_full", "x", "charge_full_ah"),
+    ("charge_full_design", -5000000, "charge_full_design_ah"),
+    ("energy_now", "1.5Wh", "energy_now_wh"),
+    ("energy_now", -7000000, "energy_now_wh"),
+    ("energy_full", 0, "energy_full_wh"),
+])
+def test_garbage_charge_and_energy_are_unknown(tmp_path, node, raw, field):
+    nodes = {"charge_now": 2000000, "charge_full": 4000000, "charge_full_design": 5000000,
+             "energy_now": 7000000, "energy_full": 15000000, node: raw}
+    s = _supply(tmp_path, "BAT0", nodes)
+    assert getattr(s, field) is None
+    expected = {"charge_now_ah": 2.0, "charge_full_ah": 4.0, "charge_full_design_ah": 5.0, "energy_now_wh": 7.0,
+                "energy_full_wh": 15.0}
+    expected.pop(field)
+    assert {k: getattr(s, k) for k in expected} == expected
+
+
+def test_empty_battery_charge_is_zero_not_unknown(tmp_path):
+    s = _supply(tmp_path, "BAT0", {"charge_now": 0, "energy_now": 0})
+    assert (s.charge_now_ah, s.energy_now_wh) == (0.0, 0.0)
+    assert s.remaining_energy() == (0.0, "energy_now")
+
+
+@pytest.mark.parametrize("nodes, wh, basis", [
+    ({"energy_now": 7770000, "charge_now": 2000000, "voltage_now": 3800000, "capacity": 50}, 7.77, "energy_now"),
+    ({"charge_now": 2000000, "voltage_now": 3800000, "capacity": 50, "charge_full": 4000000}, 7.6,
+     "charge_now*voltage_now"),
+    ({"capacity": 50, "energy_full": 15000000, "charge_full": 4000000}, 7.5, "capacity*energy_full"),
+    ({"capacity": 50, "charge_full": 4000000, "charge_full_design": 5000000}, 0.5 * 4.0 * NOMINAL_CELL_V,
+     "estimate:capacity*charge_full*3.7V"),
+    ({"capacity": 50, "charge_full_design": 5000000}, 0.5 * 5.0 * NOMINAL_CELL_V,
+     "estimate:capacity*charge_full_design*3.7V"),
+    ({"capacity": 50, "charge_full": 0, "charge_full_design": 5000000}, 0.5 * 5.0 * NOMINAL_CELL_V,
+     "estimate:capacity*charge_full_design*3.7V"),
+    ({"charge_now": 2000000, "voltage_now": 0, "capacity": 25, "charge_full": 4000000},
+     0.25 * 4.0 * NOMINAL_CELL_V, "estimate:capacity*charge_full*3.7V"),  # 0 V is no voltage
+    ({"energy_now": "abc", "charge_now": 2000000, "voltage_now": 4000000}, 8.0, "charge_now*voltage_now"),
+])
+def test_remaining_energy_and_its_basis(tmp_path, nodes, wh, basis):
+    energy, got_basis = _supply(tmp_path, "BAT0", {"type": "Battery", **nodes}).remaining_energy()
+    assert energy == pytest.approx(wh) and got_basis == basis
+
+
+@pytest.mark.parametrize("nodes", [
+    {},
+    {"capacity": 50},  # a percentage and no size
+    {"charge_now": 2000000},  # a charge and no voltage
+    {"charge_now": 2000000, "voltage_now": "?", "charge_full": 4000000},
+    {"capacity": "abc", "charge_full": 4000000},
+])
+def test_remaining_energy_unknown(tmp_path, nodes):
+    assert _supply(tmp_path, "BAT0", {"type": "Battery", **nodes}).remaining_energy() == (None, None)
 
 
 def test_io_error_on_one_node_is_unknown(tmp_path, mocker):
