@@ -1,9 +1,12 @@
 """What the governor sees: a frozen :class:`PowerSnapshot` of the board, read through the sysfs drivers.
 
-:class:`BoardReader` reads the SoC temperature, the power supplies and the firmware throttle flags through a
-:class:`drivers.sysfs.Sysfs` root (``/`` on a board, the virtual board's tree in simulation), and keeps a
-short history of temperatures to estimate the slope, so the policy can act on where the temperature is
-going rather than where it is. Any reading can be unknown (``None``): boards differ in what they expose,
+:class:`BoardReader` reads the SoC temperature, the power supplies, the measured power draw and the firmware
+throttle flags through a :class:`drivers.sysfs.Sysfs` root (``/`` on a board, the virtual board's tree in
+simulation), and keeps a short history of temperatures to estimate the slope, so the policy can act on where
+the temperature is going rather than where it is. The power draw comes from a hwmon power monitor when the
+board has one, else from a discharging battery's gauge (:mod:`drivers.powermeter`); the reader finds the
+monitor once and looks again only every ``rediscover_every`` reads or when it disappears, since it runs
+every governor step. Any reading can be unknown (``None``): boards differ in what they expose,
 and the policy treats unknown as "no evidence", never as zero.
 """
 
@@ -15,7 +18,7 @@ import logging
 from typing import Callable, Sequence
 
 from device.clock import SYSTEM_CLOCK
-from drivers import power_supply, thermal, throttle
+from drivers import power_supply, powermeter, thermal, throttle
 from drivers.sysfs import Sysfs
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,15 @@ class PowerSnapshot:
         battery_pct: Battery charge, or None (no battery, or unknown).
         charging: Whether the battery is charging or on external power, or None when unknown.
         on_external_power: Whether mains/USB power is present, or None when unknown.
-        power_w: Power drawn from the battery when known.
+        power_w: Power the board draws, in watts, when measured (see ``power_source``); None when nothing
+            measures it (no monitor, and no battery or one that is charging).
         throttle: Raspberry Pi firmware throttle flags, or None off a Pi.
         temp_source: The thermal zone type the temperature came from.
         power_good: The power-good / low-battery input line (False: it signals trouble), or None without one.
+        power_source: Where ``power_w`` came from (``hwmon0:ina260``, ``battery:power_now``...), or None.
+        energy_left_wh: The energy left in the battery, in watt-hours, or None when unknown.
+        energy_basis: What ``energy_left_wh`` rests on (``energy_now``, ``charge_now*voltage_now``, or a
+            basis starting with ``estimate:``), or None.
     """
 
     t: float
@@ -48,6 +56,9 @@ class PowerSnapshot:
     throttle: throttle.ThrottleFlags | None = None
     temp_source: str | None = None
     power_good: bool | None = None
+    power_source: str | None = None
+    energy_left_wh: float | None = None
+    energy_basis: str | None = None
 
     def predicted_temp_c(self, horizon_s: float) -> float | None:
         """The temperature ``horizon_s`` ahead if the current slope holds (only ever above the reading when
@@ -65,6 +76,8 @@ class PowerSnapshot:
             "on_external_power": self.on_external_power, "power_w": _round(self.power_w, 3),
             "throttle": None if self.throttle is None else list(self.throttle.active),
             "temp_source": self.temp_source, "power_good": self.power_good,
+            "power_source": self.power_source, "energy_left_wh": _round(self.energy_left_wh, 3),
+            "energy_basis": self.energy_basis,
         }
 
 
@@ -98,15 +111,26 @@ class BoardReader:
         slope_window_s: How much temperature history the slope is fitted over.
         power_good: Reads the power-good / low-battery input (``drivers.inputs.PowerGoodInput.power_good``),
             or None when the board has none.
+        meter: A configured power monitor: chip name, hwmon directory or channel label
+            (:func:`drivers.powermeter.discover_meters`), or None to take the best one found.
+        rediscover_every: Look for the power monitor again after this many reads (a monitor that
+            disappears is looked for at once).
     """
 
     def __init__(self, fs: Sysfs, clock=SYSTEM_CLOCK, slope_window_s: float = 30.0,
-                 power_good: Callable[[], bool] | None = None):
+                 power_good: Callable[[], bool] | None = None, meter: str | None = None,
+                 rediscover_every: int = 60):
         self.fs = fs
         self._power_good = power_good
         self.clock = clock
         self.slope_window_s = slope_window_s
         self._history: deque[tuple[float, float]] = deque()
+        self._prefer = meter
+        self.rediscover_every = max(1, rediscover_every)
+        self._meter: powermeter.HwmonMeter | None = None
+        self._reads_left = 0  # reads before the monitor is looked for again
+        self._meter_note = ""
+        self.power_reason: str | None = None  # why power_w is None, for status and diag
 
     def read(self) -> PowerSnapshot:
         """Reads the board now and returns the snapshot (never raises for absent or garbage nodes)."""
@@ -118,14 +142,46 @@ class BoardReader:
             self._history.popleft()
         supplies = power_supply.read_power(self.fs)
         battery = supplies.battery
+        reading, why = powermeter.choose_reading(self._read_meter(), supplies)
+        if why != self.power_reason:
+            log.info("power draw: %s", why or f"measured by {reading.source}")
+            self.power_reason = why
+        energy, basis = battery.remaining_energy() if battery is not None else (None, None)
         return PowerSnapshot(
             t=now, temp_c=temp,
             temp_slope_c_per_s=temperature_slope(self._history, self.slope_window_s / 3) if temp is not None else None,
             battery_pct=supplies.battery_pct, charging=supplies.charging,
             on_external_power=supplies.on_external_power,
-            power_w=None if battery is None else battery.power_w,
+            power_w=None if reading is None else reading.watts,
             throttle=throttle.read_throttled(self.fs), temp_source=source, power_good=self._read_power_good(),
+            power_source=None if reading is None else reading.source,
+            energy_left_wh=energy, energy_basis=basis,
         )
+
+    @property
+    def meter(self) -> powermeter.HwmonMeter | None:
+        """The power monitor in use, or None (none found, or not looked for yet)."""
+        return self._meter
+
+    def _read_meter(self) -> powermeter.PowerReading | None:
+        if self._reads_left > 0:
+            self._reads_left -= 1
+            if self._meter is None:
+                return None
+            reading = powermeter.read_meter(self.fs, self._meter)
+            if reading is not None or self._meter.present(self.fs):
+                return reading
+            # unbound, or its hwmon number now belongs to another chip: look again now
+        found = powermeter.find_meter(self.fs, self._prefer)
+        note = "none" if found is None else found.source
+        if note != self._meter_note:  # logged when it changes, not at every rediscovery
+            self._meter_note = note
+            if self._prefer is not None and (found is None or not found.matches(self._prefer)):
+                log.warning("power monitor %r not found; using %s", self._prefer, note)
+            else:
+                log.info("power monitor: %s", note)
+        self._meter, self._reads_left = found, self.rediscover_every - 1
+        return None if found is None else powermeter.read_meter(self.fs, found)
 
     def _read_power_good(self) -> bool | None:
         if self._power_good is None:
