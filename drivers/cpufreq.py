@@ -50,6 +50,7 @@ class CpufreqPolicy:
         governor: The kernel governor (``scaling_governor``), or ``None``.
         discrete: ``True`` when ``frequencies_khz`` is the driver's table, ``False`` when it is only the
             range.
+        available_governors: ``scaling_available_governors``, or ``()`` when the node is missing.
     """
 
     name: str
@@ -61,6 +62,7 @@ class CpufreqPolicy:
     cur_khz: int | None = None
     governor: str | None = None
     discrete: bool = True
+    available_governors: tuple[str, ...] = ()
 
 
 def _parse_cpus(text: str | None) -> tuple[int, ...] | None:
@@ -128,6 +130,7 @@ class CpuFreq:
             cur_khz=self._fs.read_optional_int(f"{rel}/scaling_cur_freq"),
             governor=self._fs.read_optional(f"{rel}/scaling_governor"),
             discrete=table is not None,
+            available_governors=tuple((self._fs.read_optional(f"{rel}/scaling_available_governors") or "").split()),
         )
 
     def policies(self) -> tuple[CpufreqPolicy, ...]:
@@ -195,6 +198,39 @@ class CpuFreq:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"cpufreq cap fraction must be a number in (0, 1], got {fraction!r}")
         return self._apply(lambda p: self.snap(p, p.max_khz * fraction))
+
+    def set_governor(self, name: str) -> dict[str, str]:
+        """Switches every policy to the kernel governor ``name`` (``ondemand``, ``schedutil``...).
+
+        Args:
+            name: The governor, as ``scaling_governor`` takes it.
+
+        Returns:
+            ``{policy_name: name}`` for each policy now running it (written, or already running it). Policies
+            whose write was refused for lack of permission are left out, as for the cap.
+
+        Raises:
+            ValueError: ``name`` is not a plain governor name, or a policy lists its available governors and
+                ``name`` is not among them (the message lists them).
+            SysfsError: A write failed for another reason than permission.
+        """
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+            raise ValueError(f"cpufreq governor must be a lower-case name such as 'schedutil', got {name!r}")
+        done: dict[str, str] = {}
+        policies = self.policies()
+        for policy in policies:
+            if policy.available_governors and name not in policy.available_governors:
+                raise ValueError(f"{policy.name} has no cpufreq governor {name!r}; available: "
+                                 f"{', '.join(policy.available_governors)}")
+        for policy in policies:
+            if policy.governor != name:
+                try:
+                    self._fs.write_text(f"{CPUFREQ_DIR}/{policy.name}/scaling_governor", name)
+                except SysfsPermissionError as exc:
+                    self._permission_refused(exc)
+                    continue
+            done[policy.name] = name
+        return done
 
     def _apply(self, target: Callable[[CpufreqPolicy], int]) -> dict[str, int]:
         done: dict[str, int] = {}

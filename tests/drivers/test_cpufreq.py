@@ -266,3 +266,56 @@ def test_concurrent_refusals_warn_once(tmp_path, mocker, caplog):
             t.join(timeout=30)
     assert results == [{}] * 6
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+# ----------------------------------------------------------------------------- kernel governor
+
+
+def test_set_governor_switches_the_virtual_board(tmp_path):
+    from drivers.sim.board import VirtualBoard
+
+    board = VirtualBoard(str(tmp_path), "rpi4", ambient_c=20.0)
+    cf = CpuFreq(board.fs)
+    assert "schedutil" in cf.policies()[0].available_governors
+    assert cf.set_governor("schedutil") == {"policy0": "schedutil"}
+    st = board.advance(5)
+    assert st.governor == "schedutil" and st.freq_khz == 600000  # idle under schedutil: the minimum
+    assert cf.policies()[0].governor == "schedutil"
+
+
+def test_set_governor_already_running_writes_nothing(tmp_path, mocker):
+    pi4(tmp_path)
+    write_text = mocker.patch.object(Sysfs, "write_text")
+    assert _cpufreq(tmp_path).set_governor("ondemand") == {"policy0": "ondemand"}
+    write_text.assert_not_called()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("turbo", "policy0 has no cpufreq governor 'turbo'; available: ondemand, performance"),
+    ("Perf ormance", "cpufreq governor must be a lower-case name"),
+    (None, "cpufreq governor must be a lower-case name"),
+])
+def test_set_governor_refuses_what_the_policy_does_not_offer(tmp_path, name, message):
+    write(tmp_path, {**policy(0, "0", 600000, 1500000),
+                     f"{CPUFREQ}/policy0/scaling_available_governors": "ondemand performance"})
+    with pytest.raises(ValueError, match=message):
+        _cpufreq(tmp_path).set_governor(name)
+    assert (tmp_path / CPUFREQ / "policy0" / "scaling_governor").read_text() == "ondemand\n"
+
+
+def test_set_governor_permission_refused_is_warned_once_and_not_raised(tmp_path, mocker, caplog):
+    write(tmp_path, {**policy(0, "0", 600000, 1500000), **policy(1, "1", 600000, 1500000)})
+    real_open = os.open
+
+    def fake(path, flags, *args, **kwargs):
+        if str(path).endswith("policy0/scaling_governor") and flags & os.O_WRONLY:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    mocker.patch("os.open", side_effect=fake)
+    cf = _cpufreq(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert cf.set_governor("powersave") == {"policy1": "powersave"}
+        cf.set_governor("powersave")
+    assert cf.permission_problem == PERMISSION_REMEDY
+    assert sum("cannot" in r.getMessage() for r in caplog.records) == 1
