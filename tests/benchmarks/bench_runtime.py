@@ -10,6 +10,10 @@ median overhead is reported, with the spread of all three, and with where its re
 
 One more run measures 0.35/96 at a sensor's pace, idle 5 ms before each inference on both sides
 (``paced_5ms``). It has no target: it shows what waking idle CPUs costs on the machine at hand.
+
+The two gated figures are also at the top level of the line (``overhead_us_1.0_224``, ``overhead_us_0.35_96``),
+beside their ``target_`` keys (docs/benchmarks.md, "Reading the results"). Outputs that are not bit-identical
+to the bare interpreter's, in any trial, are wrong, not slow: the benchmark prints its line and exits 1.
 """
 
 from __future__ import annotations
@@ -55,12 +59,17 @@ def main() -> int:
         "mobilenet_v2_0.35_96_int8": {k: v for k, v in small.items() if k != "backend"},
         "mobilenet_v2_0.35_96_int8_paced_5ms": {k: paced[k] for k in ("p50_ms", "raw_p50_ms", "overhead_us",
                                                                       "overhead_ratio", "identical")},
-        "target_overhead_us_1.0_224": 80,
-        "target_overhead_us_0.35_96": 60,
-        "met": big["overhead_us"] <= 80 and small["overhead_us"] <= 60 and big["identical"] and small["identical"],
+        "overhead_us_1.0_224": big["overhead_us"],
+        "overhead_us_0.35_96": small["overhead_us"],
+        "paced_overhead_us": paced["overhead_us"],
+        "target_overhead_us_1.0_224": "<= 80",
+        "target_overhead_us_0.35_96": "<= 60",
+        "figures": ["paced_overhead_us"],
+        "identical": big["identical"] and small["identical"] and paced["identical"],
+        "met": big["overhead_us"] <= 80 and small["overhead_us"] <= 60,
     }
     print(json.dumps(out))
-    return 0
+    return 0 if out["identical"] else 1
 
 
 if __name__ == "__main__":

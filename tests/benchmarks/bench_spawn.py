@@ -87,6 +87,7 @@ def main() -> int:
         "ratio_zygote": round(z / f, 2), "ratio_exec": round(e / f, 2), "speedup": round(e / z, 2),
         "zygote_ms_range": [round(min(forked), 1), round(max(forked), 1)],
         "exec_ms_range": [round(min(execd), 1), round(max(execd), 1)],
+        "figures": ["zygote_ms", "exec_ms", "floor_ms", "speedup"], "met": None,
     }))
     return 0
 
