@@ -28,6 +28,7 @@ import threading
 
 from device.clock import SYSTEM_CLOCK
 from device.errors import Exit
+from device.threads import Thread
 
 
 def add_arguments(p) -> None:
@@ -112,7 +113,7 @@ def _watch(agent, board, score: _Score, seconds: float, clock, out) -> dict:
         f"virtual {b.profile.name} at {b.ambient_c:g} C ambient, "
         f"{'battery %.0f%%' % b.soc if b.soc is not None else 'mains'}, board time x{b.clock.factor:g}; "
         f"sensor on {agent.mcu.port}; {seconds:g} s")
-    runner = threading.Thread(target=agent.run, name="demo-agent", daemon=True)
+    runner = Thread(target=agent.run, name="demo-agent", daemon=True)
     runner.start()
     try:
         while rt.variant is None and runner.is_alive():  # the first worker is loading

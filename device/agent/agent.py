@@ -41,11 +41,16 @@ from device.results import Result
 from device.runtime.errors import DelegateUnavailable
 from device.agent.sdnotify import Health, Notifier, describe, start_watchdog
 from device.agent.watch import Faults
+from device.linux import name_process
+from device.threads import Thread, name_threads
 
 log = logging.getLogger("device.agent")  # the agent's own messages
 
 DIAG_COOLDOWN_S = 60.0  # the MQTT diag command runs at most this often
 STOP_GRACE_S = 5.0  # how long a stop waits for the inference in flight before it kills the worker
+
+# OS names of the threads the drivers start (the others are named by their Python names, see device.threads).
+_DRIVER_THREADS = {"virtual-board": "sim-board"}
 
 # Events after which the retained birth is published again: it says which variant serves, and whether any does.
 _BIRTH_CHANGES = frozenset({"serving", "not_serving", "variant_changed", "variant_fallback", "model_changed",
@@ -385,9 +390,10 @@ class Agent:
         self.sensor.start()
         for target, name in ((lambda: self.power.run(self._stop), "governor"), (self._telemetry, "telemetry"),
                              (self._watch_loop, "fault-watch")):
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        name_threads(_DRIVER_THREADS)  # the drivers' threads (sensor, LED, trigger, the simulation's) by name too
         self._notify_ready()
 
     def _start_control(self) -> None:
@@ -438,6 +444,9 @@ class Agent:
             technician's ``fieldnode run --seconds 60`` on a board whose sensor is not wired fails).
         """
         faults: list[str] = []
+        # On the main thread this is the process's name as ps shows it, whatever started Python; elsewhere (the
+        # demo, tests) the thread that runs the inference loop says so in top -H.
+        name_process(b"fieldnode" if threading.current_thread() is threading.main_thread() else b"inference")
         try:
             self.start()
             deadline = None if seconds is None else self.clock.monotonic() + seconds

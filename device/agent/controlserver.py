@@ -34,6 +34,7 @@ from device.errors import FieldnodeError, error_json
 from device.link import wire
 from device.link.commands import CallContext, Registry, check_args, run_command
 from device.link.errors import BadJson, BadRequest, PayloadTooLarge, UnknownCommand
+from device.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return self.owner.admit(request)
 
     def process_request(self, request, client_address) -> None:
-        t = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+        t = Thread(target=self.process_request_thread, args=(request, client_address),
                              name="control-conn", daemon=True)
         self.owner.started(request, t)
         try:
@@ -187,7 +188,7 @@ class ControlServer:
             raise ControlSocketError(f"cannot make the control socket {self.path}: {exc.strerror or exc}") from exc
         self._server = server
         self.closing.clear()
-        self._thread = threading.Thread(target=server.serve_forever, args=(_WAKE_POLL_S,), name="control",
+        self._thread = Thread(target=server.serve_forever, args=(_WAKE_POLL_S,), name="control",
                                         daemon=True)
         self._thread.start()
         log.info("control socket %s (mode %o)", self.path, self.mode)
@@ -200,7 +201,7 @@ class ControlServer:
         self.closing.set()
         # shutdown() only raises a flag that serve_forever reads after its select: shutting the listening socket
         # makes that select return at once (and every later one: no wake-up is lost).
-        stopper = threading.Thread(target=server.shutdown, name="control-stop", daemon=True)
+        stopper = Thread(target=server.shutdown, name="control-stop", daemon=True)
         stopper.start()
         try:
             server.socket.shutdown(socket.SHUT_RDWR)

@@ -17,6 +17,7 @@ import socket
 import threading
 
 from device.clock import SYSTEM_CLOCK
+from device.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class Watchdog:
         return True
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+        self._thread = Thread(target=self._run, name="watchdog", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from device.diag.checks import CHECKS, FAIL, OK, SKIP, STATUSES, WARN, Check, Context, Spec, Who, fail
 from device.errors import Exit
+from device.threads import Thread
 
 if TYPE_CHECKING:
     from device.config import Config
@@ -92,7 +93,7 @@ def run_checks(cfg: Config, *, sim: str | None = None, budget_s: float = BUDGET_
 
     for i, spec in enumerate(specs):
         # Daemon threads: a check stuck past the budget must not keep the command from ending.
-        threading.Thread(target=one, args=(i, spec), name=f"diag-{spec.name}", daemon=True).start()
+        Thread(target=one, args=(i, spec), name=f"diag-{spec.name}", daemon=True).start()
     out: list[Check] = []
     try:
         while len(out) < len(specs):

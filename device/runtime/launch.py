@@ -16,6 +16,7 @@ import threading
 from typing import IO
 
 from device.runtime import zygote
+from device.threads import Thread
 
 worker_log = logging.getLogger("device.runtime.worker")
 
@@ -56,7 +57,7 @@ class _Launcher:
     def popen(self, args: list[str], **kwargs: object) -> subprocess.Popen:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="fieldnode-launcher", daemon=True)
+                self._thread = Thread(target=self._run, name="fieldnode-launcher", daemon=True)
                 self._thread.start()
         box: dict = {}
         done = threading.Event()
@@ -111,7 +112,7 @@ class StderrTail:
 
     def __init__(self, stream: IO[bytes], pid: int, keep: int = 40) -> None:
         self.lines: collections.deque = collections.deque(maxlen=keep)
-        self._thread = threading.Thread(target=self._run, args=(stream, pid), name=f"worker-{pid}-stderr",
+        self._thread = Thread(target=self._run, args=(stream, pid), name=f"worker-{pid}-stderr",
                                         daemon=True)
         self._thread.start()
 

@@ -354,6 +354,9 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         return
 
     model = opened.model
+    from device.threads import name_native_threads
+
+    name_native_threads("infer-pool")  # the interpreter's own threads, apart from the worker's in top -H
     ready = {
         "pid": os.getpid(),
         "backend": backend.name,

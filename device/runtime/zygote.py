@@ -50,6 +50,7 @@ import threading
 import time
 
 from device.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, name_process, prctl, set_cmdline
+from device.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Zygote:
         except (AttributeError, OSError):
             pidfd = -1  # then a lost zygote is found (and reaped) at the next spawn
         if pidfd >= 0:
-            threading.Thread(target=self._watch, args=(pidfd,), name="zygote-watch", daemon=True).start()
+            Thread(target=self._watch, args=(pidfd,), name="zygote-watch", daemon=True).start()
 
     def _watch(self, pidfd: int) -> None:
         """Waits for the zygote to end, reaps it at once and says it is lost (unless it was stopped)."""

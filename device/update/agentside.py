@@ -45,6 +45,7 @@ from device.runtime.manifest import bundled_model_dir, load_manifest
 from device.update.errors import Busy, Deferred, HealthGateFailed, StoreError, UpdateError
 from device.update.store.store import ModelStore
 from device.update.trial import Trial, TrialSettings
+from device.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ class AgentUpdates:
             self._refuse_if_busy()
             installer = self._installer(progress=None)  # a configuration error is the command's reply
             state = {"state": "started", "by": by, "started_at": self._clock.time()}
-            job = threading.Thread(target=self._check, args=(installer, by), name="update-check", daemon=True)
+            job = Thread(target=self._check, args=(installer, by), name="update-check", daemon=True)
             with self._mu:
                 self._check_state, self._check_job = dict(state), job
             self._emit("update_check", state)  # before the thread starts, so the outcome always comes after it
@@ -310,7 +311,7 @@ class AgentUpdates:
                 raise Busy(f"{self._trial.name} v{self._trial.version} is on trial: wait for its verdict or roll "
                            f"it back")
             self._job_state = {"state": "started", "version": version, "force": force, "by": by}
-            self._job = threading.Thread(target=self._install, args=(installer, version, force, by),
+            self._job = Thread(target=self._install, args=(installer, version, force, by),
                                          name="update-install", daemon=True)
             self._job.start()
         self._emit("update_install", dict(self._job_state))

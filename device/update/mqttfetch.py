@@ -51,6 +51,7 @@ from device.clock import SYSTEM_CLOCK, backoff_delay
 from device.link.mqttclient import Endpoint, disconnect_reason, new_client
 from device.link.url import read_password
 from device.link.url import BrokerUrl, TlsFiles, parse_broker_url
+from device.threads import Thread
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class MqttTransport:
             if self._thread is not None:
                 return
             self._closing = False
-            self._thread = threading.Thread(target=self._run, name="update-mqtt", daemon=True)
+            self._thread = Thread(target=self._run, name="update-mqtt", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
