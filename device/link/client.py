@@ -2,10 +2,16 @@
 
 Threads and ownership:
 
-* **The network thread** (ours, not paho's ``loop_start``) owns the paho client. Every paho call happens on
-  it, so no paho state is shared between threads. It connects, runs ``client.loop()``, publishes the
-  spool's committed messages in id order with at most ``inflight`` unacknowledged, publishes command
-  replies, and on PUBACK acknowledges the message to the spool, which deletes it at its next commit.
+* **The network thread** (``link``; ours, not paho's ``loop_start``) owns the paho client. Every paho call
+  happens on it, so no paho state is shared between threads. It connects, publishes the spool's committed
+  messages in id order with at most ``inflight`` unacknowledged, publishes command replies, and on PUBACK
+  acknowledges the message to the spool, which deletes it at its next commit.
+* **It sleeps**: paho is driven through its external-loop calls (``loop_read``/``loop_write``/``loop_misc``)
+  from one ``poll`` over the MQTT socket and a wake-up descriptor (:class:`device.threads.Waker`). The spool
+  sets it when new rows are durable, the command thread when a reply is queued, :meth:`Link.refresh_birth` and
+  :meth:`Link.stop` too. Otherwise the thread wakes for the socket, for the keepalive (at most every
+  :data:`IDLE_WAKE_S`, so the watchdog sees it turn) and for the oldest result's ``ack_timeout_s``; it reads the
+  spool only when the spool has committed past what it fetched.
 * **Reconnects**: when the connection drops (or never comes up), the client is discarded and a fresh one
   is made after an exponential backoff with jitter, capped at ``backoff_max_s``. A fresh client per
   connection avoids paho's own reconnect path (paho #785: no reconnect after a long outage with
@@ -44,6 +50,7 @@ import collections
 import logging
 import random
 import threading
+import time
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -56,6 +63,7 @@ from device.link import wire
 from device.link.wire import Topics, default_prefix
 from device.link.mqttclient import Client, Endpoint, disconnect_reason, new_client
 from device.link.url import TlsFiles, parse_broker_url
+from device.threads import Thread, Waker
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ DEFAULT_MAX_PAYLOAD = 16384  # the dispatcher's default
 PACKET_HEADROOM = 4096
 REPLY_INFLIGHT = 16  # QoS 1 replies awaiting PUBACK, in a window apart from the results'
 DEFAULT_ACK_TIMEOUT_S = 30.0
+IDLE_WAKE_S = 5.0  # the longest the network thread sleeps with nothing to do (a keepalive/4 is shorter below 20 s)
 
 
 def _json(obj) -> bytes:
@@ -146,14 +155,15 @@ class Link:
         self._offline_since: float | None = None  # monotonic; None while connected or before the first attempt
         self._draining: tuple[int, int, float] | None = None  # (last id waiting, how many, monotonic start)
         self._cursor = 0  # highest spool id fetched for publishing
-        self._at_end = False  # the last read found nothing past the cursor
+        self._at_end = False  # the last read found everything committed past the cursor
+        self._read_mark = -1  # the spool's readable_mark before that read
         self._ahead: collections.deque = collections.deque()  # fetched, not yet published
         self._acked: list[int] = []  # PUBACKed this loop iteration; handed to the spool in one call
         self.channel = None if dispatcher is None else CommandChannel(
             dispatcher, self.topics, v5=protocol == "5", wake=self._wake_up, clock=clock,
             reply_inflight=REPLY_INFLIGHT, refusal_budget=refusal_budget)
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._waker: Waker | None = None  # made by start(), closed by stop()
         self._connected_event = threading.Event()
         self._threads: list[threading.Thread] = []
         self._failures = 0
@@ -184,6 +194,7 @@ class Link:
         """Publishes the retained ``online`` state again with a fresh birth (from the network thread, at its next
         turn): the agent calls it once the runtime has started, since the link comes up before the model."""
         self._rebirth = True
+        self._wake_up()
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -193,9 +204,11 @@ class Link:
             return
         self._stop.clear()
         self._offline_since = self.clock.monotonic()
-        loops = [(self._run, "link-net")] + ([(self.channel.serve, "link-cmd")] if self.channel is not None else [])
+        self._waker = Waker()
+        self.spool.on_durable(self._wake_up)  # new rows to publish wake the network thread
+        loops = [(self._run, "link")] + ([(self.channel.serve, "link-cmd")] if self.channel is not None else [])
         for target, name in loops:
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -205,12 +218,16 @@ class Link:
             return
         self._stop_timeout = timeout
         self._stop.set()
-        self._wake.set()
+        self._wake_up()
         if self.channel is not None:
             self.channel.stop()
         for t in self._threads:
             t.join(timeout + 5.0)
         self._threads = []
+        self.spool.off_durable(self._wake_up)
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            waker.close()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected_event.wait(timeout)
@@ -249,7 +266,7 @@ class Link:
                 if self._client is None and not self._connect():
                     self._backoff_wait()
                     continue
-                rc = self._client.loop(timeout=0.005 if self._connected else 0.05)
+                rc = self._turn()
                 if self._acked:  # PUBACKs that arrived in this loop, even if the connection then dropped
                     self.spool.ack(self._acked)
                     self._acked = []
@@ -266,6 +283,33 @@ class Link:
                 self._drop_client(f"{type(exc).__name__}: {exc}")
                 self._backoff_wait()
         self._shutdown()
+
+    def _turn(self) -> mqtt.MQTTErrorCode:
+        """One wait and paho's work after it: what :meth:`paho.mqtt.client.Client.loop` does, but the wait also ends on
+        the wake-up descriptor and lasts until the next deadline instead of a fixed few milliseconds."""
+        c = self._client
+        sock = c.socket()
+        if sock is None:
+            return mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN
+        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS bytes already read from the socket
+        _, readable, writable = self._waker.wait(0.0 if pending else self._sleep_s(), sock, write=c.want_write())
+        if readable or pending:
+            rc = c.loop_read()
+            if rc or c.socket() is None:
+                return rc
+        if writable or c.want_write():  # what the callbacks of this read queued (a SUBSCRIBE, the birth) goes now
+            rc = c.loop_write()
+            if rc or c.socket() is None:
+                return rc
+        return c.loop_misc()
+
+    def _sleep_s(self) -> float:
+        """Until the next deadline: the keepalive's check, or the oldest result's acknowledgement timeout."""
+        wait = min(IDLE_WAKE_S, self.keepalive_s / 4.0)
+        if self._inflight and self._lost is None:
+            sent = next(iter(self._inflight.values()))[1]
+            wait = min(wait, sent + self.ack_timeout_s - self.clock.monotonic() + 0.001)
+        return max(0.0, wait)
 
     def _new_client(self) -> Client:
         c = new_client(self.endpoint, self.device_id, max_packet=self.max_packet)
@@ -305,11 +349,18 @@ class Link:
         self.last_error = reason
 
     def _backoff_wait(self) -> None:
-        self._wake.wait(backoff_delay(self._failures - 1, self.backoff_min, self.backoff_max, self._rng))
-        self._wake.clear()
+        """Sleeps out the reconnect backoff; only a stop ends it early (new rows wait for the connection)."""
+        end = time.monotonic() + backoff_delay(self._failures - 1, self.backoff_min, self.backoff_max, self._rng)
+        while not self._stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._waker.wait(left)
 
     def _wake_up(self) -> None:
-        self._wake.set()
+        waker = self._waker
+        if waker is not None:
+            waker.set()
 
     def _drop_client(self, reason: str) -> None:
         c, self._client = self._client, None
@@ -385,22 +436,33 @@ class Link:
 
     def _pump_results(self, c: mqtt.Client) -> None:
         room = self.inflight_limit - len(self._inflight)
-        if room <= 0:
-            return
-        if not self._ahead:
-            # Fetch well ahead of the window: a read waits while the spool commits (an fsync), so fewer,
-            # larger reads keep the pipe full.
-            fetched = self.spool.batch(self._cursor, max(room, _READ_AHEAD))
-            self._at_end = not fetched
-            if fetched:
+        while room > 0:
+            if not self._ahead:
+                mark = self.spool.readable_mark
+                if self._at_end and mark == self._read_mark:
+                    return  # nothing committed since the last read reached the end: no query (the spool wakes us)
+                # Fetch well ahead of the window: a read waits while the spool commits (an fsync), so fewer,
+                # larger reads keep the pipe full.
+                limit = max(room, _READ_AHEAD)
+                fetched = self.spool.batch(self._cursor, limit)
+                self._at_end = len(fetched) < limit  # a short read had everything committed before it
+                self._read_mark = mark
+                if not fetched:
+                    return
                 self._cursor = fetched[-1].id
                 self._ahead.extend(fetched)
+            if not self._publish_ahead(c, room):
+                return
+            room = self.inflight_limit - len(self._inflight)
+
+    def _publish_ahead(self, c: mqtt.Client, room: int) -> bool:
+        """Publishes fetched messages while there is room; False when paho refused one (the connection goes)."""
         while room > 0 and self._ahead:
             m = self._ahead[0]
             info = c.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
             if info.rc != mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self._lost = f"publish refused by the client: {mqtt.error_string(info.rc)}"
-                return
+                return False
             self._ahead.popleft()
             room -= 1
             self.counters["published"] += 1
@@ -408,6 +470,7 @@ class Link:
                 self._acked.append(m.id)
             else:
                 self._inflight[info.mid] = (m.id, self.clock.monotonic())
+        return True
 
     def _shutdown(self) -> None:
         c = self._client

@@ -43,9 +43,9 @@ def test_batch_on_the_network_thread_never_runs_the_recovery(path, clock, mocker
     s.start()
     try:
         assert s.batch(0, 1_000_000) == []  # the corruption is found, the recovery left to the commit thread
-        assert threads in ([], ["spool-commit"])  # never this thread, whatever the commit thread has done yet
+        assert threads in ([], ["spool"])  # never this thread, whatever the commit thread has done yet
         eventually(lambda: events, timeout=10.0)
-        assert threads == ["spool-commit"] and events[0][0] == "spool_corrupt"
+        assert threads == ["spool"] and events[0][0] == "spool_corrupt"
         eventually(lambda: s.batch(0, 1) != [], timeout=10.0)
         assert [m.id for m in all_messages(s)] == [w[0] for w in written if w[0] not in lost]
         assert events[0][1]["lost"] == len(lost)

@@ -1,9 +1,12 @@
 """The durable on-disk spool: every result, event and telemetry record is written here before it is published.
 
 Workflow: producers call :meth:`Spool.put`, which only appends to an in-memory pending batch and returns the
-message id. A background thread (:meth:`Spool.start`) calls :meth:`Spool.flush` as soon as a put arrives
-(classic group commit: while one commit and its fsync run, and for a 4 ms breather before the next, later
-puts gather into the next), and at least every ``commit_interval_s`` for acks alone, so deletes stay batched.
+message id. A background thread (``spool``, :meth:`Spool.start`) calls :meth:`Spool.flush` as soon as a put
+arrives (classic group commit: while one commit and its fsync run, and for a 4 ms breather before the next, later
+puts gather into the next), and ``commit_interval_s`` after the first ack of a batch for acks alone, so deletes
+stay batched. It sleeps on a condition otherwise: until a put, an ack's interval, the oldest row's ``max_age_s``,
+or a failed commit's retry (every interval) is due. Listeners (:meth:`Spool.on_durable`; the link's wake-up)
+are called when new rows are durable.
 A flush writes the whole batch, the pending acks (DELETE) and the budget enforcement in ONE SQLite
 transaction. The MQTT publisher reads committed messages in id order with :meth:`Spool.batch`, publishes them
 at QoS 1 and calls :meth:`Spool.ack` on PUBACK; acked rows go away at the next commit.
@@ -54,6 +57,8 @@ import threading
 import time
 from typing import Callable, Iterable
 
+from device.threads import Thread
+
 from device.clock import SYSTEM_CLOCK
 from device.link.spool import db as spooldb, disk as spooldisk, open as spoolopen
 from device.link.spool.db import KIND_NAMES as _KIND_NAMES
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 
 
 _MIN_GAP_S = 0.004  # least time between two commits started by puts
+_LONGEST_SLEEP_S = 3600.0  # the commit thread's longest sleep with nothing due (a bound, not a pace)
 
 
 class Spool:
@@ -127,7 +133,12 @@ class Spool:
         self._recovering = False
         self._closed = False
         self._stop = threading.Event()
-        self._kick = threading.Event()  # set by put(): commit now, not at the next interval
+        self._wakeup = threading.Condition(self._lock)  # the commit thread sleeps on it; put/ack/close notify
+        self._dirty_since: float | None = None  # monotonic time the first ack (or drop count) began to wait
+        self._retry_at: float | None = None  # monotonic time a failed commit is tried again
+        self._listeners: list[Callable[[], None]] = []
+        self._readable = 0  # readable_mark
+        self._unheard = False  # the listeners are yet to hear of a change (the commit thread tells them)
         self._thread: threading.Thread | None = None
         self._file = spoolopen.SpoolFile(self.path, max_bytes, min_free_bytes, clock, self._emit)
         opened = self._file.open()
@@ -138,6 +149,39 @@ class Spool:
     def durable_id(self) -> int:
         """The highest id known committed (0 for none): every message up to it survives a crash."""
         return self._durable_id
+
+    @property
+    def readable_mark(self) -> int:
+        """Changes whenever :meth:`batch` may return rows it did not before (a commit of new rows, a recovery):
+        a reader whose last read reached the end need not read again while it stays the same."""
+        return self._readable
+
+    def on_durable(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener()`` (on the committing thread; it must not block) whenever :attr:`readable_mark`
+        changes."""
+        self._listeners.append(listener)
+
+    def off_durable(self, listener: Callable[[], None]) -> None:
+        """Stops calling ``listener`` (unknown ones are ignored)."""
+        try:
+            self._listeners.remove(listener)
+        except ValueError:
+            pass
+
+    def _readable_changed(self) -> None:
+        self._readable += 1
+        if threading.current_thread() is self._thread:
+            self._unheard = True  # told as the commit thread goes to sleep: the reader it wakes finds the GIL free
+        else:
+            self._tell()
+
+    def _tell(self) -> None:
+        self._unheard = False
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a broken listener must not break the commit
+                log.exception("spool listener failed")
 
     # -- producer side -------------------------------------------------------------------------------
 
@@ -191,7 +235,8 @@ class Spool:
             self._last_id = mid
             self._pending.append((mid, int(kind), topic, payload, qos, int(retain), now, len(payload)))
             self._pending_bytes += len(payload)
-        self._kick.set()
+            if len(self._pending) == 1:  # the first of a batch wakes the commit thread; later ones join it
+                self._wakeup.notify()
         return mid
 
     def _check_payload(self, payload: object) -> None:
@@ -239,7 +284,8 @@ class Spool:
                     raise SpoolError(f"cannot read from spool {self.path}: {e}") from e
                 log.error("spool %s: corrupt (%s); the commit thread recovers it", self.path, e)
                 self._recovery_due = e
-                self._kick.set()
+                with self._lock:
+                    self._wakeup.notify()
                 return []
         out = [Message(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], bool(r[5]), r[6]) for r in rows
                if r[0] not in acked]
@@ -260,6 +306,8 @@ class Spool:
                 raise ValueError(f"ack ids must be ints, got {i!r}")
             got.append(i)
         with self._lock:
+            if got:
+                self._mark_dirty_locked()  # deleted commit_interval_s from the first ack on
             self._acks.update(got)
 
     def pop_dropped(self) -> dict[str, int]:
@@ -272,7 +320,14 @@ class Spool:
             out = {_KIND_NAMES[k]: n for k, n in self._dropped.items()}
             self._dropped = {k: 0 for k in Kind}
             self._dropped_dirty = True
+            self._mark_dirty_locked()
         return out
+
+    def _mark_dirty_locked(self) -> None:
+        """Acks or drop counters wait for a commit: the commit thread commits them an interval from now."""
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+            self._wakeup.notify()
 
     # -- commit --------------------------------------------------------------------------------------
 
@@ -298,12 +353,12 @@ class Spool:
                 return total
 
     def _flush_once(self) -> tuple[int, bool]:
-        err = None
+        err, grew = None, False
         with self._db_lock:
             self._check_open()
             with self._lock:
                 rows, self._pending, self._pending_bytes = self._pending, [], 0
-                acks, self._acks = self._acks, set()
+                acks, self._acks, self._dirty_since = self._acks, set(), None
                 dirty, self._dropped_dirty = self._dropped_dirty, False
             # Near the floor of free space: telemetry is refused, what does not fit waits (one statvfs).
             room = self._file.disk.admit(rows, Kind.TELEMETRY)
@@ -316,13 +371,15 @@ class Spool:
             if rows or acks or dirty or self._maintenance_due():
                 t0 = time.perf_counter()
                 try:
-                    self._commit(rows, acks)
+                    grew = self._commit(rows, acks)
                 except (sqlite3.Error, spooldb.Corrupt) as e:
                     err = e
                     with self._lock:
                         self._hold_locked(rows)
                         self._acks |= acks
                         self._dropped_dirty = self._dropped_dirty or dirty
+                        if acks or dirty:
+                            self._mark_dirty_locked()
                     self._resync = True  # a failed COMMIT leaves our running totals in doubt
                     if not spooldb.is_corruption(e):
                         spooldisk.checkpoint(self._file.db)  # give the WAL's pages back to a full disk
@@ -330,6 +387,8 @@ class Spool:
                 else:
                     self._commits += 1
                     self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
+        if grew:  # outside the lock: a reader woken by it does not wait for this commit to let go
+            self._readable_changed()
         if err is not None:  # outside the lock: batch() returns nothing meanwhile instead of waiting
             out = self._recover(err)
             raise SpoolCorrupt(f"spool {self.path} was corrupt ({err}); {out.how}"
@@ -350,11 +409,13 @@ class Spool:
             return True
         return self._oldest is not None and self._oldest < self._clock.time() - self._max_age
 
-    def _commit(self, rows: list[tuple], acks: set[int]) -> None:
+    def _commit(self, rows: list[tuple], acks: set[int]) -> bool:
+        """Commits; True when the durable id grew."""
         done = spooldb.commit(self._file.db, rows, acks, counts=self._count, sizes=self._bytes, dropped=self._dropped,
                               cutoff=self._clock.time() - self._max_age, max_bytes=self._file.disk.payload_limit(),
                               recount=self._resync)
         # Only now is it durable: publish the new state.
+        grew = done.last_id > self._durable_id
         self._durable_id = max(self._durable_id, done.last_id)
         self._count, self._bytes, self._oldest, self._resync = done.counts, done.sizes, done.oldest, False
         with self._lock:
@@ -364,6 +425,7 @@ class Spool:
             self._file.disk.measure(self._file.db, sum(done.sizes.values()))
         except sqlite3.Error as e:  # committed all the same; the last measurement stands
             log.debug("spool %s: page counts not read: %s", self.path, e)
+        return grew
 
     def _trim_pending_locked(self) -> None:
         # While commits fail (disk full) the batch grows in RAM; hold it to the same budget and priority.
@@ -378,6 +440,7 @@ class Spool:
                     self._pending_bytes -= r[7]
                     self._dropped[kind] += 1
                     self._dropped_dirty = True
+                    self._mark_dirty_locked()
                 else:
                     keep.append(r)
             self._pending = keep
@@ -407,6 +470,8 @@ class Spool:
                         self._dropped[k] += out.saved.meta.get(f"dropped_{_KIND_NAMES[k]}", 0)
                 self._dropped_dirty = self._dropped_dirty or not at_open or (
                     out is not None and out.how != spoolopen.IN_PLACE)
+                if self._dropped_dirty:
+                    self._mark_dirty_locked()
 
     def _recover(self, err: BaseException) -> spoolopen.Outcome:
         """Recovers the corrupt file on this thread (the commit thread); batch() waits for nothing meanwhile.
@@ -427,6 +492,7 @@ class Spool:
             return opened.outcome
         finally:
             self._recovering = False
+            self._readable_changed()  # what batch() withheld meanwhile (or the recovered file) is there to read
 
     def _emit(self, kind: str, data: dict) -> None:
         if self._on_event is None:
@@ -447,28 +513,61 @@ class Spool:
         with self._db_lock:
             self._check_open()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+                self._thread = Thread(target=self._run, name="spool", daemon=True)
                 self._thread.start()
+
+    def _due_locked(self) -> float:
+        """Seconds until the commit thread has work (0: now), under ``_lock``."""
+        now = time.monotonic()
+        if self._retry_at is not None:  # a commit failed: everything waits for the retry
+            return self._retry_at - now
+        if self._pending or self._recovery_due is not None:
+            return 0.0
+        due = _LONGEST_SLEEP_S
+        if self._dirty_since is not None:
+            due = self._dirty_since + self._interval - now
+        if self._oldest is not None:  # rows past max_age_s go at a commit
+            due = min(due, self._oldest + self._max_age - self._clock.time() + 0.001)
+        return due
+
+    def _sleep(self) -> tuple[bool, bool]:
+        """Sleeps until a commit is due or the spool closes: ``(closing, slept)``."""
+        slept = False
+        if self._unheard:
+            self._tell()
+        with self._lock:
+            while not self._stop.is_set():
+                due = self._due_locked()
+                if due <= 0:
+                    return False, slept
+                self._wakeup.wait(due)
+                slept = True
+        return True, slept
 
     def _run(self) -> None:
         failing = False
         while True:
             # Group commit: a put wakes the thread at once; while one commit (and its fsync) runs, later
             # puts gather into the next one. Acks alone wait for the interval, so deletes stay batched.
-            self._kick.wait(self._interval)
-            if self._stop.is_set():
+            closing, slept = self._sleep()
+            if closing:
                 break
-            # Under a flood, a short breather lets the next group grow: fewer, larger commits.
-            self._stop.wait(min(_MIN_GAP_S, self._interval))
-            self._kick.clear()
+            # Under a flood (work was waiting as the last commit ended), a short breather lets the next group
+            # grow: fewer, larger commits. A put that found the thread asleep is committed at once.
+            if not slept and self._stop.wait(min(_MIN_GAP_S, self._interval)):
+                break
             try:
                 self.flush()
             except Exception as e:  # the commit thread must outlive any single failure
+                with self._lock:
+                    self._retry_at = time.monotonic() + self._interval
                 if not failing:
                     log.warning("spool commit failed, will retry: %s", e)
                     self._emit("spool_error", {"error": str(e), "path": self.path})
                 failing = True
             else:
+                with self._lock:
+                    self._retry_at = None
                 if failing:
                     log.info("spool commits resumed on %s", self.path)
                 failing = False
@@ -482,7 +581,8 @@ class Spool:
         if self._closed:
             return
         self._stop.set()
-        self._kick.set()
+        with self._lock:
+            self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join()
         with self._db_lock:
