@@ -4,8 +4,9 @@
   a variant pin each change the plan and apply it under **one** lock, so a command and the governor never
   apply plans at the same time, and the plan in force is always the governor's latest.
 * :class:`Pipeline` is the inference loop: sensor window -> runtime -> typed :class:`device.results.Result` ->
-  spool, at most once per the plan's ``interval_ms``; it feeds the update trial's health gate and beats the
-  watchdog's ``loop`` part at every turn.
+  spool, at most once per the plan's ``interval_ms`` (between two it sleeps until the next is due, at most a
+  second, instead of waking for every window); it feeds the update trial's health gate and beats the watchdog's
+  ``loop`` part at every turn.
 
 Both are built by :mod:`device.agent.wiring` and run by :class:`device.agent.agent.Agent`; neither knows the agent.
 """
@@ -81,6 +82,17 @@ class PowerLoop:
             self.applier.apply(self.governor.plan)
             return self.governor.status()
 
+    def set_target(self, hours: float, by: str) -> dict:
+        """Sets the governor's runtime target (0 clears it) and applies the plan.
+
+        Raises:
+            ValueError: Hours the governor refuses.
+        """
+        with self._lock:
+            self.governor.set_target(hours or None, by=by)
+            self.applier.apply(self.governor.plan)
+            return self.governor.status()
+
     def pin(self, variant: str | None) -> Applied:
         """Pins a variant (None: the plan decides again) and applies the plan, in one step."""
         with self._lock:
@@ -131,6 +143,7 @@ class Pipeline:
     """
 
     POLL_S = 0.5  # the longest one turn waits for a window
+    IDLE_S = 1.0  # the longest one turn sleeps before a planned inference (its other duties come once a second)
 
     def __init__(self, sensor, runtime, updates, power: PowerLoop, *, clock, simulated: bool,
                  publish: Callable[[str, dict], int] | None = None, on_result: Callable[[Result], None] | None = None,
@@ -139,6 +152,7 @@ class Pipeline:
         self.clock, self.simulated = clock, simulated
         self.publish, self.on_result, self.beat = publish, on_result, beat
         self.results = 0
+        self.busy_s = 0.0  # inference time spent on the results, for the governor's cost per window
         self.failures = 0
         self.last_result: Result | None = None
         self._in_flight: dict[int, float] = {}  # request number -> when it started (monotonic)
@@ -177,6 +191,7 @@ class Pipeline:
         if self.publish is not None:
             result = dataclasses.replace(result, id=self.publish(m.name, result.to_dict()))
         self.results += 1
+        self.busy_s += result.latency_ms / 1000.0
         self.last_result = result
         if self.on_result is not None:
             self.on_result(result)
@@ -185,6 +200,32 @@ class Pipeline:
         except Exception:  # the health gate must never take a result down with it
             log.exception("the update trial could not observe a result")
         return result
+
+    def _next_window(self, stop: threading.Event, last: float):
+        """The window for this turn. Between planned inferences (``interval_ms``) the loop sleeps until the next
+        one is due instead of taking every window as it comes; then it takes the newest waiting (the ones before
+        it are skipped, as the duty cycle always skipped them). None when nothing is due yet."""
+        interval = self.power.plan.interval_ms / 1000.0
+        if interval and last and self.runtime.serving:
+            wait = last + interval - self.clock.monotonic()
+            if wait > 0:
+                stop.wait(min(wait, self.IDLE_S))
+                if last + interval > self.clock.monotonic():
+                    return None
+            newest = None
+            while (window := self.sensor.next_window(timeout=0)) is not None:
+                newest = window
+            if newest is not None:
+                return newest
+        return self.sensor.next_window(timeout=self.POLL_S)
+
+    def work(self):
+        """The governor's work counters: windows classified, windows the sensor dropped because the loop did not
+        take them in time (not those a duty cycle skips on purpose), and the inference time spent."""
+        from power.planner import Work
+
+        overflowed = getattr(self.sensor.health(), "windows_overflowed", 0) if hasattr(self.sensor, "health") else 0
+        return Work(done=float(self.results), late=float(overflowed), busy_s=self.busy_s)
 
     def run(self, stop: threading.Event, deadline: float | None = None,
             every_second: Callable[[], None] | None = None) -> None:
@@ -199,7 +240,7 @@ class Pipeline:
 
         last = ticked = 0.0
         while not stop.is_set() and (deadline is None or self.clock.monotonic() < deadline):
-            window = self.sensor.next_window(timeout=self.POLL_S)
+            window = self._next_window(stop, last)
             if self.beat is not None:
                 self.beat()  # progress (a hung read, worker or update stops the watchdog pings)
             now = self.clock.monotonic()
