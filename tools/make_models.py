@@ -341,11 +341,10 @@ def make_vibration(tf, keras, out_dir: Path, measurer: Measurer) -> dict:
         "output": "logits",
         "default_variant": "full",
         "variants": {
-            "full": {"file": "vibration_full.tflite", "cost": 1.0},
-            "lite": {"file": "vibration_lite.tflite", "cost": cost},
+            "full": {"file": "vibration_full.tflite", "cost": 1.0, "accuracy": round(results["full"]["int8_acc"], 4)},
+            "lite": {"file": "vibration_lite.tflite", "cost": cost, "accuracy": round(results["lite"]["int8_acc"], 4)},
         },
         "testvectors": vec_path.name,
-        "accuracy": {v: round(results[v]["int8_acc"], 4) for v in ("full", "lite")},
     }
     (target / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
     results["backend"] = reply["backend"]

@@ -33,7 +33,7 @@ MAX_MANIFEST_BYTES = 64 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _KNOWN_KEYS = {"name", "version", "labels", "default_variant", "variants", "testvectors", "input", "output",
                "accuracy", "description"}
-_VARIANT_KEYS = {"file", "cost", "requires", "cpu_variant", "description"}
+_VARIANT_KEYS = {"file", "cost", "accuracy", "requires", "cpu_variant", "description"}
 REQUIRES = ("edgetpu",)
 
 
@@ -47,6 +47,8 @@ class Variant:
         cost: relative cost per inference (1.0 for the reference variant), used by the governor.
         requires: ``edgetpu`` when the file is compiled for the Edge TPU, else None.
         cpu_variant: for an Edge TPU variant, the CPU variant used when no TPU is there.
+        accuracy: its accuracy on the model's held-out data (0..1], or None when the model does not say; the
+            governor weighs a window classified by a cheaper variant by its accuracy relative to the default's.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Variant:
     cost: float = 1.0
     requires: str | None = None
     cpu_variant: str | None = None
+    accuracy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ def parse_manifest(data: Any, root: str, source: str = "model.json") -> ModelMan
     if not isinstance(raw_variants, dict) or not raw_variants:
         raise bad("variants", "expected a non-empty object of variant name -> {file, cost}")
     variants = {}
+    legacy_accuracy = data.get("accuracy", {})  # the older form: one map beside the variants
+    if not isinstance(legacy_accuracy, dict):
+        raise bad("accuracy", f"expected an object of variant name to accuracy, got {type(legacy_accuracy).__name__}")
     for vname, spec in raw_variants.items():
         key = f"variants.{vname}"
         if not _NAME_RE.match(vname) or vname == "auto":
@@ -170,7 +176,13 @@ def parse_manifest(data: Any, root: str, source: str = "model.json") -> ModelMan
         cpu_variant = spec.get("cpu_variant")
         if requires and not isinstance(cpu_variant, str):
             raise bad(f"{key}.cpu_variant", "an Edge TPU variant must name the CPU variant to fall back to")
-        variants[vname] = Variant(vname, os.path.join(root, fname), float(cost), requires, cpu_variant)
+        accuracy = spec.get("accuracy", legacy_accuracy.get(vname))
+        if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))
+                                     or not 0 < accuracy <= 1):
+            where = f"{key}.accuracy" if "accuracy" in spec else f"accuracy.{vname}"
+            raise bad(where, f"expected a number in (0, 1], got {accuracy!r}")
+        variants[vname] = Variant(vname, os.path.join(root, fname), float(cost), requires, cpu_variant,
+                                  None if accuracy is None else float(accuracy))
     for v in variants.values():
         if v.cpu_variant is not None:
             target = variants.get(v.cpu_variant)
