@@ -17,8 +17,12 @@ import math
 import os
 import select
 import threading
+from typing import TYPE_CHECKING
 
 from device.linux import name_process
+
+if TYPE_CHECKING:
+    import socket
 
 OS_NAME_BYTES = 15  # the kernel's TASK_COMM_LEN less the NUL
 
@@ -126,7 +130,8 @@ class Waker:
             except BlockingIOError:
                 pass
 
-    def wait(self, timeout: float | None, sock=None, *, write: bool = False) -> tuple[bool, bool, bool]:
+    def wait(self, timeout: float | None, sock: socket.socket | None = None, *,
+             write: bool = False) -> tuple[bool, bool, bool]:
         """Sleeps until :meth:`set`, until ``sock`` is readable (or writable, with ``write``), or ``timeout`` seconds.
 
         Args:

@@ -133,13 +133,19 @@ class PowerState:
 
     @property
     def charging(self) -> bool | None:
-        """``True`` when the battery says Charging/Full or the external supply is online; ``False`` when
-        the battery discharges or the external supply is offline; ``None`` when nothing tells."""
+        """``True`` when the battery says Charging/Full; ``False`` when it says Discharging (an external supply
+        may be online and still give less than the board draws: a solar panel at dusk); otherwise the external
+        supply's ``online`` (``Not charging`` on mains is a charge threshold, not a drain); ``None`` when nothing
+        tells."""
         status = self.battery.status if self.battery else None
         online = self.external.online if self.external else None
-        if status in CHARGING_STATUSES or online is True:
+        if status in CHARGING_STATUSES:
             return True
-        if status in (DISCHARGING_STATUS, "Not charging") or online is False:
+        if status == DISCHARGING_STATUS:
+            return False
+        if online is not None:
+            return online
+        if status == "Not charging":
             return False
         return None
 

@@ -51,10 +51,10 @@ def _level(name: str, temp_: float, battery_: float, freq_: float, threads_: int
     return Level
 
 
-BalancedLevel = _level("balanced", 78.0, 50.0, 80.0, 0, "cheapest", 0, 30.0,
+BalancedLevel = _level("balanced", 80.0, 50.0, 80.0, 0, "cheapest", 0, 30.0,
                        "the cheap variant at full duty, a little slower and cooler.")
-SaverLevel = _level("saver", 80.0, 25.0, 60.0, 2, "cheapest", 100, 60.0, "the cheap variant, duty-cycled.")
-CriticalLevel = _level("critical", 83.0, 10.0, 40.0, 1, "cheapest", 1000, 300.0, "keep the board alive.")
+SaverLevel = _level("saver", 82.0, 25.0, 60.0, 2, "cheapest", 100, 60.0, "the cheap variant, duty-cycled.")
+CriticalLevel = _level("critical", 84.0, 10.0, 40.0, 1, "cheapest", 1000, 300.0, "keep the board alive.")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,13 @@ class PowerConfig:
     """``[power]``: the power governor."""
 
     enabled: bool = setting(True, "Run the governor; false leaves the board at the performance level.")
+    planner: bool = setting(
+        True, "On battery, and wherever the thermal trim binds, pick the variant, threads and frequency by what "
+              "each was measured to cost on this board (power.planner); false: the levels' settings alone.")
+    runtime_target_h: float = setting(
+        0.0, "How many hours the battery must last from the agent's start (0: no target). The planner spends the "
+             "energy left over the time left; the signed `governor.target` command changes it at run time.",
+        minimum=0, maximum=8760)
     step_s: float = setting(5.0, "How often the governor reads the board and re-plans.", minimum=0.1, maximum=3600)
     dwell_s: float = setting(60.0, "Minimum time at a level before relaxing to a less restrictive one.",
                              minimum=0, maximum=86400)
@@ -72,9 +79,13 @@ class PowerConfig:
     battery_hysteresis_pct: float = setting(5.0, "How far above its entry charge a level is left.",
                                             minimum=0, maximum=50)
     thermal_target_c: float = setting(
-        77.0, "The thermal trim lowers the frequency cap one step at a time to keep the predicted "
+        79.5, "The thermal trim lowers the frequency cap one step at a time to keep the predicted "
               "temperature under this.", minimum=20, maximum=150)
-    trim_hysteresis_c: float = setting(1.0, "The trim gives a step back once this far under the target.",
+    follow_board_limit: bool = setting(
+        True, "The temperatures here are for a board that throttles itself at 80 C (every Raspberry Pi); they move "
+              "by the difference on a board whose SoC thermal zone has another passive trip point (a Jetson). "
+              "false: they are absolute.")
+    trim_hysteresis_c: float = setting(0.5, "The trim gives a step back once this far under the target.",
                                        minimum=0, maximum=50)
     trim_dwell_s: float = setting(20.0, "Minimum time between two trim steps back up.", minimum=0, maximum=86400)
     performance: PerformanceLevel = section(PerformanceLevel, "The performance level.")

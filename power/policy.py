@@ -12,6 +12,9 @@ A level past ``performance`` is *called for* when any of its conditions holds:
 Hysteresis: a level that is already active (or one below a more severe active level) is only left when the
 temperature is ``temp_hysteresis_c`` under its threshold and the battery ``battery_hysteresis_pct`` above
 it. Unknown readings are no evidence: a board without a battery never enters a level for its battery.
+The temperatures are written for a board that throttles itself at 80 °C (every Raspberry Pi); with
+``follow_board_limit`` they move by the difference on a board that says it throttles elsewhere (the passive trip
+point of its SoC zone: a Jetson's 95 °C and more).
 The dwell time and overrides are the governor's business (:mod:`power.governor`); this module is pure.
 """
 
@@ -76,9 +79,23 @@ class Policy:
     slope_window_s: float = 30.0
     temp_hysteresis_c: float = 3.0
     battery_hysteresis_pct: float = 5.0
-    thermal_target_c: float = 77.0
-    trim_hysteresis_c: float = 1.0
+    thermal_target_c: float = 79.5
+    trim_hysteresis_c: float = 0.5
     trim_dwell_s: float = 20.0
+    follow_board_limit: bool = True
+
+    REFERENCE_LIMIT_C = 80.0  # the temperatures in [power] are written for a board that throttles here
+
+    def shift_c(self, snap: PowerSnapshot) -> float:
+        """How far the temperatures move on this board: its throttle point (``snap.limit_c``) minus the 80 °C
+        they are written for, with ``follow_board_limit``; 0 otherwise or when the board does not say."""
+        if not self.follow_board_limit or snap.limit_c is None:
+            return 0.0
+        return snap.limit_c - self.REFERENCE_LIMIT_C
+
+    def thermal_target(self, snap: PowerSnapshot) -> float:
+        """The thermal trim's target on this board."""
+        return self.thermal_target_c + self.shift_c(snap)
 
     @classmethod
     def from_config(cls, pc: PowerConfig | None = None) -> Policy:
@@ -104,7 +121,8 @@ class Policy:
             key_path, message = problems[0]
             raise ConfigError(message, key_path)
         return cls(tuple(specs), pc.step_s, pc.dwell_s, pc.predict_s, pc.slope_window_s, pc.temp_hysteresis_c,
-                   pc.battery_hysteresis_pct, pc.thermal_target_c, pc.trim_hysteresis_c, pc.trim_dwell_s)
+                   pc.battery_hysteresis_pct, pc.thermal_target_c, pc.trim_hysteresis_c, pc.trim_dwell_s,
+                   pc.follow_board_limit)
 
     def spec(self, level: Level) -> LevelSpec:
         return self.levels[int(level)]
@@ -121,12 +139,13 @@ class Policy:
         """
         found, reason = Level.PERFORMANCE, "nominal"
         predicted = snap.predicted_temp_c(self.predict_s)
+        shift = self.shift_c(snap)
         discharging = snap.battery_pct is not None and snap.charging is not True
         for spec in self.levels[1:]:
             held = spec.level <= current
             why = None
             if snap.temp_c is not None:
-                limit = spec.enter_temp_c - (self.temp_hysteresis_c if held else 0.0)
+                limit = spec.enter_temp_c + shift - (self.temp_hysteresis_c if held else 0.0)
                 if snap.temp_c >= limit:
                     why = f"temperature {snap.temp_c:.1f} C >= {limit:g} C"
                 elif predicted is not None and predicted >= limit:

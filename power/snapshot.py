@@ -44,6 +44,11 @@ class PowerSnapshot:
         energy_left_wh: The energy left in the battery, in watt-hours, or None when unknown.
         energy_basis: What ``energy_left_wh`` rests on (``energy_now``, ``charge_now*voltage_now``, or a
             basis starting with ``estimate:``), or None.
+        charge_left_ah: The charge left in the battery (``charge_now``, else the capacity share of
+            ``charge_full``), or None: it falls in step with the current drawn, where the energy figure also
+            follows the cell's voltage curve, so the governor measures its drain in charge when it can.
+        limit_c: Where the board starts throttling itself: the lowest passive trip point of the SoC's thermal
+            zone, else 80 °C on a Raspberry Pi (its firmware's soft limit, which no trip point shows), else None.
     """
 
     t: float
@@ -59,6 +64,8 @@ class PowerSnapshot:
     power_source: str | None = None
     energy_left_wh: float | None = None
     energy_basis: str | None = None
+    charge_left_ah: float | None = None
+    limit_c: float | None = None
 
     def predicted_temp_c(self, horizon_s: float) -> float | None:
         """The temperature ``horizon_s`` ahead if the current slope holds (only ever above the reading when
@@ -77,7 +84,7 @@ class PowerSnapshot:
             "throttle": None if self.throttle is None else list(self.throttle.active),
             "temp_source": self.temp_source, "power_good": self.power_good,
             "power_source": self.power_source, "energy_left_wh": _round(self.energy_left_wh, 3),
-            "energy_basis": self.energy_basis,
+            "energy_basis": self.energy_basis, "limit_c": self.limit_c,
         }
 
 
@@ -135,7 +142,8 @@ class BoardReader:
     def read(self) -> PowerSnapshot:
         """Reads the board now and returns the snapshot (never raises for absent or garbage nodes)."""
         now = self.clock.monotonic()
-        temp, source = thermal.soc_temperature(thermal.read_zones(self.fs))
+        zones = thermal.read_zones(self.fs)
+        temp, source = thermal.soc_temperature(zones)
         if temp is not None:
             self._history.append((now, temp))
         while self._history and self._history[0][0] < now - self.slope_window_s:
@@ -147,15 +155,17 @@ class BoardReader:
             log.info("power draw: %s", why or f"measured by {reading.source}")
             self.power_reason = why
         energy, basis = battery.remaining_energy() if battery is not None else (None, None)
+        flags = throttle.read_throttled(self.fs)
         return PowerSnapshot(
             t=now, temp_c=temp,
             temp_slope_c_per_s=temperature_slope(self._history, self.slope_window_s / 3) if temp is not None else None,
             battery_pct=supplies.battery_pct, charging=supplies.charging,
             on_external_power=supplies.on_external_power,
             power_w=None if reading is None else reading.watts,
-            throttle=throttle.read_throttled(self.fs), temp_source=source, power_good=self._read_power_good(),
+            throttle=flags, temp_source=source, power_good=self._read_power_good(),
+            limit_c=_throttle_limit(zones, source, flags),
             power_source=None if reading is None else reading.source,
-            energy_left_wh=energy, energy_basis=basis,
+            energy_left_wh=energy, energy_basis=basis, charge_left_ah=_charge_left(battery),
         )
 
     @property
@@ -191,3 +201,25 @@ class BoardReader:
         except Exception as exc:  # a GPIO read failing is "unknown", never a dead governor
             log.warning("power-good input unreadable: %s", exc)
             return None
+
+
+def _charge_left(battery) -> float | None:
+    if battery is None:
+        return None
+    if battery.charge_now_ah is not None:
+        return battery.charge_now_ah
+    full = battery.charge_full_ah or battery.charge_full_design_ah
+    if full and battery.capacity_pct is not None:
+        return full * battery.capacity_pct / 100.0
+    return None
+
+
+PI_FIRMWARE_SOFT_LIMIT_C = 80.0  # the Pi firmware caps the ARM clock from here, whatever the thermal zone says
+
+
+def _throttle_limit(zones, source: str | None, flags) -> float | None:
+    zone = next((z for z in zones if z.type == source), None)
+    passive = zone.trip_c("passive") if zone is not None else None
+    if passive is not None:
+        return passive
+    return PI_FIRMWARE_SOFT_LIMIT_C if flags is not None else None

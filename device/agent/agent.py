@@ -134,6 +134,7 @@ class Agent:
                                  simulated=self.simulated,
                                  publish=self.link.publish_result if self.link is not None else None,
                                  on_result=on_result, beat=lambda: self.health.beat("loop"))
+        self.governor.read_work = self.pipeline.work  # what each operating point delivers, for the planner
 
     # ------------------------------------------------------------------------------ what parts call
 
@@ -188,6 +189,7 @@ class Agent:
                    sensor_state=lambda: self.sensor.health().state.value, infer=lambda w: self.infer_once(w),
                    config=lambda: self.cfg.to_dict(), variants=lambda: list(self.runtime.manifest.variants),
                    pin_variant=pin_variant, set_level=lambda *a: self.power.override(*a),
+                   set_target=lambda hours, by: self.power.set_target(hours, by),
                    release_quarantine=lambda sha, by: self.runtime.release_quarantine(sha, by=by),
                    quarantined=lambda: self.runtime.status()["quarantined"], updates=_Late(lambda: self.updates),
                    diag=lambda: self.diag())

@@ -9,6 +9,7 @@
 | ``config.get`` | no | ``key`` (dotted, optional) | the effective configuration, or one key |
 | ``variant`` | yes | ``variant`` (a name, or ``auto``) | pins the model variant; ``auto`` hands it back to the governor |
 | ``governor`` | yes | ``level`` (a level, or ``auto``), ``ttl_s`` | overrides the power level for a while; ``auto`` ends it |
+| ``governor.target`` | yes | ``hours`` (0 clears it) | how long the battery must last from now; the planner spends the energy left over the time left |
 | ``quarantine.release`` | yes | ``sha256`` (as ``status`` lists it) | lifts a model file's quarantine |
 | ``update.status`` | no | - | installed versions, floors, failed versions, the trial, the last install |
 | ``update.check`` | yes | - | starts a repository refresh and replies ``started``; an ``update_check`` event says what ``update.install`` would install |
@@ -50,6 +51,8 @@ class Ops:
             in force.
         set_level: ``set_level(level, ttl_s, by)``: a governor override (``auto`` ends it); returns the
             governor's status; raises ValueError for a level or TTL the governor refuses.
+        set_target: ``set_target(hours, by)``: the governor's runtime target (0 clears it); returns the governor's
+            status; raises ValueError for hours the governor refuses.
         release_quarantine: ``release_quarantine(sha256, by)``: whether a quarantined file had that digest.
         quarantined: The quarantined files, as ``status`` lists them.
         updates: :class:`device.update.agentside.AgentUpdates` (``status``, ``check``, ``start_install``,
@@ -70,6 +73,7 @@ class Ops:
     quarantined: Callable[[], Any]
     updates: Any
     diag: Optional[Callable[[], dict]] = None
+    set_target: Optional[Callable[[float, str], dict]] = None
 
 
 def build_registry(ops: Ops) -> Registry:
@@ -108,6 +112,14 @@ def build_registry(ops: Ops) -> Registry:
     def governor(args: dict, ctx: CallContext):
         try:
             return ops.set_level(args["level"], args["ttl_s"], ctx.signer or "operator")
+        except ValueError as exc:
+            raise CommandFailed(str(exc)) from exc
+
+    def governor_target(args: dict, ctx: CallContext):
+        if ops.set_target is None:
+            raise CommandFailed("this board's governor takes no runtime target")
+        try:
+            return ops.set_target(args["hours"], ctx.signer or "operator")
         except ValueError as exc:
             raise CommandFailed(str(exc)) from exc
 
@@ -151,6 +163,10 @@ def build_registry(ops: Ops) -> Registry:
                        Arg("ttl_s", (int, float), default=3600, minimum=1, maximum=7 * 86400,
                            doc="how long the override lasts")),
                  doc="override the power governor's level for ttl_s seconds")
+    reg.register("governor.target", governor_target, privileged=True,
+                 args=(Arg("hours", (int, float), required=True, minimum=0, maximum=8760,
+                           doc="how long the battery must last from now; 0 clears the target"),),
+                 doc="set the governor's runtime target: the planner spends the energy left over the time left")
     reg.register("quarantine.release", quarantine_release, privileged=True,
                  args=(Arg("sha256", str, required=True, doc="the model file's digest, as status lists it"),),
                  doc="lift a model file's quarantine; the next start or variant swap may load it again")

@@ -133,12 +133,15 @@ def build(cfg: config.Config, clock, hub: Hub, *, board=None) -> Parts:
     policies = CpuFreq(fs).policies()
     reader = BoardReader(fs, clock=board_clock, slope_window_s=policy.slope_window_s,
                          power_good=io.read_power_good if io.power_good is not None else None)
+    accelerators = discover(fs)
     governor = Governor(policy, reader.read, frequencies_khz=policies[0].frequencies_khz if policies else (),
-                        clock=board_clock, on_event=hub.event)
+                        clock=board_clock, on_event=hub.event,
+                        planner=_planner(cfg, runtime, policies, accelerators) if cfg.power.planner else None,
+                        power_model=_power_model(board, accelerators), runtime_target_h=cfg.power.runtime_target_h)
     governor_box.append(governor)
     parts = Parts(cfg=cfg, clock=clock, policy=policy, device_id=config.device_id(cfg), state_dir=state_dir,
                   board=board, board_clock=board_clock, mcu=mcu, sensor=sensor, io=io,
-                  accelerators=discover(fs), updates=updates, runtime=runtime, reader=reader, governor=governor,
+                  accelerators=accelerators, updates=updates, runtime=runtime, reader=reader, governor=governor,
                   applier=PlanApplier(CpuFreq(fs), runtime, on_event=hub.event))
     if cfg.link.broker:
         try:
@@ -147,6 +150,30 @@ def build(cfg: config.Config, clock, hub: Hub, *, board=None) -> Parts:
             parts.close()
             raise
     return parts
+
+
+def _planner(cfg: config.Config, runtime, policies, accelerators):
+    """The governor's measured planner over the serving model's variants this board can run, each weighted by
+    its accuracy relative to the default variant's (``model.json``)."""
+    from power.planner import Planner, Variant, quality_of
+
+    manifest = runtime.manifest
+    usable = [v for v in manifest.variants.values() if v.requires is None or accelerators.has_edgetpu]
+    if not usable:
+        return None
+    accuracy = {v.name: v.accuracy for v in usable if v.accuracy is not None}
+    quality = quality_of(accuracy, [v.name for v in usable], manifest.default_variant)
+    cpus = os.cpu_count() or 1
+    return Planner([Variant(v.name, v.cost, quality[v.name]) for v in usable],
+                   policies[0].frequencies_khz if policies else (), cpus)
+
+
+def _power_model(board, accelerators):
+    """Board power from its profile, for a board that can measure neither its input nor its battery."""
+    from drivers.sim.profiles import for_board
+
+    profile = board.profile if board is not None else for_board(accelerators.cpu.board)
+    return None if profile is None else profile.power_w
 
 
 def _link(parts: Parts, hub: Hub) -> None:

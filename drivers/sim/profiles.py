@@ -114,3 +114,16 @@ def get_profile(name: str) -> BoardProfile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown board profile {name!r}; known: {', '.join(sorted(PROFILES))}") from None
+
+
+_BOARD_NAMES = (("Raspberry Pi 4", "rpi4"), ("Raspberry Pi 5", "rpi5"), ("Orin Nano", "jetson-orin-nano"))
+
+
+def for_board(model: str | None) -> BoardProfile | None:
+    """The profile of the board whose device-tree model is ``model`` (``Raspberry Pi 4 Model B Rev 1.5``...), or
+    None for a board no profile describes. The governor's power model falls back on it only when the board can
+    measure neither its input nor its battery."""
+    for needle, name in _BOARD_NAMES:
+        if model and needle in model:
+            return PROFILES[name]
+    return None

@@ -311,7 +311,8 @@ def _mains(online):
     (None, _mains(False), False, False),
     (None, _mains(None), None, None),
     (_bat("Not charging"), _mains(True), True, True),
-    (_bat("Discharging"), _mains(True), True, True),  # the supply says it is plugged in
+    # online but giving less than the board draws (a solar panel at dusk, a weak USB supply): the cell drains
+    (_bat("Discharging"), _mains(True), False, True),
     (_bat("Full"), _mains(False), True, False),
     (_bat("Charging"), _mains(None), True, True),
     (_bat("Unknown"), _mains(False), False, False),

@@ -10,32 +10,69 @@ from drivers.sim.board import VirtualBoard
 from drivers.sim.clock import SimClock
 from power.governor import Governor
 from power.policy import Level, Policy
-from power.simulate import StaticPlan, simulate
+from power.simulate import KernelPlan, StaticPlan, simulate
 from power.snapshot import BoardReader
 
 POLICY = Policy.from_config()
 
 
 def test_the_governed_board_stays_under_the_soft_limit_where_static_max_does_not():
-    governed = simulate(POLICY, hours=0.75, ambient_c=40.0, dt=2.0)
-    flat_out = simulate(StaticPlan(1500000, 4), hours=0.75, ambient_c=40.0, dt=2.0)
-    best = simulate(StaticPlan(1200000, 4), hours=0.75, ambient_c=40.0, dt=2.0)
-    assert flat_out.max_temp_c >= 80.0 and flat_out.firmware_throttled
-    assert governed.max_temp_c < 80.0 and not governed.firmware_throttled
-    assert best.max_temp_c < 80.0
-    assert governed.inferences >= 0.9 * best.inferences
-    assert governed.cheap_inferences == 0  # the trim held it; the levels (and the cheap variant) were not needed
-
-
-def test_on_battery_the_governor_lives_longer_and_does_more():
-    kw = dict(hours=6.0, ambient_c=20.0, battery_mah=1500.0, mains=False, dt=5.0, record_every_s=60.0)
+    kw = dict(hours=0.75, ambient_c=40.0, dt=2.0)
     governed = simulate(POLICY, **kw)
-    static = simulate(StaticPlan(1500000, 4), **kw)
-    assert governed.died and static.died
-    assert governed.runtime_s >= 1.5 * static.runtime_s
-    assert governed.inferences >= 1.2 * static.inferences
-    levels = [d["to"] for _, kind, d in governed.events if kind == "governor_level"]
-    assert levels == ["balanced", "saver", "critical"]
+    levels_only = simulate(POLICY, planner=False, **kw)
+    flat_out = simulate(StaticPlan(1500000, 4), **kw)
+    under = [simulate(StaticPlan(f, 4, "lite"), **kw) for f in (1000000, 1100000)]
+    assert flat_out.max_temp_c >= 80.0 and flat_out.firmware_throttled
+    for run in (governed, levels_only):
+        assert run.max_temp_c < 80.0 and not run.firmware_throttled
+    best = max((u for u in under if u.max_temp_c < 80.0), key=lambda u: u.weighted)
+    assert governed.weighted >= 0.9 * best.weighted
+    assert governed.weighted > levels_only.weighted  # the measured planner does better than the levels alone
+
+
+RATE_KW = dict(hours=12.0, ambient_c=20.0, battery_mah=1500.0, mains=False, windows_hz=13.0)
+
+
+def test_on_battery_with_windows_at_a_fixed_rate_it_keeps_up_at_the_least_power():
+    governed = simulate(POLICY, dt=5.0, **RATE_KW)
+    static_max = simulate(StaticPlan(1500000, 4), dt=20.0, **RATE_KW)
+    frugal = simulate(StaticPlan(600000, 1, "lite"), dt=20.0, **RATE_KW)  # the best static plan here
+    assert governed.died and static_max.died and frugal.died
+    assert governed.kept_up >= 0.99 and frugal.kept_up >= 0.99
+    assert governed.runtime_s >= 1.3 * static_max.runtime_s
+    # it learns the point the best static plan sits at: what it spends finding it is under 2 %
+    assert governed.runtime_s >= 0.98 * frugal.runtime_s
+    assert governed.governor.plan.mode == "efficiency"
+    table = governed.governor.status()["planner"]["joules_per_window"]
+    assert table["lite"]["600"] < table["full"]["1500"]  # learned per variant and frequency step
+
+
+def test_it_outlasts_the_raspberry_pi_os_ondemand_governor_on_the_same_windows():
+    governed = simulate(POLICY, dt=5.0, **RATE_KW)
+    ondemand = simulate(KernelPlan("ondemand", 4, "auto", "rpi-os"), dt=5.0, **RATE_KW)
+    assert ondemand.kept_up >= 0.99
+    # ondemand with up_threshold 50 races to the top frequency at every window and holds it for 5 s (1.13x here;
+    # bench_governor has the figures against every kernel governor)
+    assert governed.runtime_s >= 1.1 * ondemand.runtime_s
+
+
+def test_with_a_runtime_target_the_battery_lasts_it_and_the_windows_are_spent_well():
+    kw = dict(hours=3.0, ambient_c=20.0, battery_mah=3739.0, mains=False)
+    governed = simulate(POLICY, dt=5.0, target_h=3.0, **kw)
+    best_static = simulate(StaticPlan(1000000, 4, "lite"), dt=20.0, **kw)  # the best that lasts 3 h here
+    assert not best_static.died and not governed.died
+    assert governed.weighted >= 0.95 * best_static.weighted
+    target = governed.governor.plan.target
+    assert target["hours"] == 3.0 and target["will_meet"] is True
+
+
+def test_a_solar_board_told_its_night_gets_through_it():
+    kw = dict(hours=30.0, ambient_c=20.0, battery_mah=15900.0, soc_pct=60.0, mains=False,
+              board_options=dict(solar_peak_w=14.7, sunrise_h=6.0, sunset_h=18.0, start_hour=6.0))
+    told = simulate(POLICY, dt=5.0, target_h=16.0, **kw)
+    untold = simulate(POLICY, dt=5.0, **kw)
+    assert not told.died
+    assert untold.died  # spending the day's harvest as it comes leaves too little for the night
 
 
 def test_plugging_mains_returns_to_performance_within_one_dwell():
@@ -66,7 +103,7 @@ def test_the_plan_reaches_the_board_through_scaling_max_freq(tmp_path):
     assert board.state().freq_khz == written[-1]  # ...and the board runs at what was written
     assert gov.snapshot.temp_c == pytest.approx(board.temp_c, abs=0.01)
     assert gov.snapshot.temp_source == "cpu-thermal"
-    assert gov.level == Level.PERFORMANCE
+    assert not board.state().throttled & 0xE0000  # the firmware never had to throttle (no "has occurred" bits)
 
 
 def test_a_board_without_readable_sensors_stays_at_performance(tmp_path):

@@ -16,7 +16,7 @@ from power.governor import Governor
 from power.policy import Level, Policy
 from power.snapshot import PowerSnapshot, temperature_slope
 
-POLICY = Policy.from_config()  # defaults: balanced 78 C / 50 %, saver 80 C / 25 %, critical 83 C / 10 %
+POLICY = Policy.from_config()  # defaults: balanced 80 C / 50 %, saver 82 C / 25 %, critical 84 C / 10 %
 RPI4 = tuple(range(600000, 1500001, 100000))
 
 
@@ -33,8 +33,8 @@ def test_nominal_board_calls_for_performance():
                              Level.PERFORMANCE) == (Level.PERFORMANCE, "nominal")
 
 
-@pytest.mark.parametrize("temp, level", [(77.9, Level.PERFORMANCE), (78.0, Level.BALANCED), (80.0, Level.SAVER),
-                                         (83.0, Level.CRITICAL), (95.0, Level.CRITICAL)])
+@pytest.mark.parametrize("temp, level", [(79.9, Level.PERFORMANCE), (80.0, Level.BALANCED), (82.0, Level.SAVER),
+                                         (84.0, Level.CRITICAL), (95.0, Level.CRITICAL)])
 def test_temperature_thresholds(temp, level):
     called, why = POLICY.called_for(snap(temp_c=temp, temp_slope_c_per_s=0.0), Level.PERFORMANCE)
     assert called == level
@@ -63,12 +63,12 @@ def test_unknown_readings_are_no_evidence():
     assert POLICY.called_for(snap(), Level.PERFORMANCE) == (Level.PERFORMANCE, "nominal")
     # ...and an unknown temperature does not hide a low battery, nor the reverse
     assert POLICY.called_for(snap(battery_pct=8.0, charging=False), Level.PERFORMANCE)[0] == Level.CRITICAL
-    assert POLICY.called_for(snap(temp_c=81.0), Level.PERFORMANCE)[0] == Level.SAVER
+    assert POLICY.called_for(snap(temp_c=83.0), Level.PERFORMANCE)[0] == Level.SAVER
 
 
 def test_slope_prediction_acts_before_the_threshold():
-    # 75 C rising 6 C/min: 78 C within 30 s, so balanced now although 75 < 78
-    called, why = POLICY.called_for(snap(temp_c=75.0, temp_slope_c_per_s=0.1), Level.PERFORMANCE)
+    # 77 C rising 6 C/min: 80 C within 30 s, so balanced now although 77 < 80
+    called, why = POLICY.called_for(snap(temp_c=77.0, temp_slope_c_per_s=0.1), Level.PERFORMANCE)
     assert called == Level.BALANCED
     assert "rising" in why and "within 30 s" in why
     # the same temperature, steady or falling, calls for nothing
@@ -84,11 +84,11 @@ def test_predicted_temperature_never_below_the_reading():
 
 
 def test_temperature_hysteresis_holds_an_active_level():
-    # 76 C is under balanced's 78 C, but within the 3 C hysteresis of the active balanced level
-    s = snap(temp_c=76.0, temp_slope_c_per_s=0.0)
+    # 78 C is under balanced's 80 C, but within the 3 C hysteresis of the active balanced level
+    s = snap(temp_c=78.0, temp_slope_c_per_s=0.0)
     assert POLICY.called_for(s, Level.PERFORMANCE)[0] == Level.PERFORMANCE
     assert POLICY.called_for(s, Level.BALANCED)[0] == Level.BALANCED
-    assert POLICY.called_for(snap(temp_c=74.9, temp_slope_c_per_s=0.0), Level.BALANCED)[0] == Level.PERFORMANCE
+    assert POLICY.called_for(snap(temp_c=76.9, temp_slope_c_per_s=0.0), Level.BALANCED)[0] == Level.PERFORMANCE
 
 
 def test_battery_hysteresis_holds_an_active_level():
@@ -140,7 +140,7 @@ def test_policy_from_config_reads_every_level():
     ("[power.saver]\nenter_temp_c = 70\n", "power.saver.enter_temp_c"),
     ("[power.critical]\nenter_temp_c = 80\n", "power.critical.enter_temp_c"),
     ("[power.saver]\nenter_battery_pct = 60\n", "power.saver.enter_battery_pct"),
-    ("[power]\nthermal_target_c = 78\n", "power.thermal_target_c"),
+    ("[power]\nthermal_target_c = 80\n", "power.thermal_target_c"),
 ])
 def test_policy_refuses_thresholds_out_of_order(toml, key):
     # The config loader refuses them (so `fieldnode config check` does too)...
@@ -244,28 +244,31 @@ def test_plan_follows_the_level_spec(rig):
 
 def test_thermal_trim_steps_down_then_back_up(rig):
     clock, board, gov, _ = rig
-    board.temp_c, board.slope = 76.0, 0.05  # predicted 77.5 >= 77 target
-    caps = []
-    for _ in range(3):
-        clock.advance(5)
-        caps.append(gov.step().cpu_max_khz)
-    assert caps == [1400000, 1300000, 1200000]
+
+    def steps(n):
+        out = []
+        for _ in range(n):
+            clock.advance(5)
+            out.append(gov.step().cpu_max_khz // 1000)
+        return out
+
+    board.temp_c, board.slope = 78.5, 0.04  # predicted 79.7 >= the 79.5 target, the reading under it
+    # one step, then the next only once the prediction has had predict_s (30 s) to see the first's effect
+    assert steps(8) == [1400, 1400, 1400, 1400, 1400, 1400, 1300, 1300]
     assert gov.level == Level.PERFORMANCE  # the trim acts, the level does not move
-    board.temp_c, board.slope = 76.5, 0.0  # under the target, but within its 1 C hysteresis: hold
-    clock.advance(60)
-    assert gov.step().cpu_max_khz == 1200000
-    board.temp_c = 74.0
-    ups = []
-    for _ in range(8):  # one step back up per trim_dwell_s (20 s), steps every 5 s
-        clock.advance(5)
-        ups.append(gov.step().cpu_max_khz)
-    assert ups == [1300000, 1300000, 1300000, 1300000, 1400000, 1400000, 1400000, 1400000]
-    assert gov.plan.trim_steps == 1
+    board.temp_c, board.slope = 79.6, 0.0  # the reading itself at the target: a step every governor step
+    assert steps(2) == [1200, 1100]
+    board.temp_c, board.slope = 79.2, 0.0  # under the target, but within its 0.5 C hysteresis: hold
+    assert steps(12) == [1100] * 12
+    board.temp_c = 76.0
+    # one step back up per trim_dwell_s (20 s), steps every 5 s
+    assert steps(8) == [1200, 1200, 1200, 1200, 1300, 1300, 1300, 1300]
+    assert gov.plan.trim_steps == 2
 
 
 def test_unknown_temperature_keeps_the_trim(rig):
     clock, board, gov, _ = rig
-    board.temp_c, board.slope = 79.0, 0.0
+    board.temp_c, board.slope = 79.6, 0.0
     clock.advance(5)
     gov.step()
     trimmed = gov.plan.trim_steps

@@ -136,7 +136,8 @@ def test_energy_left_and_its_basis(tmp_path, nodes, wh, basis):
 def test_to_dict_keeps_the_old_keys_and_adds_the_new(tmp_path):
     d = reader(tmp_path, ina260(microwatts=4523456), battery(energy_now=9123456)).read().to_dict()
     assert list(d) == ["temp_c", "temp_slope_c_per_min", "battery_pct", "charging", "on_external_power", "power_w",
-                       "throttle", "temp_source", "power_good", "power_source", "energy_left_wh", "energy_basis"]
+                       "throttle", "temp_source", "power_good", "power_source", "energy_left_wh", "energy_basis",
+                       "limit_c"]
     assert (d["power_w"], d["power_source"]) == (4.523, "hwmon0:ina260")
     assert (d["energy_left_wh"], d["energy_basis"]) == (9.123, "energy_now")
     empty = PowerSnapshot(t=0.0).to_dict()

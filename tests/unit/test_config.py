@@ -424,7 +424,7 @@ def test_describe_lists_every_key():
                 yield path
 
     assert sorted(described) == sorted(leaves(Config().to_dict()))
-    assert len(described) == len(set(described)) == 106
+    assert len(described) == len(set(described)) == 109
     by_path = {path: (type_text, default, doc) for path, type_text, default, doc in rows}
     assert by_path["runtime.threads"][:2] == ("an integer from 1 to 64", 2)
     assert by_path["runtime.delegate"][0] == "one of 'auto', 'cpu', 'edgetpu', 'gpu'"
