@@ -4,8 +4,8 @@
   PROFILE``) through the same drivers the agent uses, and prints the snapshot, the cpufreq policies, the
   throttle flags and which level the configured policy calls for, with its reason.
 * ``fieldnode power simulate`` runs the configured policy in closed loop on a virtual board profile
-  (hours of board time in seconds), against the static-maximum plan, so a policy can be tried before it is
-  flashed onto a fleet.
+  (hours of board time in seconds) in one of the scenarios of :mod:`power.scenarios`, against every static
+  plan and the kernel's own cpufreq governors, so a policy can be tried before it is flashed onto a fleet.
 """
 
 from __future__ import annotations
@@ -17,15 +17,11 @@ import tempfile
 from device.errors import Exit, UsageError
 from drivers.sim.profiles import PROFILES
 
-SCENARIOS = {
-    "hot": dict(hours=2.0, ambient_c=40.0),
-    "battery": dict(hours=24.0, ambient_c=20.0, battery_mah=5000.0, mains=False, dt=2.0, record_every_s=30.0),
-    "plug": dict(hours=0.5, ambient_c=25.0, battery_mah=5000.0, soc_pct=9.0, mains=False, plug_at_s=60.0),
-}
+SCENARIOS = ("hot", "rate", "rate-light", "target", "solar", "plug")  # power.scenarios.SCENARIOS, without its import
 
 
 def add_arguments(p) -> None:
-    from device.cliargs import number, sim_argument, subcommand_parents
+    from device.cliargs import sim_argument, subcommand_parents
 
     sub = p.add_subparsers(dest="power_command", metavar="{status,simulate}")
     sub.required = True
@@ -35,16 +31,15 @@ def add_arguments(p) -> None:
     where.add_argument("--root", help="sysfs root to read (default: drivers.sysfs_root, else /)")
     sim_argument(where, "read a fresh simulated board of this profile instead (default rpi4)")
     st.add_argument("--json", action="store_true", help="print one JSON object")
-    sim = sub.add_parser("simulate", help="run the configured policy on a virtual board, against static maximum",
-                         parents=subcommand_parents())
+    sim = sub.add_parser("simulate", help="run the configured policy on a virtual board, against every static plan "
+                                          "and the kernel's own governors", parents=subcommand_parents())
     sim.add_argument("--sim", "--profile", dest="profile", choices=sorted(PROFILES), default="rpi4", metavar="PROFILE",
                      help=f"the virtual board profile (as --sim in run and demo; default rpi4): "
                           f"{', '.join(sorted(PROFILES))}")
-    sim.add_argument("--scenario", choices=sorted(SCENARIOS), default="hot")
-    sim.add_argument("--hours", type=number(float, above=0, maximum=24 * 365),
-                     help="simulated duration (default: the scenario's)")
-    sim.add_argument("--ambient", type=number(float, minimum=-40, maximum=60),
-                     help="ambient temperature in C (default: the scenario's)")
+    sim.add_argument("--scenario", choices=SCENARIOS, default="hot",
+                     help="hot (40 C, mains), rate (windows at a fixed rate, on battery), rate-light, target (a "
+                          "12-hour runtime target), solar (3 days of sun and night) or plug (default hot)")
+    sim.add_argument("--quick", action="store_true", help="a shorter run of the scenario (minutes, not hours)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -126,36 +121,32 @@ def _v(value, unit: str = "") -> str:
     return for_people(value, unit)
 
 
-_SCENARIO_TEXT = {"hours": "{} h", "ambient_c": "ambient {} C", "battery_mah": "battery {} mAh",
-                  "soc_pct": "charge {} %", "mains": "on mains: {}", "plug_at_s": "plugged in at {} s",
-                  "record_every_s": "a record every {} s"}
-
-
 def _simulate(args, policy) -> int:
-    from drivers.sim.profiles import get_profile
-    from power.simulate import StaticPlan, simulate
+    from power import scenarios
 
-    kw = dict(SCENARIOS[args.scenario])
-    if args.hours is not None:
-        kw["hours"] = args.hours
-    if args.ambient is not None:
-        kw["ambient_c"] = args.ambient
-    profile = get_profile(args.profile)
-    governed = simulate(policy, profile=args.profile, name="governed", **kw)
-    static = simulate(StaticPlan(profile.max_khz, profile.cpus), profile=args.profile, name="static maximum", **kw)
-    out = {"profile": args.profile, "scenario": args.scenario, **{k: v for k, v in kw.items() if k != "dt"},
-           "governed": governed.summary(), "static_max": static.summary(),
-           "levels": [(round(t), d["to"], d["reason"]) for t, kind, d in governed.events if kind == "governor_level"]}
+    line, _traces = scenarios.run(args.scenario, policy, args.profile, quick=args.quick)
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(line))
         return Exit.OK
-    print(f"SIMULATED {args.profile}, scenario {args.scenario}: "
-          + ", ".join(_SCENARIO_TEXT.get(k, k + " {}").format(_v(v)) for k, v in kw.items() if k != "dt"))
-    for tr in (governed, static):
-        s = tr.summary()
-        print(f"  {s['name']:<15} max {s['max_temp_c']:.1f} C, {s['inferences']} inferences "
-              f"({100 * s['cheap_share']:.0f}% cheap variant), ran {s['runtime_h']:.2f} h"
-              f"{', battery died' if s['died'] else ''}{', firmware throttled' if s['firmware_throttled'] else ''}")
-    for t, to, why in out["levels"]:
-        print(f"  t={t:>6d} s -> {to}: {why}")
+    print(f"SIMULATED {args.profile}, scenario {args.scenario}{' (quick)' if args.quick else ''}: the configured "
+          f"policy against every static plan and the kernel's own governors on the same virtual board")
+    if "error" in line:
+        print(f"  could not run: {line['error']}")
+        return Exit.FAILED
+    if args.scenario == "plug":
+        print(f"  critical at {line['critical_at_s']} s, mains plugged at {line['plugged_at_s']} s, back to performance "
+              f"after {_v(line['return_s'], ' s')} (target {line['target_return_s']} s: {'met' if line['met'] else 'not met'})")
+        return Exit.OK
+    unit = line["figure"]
+    print(f"  governed:    {line['governed']:,.2f} {unit}")
+    for who in ("static", "kernel"):
+        print(f"  best {who + ':':<8} {_v(line[f'best_{who}_value'])} {unit} ({_v(line[f'best_{who}'])}); governed is "
+              f"{_v(line[f'ratio_vs_best_{who}'])}x")
+    extra = {k: v for k, v in line.items() if k not in _LINE_KEYS}
+    print("  " + ", ".join(f"{k} {_v(v)}" for k, v in extra.items()))
+    print(f"  target met: {_v(line['met'])}")
     return Exit.OK
+
+
+_LINE_KEYS = {"scenario", "profile", "ratio_vs_best_static", "ratio_vs_best_kernel", "best_static", "best_kernel",
+              "figure", "governed", "best_static_value", "best_kernel_value", "met"}

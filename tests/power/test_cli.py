@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tools.cli import main
 
 
@@ -39,8 +41,23 @@ def test_status_refuses_an_invalid_policy(tmp_path, capsys):
     assert "power.saver.enter_temp_c: must be above power.balanced.enter_temp_c" in capsys.readouterr().err
 
 
-def test_simulate_prints_the_governed_and_static_runs(capsys):
-    assert main(["power", "simulate", "--scenario", "hot", "--hours", "0.5", "--json"]) == 0
+def test_simulate_plug_returns_to_performance_within_one_dwell(capsys):
+    assert main(["power", "simulate", "--scenario", "plug", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["governed"]["max_temp_c"] < 80 <= out["static_max"]["max_temp_c"]
-    assert out["static_max"]["firmware_throttled"] and not out["governed"]["firmware_throttled"]
+    assert out["scenario"] == "plug" and out["met"] is True and out["return_s"] <= 60.0
+    assert out["target_return_s"] == "<= 60"
+
+
+def test_simulate_says_what_it_compared_in_words(capsys):
+    assert main(["power", "simulate", "--scenario", "plug"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("SIMULATED rpi4, scenario plug") and "back to performance after" in out
+
+
+def test_simulate_refuses_an_unknown_scenario(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["power", "simulate", "--scenario", "battery"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'battery'" in capsys.readouterr().err
+
+

@@ -37,7 +37,7 @@ NO_CONFIG = [
     (["selftest", "--json"], {0}),
     (["bench", "device/models/vibration", "--runs", "5", "--warmup", "1", "--json"], {0}),
     (["power", "status", "--sim"], {0}),
-    (["power", "simulate", "--hours", "0.01"], {0}),
+    (["power", "simulate", "--scenario", "plug"], {0}),
     (["demo", "--seconds", "1", "--json"], {0, 1}),
     (["run", "--seconds", "1"], {2}),  # no sensor and no --sim: drivers.sensor_url names the problem
     (["send", "ping"], {2}),
@@ -69,7 +69,7 @@ BAD_VALUES = [
     (["demo", "--sim", "pi99"], {2}),
     (["run", "--sim", "pi99"], {2}),
     (["run", "--seconds", "-1"], {2}),
-    (["power", "simulate", "--hours", "nan"], {2}),
+    (["power", "simulate", "--scenario", "nan"], {2}),
 ]
 
 

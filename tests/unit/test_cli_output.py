@@ -36,7 +36,7 @@ def test_bench_prints_for_people(capsys):
 
 def test_power_status_and_simulate_print_for_people(capsys):
     assert main(["power", "status", "--sim", "rpi4"]) == 0
-    assert main(["power", "simulate", "--sim", "rpi5", "--scenario", "plug", "--hours", "0.01"]) == 0
+    assert main(["power", "simulate", "--sim", "rpi5", "--scenario", "plug"]) == 0
     out = capsys.readouterr().out
     assert "SIMULATED" in out and "cpus 0-3" in out and "rpi5" in out
     assert not PYTHON_REPR.search(out), out
