@@ -13,9 +13,14 @@ read, or an open that fails) is closed and reopened with exponential backoff and
 once a frame arrives, so a flapping port does not reconnect in a tight loop. Nothing escapes the thread:
 every error ends up in :meth:`SerialSensor.health` (``last_error``).
 
+Waking: the thread sleeps in the port's read until bytes arrive, the staleness deadline comes (``read_timeout_s``
+after the last frame) or :meth:`SerialSensor.stop` cancels the read (pyserial's ``cancel_read``); while
+disconnected it sleeps until the next reopen is due. A consumer blocked in :meth:`SerialSensor.next_window` is
+woken only when a window is complete or the sensor stops, not after every read.
+
 Time: intervals (staleness, backoff, frame age) are measured on the injected clock, so with a simulated
-clock they follow simulated time. The thread's own idle waits are real-time polls of at most
-:data:`POLL_S` (the port's read timeout), which bound how fast :meth:`SerialSensor.stop` returns.
+clock they follow simulated time. A simulated clock says nothing when it moves, so under any clock but the
+system's (and on a port without ``cancel_read``) the thread instead looks at least every :data:`POLL_S`.
 """
 
 from __future__ import annotations
@@ -33,13 +38,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import serial
 
-from device.clock import SYSTEM_CLOCK, Clock, backoff_delay
+from device.clock import SYSTEM_CLOCK, Clock, SystemClock, backoff_delay
 from drivers.errors import FrameError, SerialSensorError
-from drivers.serialproto import Frame, FrameDecoder, FrameType, Hello
+from drivers.serialproto import Frame, FrameDecoder, FrameType, Hello, gain
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # longest real-time wait of the reader thread (port read timeout, idle backoff ticks)
+POLL_S = 0.05  # longest real-time wait of the reader thread when it cannot sleep until its deadline
 DEFAULT_QUEUE = 8
 _MAX_READ = 65536
 
@@ -169,18 +174,24 @@ class SerialSensor:
         self._clock = clock
         self._opener = opener
         self._rng = rng or random.Random()
+        # Real-time waits can run to the clock's deadlines only on the system clock; a simulated one is polled.
+        self._realtime = isinstance(clock, SystemClock)
         self._poll = min(POLL_S, self.read_timeout_s)
 
-        self._cond = threading.Condition()  # guards everything below; notified on every change
+        lock = threading.RLock()  # guards everything below
+        self._cond = threading.Condition(lock)  # every turn of the reader: wait_until's predicates
+        self._ready = threading.Condition(lock)  # a complete window, or stop: next_window
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running = False
         self._port: Any = None
+        self._aimed = False  # the port's read timeout follows the staleness deadline (see _aim_timeout)
         self._ever_connected = False
         self._attempt = 0  # consecutive reopens without a frame: the backoff exponent
         self._next_attempt = -math.inf
         self._decoder = FrameDecoder()
         self._scale = self._default_scale
+        self._gain = gain(self._scale)  # g per count, float32, as Frame.samples computes it
         self._hello: Hello | None = None
         self._state = SensorState.STARTING
         self._last_rx: float | None = None  # last valid frame, or the open, for staleness
@@ -240,6 +251,7 @@ class SerialSensor:
         stream that does not continue it.
         """
         self._stop.set()
+        self._cancel_read()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -250,6 +262,7 @@ class SerialSensor:
             self._decoder.reset()
             self._discard_partial()
             self._cond.notify_all()
+            self._ready.notify_all()
 
     @property
     def running(self) -> bool:
@@ -267,8 +280,8 @@ class SerialSensor:
         Returns:
             A read-only float32 array ``[window, axes]`` in g, or ``None`` on timeout or when stopped.
         """
-        with self._cond:
-            self._cond.wait_for(lambda: self._queue or not self._running, timeout)
+        with self._ready:
+            self._ready.wait_for(lambda: self._queue or not self._running, timeout)
             return self._queue.popleft() if self._queue else None
 
     def latest_window(self, max_age_s: float | None = None) -> np.ndarray | None:
@@ -293,7 +306,8 @@ class SerialSensor:
             return self._snapshot()
 
     def wait_until(self, predicate: Callable[[SensorHealth], bool], timeout: float | None = None) -> bool:
-        """Waits until ``predicate(health)`` holds (re-checked on every change and at least every poll).
+        """Waits until ``predicate(health)`` holds (re-checked at every turn of the reader thread: each read, at
+        least every ``read_timeout_s`` while connected, and at every reopen attempt).
 
         Args:
             predicate: A function of a :class:`SensorHealth`.
@@ -338,7 +352,12 @@ class SerialSensor:
     def _open(self) -> bool:
         """One open attempt; False (and a retry scheduled) when the port is not there."""
         try:
-            port = self._opener(self.url, baudrate=self.baudrate, timeout=self._poll)
+            port = self._opener(self.url, baudrate=self.baudrate,
+                                timeout=self.read_timeout_s if self._realtime else self._poll)
+            # Reads may last until the staleness deadline only if stop() can cut them short.
+            aimed = self._realtime and callable(getattr(port, "cancel_read", None))
+            if self._realtime and not aimed:
+                port.timeout = self._poll
         except (serial.SerialException, OSError) as exc:
             with self._cond:
                 self._n["open_failures"] += 1
@@ -351,7 +370,7 @@ class SerialSensor:
             return False
         now = self._clock.monotonic()
         with self._cond:
-            self._port = port
+            self._port, self._aimed = port, aimed
             if self._ever_connected:
                 self._n["reconnects"] += 1
                 log.info("sensor %s: reconnected", self.url)
@@ -364,8 +383,9 @@ class SerialSensor:
     def _reopen_when_due(self) -> None:
         wait = self._next_attempt - self._clock.monotonic()
         if wait > 0:
-            # The clock decides when; the real-time wait only paces this check (and wakes on stop).
-            self._stop.wait(min(self._poll, wait))
+            # The clock decides when. On the system clock the thread sleeps until then (stop() wakes it); a
+            # simulated clock is looked at every poll.
+            self._stop.wait(wait if self._realtime else min(self._poll, wait))
             with self._cond:
                 self._cond.notify_all()  # time-based predicates of wait_until (retry_in_s) move on
             return
@@ -379,7 +399,12 @@ class SerialSensor:
     def _read_once(self) -> None:
         port = self._port
         try:
-            data = port.read(min(max(1, port.in_waiting), _MAX_READ))
+            self._aim_timeout(port)
+            # Block for the first byte, then take what came with it: one turn per burst of the MCU.
+            data = port.read(1)
+            waiting = port.in_waiting if data else 0
+            if waiting:
+                data += port.read(min(waiting, _MAX_READ))
         except (serial.SerialException, OSError) as exc:
             self._lose_port(f"read from {self.url} failed: {exc}")
             return
@@ -396,6 +421,30 @@ class SerialSensor:
                 log.info("sensor %s: stale", self.url)  # the agent warns once per fault (device.agent.watch)
             self._cond.notify_all()
 
+    def _aim_timeout(self, port: Any) -> None:
+        """On the system clock, makes the coming read end at the staleness deadline (read_timeout_s after the
+        last frame), or a whole read_timeout_s later once stale. The port is reconfigured only when the aim
+        moves by more than :data:`POLL_S`, so a steady stream never touches it; staleness is noticed at most
+        that late."""
+        if not self._aimed:
+            return  # polled: a simulated clock, or a port whose read cannot be cancelled
+        aim = self.read_timeout_s
+        if not self._silent:
+            aim = min(aim, max(0.0, self._last_rx + self.read_timeout_s - self._clock.monotonic()))
+        if abs(aim - port.timeout) > POLL_S:
+            port.timeout = aim
+
+    def _cancel_read(self) -> None:
+        """Cuts a blocking read short (pyserial's cancel_read), so stop() need not wait for its timeout."""
+        with self._cond:
+            port = self._port
+        cancel = getattr(port, "cancel_read", None)
+        if callable(cancel):
+            try:
+                cancel()
+            except Exception:  # a port closing under us: the read ends anyway
+                log.debug("sensor %s: cancel_read failed", self.url, exc_info=True)
+
     def _lose_port(self, reason: str) -> None:
         self._close_port()
         with self._cond:
@@ -406,6 +455,7 @@ class SerialSensor:
             self._discard_partial()
             self._schedule_retry()
             self._cond.notify_all()
+            self._ready.notify_all()
         log.info("sensor %s: %s", self.url, reason)  # the agent warns once per fault
 
     def _close_port(self) -> None:
@@ -428,7 +478,7 @@ class SerialSensor:
             self._discard_partial()
         if frame.type == FrameType.SAMPLES:
             try:
-                x = frame.samples(self._scale)
+                x = frame.counts()  # converted to g straight into the window (_assemble): no temporaries
                 if x.shape[1] != self.axes:
                     raise FrameError(f"SAMPLES frame seq {frame.seq}: {x.shape[1]} axes, expected {self.axes}")
             except FrameError as exc:
@@ -448,10 +498,12 @@ class SerialSensor:
             if hello != self._hello:
                 log.info("sensor %s: %s", self.url, hello)
             self._hello, self._scale = hello, float(hello.full_scale_g)
+            self._gain = gain(self._scale)
             if hello.axes != self.axes:
                 self._last_error = f"sensor announces {hello.axes} axes, driver expects {self.axes}"
 
     def _assemble(self, x: np.ndarray, now: float) -> None:
+        # x holds int16 counts; each lands in the window in g, computed exactly as Frame.samples does.
         i, n = 0, len(x)
         while i < n:
             if self._skip:
@@ -460,7 +512,7 @@ class SerialSensor:
                 i += k
                 continue
             k = min(self.window - self._fill, n - i)
-            self._buf[self._fill:self._fill + k] = x[i:i + k]
+            np.multiply(x[i:i + k], self._gain, out=self._buf[self._fill:self._fill + k])
             self._fill += k
             i += k
             if self._fill == self.window:
@@ -480,6 +532,7 @@ class SerialSensor:
         self._queue.append(win)
         self._latest, self._latest_at = win, now
         self._n["windows"] += 1
+        self._ready.notify_all()
 
     def _discard_partial(self) -> None:
         if self._fill:

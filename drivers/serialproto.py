@@ -6,8 +6,8 @@ chunks the UART hands it and feeds them to a :class:`FrameDecoder`, which return
 frames and counts everything it had to throw away. The decoder never raises on bad input: a serial line
 delivers garbage (boot messages, noise, a cable plugged mid-frame), and the only sane reaction is to resync.
 
-Payloads are decoded lazily by :class:`Frame` (:meth:`Frame.samples`, :meth:`Frame.hello`), which raise
-:class:`drivers.errors.FrameError` naming what is malformed. Encoders (:func:`encode_frame`,
+Payloads are decoded lazily by :class:`Frame` (:meth:`Frame.samples`, :meth:`Frame.counts`, :meth:`Frame.hello`),
+which raise :class:`drivers.errors.FrameError` naming what is malformed. Encoders (:func:`encode_frame`,
 :func:`encode_samples`, :func:`encode_hello`, :func:`encode_heartbeat`) serve the simulated MCU and tests.
 """
 
@@ -41,6 +41,7 @@ class FrameType(IntEnum):
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+_TYPE_OF = {int(t): t for t in FrameType}  # a dict lookup per frame instead of an enum call
 
 
 def crc16_ccitt(data: bytes) -> int:
@@ -91,11 +92,22 @@ class Frame:
             full_scale_g: The full scale the MCU announced (an int16 of 32767 is this many g).
 
         Returns:
-            float32 array ``[N, axes]`` in g.
+            float32 array ``[N, axes]`` in g: :meth:`counts` times :func:`gain` ``(full_scale_g)``.
 
         Raises:
             FrameError: The frame is not SAMPLES, or the payload is malformed (empty, zero axes, or a sample
                 area that is not a whole number of ``axes`` int16 samples).
+        """
+        return self.counts().astype(np.float32) * gain(full_scale_g)
+
+    def counts(self) -> np.ndarray:
+        """The raw samples of a SAMPLES payload, without converting them to g.
+
+        Returns:
+            A read-only int16 array ``[N, axes]`` over the payload (no copy).
+
+        Raises:
+            FrameError: As :meth:`samples`.
         """
         if self.type != FrameType.SAMPLES:
             raise FrameError(f"frame type {_type_name(self.type)} (seq {self.seq}) has no samples")
@@ -109,8 +121,7 @@ class Frame:
             raise FrameError(
                 f"SAMPLES frame seq {self.seq}: {body} sample bytes is not a multiple of 2*axes = {2 * axes}"
                 f" (LEN {len(self.payload)})")
-        raw = np.frombuffer(self.payload, dtype="<i2", offset=1).reshape(-1, axes)
-        return raw.astype(np.float32) * np.float32(full_scale_g / INT16_FULL)
+        return np.frombuffer(self.payload, dtype="<i2", offset=1).reshape(-1, axes)
 
     def hello(self) -> Hello:
         """Decodes a HELLO payload.
@@ -135,6 +146,11 @@ class Frame:
         if any(b < 0x20 or b > 0x7E for b in raw):
             raise FrameError(f"HELLO frame seq {self.seq}: firmware version {raw!r} is not printable ASCII")
         return Hello(rate, axes, scale, raw.decode("ascii"))
+
+
+def gain(full_scale_g: float) -> np.float32:
+    """g per count at ``full_scale_g``: a sample in g is its int16 count times this float32 (in float32)."""
+    return np.float32(full_scale_g / INT16_FULL)
 
 
 def _type_name(value: int) -> str:
@@ -318,7 +334,7 @@ class FrameDecoder:
                 self._carry = missing
                 continue
             self.frames += 1
-            out.append(Frame(FrameType(ftype), seq, payload, missing))
+            out.append(Frame(_TYPE_OF[ftype], seq, payload, missing))
         del buf[:pos]
         return out
 

@@ -368,6 +368,75 @@ def test_stop_is_clean_and_idempotent(sensors):
     assert not s2.running and not opener.ports[1].is_open
 
 
+class CountingCondition(threading.Condition):
+    """A condition that counts how often a waiter on it woke up (to see who the reader thread disturbs)."""
+
+    wakes = 0
+
+    def wait(self, timeout=None):
+        try:
+            return super().wait(timeout)
+        finally:
+            self.wakes += 1
+
+
+def test_a_consumer_is_woken_for_windows_not_for_reads(sensors):
+    opener = LoopOpener()
+    s = sensors("loop://", opener=opener)
+    counting = s._ready = CountingCondition(s._cond._lock)  # the same lock; only the counting is added
+    s.start()
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.append(s.next_window(timeout=None)))
+    consumer.start()
+    x = VibrationSource(20).read(256)
+    for k in range(7):  # 224 samples: not yet a window, 7 reads at least
+        opener.write(frames_of(x[32 * k:32 * k + 32], first_seq=k))
+        until(s, lambda h, n=k + 1: h.frames == n)
+    assert got == [] and counting.wakes == 0
+    opener.write(frames_of(x[224:], first_seq=7))
+    consumer.join(WAIT)
+    assert len(got) == 1 and counting.wakes == 1
+    np.testing.assert_allclose(got[0], x, atol=TOL)
+
+
+@pytest.mark.parametrize("on_pty", [False, True])
+def test_stop_cuts_a_long_read_short(sensors, mcus, on_pty):
+    # A read may now last up to read_timeout_s; stop() cancels it rather than waiting (a hang fails the test).
+    opener = LoopOpener()
+    if on_pty:
+        mcu = mcus(seed=21)
+        s = sensors(mcu.port, read_timeout_s=600.0)
+    else:
+        s = sensors("loop://", opener=opener, read_timeout_s=600.0)
+    s.start()
+    until(s, lambda h: h.connected)
+    if on_pty:
+        mcu.emit(256)
+        until(s, lambda h: h.windows == 1)
+    s.stop()
+    assert not s.running and s.health().state == SensorState.DISCONNECTED
+
+
+def test_a_port_without_cancel_read_is_read_in_short_slices(sensors):
+    # socket:// cannot cancel a read; the driver keeps its reads short so that stop() still returns.
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    s = sensors(f"socket://127.0.0.1:{server.getsockname()[1]}", read_timeout_s=600.0)
+    s.start()
+    peer, _ = server.accept()
+    try:
+        peer.sendall(encode_heartbeat(0))
+        until(s, lambda h: h.frames == 1)
+        s.stop()
+        assert not s.running
+    finally:
+        peer.close()
+        server.close()
+
+
 # -- the simulated MCU on a real pty ----------------------------------------------------------------------
 
 def synced(mcu):
