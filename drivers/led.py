@@ -5,7 +5,10 @@ drops, ``led.clear_code(...)`` when it is back). Several can be active; the LED 
 the fixed order of :data:`PRIORITY`, and the slow OK heartbeat when none is. :meth:`StatusLed.tick` drives the
 pin from the clock: it finds where in the shown code's cycle "now" falls and sets the level, so a test with
 :class:`drivers.sim.clock.SimClock` advances the clock, ticks, and reads the simulated pin's recorded states.
-:meth:`StatusLed.start` runs the same ticks on a small thread for real use.
+:meth:`StatusLed.start` runs the same ticks on a small thread for real use. On the system clock that thread sleeps
+until the pattern's next change (a blink's edges; never, for a level that does not change) and is woken at once
+when the shown code changes or the LED stops; under a simulated clock, whose sleep is the passage of time, it
+sleeps at most :data:`SLICE_S` at a time.
 
 A newly shown code starts its cycle from the beginning, so the technician always sees a whole pattern.
 ``docs/led-codes.md`` is the printed table; it is generated from :func:`pattern` with :func:`draw`.
@@ -18,7 +21,7 @@ import logging
 import math
 import threading
 
-from device.clock import SYSTEM_CLOCK, Clock
+from device.clock import SYSTEM_CLOCK, Clock, SystemClock
 from drivers.errors import GpioError
 from drivers.gpio import OutputLine
 
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 BLINK_ON_S = 0.4  # one counted blink
 BLINK_GAP_S = 0.4  # dark between blinks of a group
 BLINK_PAUSE_S = 1.6  # dark after a group, so groups can be counted
-SLICE_S = 0.05  # the ticking thread's longest sleep: how fast it notices a new code and stop()
+SLICE_S = 0.05  # the ticking thread's longest sleep under a simulated clock: how fast it sees a new code
 _EPS = 1e-9  # a tick landing within a nanosecond of a boundary belongs to the next segment
 
 
@@ -158,6 +161,7 @@ class StatusLed:
         self._since = 0.0
         self._written: bool | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the shown code changed, or stop(): the thread ticks now
         self._thread: threading.Thread | None = None
         self._last_error = ""
 
@@ -174,7 +178,10 @@ class StatusLed:
         """
         self._check(code)
         with self._lock:
+            before = self._winner()
             self._active.add(code)
+            if self._winner() is not before:
+                self._wake.set()
 
     def clear_code(self, code: LedCode) -> None:
         """Marks a condition over (clearing one that is not active is harmless).
@@ -184,7 +191,10 @@ class StatusLed:
         """
         self._check(code)
         with self._lock:
+            before = self._winner()
             self._active.discard(code)
+            if self._winner() is not before:
+                self._wake.set()
 
     @staticmethod
     def _check(code: object) -> None:
@@ -217,7 +227,8 @@ class StatusLed:
             now: Monotonic seconds; the clock's reading when ``None``.
 
         Returns:
-            Seconds until the level next changes (when the next tick is due).
+            Seconds until the level next changes (when the next tick is due); ``math.inf`` for a pattern that
+            never changes level.
 
         Raises:
             GpioError: Driving the line failed.
@@ -243,6 +254,8 @@ class StatusLed:
     @staticmethod
     def _position(code: LedCode, elapsed: float) -> tuple[bool, float]:
         steps = pattern(code)
+        if all(level == steps[0][0] for level, _ in steps):
+            return steps[0][0], math.inf  # a steady level: no tick is ever due
         cycle = sum(duration for _, duration in steps)
         pos = (max(elapsed, 0.0) % cycle) + _EPS
         edge = 0.0
@@ -257,6 +270,7 @@ class StatusLed:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
+        self._wake.clear()
         self._thread = threading.Thread(target=self._run, name="fieldnode-led", daemon=True)
         self._thread.start()
 
@@ -267,6 +281,7 @@ class StatusLed:
             timeout: How long to wait for the thread to end.
         """
         self._stop.set()
+        self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
@@ -285,7 +300,9 @@ class StatusLed:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        realtime = isinstance(self._clock, SystemClock)
         while not self._stop.is_set():
+            self._wake.clear()  # before the tick: a code raised from now on ends the coming sleep
             try:
                 delay = self.tick()
             except GpioError as exc:
@@ -294,7 +311,10 @@ class StatusLed:
                     self._last_error = str(exc)
                     log.warning("status LED: %s", exc)
                 delay = 1.0
-            self._clock.sleep(min(delay, SLICE_S))
+            if realtime:
+                self._wake.wait(None if math.isinf(delay) else delay)
+            else:
+                self._clock.sleep(min(delay, SLICE_S))  # a simulated clock's sleep is time passing
 
 
 __all__ = ["BLINK_GAP_S", "BLINK_ON_S", "BLINK_PAUSE_S", "PRIORITY", "LedCode", "StatusLed", "cycle_s", "draw", "pattern"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 
@@ -158,6 +159,34 @@ def test_thread_blinks_the_pattern_and_stop_turns_the_led_off(board):
     steps = changes(factory)[:6]
     assert [v for _, v in steps] == [True, False, True, False, True, False]
     assert [t for t, _ in steps] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], abs=1e-6)
+
+
+def test_thread_on_the_real_clock_sleeps_to_the_edges_and_wakes_for_a_new_code():
+    factory = SimPinFactory()  # the system clock: the thread sleeps in real time
+    led = StatusLed(factory.output(PIN))
+    led.start()
+    assert eventually(lambda: [v for _, v in factory.states(PIN)] == [False, True, False])  # OK: flash, dark
+    led.raise_code(LedCode.POWER_CRITICAL)  # in the middle of the heartbeat's 1.9 s of dark
+    assert eventually(lambda: len(factory.states(PIN)) >= 6)  # the blinks begin
+    led.stop(timeout=None)  # a thread asleep until the next edge is woken (a hang would fail the test)
+    levels = [v for _, v in factory.states(PIN)]
+    assert levels[:6] == [False, True, False, True, False, True] and levels[-1] is False
+
+
+def test_only_a_change_of_the_shown_code_wakes_the_thread():
+    led = StatusLed(None, SimClock())
+    led.raise_code(LedCode.POWER_CRITICAL)
+    assert led._wake.is_set()
+    led._wake.clear()
+    led.raise_code(LedCode.NO_BROKER)  # less severe: POWER_CRITICAL still shows, nothing to redraw
+    led.clear_code(LedCode.STARTING)  # not active
+    assert not led._wake.is_set()
+    led.clear_code(LedCode.POWER_CRITICAL)  # NO_BROKER shows now
+    assert led._wake.is_set()
+
+
+def test_a_steady_level_is_never_due_again():
+    assert StatusLed._position(LedCode.OFF, 12.5) == (False, math.inf)
 
 
 def test_thread_survives_a_broken_led_and_says_so_once(board, caplog):
