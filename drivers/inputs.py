@@ -6,7 +6,9 @@ it settled high, the burst was a press (or a PIR firing) and the callback gets t
 rising edge. Contact bounce on press and on release, and spikes shorter than ``debounce_s``, therefore
 trigger nothing extra. Edges carry their own timestamps, so a late :meth:`TriggerInput.check` (a loop that
 looks once a second) still debounces correctly. :meth:`TriggerInput.start` runs the same processing on a
-thread that waits on the line.
+thread that blocks on the line's edge wait until an edge comes or a pending burst is due to settle; stop()
+ends the wait with :meth:`drivers.gpio.InputLine.wake`. A backend that cannot be woken is waited on at most
+:data:`SLICE_S` at a time instead.
 
 :class:`PowerGoodInput` reads a level that says whether the supply is fine: a UPS HAT's low-battery pin or a
 PMIC's power-good output. Both take any backend's lines, so the virtual board drives them through the
@@ -25,7 +27,8 @@ from drivers.gpio import Edge, EdgeEvent, InputLine
 
 log = logging.getLogger(__name__)
 
-SLICE_S = 0.1  # the trigger thread's longest wait: how fast it notices stop()
+SLICE_S = 0.1  # the longest wait on a line that cannot be woken: how fast the thread notices stop()
+IDLE_S = 3600.0  # the longest wait on a line that can be woken (a wait needs a finite timeout)
 _EPS = 1e-9  # float slack: 100.05 - 100.0 is a hair under 0.05, and that still counts as settled
 
 
@@ -142,6 +145,7 @@ class TriggerInput:
             timeout: How long to wait for it to end.
         """
         self._stop.set()
+        self._line.wake()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout)
@@ -154,7 +158,8 @@ class TriggerInput:
     def _run(self) -> None:
         last_error = ""
         while not self._stop.is_set():
-            wait = SLICE_S
+            # Edges carry their own timestamps, so the wait only has to end for a burst due to settle (or stop).
+            wait = IDLE_S if self._line.can_wake else SLICE_S
             due = self._due()
             if due is not None:
                 wait = min(wait, max(due - self._clock.monotonic(), 0.0))

@@ -200,8 +200,15 @@ class InputLine(_Line):
     """A pin read by us, with edge detection on both edges.
 
     Backends must override ``_get`` (the current level), ``_wait`` (block up to a timeout for the next edge
-    and consume it), ``_poll`` (consume every pending edge without blocking) and ``_release``.
+    and consume it), ``_poll`` (consume every pending edge without blocking) and ``_release``. They may
+    override ``_wake`` (end a wait early, see :meth:`wake`) and then set :attr:`can_wake`.
+
+    Attributes:
+        can_wake: :meth:`wake` ends a wait early. Without it a thread blocked in :meth:`wait_event` notices
+            that it should stop only at its timeout, so it must keep its waits short.
     """
+
+    can_wake = False
 
     @property
     def value(self) -> bool:
@@ -236,6 +243,16 @@ class InputLine(_Line):
         """
         event = self.wait_event(timeout)
         return None if event is None else event.edge
+
+    def wake(self) -> None:
+        """Ends a :meth:`wait_event` in progress on another thread: it returns ``None`` at once. With no wait in
+        progress the next one returns at once instead, so a thread told to stop just before it waits still
+        stops. Does nothing when the backend cannot (:attr:`can_wake` is false) or the line is closed."""
+        if self.can_wake and not self._closed:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Backend (optional): makes the current or next ``_wait`` return ``None`` at once."""
 
     def poll(self) -> list[EdgeEvent]:
         """Consumes and returns the edges seen since the last call (oldest first), without blocking.

@@ -5,7 +5,9 @@ Workflow: import ``gpiod`` and refuse the v1 bindings (they have no ``request_li
 (the Pi 5's header chip was ``gpiochip4`` and is ``gpiochip0`` on newer kernels, so numbers lie); then request
 each pin as its own line request with ``gpiod.request_lines(path, consumer="fieldnode", config={offset:
 LineSettings(...)})``. Inputs are requested with edge detection on both edges, and edges are read with
-``wait_edge_events``/``read_edge_events``.
+``read_edge_events`` once the request's file descriptor is readable. A wait blocks in ``select`` on that
+descriptor and on a pipe of the line's own, so :meth:`LibgpiodInputLine.wake` ends it at once (bindings whose
+requests have no ``fd`` are waited on with ``wait_edge_events``, and cannot be woken).
 
 This module is named ``libgpiod`` so it never shadows the ``gpiod`` package it imports.
 """
@@ -17,6 +19,7 @@ import glob
 import importlib
 import os
 import re
+import select
 import threading
 from collections import deque
 from typing import Any
@@ -145,6 +148,30 @@ class LibgpiodInputLine(InputLine):
         self._request = request
         self._pending: deque[EdgeEvent] = deque()
         self._lock = threading.Lock()
+        self._wake_r = self._wake_w = -1
+        if isinstance(getattr(request, "fd", None), int):
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.can_wake = True
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"w")
+        except OSError:  # the pipe is full (a wake-up is pending anyway) or the line was just released
+            pass
+
+    def _ready(self, timeout: float) -> bool:
+        # Whether edges wait to be read, after blocking up to timeout for them (or for a wake-up).
+        if not self.can_wake:
+            return bool(self._request.wait_edge_events(timeout))
+        fd = self._request.fd
+        # A look without waiting (poll) leaves a pending wake-up for the wait it is meant for.
+        ready, _, _ = select.select([fd, self._wake_r] if timeout else [fd], [], [], timeout)
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        return fd in ready
 
     def _get(self) -> bool:
         try:
@@ -165,7 +192,7 @@ class LibgpiodInputLine(InputLine):
     def _read(self, timeout: float) -> None:
         # Called with self._lock held: moves what the kernel has into the pending queue.
         try:
-            while self._request.wait_edge_events(timeout):
+            while self._ready(timeout):
                 self._pending.extend(self._convert(raw) for raw in self._request.read_edge_events())
                 timeout = 0.0
         except (OSError, ValueError) as exc:
@@ -186,6 +213,9 @@ class LibgpiodInputLine(InputLine):
 
     def _release(self) -> None:
         _release_request(self)
+        if self.can_wake:
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
 
 
 def _release_request(line) -> None:

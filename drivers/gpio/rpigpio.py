@@ -92,10 +92,13 @@ class RPiGpioInputLine(InputLine):
         edge_mode: ``interrupt`` (RPi.GPIO's edge detection) or ``polling`` (level comparison).
     """
 
+    can_wake = True  # interrupt mode: the condition is notified; polling mode: seen at the next sample
+
     def __init__(self, factory: RPiGpioFactory, pin: int):
         super().__init__(pin)
         self._factory = factory
         self._cond = threading.Condition()
+        self._woken = False
         self._events: deque[EdgeEvent] = deque(maxlen=MAX_PENDING)
         self._last = self._read()
         self.edge_mode = "polling"
@@ -132,19 +135,31 @@ class RPiGpioInputLine(InputLine):
     def _get(self) -> bool:
         return self._read()
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify_all()
+
+    def _take(self) -> EdgeEvent | None:
+        # With self._cond held: the next edge, or None (and the wake-up used up) when woken or timed out.
+        if self._events:
+            return self._events.popleft()
+        self._woken = False
+        return None
+
     def _wait(self, timeout: float) -> EdgeEvent | None:
         if self.edge_mode == "interrupt":
             with self._cond:
                 # The callback thread notifies; this is RPi.GPIO's real-time world, not a simulated one.
-                self._cond.wait_for(lambda: bool(self._events), timeout)
-                return self._events.popleft() if self._events else None
+                self._cond.wait_for(lambda: bool(self._events) or self._woken, timeout)
+                return self._take()
         clock = self._factory.clock
         deadline = clock.monotonic() + timeout
         while True:
             self._sample()
             with self._cond:
-                if self._events:
-                    return self._events.popleft()
+                if self._events or self._woken:
+                    return self._take()
             remaining = deadline - clock.monotonic()
             if remaining <= 0:
                 return None

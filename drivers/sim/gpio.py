@@ -10,19 +10,21 @@ change queues an edge for ``wait_edge``/``poll``, as the kernel would. An undriv
 (``Pull.UP`` high, otherwise low).
 
 Waiting goes through the clock: with :class:`drivers.sim.clock.SimClock` a wait that sees no edge advances
-simulated time by the timeout and returns at once, so tests drive the pin first and then wait.
+simulated time by the timeout and returns at once, so tests drive the pin first and then wait. On the system
+clock a wait blocks until an edge is driven, its timeout passes or :meth:`SimInputLine.wake` is called.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Any, Sequence
 
-from device.clock import SYSTEM_CLOCK, Clock
+from device.clock import SYSTEM_CLOCK, Clock, SystemClock
 from drivers.errors import GpioError
 from drivers.gpio import Edge, EdgeEvent, InputLine, OutputLine, PinFactory, Pull, check_pin, check_pull
 
-STEP_S = 0.01  # how often a real-time wait looks for a newly driven edge
+STEP_S = 0.01  # how often a wait on a clock other than the system's looks for a newly driven edge
 MAX_PENDING = 1024  # like the kernel's event buffer: edges nobody reads are dropped, oldest first
 
 
@@ -54,12 +56,16 @@ class SimInputLine(InputLine):
         dropped: Edges lost because more than ``MAX_PENDING`` were waiting unread.
     """
 
+    can_wake = True
+
     def __init__(self, factory: SimPinFactory, pin: int, pull: Pull):
         super().__init__(pin)
         self._factory = factory
         self.pull = pull
         self.dropped = 0
         self._events: deque[EdgeEvent] = deque()
+        self._woken = False
+        self._changed = threading.Condition(factory._lock)  # an edge was driven, or wake()
 
     def _push(self, event: EdgeEvent) -> None:
         # Called with the factory lock held.
@@ -67,17 +73,34 @@ class SimInputLine(InputLine):
             self._events.popleft()
             self.dropped += 1
         self._events.append(event)
+        self._changed.notify_all()
+
+    def _wake(self) -> None:
+        with self._changed:
+            self._woken = True
+            self._changed.notify_all()
+
+    def _take(self) -> EdgeEvent | None:
+        # With the factory lock held: the next edge, or None (and the wake-up used up) when woken.
+        if self._events:
+            return self._events.popleft()
+        self._woken = False
+        return None
 
     def _get(self) -> bool:
         return self._factory.level(self.pin)
 
     def _wait(self, timeout: float) -> EdgeEvent | None:
         clock = self._factory.clock
+        if isinstance(clock, SystemClock):
+            with self._changed:
+                self._changed.wait_for(lambda: self._events or self._woken, timeout)
+                return self._take()
         deadline = clock.monotonic() + timeout
         while True:
             with self._factory._lock:
-                if self._events:
-                    return self._events.popleft()
+                if self._events or self._woken:
+                    return self._take()
             remaining = deadline - clock.monotonic()
             if remaining <= 0:
                 return None

@@ -84,21 +84,31 @@ FAKE_GPIOD_V2 = {
             def __exit__(self, *exc): pass
 
         class LineRequest:
+            """Like the kernel's request, its fd is readable while edges wait to be read (here: a pipe)."""
             def __init__(self, path, consumer, config):
                 self.path, self.consumer, self.config = path, consumer, dict(config)
                 self.values = {off: s.output_value for off, s in config.items()}
                 self.events = []
+                self._r, self._w = os.pipe()
+            @property
+            def fd(self): return self._r
             def set_value(self, offset, value): self.values[offset] = value
             def get_value(self, offset): return self.values[offset]
             def wait_edge_events(self, timeout=None): return bool(self.events)
             def read_edge_events(self, max_events=None):
                 out, self.events[:] = list(self.events), []
+                if out:
+                    os.read(self._r, 4096)
                 return out
-            def release(self): requests.remove(self)
+            def release(self):
+                requests.remove(self)
+                os.close(self._r)
+                os.close(self._w)
             def inject(self, offset, rising, timestamp_ns):
                 self.values[offset] = Value.ACTIVE if rising else Value.INACTIVE
                 kind = EdgeEvent.Type.RISING_EDGE if rising else EdgeEvent.Type.FALLING_EDGE
                 self.events.append(EdgeEvent(kind, timestamp_ns, offset))
+                os.write(self._w, b"e")
 
         def request_lines(path, consumer=None, config=None, **kwargs):
             with Chip(path):
@@ -337,6 +347,28 @@ def test_libgpiod_lines_use_the_v2_request_api(fake_libs, chips):
     assert gpiod.requests == [] and led.closed and button.closed
 
 
+def test_libgpiod_wake_ends_a_wait_on_the_request_fd(fake_libs, chips):
+    fake_libs(FAKE_GPIOD_V2)
+    import gpiod
+
+    factory = LibgpiodFactory(dev_dir=chips(gpiochip0="pinctrl-rp1"))
+    button = factory.input(27)
+    assert button.can_wake
+    button.wake()  # before the wait: kept for it, so a thread told to stop just before waiting still stops
+    assert button.wait_edge(600.0) is None
+    assert button.poll() == []  # a look without waiting leaves a wake-up alone
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(button.wait_edge(600.0)))
+    waiter.start()
+    button.wake()
+    waiter.join(30)
+    assert not waiter.is_alive() and got == [None]
+    gpiod.requests[-1].inject(27, rising=True, timestamp_ns=5)
+    assert button.wait_edge(600.0) is Edge.RISING  # the wake-ups are used up: edges come through again
+    factory.close()
+    button.wake()  # closed: nothing to wake, no error
+
+
 def test_libgpiod_request_errors_name_the_pin_and_cause(fake_libs, chips):
     fake_libs(FAKE_GPIOD_V2)
     import gpiod
@@ -388,6 +420,23 @@ def test_rpigpio_polls_levels_when_edge_detection_fails(fake_libs):
     assert button.wait_edge(0.5) is Edge.FALLING
     gpio.levels[27] = True
     assert button.poll() == [EdgeEvent(Edge.RISING, clock.monotonic())]
+    factory.close()
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_rpigpio_wake_ends_a_wait(fake_libs, polling):
+    fake_libs(FAKE_RPI)
+    gpio = importlib.import_module("RPi.GPIO")
+    gpio.FAIL_EVENT_DETECT = polling
+    clock = SimClock()
+    factory = RPiGpioFactory(clock=clock)
+    button = factory.input(27, Pull.DOWN)
+    assert button.can_wake and button.edge_mode == ("polling" if polling else "interrupt")
+    button.wake()
+    assert button.wait_edge(600.0) is None
+    assert clock.monotonic() < 600.0  # ended by the wake-up, not by the timeout
+    gpio._drive(27, True)
+    assert button.wait_edge(600.0) is Edge.RISING
     factory.close()
 
 
@@ -508,6 +557,21 @@ def test_sim_unread_edges_are_bounded():
 def test_malformed_arguments_are_named(call, message):
     with pytest.raises(GpioError, match=message):
         call(SimPinFactory(clock=SimClock()))
+
+
+def test_sim_wake_ends_a_wait_on_either_clock():
+    clock = SimClock()
+    line = SimPinFactory(clock=clock).input(17)
+    line.wake()
+    assert line.wait_edge(600.0) is None and clock.monotonic() == 0.0  # no simulated time went by
+    assert line.wait_edge(0.5) is None and clock.monotonic() == pytest.approx(0.5)  # used up by the first wait
+    real = SimPinFactory().input(17)  # the system clock: the wait blocks on the line, not in steps
+    got: list[Edge | None] = []
+    waiter = threading.Thread(target=lambda: got.append(real.wait_edge(600.0)))
+    waiter.start()
+    real.wake()
+    waiter.join(30)
+    assert not waiter.is_alive() and got == [None]
 
 
 def test_sim_edge_wakes_a_waiting_thread():

@@ -155,6 +155,19 @@ def test_the_thread_fires_on_a_driven_press(board):
     assert EPOCH + before <= stamps[0] <= EPOCH + after
 
 
+def test_the_thread_on_the_real_clock_blocks_on_the_edge_and_stop_wakes_it():
+    factory = SimPinFactory()  # the system clock: the wait blocks on the line until an edge or a wake-up
+    fired = threading.Event()
+    trigger = TriggerInput(factory.input(PIN, Pull.DOWN), lambda stamp: fired.set(), debounce_s=0.01)
+    assert trigger._line.can_wake
+    trigger.start()
+    factory.drive_high(PIN)
+    assert fired.wait(30)  # settled debounce_s after the edge: the wait ended for it
+    factory.drive_low(PIN)
+    trigger.stop(timeout=None)  # the thread waits up to an hour for an edge; stop() wakes it (a hang fails)
+    assert not trigger.running and trigger.triggers == 1
+
+
 def test_the_thread_survives_a_broken_line_and_says_so_once(board, caplog):
     clock, factory = board
     line = factory.input(PIN)
