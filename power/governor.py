@@ -279,8 +279,9 @@ class Governor:
             self._point, self._mode = None, "level"
             return Plan(self.level, self.reason, khz, threads, spec.variant, spec.interval_ms, spec.telemetry_s,
                         self._trim, self._override is not None, remaining, "level", self._target_status(now, None))
-        point, mode, why, interval_ms, target = planned
+        point, mode, why, interval_ms, target, base = planned
         self._point, self._mode = point, mode
+        interval_ms = max(interval_ms, self.policy.spec(base).interval_ms)  # the configured duty cycle stays
         return Plan(self.level, f"{self.reason}; {why}", point.khz or None, point.threads, point.variant,
                     interval_ms, spec.telemetry_s, self._trim,
                     False, None, mode, target)
@@ -367,7 +368,8 @@ class Governor:
         return out
 
     def _plan_point(self, now: float):
-        """The planner's point, objective, reason, interval and target status; None when the level rules."""
+        """The planner's point, objective, reason, interval, target status and the level its caps come from; None
+        when the level rules."""
         snap = self.snapshot
         if self.planner is None or snap is None or self._override is not None or self._unmetered:
             return None
@@ -396,7 +398,7 @@ class Governor:
         interval = self._duty_cycle(point, budget) if objective == "budget" else 0
         if interval:
             why += f", one window per {interval} ms to fit the budget"
-        return point, objective, why, interval, self._target_status(now, budget)
+        return point, objective, why, interval, self._target_status(now, budget), max(thermal_level, Level.PERFORMANCE)
 
     def _track_discharge(self, discharging: bool, now: float) -> None:
         """The configured target's deadline: set when the board goes onto its battery, kept through a passing

@@ -85,8 +85,21 @@ def _ratio(a: float, b: float | None) -> float | None:
     return None if not b else round(a / b, 3)
 
 
+def os_default(profile: str) -> str:
+    """The name of what a board of this profile runs out of the box: Raspberry Pi OS sets ondemand with its own
+    tunables; other boards' kernels default to schedutil. The model's default variant on every core."""
+    p = get_profile(profile)
+    plan = KernelPlan("ondemand", p.cpus, "full", "rpi-os") if p.name.startswith("rpi") else KernelPlan(
+        "schedutil", p.cpus, "full")
+    return plan.label
+
+
 def _line(scenario: str, profile: str, governed: Trace, best_static: Trace | None, best_kernel: Trace | None,
-          figure: Callable[[Trace], float], unit: str, met: bool | None, **extra) -> dict:
+          figure: Callable[[Trace], float], unit: str, met: bool | None, kernels: list[Trace] = (), **extra) -> dict:
+    default = next((k for k in kernels if k.name == os_default(profile)), None)
+    if default is not None:
+        extra = {"os_default": default.name, "ratio_vs_os_default": _ratio(figure(governed), figure(default)),
+                 "os_default_kept_up": round(default.kept_up, 4), **extra}
     return {
         "scenario": scenario, "profile": profile,
         "ratio_vs_best_static": None if best_static is None else _ratio(figure(governed), figure(best_static)),
@@ -110,7 +123,7 @@ def hot(policy: Policy, profile: str, quick: bool = False) -> tuple[dict, list[T
     best_k = _best(kernels, lambda t: t.weighted)
     ratio = _ratio(governed.weighted, best_s.weighted if best_s else None)
     met = governed.max_temp_c < p.soft_limit_c and ratio is not None and ratio >= 1.0
-    return _line("hot", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met,
+    return _line("hot", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met, kernels,
                  max_temp_c=round(governed.max_temp_c, 2), soft_limit_c=p.soft_limit_c,
                  best_static_max_temp_c=None if best_s is None else round(best_s.max_temp_c, 2),
                  best_kernel_max_temp_c=None if best_k is None else round(best_k.max_temp_c, 2),
@@ -139,7 +152,7 @@ def rate(policy: Policy, profile: str, light: bool = False, quick: bool = False)
     else:
         met = governed.kept_up >= keep and r_s is not None and r_s >= 1.0 and r_k is not None and r_k >= 1.2
     return _line("rate-light" if light else "rate", profile, governed, best_s, best_k, lambda t: t.runtime_s / 3600,
-                 "runtime h", met, windows_hz=hz, busy_at_min_freq=busy_at_min, battery_mah=mah,
+                 "runtime h", met, kernels, windows_hz=hz, busy_at_min_freq=busy_at_min, battery_mah=mah,
                  kept_up=round(governed.kept_up, 4), weighted=round(governed.weighted),
                  idle_w=round(idle, 2), full_w=round(full, 2),
                  target_ratio_vs_best_static=">= 1.0", target_ratio_vs_best_kernel=">= 1.2"), [governed, best_s, best_k]
@@ -160,7 +173,7 @@ def target(policy: Policy, profile: str, quick: bool = False) -> tuple[dict, lis
     r_s = _ratio(governed.weighted, best_s.weighted if best_s else None)
     met = (best_s is None or not governed.died) and (r_s is None or r_s >= 0.95)
     told = governed.governor.plan.target if governed.governor is not None else None
-    return _line("target", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met,
+    return _line("target", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met, kernels,
                  runtime_target_h=hours, battery_mah=mah, lasted=not governed.died,
                  runtime_h=round(governed.runtime_s / 3600, 3), last_target_status=told,
                  target_ratio_vs_best_static=">= 0.95"), [governed, best_s, best_k]
@@ -185,7 +198,7 @@ def solar(policy: Policy, profile: str, quick: bool = False) -> tuple[dict, list
     best_k = _best(alive_k, lambda t: t.weighted)
     r_s = _ratio(governed.weighted, best_s.weighted if best_s else None)
     met = (best_s is None or not governed.died) and (r_s is None or r_s >= 1.0)
-    line = _line("solar", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met,
+    line = _line("solar", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met, kernels,
                  days=days, solar_peak_w=peak, battery_mah=mah, runtime_target_h=SOLAR_NIGHT_H,
                  brownout=governed.died, static_plans_without_brownout=len(alive),
                  target_ratio_vs_best_static=">= 1.0")

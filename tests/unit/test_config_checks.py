@@ -177,7 +177,7 @@ def test_rules_run_for_every_way_in(tmp_path):
     ("[power.critical]\nenter_battery_pct = 25\n", "power.critical.enter_battery_pct"),
     ("[power.saver]\nenter_temp_c = 70\n", "power.saver.enter_temp_c"),
     ("[power.critical]\nenter_temp_c = 80\n", "power.critical.enter_temp_c"),
-    ("[power]\nthermal_target_c = 78\n", "power.thermal_target_c"),
+    ("[power]\nthermal_target_c = 80\n", "power.thermal_target_c"),
 ])
 def test_power_threshold_order_is_checked_by_the_loader(toml, key):
     err = refused(toml)

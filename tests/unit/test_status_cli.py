@@ -84,7 +84,9 @@ def test_status_prints_a_block_for_people(agent, capsys):
                        f"SIMULATED board rpi4"
     assert [ln.split()[0] for ln in lines if not ln.startswith(" ")] == [
         "device", "serving", "governor", "sensor", "link", "spool", "worker", "results", "faults"]
-    assert f"variant {rt['variant']} (requested auto), {rt['backend']} {rt['backend_version']} on " \
+    # the governor's planner asks for a variant by name (auto before its first step)
+    assert f"variant {rt['variant']} (requested {rt.get('requested_variant') or 'auto'}), {rt['backend']} " \
+           f"{rt['backend_version']} on " \
            f"{rt['delegate']}, {rt['threads']} threads" in out
     assert f"worker    pid {rt['worker_pid']} (process isolation)" in out
     assert "link      off (no broker configured)" in out and "faults    none" in out
