@@ -187,6 +187,16 @@ def test_privileged_commands_need_a_good_envelope(agent, operator, operator_key)
     assert r["ok"] and r["result"]["level"] == "saver" and r["result"]["override"]["level"] == "saver"
     r = operator.send("governor", signed(operator_key, "governor", {"level": "auto"}))
     assert r["ok"] and "override" not in r["result"]
+    # a runtime target through MQTT (signed), refused out of range, then cleared
+    r = operator.send("governor.target", signed(operator_key, "governor.target", {"hours": 12}))
+    assert r["ok"] and r["result"]["plan"]["target"]["hours"] == 12.0
+    assert r["result"]["plan"]["target"]["by"]  # who set it: the envelope's signer
+    r = operator.send("governor.target", signed(operator_key, "governor.target", {"hours": 9000}))
+    assert not r["ok"] and r["error"]["code"] == "bad_args" and "hours" in r["error"]["message"]
+    r = operator.send("governor.target", {"args": {"hours": 1}})
+    assert not r["ok"] and r["error"]["code"] == "unauthorized"
+    r = operator.send("governor.target", signed(operator_key, "governor.target", {"hours": 0}))
+    assert r["ok"] and r["result"]["plan"]["target"] is None
     refused = agent.dispatcher.counters
     assert refused.get("replayed", 0) >= 1 and refused.get("wrong_target", 0) >= 2
 
