@@ -270,6 +270,16 @@ def block(st: dict, pid: int | None = None) -> list[str]:
                f"{_num(snap.get('temp_c'), '.1f', ' C', 'temperature unknown')}, "
                f"battery {_num(batt, '.0f', ' %') if batt is not None else 'none (mains)' if snap else 'unknown'}, "
                f"override {_override(gov) or 'none'}")
+    plan = _obj(gov.get("plan"))
+    if plan.get("mode") not in (None, "level"):
+        target = _obj(plan.get("target"))
+        goal = ""
+        if target:
+            meet = {True: "will be met", False: "will NOT be met", None: "not judged yet"}[target.get("will_meet")]
+            goal = (f"; runtime target {_num(target.get('hours'), 'g', ' h')}, "
+                    f"{_num(target.get('remaining_h'), '.1f', ' h')} left, {meet}")
+        out.append(f"          planner {plan['mode']}: {plan.get('variant') or '?'}, "
+                   f"{_num(plan.get('threads'))} threads{goal}")
 
     out.append(f"sensor    {sensor.get('state') or '?'}: {_num(sensor.get('frames'))} frames, "
                f"{_num(sensor.get('crc_errors'))} crc errors, {_num(sensor.get('seq_gaps'))} gaps, "
