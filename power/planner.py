@@ -213,6 +213,9 @@ class Planner:
         measured, by the inference times measured so far (a point that cannot is not worth a step to find out)."""
         if objective != "throughput":
             return True
+        if self._rate_per_s <= 0 and point.threads < incumbent.threads and (point.variant, point.khz) == (
+                incumbent.variant, incumbent.khz):
+            return False  # with a continuous demand, fewer threads never classify more windows a second
         service = self._predicted_service(point, t)
         if service is None or service <= 0:
             return True
@@ -235,7 +238,12 @@ class Planner:
             return current, "no point allowed"
         known = [p for p in allowed if self.known(p, t)]
         if not known:
-            start = current if current in allowed else max(allowed, key=lambda p: (p.khz, p.threads))
+            # Nothing measured yet: the variant that model.json says gives the most quality per unit of cost
+            # (its cost is a measured latency ratio), at the point in force or the top allowed.
+            prior = max(self.variants.values(), key=lambda v: (v.quality / v.cost, v.quality)).name
+            start = Point(prior, current.threads, current.khz)
+            if start not in allowed:
+                start = max((p for p in allowed if p.variant == prior), key=lambda p: (p.khz, p.threads))
             return start, f"measuring {start.label()}"
         incumbent = max(known, key=lambda p: self._score(p, objective, budget_w))
         if objective == "throughput":  # of the points as good as the best, the one drawing the least
