@@ -168,6 +168,10 @@ class Governor:
         self.plan = self._make_plan(now)
         return self.plan
 
+    def use_planner(self, planner: Planner | None) -> None:
+        """Plans with ``planner`` from the next step on (a new model's variants), forgetting the point in force."""
+        self.planner, self._point, self._last_work = planner, None, None
+
     def set_target(self, hours: float | None, by: str = "operator") -> Plan:
         """Sets how long the battery must last from now (``None`` or 0 clears it) and re-plans.
 

@@ -129,7 +129,7 @@ class Agent:
         speed = getattr(self.board_clock, "factor", 1.0)
         self.power = PowerLoop(self.governor, self.applier, step_s=self.policy.step_s, speed=speed, board=self.board,
                                runtime=self.runtime, on_step=self._after_step,
-                               beat=lambda: self.health.beat("governor"))
+                               beat=lambda: self.health.beat("governor"), planner_for=p.planner_for)
         self.pipeline = Pipeline(self.sensor, self.runtime, self.updates, self.power, clock=clock,
                                  simulated=self.simulated,
                                  publish=self.link.publish_result if self.link is not None else None,

@@ -39,8 +39,11 @@ class PowerLoop:
     """
 
     def __init__(self, governor, applier, *, step_s: float, speed: float = 1.0, board=None, runtime=None,
-                 on_step: Callable[[], None] | None = None, beat: Callable[[], None] | None = None):
+                 on_step: Callable[[], None] | None = None, beat: Callable[[], None] | None = None,
+                 planner_for: Callable | None = None):
         self.governor, self.applier = governor, applier
+        self.planner_for = planner_for
+        self._planned_for = runtime.manifest if runtime is not None and planner_for is not None else None
         self.step_s, self.speed = step_s, speed
         self.board, self.runtime = board, runtime
         self.on_step, self.beat = on_step, beat
@@ -62,6 +65,7 @@ class PowerLoop:
     def step(self) -> Applied:
         """One governor step and its plan applied; a virtual board's load follows."""
         with self._lock:
+            self._follow_model()
             self.governor.step()
             applied = self.applier.apply(self.governor.plan)
             if self.board is not None:
@@ -81,6 +85,16 @@ class PowerLoop:
                 self.governor.override(level, ttl_s, by=by)
             self.applier.apply(self.governor.plan)
             return self.governor.status()
+
+    def _follow_model(self) -> None:
+        """A new model (an update committed or rolled back): the planner starts again on its variants, since what
+        the old one's points cost says nothing of the new one's."""
+        if self.planner_for is None or self.runtime is None:
+            return
+        manifest = self.runtime.manifest
+        if manifest is not self._planned_for:
+            self._planned_for = manifest
+            self.governor.use_planner(self.planner_for(manifest))
 
     def set_target(self, hours: float, by: str) -> dict:
         """Sets the governor's runtime target (0 clears it) and applies the plan.

@@ -52,6 +52,7 @@ class Parts:
     reader: Any
     governor: Any
     applier: Any
+    planner_for: Any = None  # planner_for(manifest): the governor's planner for a model, or None without one
     spool: Any = None
     link: Any = None
     dispatcher: Any = None
@@ -134,15 +135,19 @@ def build(cfg: config.Config, clock, hub: Hub, *, board=None) -> Parts:
     reader = BoardReader(fs, clock=board_clock, slope_window_s=policy.slope_window_s,
                          power_good=io.read_power_good if io.power_good is not None else None)
     accelerators = discover(fs)
+    planner_for = None
+    if cfg.power.planner:
+        def planner_for(manifest):
+            return planner_for_model(manifest, policies, accelerators)
     governor = Governor(policy, reader.read, frequencies_khz=policies[0].frequencies_khz if policies else (),
                         clock=board_clock, on_event=hub.event,
-                        planner=_planner(cfg, runtime, policies, accelerators) if cfg.power.planner else None,
+                        planner=planner_for(runtime.manifest) if planner_for is not None else None,
                         power_model=_power_model(board, accelerators), runtime_target_h=cfg.power.runtime_target_h)
     governor_box.append(governor)
     parts = Parts(cfg=cfg, clock=clock, policy=policy, device_id=config.device_id(cfg), state_dir=state_dir,
                   board=board, board_clock=board_clock, mcu=mcu, sensor=sensor, io=io,
                   accelerators=accelerators, updates=updates, runtime=runtime, reader=reader, governor=governor,
-                  applier=PlanApplier(CpuFreq(fs), runtime, on_event=hub.event))
+                  applier=PlanApplier(CpuFreq(fs), runtime, on_event=hub.event), planner_for=planner_for)
     if cfg.link.broker:
         try:
             _link(parts, hub)
@@ -152,15 +157,21 @@ def build(cfg: config.Config, clock, hub: Hub, *, board=None) -> Parts:
     return parts
 
 
-def _planner(cfg: config.Config, runtime, policies, accelerators):
-    """The governor's measured planner over the serving model's variants this board can run, each weighted by
-    its accuracy relative to the default variant's (``model.json``)."""
+def planner_for_model(manifest, policies, accelerators):
+    """The governor's measured planner over ``manifest``'s variants this board can run, each weighted by its
+    accuracy relative to the default variant's (``model.json``)."""
     from power.planner import Planner, Variant, quality_of
 
-    manifest = runtime.manifest
     usable = [v for v in manifest.variants.values() if v.requires is None or accelerators.has_edgetpu]
     if not usable:
         return None
+    if any(v.accuracy is None for v in usable):
+        # Without each variant's accuracy the planner cannot weigh a cheaper variant's windows: it plans the
+        # frequency and threads of the default variant only, and never trades accuracy for energy unasked.
+        default = manifest.variants.get(manifest.default_variant)
+        usable = [default] if default is not None and default in usable else usable[:1]
+        log.info("model %s gives no accuracy per variant: the governor plans with variant %s only",
+                 manifest.name, usable[0].name)
     accuracy = {v.name: v.accuracy for v in usable if v.accuracy is not None}
     quality = quality_of(accuracy, [v.name for v in usable], manifest.default_variant)
     cpus = os.cpu_count() or 1

@@ -105,3 +105,59 @@ def test_a_waiting_apply_applies_the_latest_plan_not_the_one_it_was_given_before
     assert applier.applied.variant == "full" and applier.applied.cpu_max_khz == {"policy0": 1500000}
     out = applier.pin("lite", lambda: current["plan"])  # pinning and applying are one step
     assert out.variant == "lite" and applier.pinned_variant == "lite"
+
+
+def _copy_model(src_manifest, dest, *, accuracy: bool):
+    """The bundled model under another version, with or without each variant's accuracy."""
+    import json
+    import shutil
+
+    from device.runtime.manifest import load_manifest
+
+    shutil.copytree(src_manifest.root, dest)
+    doc = json.loads((dest / "model.json").read_text())
+    doc["version"] = "2.0.0"
+    for spec in doc["variants"].values():
+        if not accuracy:
+            spec.pop("accuracy", None)
+    (dest / "model.json").write_text(json.dumps(doc))
+    return load_manifest(str(dest))
+
+
+def test_the_planner_follows_a_new_model_and_without_accuracies_keeps_its_default_variant(tmp_path, settings,
+                                                                                          vibration):
+    """An update swaps the model: the power loop gives the governor a planner for the new model's variants; a
+    model.json without each variant's accuracy is planned with its default variant only (never trading accuracy
+    for energy unasked)."""
+    from device.agent.loops import PowerLoop
+    from device.agent.wiring import planner_for_model
+    from drivers.accel import discover
+    from power.governor import Governor
+    from power.policy import Policy
+    from power.snapshot import BoardReader
+
+    rt = Runtime(settings(isolation="inline", variant="auto", threads=2), manifest=vibration)
+    rt.start()
+    try:
+        board = VirtualBoard(str(tmp_path / "board"), "rpi4")
+        policies = CpuFreq(board.fs).policies()
+        accel = discover(board.fs)
+
+        def planner_for(manifest):
+            return planner_for_model(manifest, policies, accel)
+
+        gov = Governor(Policy.from_config(), BoardReader(board.fs, clock=board.clock).read, clock=board.clock,
+                       frequencies_khz=policies[0].frequencies_khz, planner=planner_for(rt.manifest))
+        loop = PowerLoop(gov, PlanApplier(CpuFreq(board.fs), rt), step_s=5.0, runtime=rt, planner_for=planner_for)
+        assert set(gov.planner.variants) == {"full", "lite"}
+        assert gov.planner.variants["lite"].quality == pytest.approx(0.955 / 0.9702)
+        loop.step()
+        rt.switch_model(_copy_model(vibration, tmp_path / "v2", accuracy=False))
+        loop.step()
+        assert set(gov.planner.variants) == {"full"}  # no accuracies: the default variant only
+        assert gov.plan.variant in ("full", "auto")
+        rt.switch_model(_copy_model(vibration, tmp_path / "v3", accuracy=True))
+        loop.step()
+        assert set(gov.planner.variants) == {"full", "lite"}
+    finally:
+        rt.close()
