@@ -381,3 +381,42 @@ def test_a_put_wakes_the_commit_thread_at_once(tmp_path):
         assert s.stats()["commits"] == commits and s.stats()["messages"] == 1  # the delete waits for a put or the interval
     finally:
         s.close()
+
+
+def test_a_message_published_and_acked_costs_the_commit_thread_two_wakeups(tmp_path):
+    """The link reads each commit as it is told of it and acks it: the commit thread wakes for the put, then once
+    to delete the ack, an interval after the commit. The ack that arrives meanwhile does not wake it."""
+    s = Spool(str(tmp_path / "wake.db"), commit_interval_s=0.5)
+    told, acked, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def link() -> None:  # the link's network thread: read what became durable and ack it (as PUBACKs would)
+        cursor = 0
+        while not stop.is_set():
+            if told.wait(0.05):
+                told.clear()
+                got = s.batch(cursor, 100)
+                if got:
+                    cursor = got[-1].id
+                    s.ack([m.id for m in got])
+                    acked.set()
+
+    s.on_durable(told.set)
+    reader = threading.Thread(target=link, name="test-link", daemon=True)
+    reader.start()
+    s.start()
+    n = 6
+    try:
+        for i in range(n):
+            acked.clear()
+            s.put(Kind.RESULT, "fieldnode/v1/x/results/m", b"r%d" % i)
+            assert acked.wait(30), f"message {i} was not read"
+            eventually(lambda: s.stats()["messages"] == 0, what=f"the delete of message {i}")
+        wakeups = s.wakeups
+        assert s.stats()["commits"] == 2 * n  # each put committed at once, each ack deleted in a commit of its own
+    finally:
+        stop.set()
+        reader.join()
+        s.close()
+    # The first message finds the link not yet acking: its ack wakes the thread to set the delete's deadline. One
+    # more is slack for a wait that ends a hair before its deadline; three a message (each ack woke it) is too many.
+    assert wakeups <= 2 * n + 2, f"{wakeups} wake-ups for {n} messages"

@@ -6,7 +6,10 @@ arrives (classic group commit: while one commit and its fsync run, and for a 4 m
 puts gather into the next), and ``commit_interval_s`` after the first ack of a batch for acks alone, so deletes
 stay batched. It sleeps on a condition otherwise: until a put, an ack's interval, the oldest row's ``max_age_s``,
 or a failed commit's retry (every interval) is due. Listeners (:meth:`Spool.on_durable`; the link's wake-up)
-are called when new rows are durable.
+are called when new rows are durable. While the reader acks what it reads, a commit of new rows also sets the
+deadline for their acks: ``commit_interval_s`` after that commit, what was acked by then is deleted. An ack wakes
+the thread only when it sleeps past the ack's own deadline, so a message read and acked at once costs the thread
+two wake-ups (its put, its delete), not three.
 A flush writes the whole batch, the pending acks (DELETE) and the budget enforcement in ONE SQLite
 transaction. The MQTT publisher reads committed messages in id order with :meth:`Spool.batch`, publishes them
 at QoS 1 and calls :meth:`Spool.ack` on PUBACK; acked rows go away at the next commit.
@@ -133,13 +136,17 @@ class Spool:
         self._recovering = False
         self._closed = False
         self._stop = threading.Event()
-        self._wakeup = threading.Condition(self._lock)  # the commit thread sleeps on it; put/ack/close notify
+        self._wakeup = threading.Condition(self._lock)  # the commit thread sleeps on it; put/close (ack) notify
         self._dirty_since: float | None = None  # monotonic time the first ack (or drop count) began to wait
         self._retry_at: float | None = None  # monotonic time a failed commit is tried again
+        self._asleep_until: float | None = None  # monotonic end of the commit thread's wait (None: not waiting)
+        self._acks_at: float | None = None  # monotonic time the acks of the last commit's rows are deleted
+        self._acking = False  # acks arrived since the last commit of new rows: the reader is live
         self._listeners: list[Callable[[], None]] = []
         self._readable = 0  # readable_mark
         self._unheard = False  # the listeners are yet to hear of a change (the commit thread tells them)
         self._thread: threading.Thread | None = None
+        self._wakeups = 0  # times the commit thread came back from a wait
         self._file = spoolopen.SpoolFile(self.path, max_bytes, min_free_bytes, clock, self._emit)
         opened = self._file.open()
         self._corrupt_recoveries += opened.outcome is not None
@@ -149,6 +156,11 @@ class Spool:
     def durable_id(self) -> int:
         """The highest id known committed (0 for none): every message up to it survives a crash."""
         return self._durable_id
+
+    @property
+    def wakeups(self) -> int:
+        """How many times the commit thread has come back from a wait (on a notify or its deadline)."""
+        return self._wakeups
 
     @property
     def readable_mark(self) -> int:
@@ -307,6 +319,7 @@ class Spool:
             got.append(i)
         with self._lock:
             if got:
+                self._acking = True
                 self._mark_dirty_locked()  # deleted commit_interval_s from the first ack on
             self._acks.update(got)
 
@@ -324,10 +337,14 @@ class Spool:
         return out
 
     def _mark_dirty_locked(self) -> None:
-        """Acks or drop counters wait for a commit: the commit thread commits them an interval from now."""
+        """Acks or drop counters wait for a commit: the commit thread commits them an interval from now.
+
+        The thread is woken only when it sleeps past that deadline; awake, it sees the deadline before it sleeps.
+        """
         if self._dirty_since is None:
             self._dirty_since = time.monotonic()
-            self._wakeup.notify()
+            if self._asleep_until is not None and self._asleep_until > self._dirty_since + self._interval:
+                self._wakeup.notify()
 
     # -- commit --------------------------------------------------------------------------------------
 
@@ -358,7 +375,7 @@ class Spool:
             self._check_open()
             with self._lock:
                 rows, self._pending, self._pending_bytes = self._pending, [], 0
-                acks, self._acks, self._dirty_since = self._acks, set(), None
+                acks, self._acks, self._dirty_since, self._acks_at = self._acks, set(), None, None
                 dirty, self._dropped_dirty = self._dropped_dirty, False
             # Near the floor of free space: telemetry is refused, what does not fit waits (one statvfs).
             room = self._file.disk.admit(rows, Kind.TELEMETRY)
@@ -388,6 +405,9 @@ class Spool:
                     self._commits += 1
                     self._last_commit_ms = (time.perf_counter() - t0) * 1000.0
         if grew:  # outside the lock: a reader woken by it does not wait for this commit to let go
+            with self._lock:
+                if self._acking:  # the reader acks what it reads: these rows' acks are deleted an interval from now
+                    self._acks_at, self._acking = time.monotonic() + self._interval, False
             self._readable_changed()
         if err is not None:  # outside the lock: batch() returns nothing meanwhile instead of waiting
             out = self._recover(err)
@@ -526,6 +546,8 @@ class Spool:
         due = _LONGEST_SLEEP_S
         if self._dirty_since is not None:
             due = self._dirty_since + self._interval - now
+        if self._acks_at is not None:  # the last rows' acks (if any came) are deleted then; else nothing happens
+            due = min(due, self._acks_at - now)
         if self._oldest is not None:  # rows past max_age_s go at a commit
             due = min(due, self._oldest + self._max_age - self._clock.time() + 0.001)
         return due
@@ -540,7 +562,12 @@ class Spool:
                 due = self._due_locked()
                 if due <= 0:
                     return False, slept
-                self._wakeup.wait(due)
+                self._asleep_until = time.monotonic() + due
+                try:
+                    self._wakeup.wait(due)
+                finally:
+                    self._asleep_until = None
+                self._wakeups += 1
                 slept = True
         return True, slept
 
