@@ -77,6 +77,16 @@ def _best(traces: list[Trace], key: Callable[[Trace], float]) -> Trace | None:
     return max(traces, key=key) if traces else None
 
 
+def _best_survivors(governed: Trace, statics: list[Trace], kernels: list[Trace],
+                    least: float) -> tuple[Trace | None, Trace | None, bool]:
+    """The static plan and the kernel governor with the most weighted windows among those whose battery lasted,
+    and whether the governed run lasted wherever a static plan did, with at least ``least`` of its windows."""
+    best_s = _best([t for t in statics if not t.died], lambda t: t.weighted)
+    best_k = _best([t for t in kernels if not t.died], lambda t: t.weighted)
+    ratio = _ratio(governed.weighted, best_s.weighted if best_s else None)
+    return best_s, best_k, (best_s is None or not governed.died) and (ratio is None or ratio >= least)
+
+
 def _name(trace: Trace | None) -> str | None:
     return None if trace is None else trace.name
 
@@ -166,12 +176,7 @@ def target(policy: Policy, profile: str, quick: bool = False) -> tuple[dict, lis
     governed = simulate(policy, name="governed", target_h=hours, dt=5.0, **kw)
     statics = _baselines(static_plans(profile, intervals_ms=(0, 50, 200)), dt=20.0, **kw)
     kernels = _baselines(kernel_plans(profile), dt=5.0, **kw)
-    lasting = [t for t in statics if not t.died]
-    lasting_k = [t for t in kernels if not t.died]
-    best_s = _best(lasting, lambda t: t.weighted)
-    best_k = _best(lasting_k, lambda t: t.weighted)
-    r_s = _ratio(governed.weighted, best_s.weighted if best_s else None)
-    met = (best_s is None or not governed.died) and (r_s is None or r_s >= 0.95)
+    best_s, best_k, met = _best_survivors(governed, statics, kernels, 0.95)
     told = governed.governor.plan.target if governed.governor is not None else None
     return _line("target", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met, kernels,
                  runtime_target_h=hours, battery_mah=mah, lasted=not governed.died,
@@ -192,15 +197,10 @@ def solar(policy: Policy, profile: str, quick: bool = False) -> tuple[dict, list
     governed = simulate(policy, name="governed", dt=5.0, target_h=SOLAR_NIGHT_H, **kw)
     statics = _baselines(static_plans(profile), dt=20.0, **kw)  # duty cycles only waste base power over days
     kernels = _baselines(kernel_plans(profile), dt=5.0, **kw)
-    alive = [t for t in statics if not t.died]
-    alive_k = [t for t in kernels if not t.died]
-    best_s = _best(alive, lambda t: t.weighted)
-    best_k = _best(alive_k, lambda t: t.weighted)
-    r_s = _ratio(governed.weighted, best_s.weighted if best_s else None)
-    met = (best_s is None or not governed.died) and (r_s is None or r_s >= 1.0)
+    best_s, best_k, met = _best_survivors(governed, statics, kernels, 1.0)
     line = _line("solar", profile, governed, best_s, best_k, lambda t: t.weighted, "weighted windows", met, kernels,
                  days=days, solar_peak_w=peak, battery_mah=mah, runtime_target_h=SOLAR_NIGHT_H,
-                 brownout=governed.died, static_plans_without_brownout=len(alive),
+                 brownout=governed.died, static_plans_without_brownout=sum(1 for t in statics if not t.died),
                  target_ratio_vs_best_static=">= 1.0")
     return line, [governed, best_s, best_k]
 
