@@ -61,3 +61,16 @@ def test_simulate_refuses_an_unknown_scenario(capsys):
     assert "invalid choice: 'battery'" in capsys.readouterr().err
 
 
+
+
+def test_simulate_a_scenario_against_every_baseline_prints_one_line_with_the_ratios(capsys):
+    assert main(["power", "simulate", "--sim", "jetson-orin-nano", "--scenario", "rate-light", "--quick",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["scenario"], out["profile"], out["figure"]) == ("rate-light", "jetson-orin-nano", "runtime h")
+    assert out["best_static"].startswith("static ") and out["best_kernel"].startswith("kernel ")
+    assert out["ratio_vs_best_static"] == pytest.approx(out["governed"] / out["best_static_value"], abs=0.002)
+    assert out["ratio_vs_best_kernel"] == pytest.approx(out["governed"] / out["best_kernel_value"], abs=0.002)
+    assert out["os_default"] == "kernel schedutil 6t full" and out["kept_up"] >= 0.99
+    assert out["met"] is None  # a light load: every plan ties, and the line says so
+    assert out["target_ratio_vs_best_static"] == ">= 1.0"
