@@ -127,6 +127,7 @@ class Governor:
         self.planner, self.read_work, self._power_model = planner, read_work, power_model
         self._point: Point | None = None  # the planner's point in force
         self._unmetered = False
+        self._thermal_level = Level.PERFORMANCE
         self._mode = "level"
         self._last_work: tuple[float, Work] | None = None
         self._interval_ms = 0  # the planner's duty cycle under a budget below its cheapest point
@@ -146,7 +147,10 @@ class Governor:
         snap = self._read()
         self.snapshot = snap
         self._expire_override(now)
-        called, why = self.policy.called_for(snap, self.level)
+        called, why = self.policy.called_for(snap, self.level, self._thermal_level)
+        # what the temperature (and the throttle flags and the power-good line) alone call for, without the battery
+        self._thermal_level = self.policy.called_for(dataclasses.replace(snap, battery_pct=None), self.level,
+                                                     self._thermal_level)[0]
         if self._override is not None:
             level, until, by = self._override
             self._set_level(level, f"override by {by} ({until - now:.0f} s left); board calls for "
@@ -379,7 +383,7 @@ class Governor:
             return None
         # The levels a battery charge calls for are the planner's business on battery (it spends the energy left
         # by measured cost); temperature, firmware throttling and the power-good line keep their levels.
-        thermal_level = self.policy.called_for(dataclasses.replace(snap, battery_pct=None), self.level)[0]
+        thermal_level = self._thermal_level
         if thermal_level == Level.CRITICAL:
             return None
         discharging = snap.battery_pct is not None and (

@@ -127,12 +127,14 @@ class Policy:
     def spec(self, level: Level) -> LevelSpec:
         return self.levels[int(level)]
 
-    def called_for(self, snap: PowerSnapshot, current: Level) -> tuple[Level, str]:
+    def called_for(self, snap: PowerSnapshot, current: Level, thermal: Level | None = None) -> tuple[Level, str]:
         """The most restrictive level ``snap`` calls for, and why.
 
         Args:
             snap: The board's state.
             current: The level in force, for hysteresis.
+            thermal: The level the temperature alone called for last time, for the temperature's hysteresis (so a
+                level held for a low battery does not lower the temperature thresholds); ``current`` when None.
 
         Returns:
             ``(level, reason)``; the reason is one human line naming the reading and the threshold.
@@ -143,9 +145,10 @@ class Policy:
         discharging = snap.battery_pct is not None and snap.charging is not True
         for spec in self.levels[1:]:
             held = spec.level <= current
+            held_temp = spec.level <= (current if thermal is None else thermal)
             why = None
             if snap.temp_c is not None:
-                limit = spec.enter_temp_c + shift - (self.temp_hysteresis_c if held else 0.0)
+                limit = spec.enter_temp_c + shift - (self.temp_hysteresis_c if held_temp else 0.0)
                 if snap.temp_c >= limit:
                     why = f"temperature {snap.temp_c:.1f} C >= {limit:g} C"
                 elif predicted is not None and predicted >= limit:
