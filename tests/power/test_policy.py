@@ -91,6 +91,13 @@ def test_temperature_hysteresis_holds_an_active_level():
     assert POLICY.called_for(snap(temp_c=76.9, temp_slope_c_per_s=0.0), Level.BALANCED)[0] == Level.PERFORMANCE
 
 
+def test_a_level_held_for_the_battery_does_not_lower_the_temperature_thresholds():
+    s = snap(temp_c=78.0, temp_slope_c_per_s=0.0)  # within balanced's 3 C hysteresis, had it been entered for heat
+    assert POLICY.called_for(s, Level.CRITICAL)[0] == Level.BALANCED  # without knowing why critical is in force
+    assert POLICY.called_for(s, Level.CRITICAL, thermal=Level.PERFORMANCE)[0] == Level.PERFORMANCE
+    assert POLICY.called_for(s, Level.CRITICAL, thermal=Level.BALANCED)[0] == Level.BALANCED
+
+
 def test_battery_hysteresis_holds_an_active_level():
     s = snap(battery_pct=28.0, charging=False)  # above saver's 25 %, inside its 5 % hysteresis
     assert POLICY.called_for(s, Level.BALANCED)[0] == Level.BALANCED
