@@ -151,6 +151,8 @@ deadline_ms = 600000
 virtual_board = "rpi4"
 
 [power]
+# These checks follow the worker process across signals and reloads; the planner's probes hot-swap it.
+planner = false
 step_s = 0.5
 dwell_s = 0
 trim_dwell_s = 0

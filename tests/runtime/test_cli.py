@@ -72,8 +72,9 @@ def test_selftest_fails_when_outputs_do_not_match(tmp_path, vibration):
 
 
 def test_demo_runs_the_loop_on_the_virtual_board(tmp_path):
-    """Sensor on a pty -> windows -> worker -> results, with the governor steering the runtime: the battery
-    crosses the balanced threshold, so the plan hot-swaps to the cheap variant while inference goes on."""
+    """Sensor on a pty -> windows -> worker -> results, with the governor steering the runtime: on battery its
+    planner hot-swaps to the cheap variant (the most weighted windows per joule) while inference goes on, and
+    the battery crosses the balanced threshold."""
     cfg = tmp_path / "fieldnode.toml"
     cfg.write_text(f'[runtime]\nbackend = "{EXPECTED_BACKEND}"\n')
     r = fieldnode("demo", "--config", str(cfg), "--seconds", "4", "--speed", "120", "--battery", "50.6")
@@ -81,7 +82,8 @@ def test_demo_runs_the_loop_on_the_virtual_board(tmp_path):
     lines = r.stdout.splitlines()
     ticks = [ln for ln in lines if ln.startswith("t=")]
     assert len(ticks) >= 3
-    assert "variant=lite" in ticks[-1] and "level=balanced" in ticks[-1]
+    assert "level=balanced" in ticks[-1]
+    assert any("variant=lite" in t for t in ticks)  # the planner's choice; a tick may catch it measuring another
     assert any(ln.startswith("event governor_level: from=performance, to=balanced, reason=battery") for ln in lines)
     assert any(ln.startswith("event variant_changed: from=full, to=lite") for ln in lines)
     done = lines[-1]
