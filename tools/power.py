@@ -39,7 +39,7 @@ def add_arguments(p) -> None:
     sim.add_argument("--scenario", choices=SCENARIOS, default="hot",
                      help="hot (40 C, mains), rate (windows at a fixed rate, on battery), rate-light, target (a "
                           "12-hour runtime target), solar (3 days of sun and night) or plug (default hot)")
-    sim.add_argument("--quick", action="store_true", help="a shorter run of the scenario (minutes, not hours)")
+    sim.add_argument("--quick", action="store_true", help="fewer simulated hours: a smoke run, not the figures")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
 
