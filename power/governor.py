@@ -128,7 +128,6 @@ class Governor:
         self._point: Point | None = None  # the planner's point in force
         self._unmetered = False
         self._thermal_level = Level.PERFORMANCE
-        self._mode = "level"
         self._last_work: tuple[float, Work] | None = None
         self._interval_ms = 0  # the planner's duty cycle under a budget below its cheapest point
         self._target: tuple[float, float, str] | None = None  # deadline (monotonic), hours, by
@@ -284,11 +283,11 @@ class Governor:
         remaining = None if self._override is None else round(max(0.0, self._override[1] - now), 1)
         planned = self._plan_point(now)
         if planned is None:
-            self._point, self._mode = None, "level"
+            self._point = None
             return Plan(self.level, self.reason, khz, threads, spec.variant, spec.interval_ms, spec.telemetry_s,
                         self._trim, self._override is not None, remaining, "level", self._target_status(now, None))
         point, mode, why, interval_ms, target, base = planned
-        self._point, self._mode = point, mode
+        self._point = point
         interval_ms = max(interval_ms, self.policy.spec(base).interval_ms)  # the configured duty cycle stays
         return Plan(self.level, f"{self.reason}; {why}", point.khz or None, point.threads, point.variant,
                     interval_ms, spec.telemetry_s, self._trim,
@@ -348,15 +347,23 @@ class Governor:
         if left_s <= 0 or fuel is None:
             return None
         allowed = fuel / left_s
-        if len(self._fuel) >= 2:
-            (t0, f0, _), (t1, f1, _) = self._fuel[0], self._fuel[-1]
-            if t1 - t0 >= self._DRAIN_MIN_S:
-                drain = (f0 - f1) / (t1 - t0)
-                metered = sum(p for _, _, p in self._fuel) / len(self._fuel)
-                if drain > 0 and snap.charging is False and not (snap.on_external_power is True):
-                    self._learned_w_per_drain = metered / drain  # the battery alone: watts per unit of drain
-                return max(0.0, metered + (allowed * 0.99 - drain) * self._w_per_drain(snap))
-        return allowed * self._w_per_drain(snap)
+        measured = self._drain()
+        if measured is None:
+            return allowed * self._w_per_drain(snap)
+        drain, metered, _ = measured
+        if drain > 0 and snap.charging is False and not (snap.on_external_power is True):
+            self._learned_w_per_drain = metered / drain  # the battery alone: watts per unit of drain
+        return max(0.0, metered + (allowed * 0.99 - drain) * self._w_per_drain(snap))
+
+    def _drain(self) -> tuple[float, float, float] | None:
+        """The battery's drain per second over the last minutes (net of any charge), the mean metered power over
+        the same minutes and the charge (or energy) left now; None before the samples span ``_DRAIN_MIN_S``."""
+        if len(self._fuel) < 2:
+            return None
+        (t0, f0, _), (t1, f1, _) = self._fuel[0], self._fuel[-1]
+        if t1 - t0 < self._DRAIN_MIN_S:
+            return None
+        return (f0 - f1) / (t1 - t0), sum(p for _, _, p in self._fuel) / len(self._fuel), f1
 
     def _target_status(self, now: float, budget_w: float | None) -> dict | None:
         if self._target is None:
@@ -364,15 +371,15 @@ class Governor:
         deadline, hours, by = self._target
         out = {"hours": hours, "remaining_h": round(max(0.0, deadline - now) / 3600.0, 2), "by": by,
                "budget_w": None if budget_w is None else round(budget_w, 3), "projected_h": None, "will_meet": None}
-        if len(self._fuel) >= 2:
-            (t0, f0, _), (t1, f1, _) = self._fuel[0], self._fuel[-1]
-            if t1 - t0 >= self._DRAIN_MIN_S and f0 > f1:
-                projected_s = f1 / ((f0 - f1) / (t1 - t0))  # at the drain measured over the last minutes
-                out["projected_h"] = round(projected_s / 3600.0, 2)
-                # Met when the drain now lasts, or when a point measured fits the budget (the planner moves there).
-                cheapest = min((e.power_w for e in self.planner.table.values() if e.samples), default=None)
-                out["will_meet"] = projected_s >= deadline - now or (
-                    budget_w is not None and cheapest is not None and cheapest <= budget_w)
+        measured = self._drain()
+        if measured is not None and measured[0] > 0:
+            drain, _, left = measured
+            projected_s = left / drain  # at the drain measured over the last minutes
+            out["projected_h"] = round(projected_s / 3600.0, 2)
+            # Met when the drain now lasts, or when a point measured fits the budget (the planner moves there).
+            cheapest = min((e.power_w for e in self.planner.table.values() if e.samples), default=None)
+            out["will_meet"] = projected_s >= deadline - now or (
+                budget_w is not None and cheapest is not None and cheapest <= budget_w)
         return out
 
     def _plan_point(self, now: float):

@@ -20,6 +20,7 @@ import threading
 from typing import Callable
 
 from device.results import Applied, Result
+from power.planner import Work
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +234,10 @@ class Pipeline:
                 return newest
         return self.sensor.next_window(timeout=self.POLL_S)
 
-    def work(self):
+    def work(self) -> Work:
         """The governor's work counters: windows classified, windows the sensor dropped because the loop did not
         take them in time (not those a duty cycle skips on purpose), and the inference time spent."""
-        from power.planner import Work
-
-        overflowed = getattr(self.sensor.health(), "windows_overflowed", 0) if hasattr(self.sensor, "health") else 0
-        return Work(done=float(self.results), late=float(overflowed), busy_s=self.busy_s)
+        return Work(done=float(self.results), late=float(self.sensor.health().windows_overflowed), busy_s=self.busy_s)
 
     def run(self, stop: threading.Event, deadline: float | None = None,
             every_second: Callable[[], None] | None = None) -> None:
