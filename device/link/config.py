@@ -43,8 +43,9 @@ class LinkConfig:
         30.0, "A result in flight this long without its PUBACK resets the connection (the spool replays it); until "
               "acknowledgements flow again the link reports itself unhealthy.", minimum=1, maximum=3600)
     spool_commit_ms: int = setting(
-        50, "Spool commits start as soon as a result arrives (group commit); acknowledged messages are deleted "
-            "at least this often.", minimum=1, maximum=10000)
+        2000, "Spool commits start as soon as a result arrives (group commit); acknowledged messages are deleted "
+              "with the next commit, or alone after this long. A crash may replay what was acknowledged this long "
+              "before it (consumers drop duplicates by id).", minimum=1, maximum=10000)
     spool_max_mb: float = setting(64.0, "Spool budget on disk (rows, indexes and WAL); past it telemetry, then the "
                                         "oldest results, are dropped.", minimum=0.1, maximum=65536)
     spool_max_age_h: float = setting(168.0, "Messages older than this are dropped.", minimum=0.01, maximum=87600)
