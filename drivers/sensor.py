@@ -15,7 +15,10 @@ every error ends up in :meth:`SerialSensor.health` (``last_error``).
 
 Waking: the thread sleeps in the port's read until bytes arrive, the staleness deadline comes (``read_timeout_s``
 after the last frame) or :meth:`SerialSensor.stop` cancels the read (pyserial's ``cancel_read``); while
-disconnected it sleeps until the next reopen is due. A consumer blocked in :meth:`SerialSensor.next_window` is
+disconnected it sleeps until the next reopen is due. Once the MCU's HELLO has said its sample rate and a read has
+emptied the port, the thread lets the stream gather until the current window can be complete, at most
+:data:`BATCH_S` and never past half the port's buffer at the rate the bytes arrive (:meth:`SerialSensor._pause`):
+a window costs a few reads, not one per frame (the MCU sends a frame every 32 ms at 1 kHz). A consumer blocked in :meth:`SerialSensor.next_window` is
 woken only when a window is complete or the sensor stops, not after every read.
 
 Time: intervals (staleness, backoff, frame age) are measured on the injected clock, so with a simulated
@@ -45,6 +48,8 @@ from drivers.serialproto import Frame, FrameDecoder, FrameType, Hello, gain
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05  # longest real-time wait of the reader thread when it cannot sleep until its deadline
+BATCH_S = 0.25  # longest pause between two reads of a steady stream (see SerialSensor._pause)
+_PORT_BUFFER = 4096  # bytes a tty holds for its reader (the line discipline's buffer): pauses fill half of it
 DEFAULT_QUEUE = 8
 _MAX_READ = 65536
 
@@ -196,6 +201,7 @@ class SerialSensor:
         self._state = SensorState.STARTING
         self._last_rx: float | None = None  # last valid frame, or the open, for staleness
         self._last_frame: float | None = None
+        self._last_read = -math.inf  # when the last read returned (the stream's byte rate for _pause)
         self._silent = False  # a timeout was already counted for this silent period
         self._buf = np.zeros((self.window, self.axes), dtype=np.float32)
         self._fill = 0
@@ -342,7 +348,9 @@ class SerialSensor:
                     if self._port is None:
                         self._reopen_when_due()
                     else:
-                        self._read_once()
+                        pause = self._pause(self._read_once())
+                        if pause > 0:
+                            self._stop.wait(pause)  # stop() wakes it
                 except Exception as exc:  # the thread must outlive anything; the error goes to health
                     log.exception("sensor %s: unexpected error", self.url)
                     self._lose_port(f"unexpected {type(exc).__name__}: {exc}")
@@ -396,18 +404,18 @@ class SerialSensor:
         self._next_attempt = self._clock.monotonic() + backoff_delay(self._attempt, lo, hi, self._rng)
         self._attempt += 1
 
-    def _read_once(self) -> None:
+    def _read_once(self) -> int:
+        """One read: blocks for the first byte, then takes what came with it. Returns the bytes read."""
         port = self._port
         try:
             self._aim_timeout(port)
-            # Block for the first byte, then take what came with it: one turn per burst of the MCU.
             data = port.read(1)
             waiting = port.in_waiting if data else 0
             if waiting:
                 data += port.read(min(waiting, _MAX_READ))
         except (serial.SerialException, OSError) as exc:
             self._lose_port(f"read from {self.url} failed: {exc}")
-            return
+            return 0
         now = self._clock.monotonic()
         with self._cond:
             if data:
@@ -420,6 +428,32 @@ class SerialSensor:
                 self._last_error = f"no frame from {self.url} for {self.read_timeout_s:g} s"
                 log.info("sensor %s: stale", self.url)  # the agent warns once per fault (device.agent.watch)
             self._cond.notify_all()
+        return len(data)
+
+    def _pause(self, got: int) -> float:
+        """Seconds to let the stream gather before the next read (0: read at once).
+
+        Only on the system clock with a cancellable read (stop() must not wait), once HELLO has given the sample
+        rate, and after a read that emptied the port (a burst is read through at once). The pause lasts until the
+        current window can be complete at that rate, at most :data:`BATCH_S`, and no longer than half the port's
+        buffer takes at the rate the bytes of the last read arrived, so nothing overflows.
+        """
+        now = self._clock.monotonic()
+        since, self._last_read = now - self._last_read, now
+        hello, port = self._hello, self._port
+        if not got or not self._aimed or hello is None or hello.sample_rate_hz <= 0 or port is None:
+            return 0.0
+        try:
+            if port.in_waiting:
+                return 0.0
+        except (serial.SerialException, OSError):
+            return 0.0  # the next read meets the error and handles it
+        with self._cond:
+            needed = self._skip + self.window - self._fill
+        pause = min(BATCH_S, needed / hello.sample_rate_hz)
+        if 0 < since < math.inf:
+            pause = min(pause, _PORT_BUFFER / 2 * since / got)
+        return pause
 
     def _aim_timeout(self, port: Any) -> None:
         """On the system clock, makes the coming read end at the staleness deadline (read_timeout_s after the

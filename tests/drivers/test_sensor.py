@@ -444,6 +444,37 @@ def synced(mcu):
     return lambda h: h.frames + h.crc_errors == mcu.injected["frames_written"]
 
 
+def test_a_steady_stream_is_read_a_few_times_a_window_not_once_a_frame(sensors, mcus):
+    """With the MCU's sample rate known (HELLO), the reader lets a window's frames gather between reads: far fewer
+    turns than frames, nothing lost on the pty, every window a contiguous slice of the source."""
+    turns = [0]
+
+    def opener(url, **kw):
+        port = serial.serial_for_url(url, **kw)
+        read = port.read
+
+        def counted(size=1):
+            turns[0] += size == 1  # each turn of the reader starts with a one-byte read
+            return read(size)
+
+        port.read = counted
+        return port
+
+    mcu = mcus(seed=5)  # 1 kHz, 32 samples a frame
+    s = sensors(mcu.port, opener=opener, window=256)
+    s.start()
+    until(s, lambda h: h.connected)
+    mcu.start()
+    until(s, lambda h: h.windows >= 8)
+    mcu.stop()
+    h = s.health()
+    assert mcu.injected["overflow_bytes"] == 0 and h.seq_gaps == 0 and h.crc_errors == 0
+    assert turns[0] * 3 <= h.frames, f"{turns[0]} turns for {h.frames} frames"
+    ref = VibrationSource(5).read(h.samples + 256)
+    got = starts(windows(s), ref)
+    assert got == [got[0] + 256 * k for k in range(len(got))]
+
+
 def test_windows_from_the_mcu_pty_equal_the_source(sensors, mcus):
     mcu = mcus(seed=13, samples_per_frame=50)
     s = sensors(mcu.port)
