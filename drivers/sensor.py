@@ -408,11 +408,15 @@ class SerialSensor:
         """One read: blocks for the first byte, then takes what came with it. Returns the bytes read."""
         port = self._port
         try:
-            self._aim_timeout(port)
-            data = port.read(1)
-            waiting = port.in_waiting if data else 0
+            waiting = port.in_waiting  # after a pause the bytes are there: one read takes them
             if waiting:
-                data += port.read(min(waiting, _MAX_READ))
+                data = port.read(min(waiting, _MAX_READ))
+            else:
+                self._aim_timeout(port)
+                data = port.read(1)
+                waiting = port.in_waiting if data else 0
+                if waiting:
+                    data += port.read(min(waiting, _MAX_READ))
         except (serial.SerialException, OSError) as exc:
             self._lose_port(f"read from {self.url} failed: {exc}")
             return 0

@@ -447,14 +447,14 @@ def synced(mcu):
 def test_a_steady_stream_is_read_a_few_times_a_window_not_once_a_frame(sensors, mcus):
     """With the MCU's sample rate known (HELLO), the reader lets a window's frames gather between reads: far fewer
     turns than frames, nothing lost on the pty, every window a contiguous slice of the source."""
-    turns = [0]
+    turns = [0]  # reads of the port
 
     def opener(url, **kw):
         port = serial.serial_for_url(url, **kw)
         read = port.read
 
         def counted(size=1):
-            turns[0] += size == 1  # each turn of the reader starts with a one-byte read
+            turns[0] += 1  # a turn of the reader is one or two reads
             return read(size)
 
         port.read = counted
@@ -469,7 +469,7 @@ def test_a_steady_stream_is_read_a_few_times_a_window_not_once_a_frame(sensors, 
     mcu.stop()
     h = s.health()
     assert mcu.injected["overflow_bytes"] == 0 and h.seq_gaps == 0 and h.crc_errors == 0
-    assert turns[0] * 3 <= h.frames, f"{turns[0]} turns for {h.frames} frames"
+    assert turns[0] * 3 <= h.frames, f"{turns[0]} reads for {h.frames} frames"
     ref = VibrationSource(5).read(h.samples + 256)
     got = starts(windows(s), ref)
     assert got == [got[0] + 256 * k for k in range(len(got))]
