@@ -33,7 +33,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from device.configschema import ValueSpec, section, setting, show, spec_of
 from device.errors import ConfigError
+from device.link import wire
 from device.link.config import LinkConfig
+from device.link.groups import groups_problem
 from device.update.config import UpdateConfig
 from drivers.config import DriversConfig
 from power.config import PowerConfig
@@ -72,6 +74,16 @@ class DeviceConfig:
                           "fieldnode status finds the running agent.",
         pattern=r"(?s).*\S.*", expect="a non-empty directory path",
     )
+    groups: list = setting(
+        (), f"Groups this board is in (docs/fleet.md): each takes commands on fieldnode/v1/group/<group>/cmd/; "
+            f"at most {wire.MAX_GROUPS} unique names of {wire.GROUP_RULE}. A signed groups.set overrides this "
+            f"list until a groups.set with reset.",
+    )
+
+    def validate(self) -> list[tuple[str, str]]:
+        """The rule on ``groups`` past its type: unique names of one topic level, at most a few."""
+        problem = groups_problem(self.groups)
+        return [("device.groups", problem)] if problem else []
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,9 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             why = spec.problem(data[name])
             if why is not None:
                 raise ConfigError(why, key_path, source)
-            kwargs[name] = spec.normalize(data[name])
+            value = spec.normalize(data[name])
+            # A list is kept as a tuple: a frozen section stays immutable, comparable and hashable.
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
 
 
@@ -494,6 +508,8 @@ def describe() -> list[tuple[str, str, object, str]]:
 
 
 def toml_literal(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

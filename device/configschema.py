@@ -127,9 +127,11 @@ class ValueSpec:
             raise ValueError(f"choice or default {self.default!r} is not {self.expected()}")
 
     def normalize(self, value: Any) -> Any:
-        """``value`` in its accepted form (an int as a float where only float is accepted), or None when its
-        type is not accepted. None itself is never a valid value."""
+        """``value`` in its accepted form (an int as a float where only float is accepted; a tuple is accepted
+        where a list is), or None when its type is not accepted. None itself is never a valid value."""
         for t in self.types:
+            if t is list and isinstance(value, tuple):
+                return value  # a frozen section's default (a list cannot be a dataclass default)
             if t is bool or not isinstance(value, bool):  # a boolean is only ever a boolean
                 if t is float and isinstance(value, int) and not isinstance(value, bool) and int not in self.types:
                     try:

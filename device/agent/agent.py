@@ -35,6 +35,8 @@ import os
 import threading
 
 from device import __version__, config
+from device.agent import summary
+from device.agent.summary import UpdateState
 from device.clock import SYSTEM_CLOCK
 from device.errors import ConfigError
 from device.results import Result
@@ -109,6 +111,7 @@ class Agent:
         self.log_args: tuple = (None, False)  # fieldnode run's --log-format and -v, kept over the file on reload
         self._started = False
         self._sensor_frames = -1
+        self.update_state = None  # made once the updates are (their events before that change nothing)
         try:
             p = wiring.build(cfg, clock, self, board=board)
         except BaseException:
@@ -120,7 +123,11 @@ class Agent:
         self.sensor, self.io, self.accelerators = p.sensor, p.io, p.accelerators
         self.updates, self.runtime, self.reader, self.governor, self.applier = (p.updates, p.runtime, p.reader,
                                                                                p.governor, p.applier)
+        self.update_state = UpdateState(self.updates.status().get("store"))
         self.spool, self.link, self.dispatcher, self.trust = p.spool, p.link, p.dispatcher, p.trust
+        self.groups = p.groups
+        self.groups.on_change(lambda groups: self.event("groups_changed", {"groups": list(groups),
+                                                                          "source": self.groups.source}))
         self.faults = Faults(self.event, clock=clock)  # sensor, link and worker; said once, and when they clear
         self.last_reload: dict | None = None  # the last SIGHUP's result, for status
         for kind, data in self._early if self.link is not None else ():
@@ -139,20 +146,25 @@ class Agent:
     # ------------------------------------------------------------------------------ what parts call
 
     def birth(self) -> dict:
+        """The retained ``online`` state's fields besides ``state``, ``device``, ``session`` and ``time`` (the
+        link's): what serves, and the fleet summary (:mod:`device.agent.summary`)."""
         st = self.runtime.status()
         m = self.runtime.manifest
+        update = {**self.updates.summary(), **self.update_state.summary()}
         return {"version": __version__, "boot_id": _boot_id(),
                 "models": {m.name: {"version": m.version, "variants": list(m.variants)}},
                 "variant": st["variant"], "backend": st["backend"], "backend_version": st["backend_version"],
                 "delegate": st["delegate"], "serving": self.serving, "level": self.governor.level.label,
-                "accelerators": self.accelerators.summary(), "update": self.updates.summary(), **self._simulation()}
+                "faults": summary.faults(self._faults()), "groups": list(self.groups.current),
+                "accelerators": self.accelerators.summary(), "update": update, **self._simulation()}
 
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""
         log.debug("event %s: %s", kind, data)  # the part that emitted it said it already, once
         if self.updates is not None:
             self.updates.on_event(kind, data)  # a fault of a model on trial fails its trial
-        if kind in _BIRTH_CHANGES and self.link is not None:
+        rebirth = self.update_state is not None and self.update_state.on_event(kind, data)
+        if (rebirth or kind in _BIRTH_CHANGES or summary.republish_on(kind)) and self.link is not None:
             self.link.refresh_birth()  # the retained state says which variant serves, and whether any does
         if self._on_event is not None:
             self._on_event(kind, data)
@@ -192,7 +204,7 @@ class Agent:
                    set_target=lambda hours, by: self.power.set_target(hours, by),
                    release_quarantine=lambda sha, by: self.runtime.release_quarantine(sha, by=by),
                    quarantined=lambda: self.runtime.status()["quarantined"], updates=_Late(lambda: self.updates),
-                   diag=lambda: self.diag())
+                   diag=lambda: self.diag(), groups=_Late(lambda: self.groups))
 
     # ------------------------------------------------------------------------------------------ status
 
@@ -236,7 +248,8 @@ class Agent:
                 "spool": self.spool.stats() if self.spool is not None else None,
                 "trust_problems": self.trust.problems if self.trust is not None else None,
                 "hardware": self.io.describe(), "accelerators": self.accelerators.summary(),
-                "update": self.updates.status(), "config": self._config_status()}
+                "update": {**self.updates.status(), "summary": self.update_state.summary()},
+                "groups": self.groups.status(), "config": self._config_status()}
 
     def _faults(self) -> dict:
         """What is wrong now, by part (:meth:`device.agent.watch.Faults.by_part`)."""

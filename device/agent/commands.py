@@ -15,6 +15,7 @@
 | ``update.check`` | yes | - | starts a repository refresh and replies ``started``; an ``update_check`` event says what ``update.install`` would install |
 | ``update.install`` | yes | ``version`` (optional), ``force`` | starts an install and replies ``started``; ``update_install`` events follow, then the trial's |
 | ``update.rollback`` | yes | ``reason`` | back to the previous model now; the version is marked failed |
+| ``groups.set`` | yes | ``groups`` (a list), or ``reset`` | sets the board's groups, persisted over ``device.groups`` until ``reset`` |
 
 The update commands are :class:`device.update.agentside.AgentUpdates`'s; their errors carry the update codes
 (``update_busy``, ``model_store_error``...). A check and an install run on threads of their own (a refresh
@@ -58,6 +59,7 @@ class Ops:
         updates: :class:`device.update.agentside.AgentUpdates` (``status``, ``check``, ``start_install``,
             ``rollback``).
         diag: Runs the board's diagnostic checks and returns their JSON object, or None when not available.
+        groups: The board's groups (:class:`device.link.groups.Groups`: ``set``, ``reset``, ``status``).
     """
 
     clock: Any
@@ -74,6 +76,7 @@ class Ops:
     updates: Any
     diag: Optional[Callable[[], dict]] = None
     set_target: Optional[Callable[[float, str], dict]] = None
+    groups: Any = None
 
 
 def build_registry(ops: Ops) -> Registry:
@@ -148,6 +151,20 @@ def build_registry(ops: Ops) -> Registry:
     def update_rollback(args: dict, ctx: CallContext):
         return ops.updates.rollback(args["reason"], by=ctx.signer)
 
+    def groups_set(args: dict, ctx: CallContext):
+        if ops.groups is None:
+            raise CommandFailed("groups are not available on this board")
+        if args["reset"]:
+            if "groups" in args:
+                raise ValueError("give either groups or reset, not both")
+            return ops.groups.reset(by=ctx.signer)
+        if "groups" not in args:
+            raise ValueError("missing groups: a list of group names (or reset: true for device.groups)")
+        try:
+            return ops.groups.set(list(args["groups"]), by=ctx.signer)  # ValueError names what is wrong
+        except OSError as exc:
+            raise CommandFailed(f"the groups could not be saved, nothing changed: {exc.strerror or exc}") from exc
+
     reg.register("diag", diag, doc="run fieldnode diag's checks on the board (offline ones and the broker)")
     reg.register("status", status, local=True, doc="runtime, governor, sensor, link and spool status")
     reg.register("infer", infer, doc="classify the latest sensor window now")
@@ -182,4 +199,9 @@ def build_registry(ops: Ops) -> Registry:
     reg.register("update.rollback", update_rollback, privileged=True,
                  args=(Arg("reason", str, default="rolled back by an operator", doc="why, kept with the version"),),
                  doc="go back to the previous model now; the version that served is marked failed")
+    reg.register("groups.set", groups_set, privileged=True,
+                 args=(Arg("groups", list, doc="the board's groups: at most 32 unique names of 1-64 characters "
+                                               "from A-Z, a-z, 0-9, '_' and '-'"),
+                       Arg("reset", bool, default=False, doc="drop the groups set by command: device.groups again")),
+                 doc="set the board's groups (persisted; they win over device.groups until a reset)")
     return reg

@@ -5,6 +5,8 @@ Applied at once:
 * ``device.log_level`` and ``device.log_format`` (the log handlers are replaced; ``fieldnode run``'s
   ``--log-format`` and ``-v`` still win over the file);
 * every ``power.*`` key: the next governor step decides by the new policy, from the level in force (no jump);
+* ``device.groups``: in force at once (the link subscribes and unsubscribes, the retained state says so), unless a
+  signed ``groups.set`` persisted the board's groups, which win until a ``groups.set`` with ``reset``;
 * the operator keys in ``link.trust_dir``, read again even when the path did not change (a key added or
   removed is the usual reason to reload).
 
@@ -26,7 +28,7 @@ from device.errors import ConfigError, FieldnodeError
 log = logging.getLogger(__name__)
 
 # Keys (or key prefixes) applied to a running agent.
-RELOADABLE = ("device.log_level", "device.log_format", "power.")
+RELOADABLE = ("device.log_level", "device.log_format", "device.groups", "power.")
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -95,6 +97,8 @@ def reload(agent) -> dict:
         agent.power.set_policy(policy)
         agent.reader.slope_window_s = policy.slope_window_s
         agent.policy = policy
+    if "device.groups" in applied and getattr(agent, "groups", None) is not None:
+        agent.groups.use_config(new.device.groups)
     if trust is not None:
         agent.trust.use(trust)
         applied.append("link.trust_dir keys")

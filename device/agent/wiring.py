@@ -7,6 +7,10 @@ cross-key checks run first, and a part that fails closes the ones opened before 
 The parts reach the agent through a :class:`Hub`: ``event(kind, data)`` for every part's events,
 ``on_trigger(stamp)`` for the wake input, ``birth()`` for the retained state and ``command_ops()`` for the
 narrow operations MQTT commands may call (:class:`device.agent.commands.Ops`).
+
+The board's groups (:class:`device.link.groups.Groups`, ``<state_dir>/groups.json`` over ``device.groups``) are made
+with or without a link; the verifier checks group envelopes against them and the link subscribes to their topics.
+The link's session counter is ``<state_dir>/link-session.json``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Parts:
     link: Any = None
     dispatcher: Any = None
     trust: Any = None
+    groups: Any = None  # the board's groups (device.link.groups.Groups), with or without a link
 
     @property
     def simulated(self) -> bool:
@@ -148,6 +153,9 @@ def build(cfg: config.Config, clock, hub: Hub, *, board=None) -> Parts:
                   board=board, board_clock=board_clock, mcu=mcu, sensor=sensor, io=io,
                   accelerators=accelerators, updates=updates, runtime=runtime, reader=reader, governor=governor,
                   applier=PlanApplier(CpuFreq(fs), runtime, on_event=hub.event), planner_for=planner_for)
+    from device.link.groups import Groups
+
+    parts.groups = Groups(cfg.device.groups, os.path.join(state_dir, "groups.json"), clock=clock)
     if cfg.link.broker:
         try:
             _link(parts, hub)
@@ -203,10 +211,12 @@ def _link(parts: Parts, hub: Hub) -> None:
                         on_event=hub.event)
     parts.trust = TrustStore(lc.trust_dir)
     verifier = Verifier(parts.trust, device_id=parts.device_id, max_ttl_s=lc.envelope_max_ttl_s,
-                        skew_s=lc.envelope_skew_s, nonce_path=os.path.join(state_dir, "envelope-nonces.json"))
+                        skew_s=lc.envelope_skew_s, nonce_path=os.path.join(state_dir, "envelope-nonces.json"),
+                        groups=parts.groups)
     parts.dispatcher = Dispatcher(build_registry(hub.command_ops()), verifier=verifier,
                                   max_payload=int(lc.max_payload_kb * 1024), dedupe_window_s=lc.dedupe_window_s,
-                                  rate_burst=lc.commands_burst, rate_per_s=lc.commands_per_s)
+                                  rate_burst=lc.commands_burst, rate_per_s=lc.commands_per_s,
+                                  device=parts.device_id)
     password = None
     if lc.password_file:
         from device.link.url import PasswordFileError, read_password
@@ -221,7 +231,8 @@ def _link(parts: Parts, hub: Hub) -> None:
                           password=password, keepalive_s=lc.keepalive_s,
                           backoff=(lc.backoff_min_s, lc.backoff_max_s), inflight=lc.inflight,
                           ack_timeout_s=lc.ack_timeout_s, dispatcher=parts.dispatcher, birth=hub.birth,
-                          on_event=hub.event)
+                          on_event=hub.event, session_path=os.path.join(state_dir, "link-session.json"),
+                          groups=parts.groups)
     except BrokerUrlError as exc:  # the loader checked these; a TLS file changed since: name its key again
         key, message = (lc.validate() or [("link.broker", str(exc))])[0]
         raise ConfigError(message, key, cfg.source) from exc

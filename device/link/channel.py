@@ -74,7 +74,7 @@ class CommandChannel:
         self.signed_queue = signed_queue
         self._burst, self._per_s = float(burst), float(per_s)
         self._tokens, self._refilled_at = float(burst), clock.monotonic()
-        # (name, payload, response, correlation, problem, signed): the signed lane is served first
+        # (name, payload, response, correlation, problem, signed, group): the signed lane is served first
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()
         self._signed: collections.deque = collections.deque()
@@ -82,6 +82,7 @@ class CommandChannel:
         self._replies: collections.deque = collections.deque()  # (topic, body, properties, qos); bounded below
         self._inflight: set[int] = set()  # paho mids of QoS 1 replies
         self.counters = {"commands_received": 0, "commands_dropped": 0, "commands_queue_peak": 0, "bad_reply_topic": 0,
+                         "group_commands": 0, "group_ignored": 0,
                          "signed_received": 0, "signed_dropped": 0,
                          "replies": 0, "replies_failed": 0, "replies_dropped": 0, "replies_queue_peak": 0}
 
@@ -92,20 +93,22 @@ class CommandChannel:
 
     # ---------------------------------------------------------------------------------------- network thread
 
-    def offer(self, name: str, payload: bytes, response: object, correlation: bytes | None) -> None:
-        """Queues one command (from ``on_message``); drops it when the queue is full. Never raises."""
+    def offer(self, name: str, payload: bytes, response: object, correlation: bytes | None,
+              group: str | None = None) -> None:
+        """Queues one command (from ``on_message``; ``group``: it came on that group's command topic); drops it when
+        the queue is full. Never raises."""
         problem = None
         if self.v5 and response is not None:
             problem = self.topics.reply_topic_problem(response)
             if problem is not None:
                 self.counters["bad_reply_topic"] += 1
                 log.debug("command %s: refused reply topic %.80r: %s", name, response, problem)
-        signed = problem is None and self.dispatcher.signed_lane(name, payload)
+        signed = problem is None and self.dispatcher.signed_lane(name, payload, group)
         lane, room = (self._signed, self.signed_queue) if signed else (self._commands, self.queue_size)
         with self._cond:
             full = len(lane) >= room
             if not full:
-                lane.append((name, payload, response, correlation, problem, signed))
+                lane.append((name, payload, response, correlation, problem, signed, group))
                 depth = len(self._commands)
                 self._cond.notify()
         if full:
@@ -171,14 +174,16 @@ class CommandChannel:
             self._cond.notify_all()
 
     def _serve_one(self, name: str, payload: bytes, response: object, correlation: bytes | None,
-                   problem: str | None, signed: bool) -> None:
+                   problem: str | None, signed: bool, group: str | None = None) -> None:
         if problem is not None:
             shown = response[:80] if isinstance(response, str) else response
             reply = self.dispatcher.refuse(name, payload, BadReplyTopic(
                 f"the board does not publish replies to response topic {shown!r}: {problem}; the refusal goes "
                 f"to {self.topics.reply}"))
         else:
-            reply = self.dispatcher.handle(name, payload)
+            # Own-topic commands keep the two-argument call (wrappers of handle() in tests and tools see no change).
+            reply = (self.dispatcher.handle(name, payload) if group is None
+                     else self.dispatcher.handle(name, payload, group))
         limited = (reply.refused or reply.cached) and not signed  # the signed lane holds few, all authentic
         if limited and not self._spend():
             self.counters["replies_dropped"] += 1

@@ -41,7 +41,15 @@ Threads and ownership:
   committed to disk.
 
 State topic: ``online`` (retained) after each connect, with the birth information; ``offline`` on a clean
-:meth:`Link.stop`; ``lost`` is the last will the broker publishes when the board vanishes.
+:meth:`Link.stop`; ``lost`` is the last will the broker publishes when the board vanishes. All three carry the
+connection's ``session`` number, and the link heals its own retained state: it subscribes to it and publishes
+``online`` again over a ``lost`` or ``offline`` of an older session (:mod:`device.link.presence`).
+
+Groups: for each of the board's groups (:class:`device.link.groups.Groups`) the link subscribes to
+``fieldnode/v1/group/<group>/cmd/+`` and hands what comes there to the command channel marked with its group (the
+dispatcher then requires an envelope bound to that group). When the groups change, the network thread
+unsubscribes and subscribes at its next turn; a command still arriving for a group the board has left is ignored
+(not answered, counted ``group_ignored``).
 """
 
 from __future__ import annotations
@@ -56,11 +64,12 @@ from typing import Callable
 import paho.mqtt.client as mqtt
 
 from device.clock import SYSTEM_CLOCK, backoff_delay
+from device.link import presence
 from device.link.channel import CommandChannel
 from device.link.errors import ConnectError
 from device.link.spool.spool import Kind, Spool
 from device.link import wire
-from device.link.wire import Topics, default_prefix
+from device.link.wire import GroupTopics, Topics, default_prefix
 from device.link.mqttclient import Client, Endpoint, disconnect_reason, new_client
 from device.link.url import TlsFiles, parse_broker_url
 from device.threads import Thread, Waker
@@ -109,6 +118,10 @@ class Link:
             they are not answered (see :mod:`device.link.channel`).
         ack_timeout_s: A result in flight this long without its PUBACK resets the session (see the module
             docstring).
+        session_path: The session counter's file (:class:`device.link.presence.SessionCounter`); None counts in
+            memory.
+        groups: The board's groups (:class:`device.link.groups.Groups`), whose command topics the link subscribes
+            to; None: none.
     """
 
     def __init__(self, broker: str, device_id: str, spool: Spool, *, prefix: str = "", protocol: str = "5",
@@ -116,7 +129,8 @@ class Link:
                  backoff: tuple[float, float] = (0.5, 60.0), inflight: int = 64, dispatcher=None,
                  birth: Callable[[], dict] | None = None, clock=SYSTEM_CLOCK, on_event: EventSink | None = None,
                  rng: random.Random | None = None, max_payload: int | None = None,
-                 refusal_budget: tuple[int, float] = (10, 1.0), ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S):
+                 refusal_budget: tuple[int, float] = (10, 1.0), ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+                 session_path: str | None = None, groups=None):
         self.url = parse_broker_url(broker)
         if protocol not in ("5", "3.1.1"):
             raise ValueError(f"protocol must be '5' or '3.1.1', got {protocol!r}")
@@ -141,6 +155,13 @@ class Link:
         self.max_packet = max_payload + PACKET_HEADROOM + len(self.topics.prefix.encode("utf-8"))
         self._birth = birth or (lambda: {})
         self._rebirth = False
+        self.sessions = presence.SessionCounter(session_path, clock)
+        self.session: int | None = None  # the session of the current (or last) connection
+        self.groups = groups
+        self._subscribed_groups: frozenset[str] = frozenset()  # the group topics of this connection
+        self._regroup = False  # the groups changed: the network thread subscribes at its next turn
+        if groups is not None:
+            groups.on_change(lambda _groups: self._groups_changed())
         self.clock = clock
         self._on_event = on_event
         self.on_turn: Callable[[], None] | None = None  # called at each turn of the network thread (the watchdog)
@@ -168,7 +189,7 @@ class Link:
         self._threads: list[threading.Thread] = []
         self._failures = 0
         self.counters = {"connects": 0, "disconnects": 0, "connect_failures": 0, "published": 0, "acked": 0,
-                         "refused": 0, "ack_timeouts": 0}
+                         "refused": 0, "ack_timeouts": 0, "state_healed": 0}
         self.last_error: str | None = None
         self.connected_since: float | None = None
         self._refused_topics: set[str] = set()
@@ -189,6 +210,10 @@ class Link:
         """Spools a telemetry summary (dropped first when the spool is over budget)."""
         return self.spool.put(Kind.TELEMETRY, self.topics.telemetry,
                               lambda mid: _json({"id": mid, "time": self.clock.time(), **data}))
+
+    def _groups_changed(self) -> None:
+        self._regroup = True
+        self.refresh_birth()  # the retained state lists the groups
 
     def refresh_birth(self) -> None:
         """Publishes the retained ``online`` state again with a fresh birth (from the network thread, at its next
@@ -252,7 +277,8 @@ class Link:
                 "last_error": self.last_error, "inflight": len(self._inflight), "max_packet": self.max_packet,
                 "healthy": stall is None, "acks_stalled": stall is not None,
                 "ack_stall_s": None if stall is None else round(max(0.0, self.clock.monotonic() - stall), 3),
-                "ack_timeout_s": self.ack_timeout_s,
+                "ack_timeout_s": self.ack_timeout_s, "session": self.session,
+                "session_problem": self.sessions.problem, "groups": sorted(self._subscribed_groups),
                 **self.counters, **(self.channel.status() if self.channel is not None else {}),
                 "commands": self.dispatcher.counters if self.dispatcher is not None else None}
 
@@ -324,7 +350,9 @@ class Link:
         window = self.inflight_limit + REPLY_INFLIGHT + 2
         c.max_inflight_messages_set(window)
         c.max_queued_messages_set(window)
-        c.will_set(self.topics.state, _json({"state": "lost", "device": self.device_id}), qos=1, retain=True)
+        # A new session per connection attempt, persisted before the will that carries it reaches the broker.
+        self.session = self.sessions.next()
+        c.will_set(self.topics.state, _json(presence.will(self.device_id, self.session)), qos=1, retain=True)
         return c
 
     def _connect(self) -> bool:
@@ -397,11 +425,13 @@ class Link:
 
     def _publish_birth(self, client: mqtt.Client) -> None:
         self._rebirth = False
-        birth = {"state": "online", "device": self.device_id, "time": self.clock.time(), **self._birth()}
+        birth = presence.online(self.device_id, self.session, self.clock.time(), self._birth())
         client.publish(self.topics.state, _json(birth), qos=1, retain=True)
 
     def _pump(self) -> None:
         c = self._client
+        if self._regroup and self._connected:
+            self._subscribe_groups(c)
         if self._rebirth and self._connected:
             self._publish_birth(c)
         self._pump_results(c)  # results first: replies never hold them up
@@ -480,8 +510,8 @@ class Link:
         if c is None:
             return
         if self._connected:
-            info = c.publish(self.topics.state, _json({"state": "offline", "device": self.device_id,
-                                                       "time": self.clock.time()}), qos=1, retain=True)
+            info = c.publish(self.topics.state, _json(presence.offline(self.device_id, self.session, self.clock.time())),
+                             qos=1, retain=True)
             deadline = self.clock.monotonic() + getattr(self, "_stop_timeout", 5.0)
             while not info.is_published() and self._lost is None and self.clock.monotonic() < deadline:
                 c.loop(timeout=0.05)
@@ -510,7 +540,11 @@ class Link:
             self._failures = 0
             self._note_connected()
             client.subscribe(self.topics.cmd_filter, qos=1)
+            self._subscribed_groups = frozenset()
+            self._subscribe_groups(client)
             self._publish_birth(client)
+            # After the birth: the retained state the broker sends back at once is this connection's online.
+            client.subscribe(self.topics.state, qos=1)
             dropped = self.spool.pop_dropped()
             if any(dropped.values()):
                 self.publish_event("spool_dropped", {"dropped": dropped})
@@ -570,15 +604,47 @@ class Link:
 
     def _cb_message(self, client, userdata, msg) -> None:
         try:
+            if msg.topic == self.topics.state:
+                self._check_state(bytes(msg.payload))
+                return
+            group = None
             name = self.topics.command_name(msg.topic)
-            if name is None or self.channel is None:
+            if name is None:
+                parsed = GroupTopics.parse(msg.topic)
+                if parsed is None or self.channel is None:
+                    return
+                group, name = parsed
+                if self.groups is None or group not in self.groups:
+                    self.channel.counters["group_ignored"] += 1  # left the group since: no reply, nothing runs
+                    return
+                self.channel.counters["group_commands"] += 1
+            if self.channel is None:
                 return
             props = getattr(msg, "properties", None)
             response = getattr(props, "ResponseTopic", None) if props is not None else None
             correlation = getattr(props, "CorrelationData", None) if props is not None else None
-            self.channel.offer(name, bytes(msg.payload), response, correlation)
+            self.channel.offer(name, bytes(msg.payload), response, correlation, group)
         except Exception:
             log.exception("link on_message failed")
+
+    def _check_state(self, payload: bytes) -> None:
+        """A message on the board's own state topic: an older session's ``lost`` or ``offline`` is healed."""
+        if self._connected and self.session is not None and presence.needs_heal(payload, self.session):
+            self.counters["state_healed"] += 1
+            log.info("link: the retained state was replaced by an older session's (%.80r); publishing online again",
+                     payload)
+            self._rebirth = True
+
+    def _subscribe_groups(self, client: mqtt.Client) -> None:
+        """Subscribes to the command topics of the groups in force, and unsubscribes from the ones left."""
+        self._regroup = False
+        want = frozenset(self.groups.current) if self.groups is not None else frozenset()
+        gone, new = self._subscribed_groups - want, want - self._subscribed_groups
+        if gone:
+            client.unsubscribe([GroupTopics.cmd_filter(g) for g in sorted(gone)])
+        for g in sorted(new):
+            client.subscribe(GroupTopics.cmd_filter(g), qos=1)
+        self._subscribed_groups = want
 
     def _emit(self, kind: str, data: dict) -> None:
         if self._on_event is not None:

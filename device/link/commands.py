@@ -16,6 +16,12 @@ token of the shared bucket, and a privileged command without an envelope is ``un
 "request_id", "result"}`` or ``{"ok": false, "cmd", "request_id", "error": {"code", "message"}}`` (plus
 ``retry_after_s`` for ``rate_limited``). A reply says whether the request was refused before its handler ran
 (steps 1-8), so the link can answer refusals within a budget.
+
+A command that came on a group's topic (``handle(name, payload, group)``) must be an envelope bound to that group
+(``group:<group>``), whatever the command: a plain request there is ``unauthorized`` and the verifier checks the
+binding and the board's membership. Its de-duplication key is kept apart from the board's own commands. Every reply
+carries the board's id (``device``) when the dispatcher was given one, so the replies to a group command tell
+their boards apart.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class CallContext:
     request_id: str | None
     signer: str | None  # the key name (trust file name) of a verified envelope, else None
     received_at: float  # wall-clock seconds when the dispatcher got the payload
+    group: str | None = None  # the group whose topic the command came on (its envelope is bound to it), else None
 
 
 @dataclass(frozen=True)
@@ -221,6 +228,8 @@ class Dispatcher:
         dedupe_max: Most cached replies; the oldest is evicted first.
         rate_burst: Token bucket size: commands accepted back to back.
         rate_per_s: Tokens added per second.
+        device: The board's id, carried in every reply (``device``) so that the replies to a group command tell
+            their boards apart; None leaves it out.
 
     Raises:
         ValueError: A limit is out of range.
@@ -228,12 +237,13 @@ class Dispatcher:
 
     def __init__(self, registry: Registry, *, verifier=None, clock=SYSTEM_CLOCK, max_payload: int = 16384,
                  dedupe_window_s: float = 300, dedupe_max: int = 1024, rate_burst: int = 20,
-                 rate_per_s: float = 5.0) -> None:
+                 rate_per_s: float = 5.0, device: str | None = None) -> None:
         if not (max_payload > 0 and dedupe_window_s >= 0 and dedupe_max >= 0 and rate_burst >= 1
                 and rate_per_s > 0):
             raise ValueError("need max_payload > 0, dedupe_window_s >= 0, dedupe_max >= 0, rate_burst >= 1, "
                              "rate_per_s > 0")
         self.registry, self.verifier, self.max_payload = registry, verifier, max_payload
+        self.device = device
         self.dedupe_window_s, self.dedupe_max = dedupe_window_s, dedupe_max
         self.rate_burst, self.rate_per_s = rate_burst, rate_per_s
         self._clock = clock
@@ -251,18 +261,20 @@ class Dispatcher:
         with self._cond:
             return dict(self._counters)
 
-    def handle(self, name: str, payload: bytes) -> Reply:
+    def handle(self, name: str, payload: bytes, group: str | None = None) -> Reply:
         """Runs one command request; never raises.
 
         Args:
             name: The command name, from the topic.
             payload: The raw message payload.
+            group: The group whose command topic it came on, or None for the board's own topic. A group command
+                must be an envelope bound to that group (``group:<group>``), whatever the command.
 
         Returns:
             The reply to publish.
         """
         try:
-            return self._handle(name, payload)
+            return self._handle(name, payload, group)
         except Exception as exc:  # a dispatcher bug must not take the link's command thread down
             log.exception("command %r: dispatcher failed", name)
             return self._finish(_name(name), None, _error(CommandCrashed(f"dispatcher failed: {type(exc).__name__} "
@@ -289,7 +301,7 @@ class Dispatcher:
             log.exception("command %r: refusal failed", name)
             return Reply(cmd=_name(name), request_id=None, body=b"{}", ok=False, code=error.code, refused=True)
 
-    def _handle(self, name: str, payload: bytes) -> Reply:
+    def _handle(self, name: str, payload: bytes, group: str | None) -> Reply:
         received_at = self._clock.time()
         with self._cond:
             self._counters["requests"] += 1
@@ -310,14 +322,15 @@ class Dispatcher:
         except CommandError as exc:  # decided by the payload alone: recomputed on a retry, never cached
             return self._finish(cmd_name, request_id, _error(exc), refused=True)
         if request_id is None:
-            return self._finish(cmd_name, None, self._execute(command, obj, None, received_at))
-        key = (cmd_name, request_id)
+            return self._finish(cmd_name, None, self._execute(command, obj, None, received_at, group))
+        # A group command's request id is the operator's, shared by every member: kept apart from the board's own.
+        key = (cmd_name if group is None else f"{wire.group_target(group)}/{cmd_name}", request_id)
         hit = self._claim(key)
         if hit is not None:
             return hit
         reply = None
         try:
-            reply = self._finish(cmd_name, request_id, self._execute(command, obj, request_id, received_at))
+            reply = self._finish(cmd_name, request_id, self._execute(command, obj, request_id, received_at, group))
             return reply
         finally:
             with self._cond:
@@ -356,20 +369,22 @@ class Dispatcher:
                 self._cond.wait()
                 self._waiting -= 1
 
-    def _execute(self, command: Command, obj: dict, request_id: str | None, received_at: float) -> tuple:
+    def _execute(self, command: Command, obj: dict, request_id: str | None, received_at: float,
+                 group: str | None = None) -> tuple:
         """Steps 6-9; returns ``(None, result)``, ``(code, error dict)``, or ``(code, error dict, True)`` when
         refused before the handler ran."""
         try:
             if "sig" in obj:  # verified before it is charged: its bucket is the verified envelopes' own
-                args, signer = self._authorize(command, obj)
+                args, signer = self._authorize(command, obj, group)
                 self._signed.take(self._cond)
             else:
                 self._shared.take(self._cond)
-                args, signer = self._authorize(command, obj)
+                args, signer = self._authorize(command, obj, group)
             args = check_args(command.args, args)
         except (CommandError, EnvelopeError) as exc:
             return (*_error(exc), True)
-        ctx = CallContext(cmd=command.name, request_id=request_id, signer=signer, received_at=received_at)
+        ctx = CallContext(cmd=command.name, request_id=request_id, signer=signer, received_at=received_at,
+                          group=group)
         if signer is not None:
             log.info("command %s (request %s) signed by %s", command.name, request_id, signer)
         try:
@@ -377,7 +392,7 @@ class Dispatcher:
         except FieldnodeError as exc:
             return _error(exc)
 
-    def signed_lane(self, name: str, payload: bytes) -> bool:
+    def signed_lane(self, name: str, payload: bytes, group: str | None = None) -> bool:
         """Whether a payload just received is an authentic envelope seen for the first time, which the link queues
         in a lane of its own (:mod:`device.link.channel`); cheap for anything else, never raises.
 
@@ -389,15 +404,18 @@ class Dispatcher:
             return False
         try:
             obj = wire.parse_object(bytes(payload))
-            return "sig" in obj and self.registry.get(name) is not None and self.verifier.claim(obj, name)
+            return "sig" in obj and self.registry.get(name) is not None and self.verifier.claim(obj, name, group=group)
         except (ValueError, TypeError, RecursionError):
             return False
         except Exception:  # noqa: BLE001 - the network thread calls this: a bug costs the lane, not the link
             log.exception("command %r: the signed-lane check failed", name)
             return False
 
-    def _authorize(self, command: Command, obj: dict) -> tuple[dict, str | None]:
+    def _authorize(self, command: Command, obj: dict, group: str | None = None) -> tuple[dict, str | None]:
         """``(args, signer)``: the envelope's verified args and key name, or the plain request's args."""
+        if "sig" not in obj and group is not None:
+            raise Unauthorized(f"a command on group {group}'s topic must be a signed envelope bound to "
+                               f"'{wire.group_target(group)}', even '{command.name}' (docs/fleet.md)")
         if "sig" not in obj:
             if command.privileged:
                 raise Unauthorized(f"command '{command.name}' is privileged and needs a signed envelope "
@@ -406,14 +424,15 @@ class Dispatcher:
         if self.verifier is None:
             raise Unauthorized(f"command '{command.name}' needs a signed envelope that this board can verify, "
                                f"but no verifier (trust store) is configured")
-        verified = self.verifier.verify(obj, command.name)
+        verified = self.verifier.verify(obj, command.name, group=group)
         return verified.args, verified.key_name or verified.key_id
 
     def _finish(self, cmd: str, request_id: str | None, outcome: tuple, refused: bool = False) -> Reply:
         """Builds the reply body and counts it."""
         code, value, *flag = outcome
         refused = refused or bool(flag and flag[0])
-        doc = wire.ok_reply(cmd, request_id, value) if code is None else wire.error_reply(cmd, request_id, **value)
+        doc = (wire.ok_reply(cmd, request_id, value, self.device) if code is None
+               else wire.error_reply(cmd, request_id, device=self.device, **value))
         with self._cond:
             self._counters[code or "ok"] = self._counters.get(code or "ok", 0) + 1
         return Reply(cmd=cmd, request_id=request_id, body=wire.encode(doc), ok=code is None, code=code,

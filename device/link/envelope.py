@@ -7,6 +7,13 @@
    as another command.
 3. The link hands each privileged payload to :meth:`Verifier.verify`: shape, target, key, signature, time
    window, nonce. Refusals are counted by code; nonces are kept (and persisted) until their envelope expires.
+
+**Group envelopes.** An envelope's ``device`` may be ``group:<group>`` instead of a device id
+(:func:`device.link.wire.group_target`). A board accepts it only when it arrived on that group's command topic
+(``fieldnode/v1/group/<group>/cmd/<name>``) and the board is a member of the group now
+(:class:`device.link.groups.Groups`); on its own topic, on another group's topic, or at a board that left the group
+it is ``wrong_target``. Every member checks the same signature; the nonce is used up per board (each board's own
+nonce store), so a member runs a group command once and a copy replayed to it later is ``replayed``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from device.clock import SYSTEM_CLOCK
 from device.link.errors import (BadSignature, EnvelopeError, EnvelopeExpired, EnvelopeMalformed, EnvelopeReplayed,
                                 EnvelopeTooLong, KeyFileError, UnknownKey, WrongTarget)
 from device.link.keyfile import parse_key, read_key_file, key_id, load_private_key, load_public_key  # noqa: F401
+from device.link import wire
 from device.link.wire import canonical_json  # the wire contract's; importers may use this name too
 from device.statefile import set_aside, write_atomic
 
@@ -55,7 +63,7 @@ def sign_envelope(private_key: ed25519.Ed25519PrivateKey, *, device: str, cmd: s
 
     Args:
         private_key: The operator's Ed25519 private key.
-        device: The target device id.
+        device: The target device id, or ``group:<group>`` for a group command (:func:`device.link.wire.group_target`).
         cmd: The command name (as in the command topic).
         args: The command's arguments (a JSON object).
         ttl_s: Seconds until the envelope expires; ``expires`` is rounded up to whole Unix seconds.
@@ -215,14 +223,16 @@ class Verifier:
         max_ttl_s: How far ahead ``expires`` may be; this is how long a nonce is kept at most.
         skew_s: Clock difference tolerated between signer and board, in both directions.
         nonce_path: File that keeps the nonce cache across restarts; None keeps it in memory only.
+        groups: The board's groups (anything with ``in``, e.g. :class:`device.link.groups.Groups`); None: none.
     """
 
     def __init__(self, trust: TrustStore, *, device_id: str, clock=SYSTEM_CLOCK, max_ttl_s: float = 600,
-                 skew_s: float = 30, nonce_path: str | None = None) -> None:
+                 skew_s: float = 30, nonce_path: str | None = None, groups=None) -> None:
         if not device_id or not max_ttl_s > 0 or not skew_s >= 0:
             raise ValueError(f"need a device_id, max_ttl_s > 0, skew_s >= 0: {device_id!r}, {max_ttl_s}, {skew_s}")
         self.trust = trust
         self.device_id = device_id
+        self.groups = groups if groups is not None else ()
         self.max_ttl_s = max_ttl_s
         self.skew_s = skew_s
         self.nonce_path = os.fspath(nonce_path) if nonce_path is not None else None
@@ -251,19 +261,21 @@ class Verifier:
         """How many (key id, nonce) pairs are remembered."""
         return len(self._nonces)
 
-    def verify(self, envelope: Any, cmd: str) -> VerifiedCommand:
+    def verify(self, envelope: Any, cmd: str, group: str | None = None) -> VerifiedCommand:
         """Verifies one envelope that arrived as command ``cmd``; on success its nonce is used up.
 
         Args:
             envelope: The parsed JSON payload.
             cmd: The command the payload arrived for (from the topic).
+            group: The group whose command topic it arrived on, or None for the board's own topic.
 
         Returns:
             The verified command.
 
         Raises:
             EnvelopeMalformed: Not a dict, a missing or unknown field, or a field of the wrong type or size.
-            WrongTarget: Signed for another device, or for another command.
+            WrongTarget: Signed for another device, or for another command; bound to a group but not on that group's
+                topic or at a board outside it; bound to this board but on a group's topic.
             UnknownKey: The key id is not in the trust store.
             BadSignature: The signature does not verify over the canonical envelope.
             EnvelopeExpired: ``expires`` is more than ``skew_s`` in the past.
@@ -272,14 +284,14 @@ class Verifier:
         """
         with self._lock:  # check-and-insert is atomic, so two copies of one envelope cannot both pass
             try:
-                result = self._verify(envelope, cmd)
+                result = self._verify(envelope, cmd, group)
             except EnvelopeError as exc:
                 self._counters[f"refused_{exc.code}"] = self._counters.get(f"refused_{exc.code}", 0) + 1
                 raise
             self._counters["accepted"] += 1
             return result
 
-    def claim(self, envelope: Any, cmd: str) -> bool:
+    def claim(self, envelope: Any, cmd: str, group: str | None = None) -> bool:
         """Whether ``envelope`` would pass :meth:`verify` now, and no copy of it was claimed before; nothing is
         used up or written (the link sorts its intake with it, on its network thread).
 
@@ -291,8 +303,8 @@ class Verifier:
         except EnvelopeError:
             return False
         now = self._clock.time()
-        if (fields["device"] != self.device_id or fields["cmd"] != cmd or expires < now - self.skew_s
-                or expires > now + self.max_ttl_s + self.skew_s):
+        if (self._target_problem(fields["device"], group) is not None or fields["cmd"] != cmd
+                or expires < now - self.skew_s or expires > now + self.max_ttl_s + self.skew_s):
             return False
         key = (fields["key"], fields["nonce"])
         entry = self.trust.get(fields["key"])
@@ -311,12 +323,30 @@ class Verifier:
             self._claimed[key] = expires
         return True
 
-    def _verify(self, envelope: Any, cmd: str) -> VerifiedCommand:
+    def _target_problem(self, target: str, group: str | None) -> str | None:
+        """Why an envelope for ``target`` that arrived on ``group``'s topic (None: the board's own) is not for this
+        board there, or None."""
+        if group is None:
+            if target == self.device_id:
+                return None
+            if target.startswith(wire.GROUP_TARGET_PREFIX):
+                return (f"envelope is bound to {_show(target)}: a group envelope is accepted only on that group's "
+                        f"topic, not on this board's own")
+            return f"envelope is for device {_show(target)}, this is {self.device_id!r}"
+        if target != wire.group_target(group):
+            return (f"envelope is for {_show(target)} but arrived on the topic of group {group!r} (a group command "
+                    f"needs an envelope bound to {wire.group_target(group)!r})")
+        if group not in self.groups:
+            return f"this board ({self.device_id}) is not a member of group {group!r}"
+        return None
+
+    def _verify(self, envelope: Any, cmd: str, group: str | None = None) -> VerifiedCommand:
         now = self._clock.time()
         self._prune(now)
         fields, expires, sig, message = _check_shape(envelope)
-        if fields["device"] != self.device_id:
-            raise WrongTarget(f"envelope is for device {_show(fields['device'])}, this is {self.device_id!r}")
+        target_problem = self._target_problem(fields["device"], group)
+        if target_problem is not None:
+            raise WrongTarget(target_problem)
         if fields["cmd"] != cmd:
             raise WrongTarget(f"envelope is for command {_show(fields['cmd'])} but arrived as {cmd!r}")
         kid, nonce = fields["key"], fields["nonce"]

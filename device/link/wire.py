@@ -8,8 +8,15 @@ The board's link (:mod:`device.link.client`, :mod:`device.link.commands`) and ``
 * request ids (:data:`REQUEST_ID_RE`) and the request object ``{"request_id", "args"}``;
 * JSON: the compact encoding of every payload (:func:`encode`), the strict decoding of what comes from the network
   (:func:`parse_object`), and the canonical JSON that envelope signatures cover (:func:`canonical_json`);
-* replies: ``{"ok": true, "cmd", "request_id", "result"}`` or ``{"ok": false, "cmd", "request_id", "error":
-  {"code", "message", ...}}``, built by :func:`ok_reply` / :func:`error_reply` and checked by :func:`parse_reply`.
+* group topics (:class:`GroupTopics`, ``fieldnode/v1/group/<group>/cmd/<name>``), the rule for a group name
+  (:data:`GROUP_PATTERN`, at most :data:`MAX_GROUPS` per board) and the envelope target of a group
+  (``group:<group>``, :func:`group_target`);
+* replies: ``{"ok": true, "cmd", "request_id", "device", "result"}`` or ``{"ok": false, "cmd", "request_id",
+  "device", "error": {"code", "message", ...}}`` (``device``: the board that answered, so that the replies to a
+  group command on one Response Topic tell their boards apart), built by :func:`ok_reply` / :func:`error_reply`
+  and checked by :func:`parse_reply`;
+* the retained state's session rule (:func:`state_supersedes`): a ``lost`` or ``offline`` from an older session
+  never replaces a newer ``online``.
 
 docs/mqtt.md describes the same contract for people and for other languages.
 """
@@ -32,6 +39,16 @@ REQUEST_ID_RULE = "1-64 characters from A-Z, a-z, 0-9, '.', '_', ':' and '-'"
 MAX_REPLY_TOPIC_BYTES = 512
 # The levels right under a board's prefix that it publishes or subscribes to itself; a reply never goes there.
 BOARD_LEVELS = ("state", "telemetry", "events", "results", "cmd")
+# Group commands: fieldnode/v1/group/<group>/cmd/<name>. A group is one topic level of this pattern; a board is in
+# at most MAX_GROUPS of them (each is one more subscription the broker keeps for it).
+GROUP_ROOT = f"{TOPIC_ROOT}/group"
+GROUP_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+GROUP_RULE = "1-64 characters from A-Z, a-z, 0-9, '_' and '-'"
+GROUP_RE = re.compile(GROUP_PATTERN + r"\Z")
+MAX_GROUPS = 32
+GROUP_TARGET_PREFIX = "group:"  # an envelope's "device" field for a group: "group:<group>"
+# The states of <prefix>/state; "online" is the only one a connected board publishes.
+STATES = ("online", "offline", "lost")
 
 
 def default_prefix(device_id: str) -> str:
@@ -125,7 +142,63 @@ class Topics:
         levels = topic.split("/")
         if topic.startswith(TOPIC_ROOT + "/") and len(levels) > 3 and levels[3] in BOARD_LEVELS:
             return "a board's own topic"
+        if topic.startswith(GROUP_ROOT + "/") and len(levels) > 4 and levels[4] == "cmd":
+            return "a group's command topic"
         return None
+
+
+class GroupTopics:
+    """The command topics of groups: ``fieldnode/v1/group/<group>/cmd/<name>`` (whatever a board's prefix)."""
+
+    @staticmethod
+    def cmd_filter(group: str) -> str:
+        """What a member subscribes to: ``fieldnode/v1/group/<group>/cmd/+``.
+
+        Raises:
+            ValueError: ``group`` is not a group name (:data:`GROUP_PATTERN`).
+        """
+        if not isinstance(group, str) or not GROUP_RE.match(group):
+            raise ValueError(f"group {group!r}: expected {GROUP_RULE}")
+        return f"{GROUP_ROOT}/{group}/cmd/+"
+
+    @staticmethod
+    def command(group: str, name: str) -> str:
+        """The topic an operator publishes a group command to: ``fieldnode/v1/group/<group>/cmd/<name>``."""
+        return f"{GROUP_ROOT}/{group}/cmd/{name}"
+
+    @staticmethod
+    def parse(topic: str) -> tuple[str, str] | None:
+        """``(group, command name)`` of a group command topic, else None."""
+        if not topic.startswith(GROUP_ROOT + "/"):
+            return None
+        levels = topic[len(GROUP_ROOT) + 1:].split("/")
+        if len(levels) != 3 or levels[1] != "cmd" or not GROUP_RE.match(levels[0]) or not levels[2]:
+            return None
+        return levels[0], levels[2]
+
+
+def group_target(group: str) -> str:
+    """The ``device`` field of an envelope bound to ``group``: ``group:<group>``."""
+    return GROUP_TARGET_PREFIX + group
+
+
+def state_supersedes(new: dict, old: dict) -> bool:
+    """Whether retained state ``new`` should replace ``old`` in a consumer's view of one board (the session rule).
+
+    Each connection of a board has a session number (``session``, one higher at every connect), carried by its
+    ``online`` and by the last will (``lost``) and ``offline`` of the same connection. A ``lost`` or ``offline``
+    whose session is older than an ``online`` already seen is late news of an old connection: it does not replace
+    it. Anything else replaces what came before (a message without a session, from an older agent, counts as
+    session 0).
+    """
+    if new.get("state") == "online" or old.get("state") != "online":
+        return True
+    return _session(new) >= _session(old)
+
+
+def _session(doc: dict) -> int:
+    value = doc.get("session")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def new_request_id() -> str:
@@ -221,17 +294,25 @@ def canonical_json(obj: Any) -> bytes:
 # -- replies ------------------------------------------------------------------------------------------------------
 
 
-def ok_reply(cmd: str, request_id: str | None, result: Any) -> dict:
-    """The reply of a command that ran: ``{"ok": true, "cmd", "request_id", "result"}``."""
-    return {"ok": True, "cmd": cmd, "request_id": request_id, "result": result}
+def ok_reply(cmd: str, request_id: str | None, result: Any, device: str | None = None) -> dict:
+    """The reply of a command that ran: ``{"ok": true, "cmd", "request_id", "device", "result"}`` (``device``, the
+    board that answered, only when given)."""
+    return {"ok": True, "cmd": cmd, "request_id": request_id, **_device(device), "result": result}
 
 
-def error_reply(cmd: str | None, request_id: str | None, code: str, message: str, **extra: Any) -> dict:
-    """An error reply: ``{"ok": false, "cmd", "request_id", "error": {"code", "message", **extra}}``.
+def error_reply(cmd: str | None, request_id: str | None, code: str, message: str, *, device: str | None = None,
+                **extra: Any) -> dict:
+    """An error reply: ``{"ok": false, "cmd", "request_id", "device", "error": {"code", "message", **extra}}``
+    (``device`` only when given).
 
     ``extra`` carries code-specific fields such as ``retry_after_s`` for ``rate_limited``.
     """
-    return {"ok": False, "cmd": cmd, "request_id": request_id, "error": {"code": code, "message": message, **extra}}
+    return {"ok": False, "cmd": cmd, "request_id": request_id, **_device(device),
+            "error": {"code": code, "message": message, **extra}}
+
+
+def _device(device: str | None) -> dict:
+    return {} if device is None else {"device": device}
 
 
 def reply_problem(doc: Any) -> str | None:

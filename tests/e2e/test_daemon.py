@@ -210,7 +210,7 @@ def test_kill_9_is_lost_the_spool_replays_every_result_and_sigterm_is_offline(ow
         first.signal(signal.SIGKILL)
         assert first.wait() == -signal.SIGKILL
         eventually(lambda: states()[-1] == "lost", timeout=60.0, what="the last will 'lost'", detail=broker.log_tail)
-        assert retained_state(broker) == (True, {"state": "lost", "device": H.DEV})
+        assert retained_state(broker) == (True, {"state": "lost", "device": H.DEV, "session": 1})
         eventually(lambda: gone(worker), timeout=60.0, what="the worker to die with its agent")
         eventually(lambda: gone(zygote), timeout=60.0, what="the worker zygote to die with its agent")
         boundary1 = H.spool_last_id(dirs.state)  # nothing writes the spool now: run 2's ids are all above

@@ -135,7 +135,7 @@ def test_unprivileged_commands(agent, operator):
     assert r["ok"] and r["result"]["device"] == DEV and r["result"]["link"]["connected"]
     assert r["result"]["runtime"]["model"] == "vibration"
     r = operator.send("config.get", {"args": {"key": "runtime.isolation"}})
-    assert r == {"ok": True, "cmd": "config.get", "request_id": r["request_id"], "result": {"runtime.isolation": "inline"}}
+    assert r == {"ok": True, "cmd": "config.get", "request_id": r["request_id"], "device": DEV, "result": {"runtime.isolation": "inline"}}
     assert agent.sensor.wait_until(lambda h: h.windows >= 1, timeout=30)
     r = operator.send("infer", {})
     assert r["ok"] and r["result"]["label"] in ("normal", "imbalance", "bearing_fault", "loose_mount")

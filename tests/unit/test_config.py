@@ -268,6 +268,33 @@ def test_bad_device_id(value):
     assert "1-64 characters" in str(info.value)
 
 
+@pytest.mark.parametrize("toml, message", [
+    ('groups = "site-a"', "device.groups: expected an array, got 'site-a' (string)"),
+    ('groups = ["site-a", "site-a"]', "device.groups: group 'site-a' is listed twice"),
+    ('groups = ["ok", "site a"]', "device.groups: group 2 ('site a'): expected 1-64 characters from A-Z, a-z, 0-9, "
+                                  "'_' and '-'"),
+    ('groups = ["a/b"]', "device.groups: group 1 ('a/b'): expected 1-64"),
+    ('groups = ["+"]', "device.groups: group 1 ('+'): expected 1-64"),
+    ('groups = [""]', "device.groups: group 1 (''): expected 1-64"),
+    ('groups = [7]', "device.groups: group 1 (7): expected 1-64"),
+    (f'groups = ["{"x" * 65}"]', "device.groups: group 1 ('xxxxxxxx"),
+    ("groups = [" + ", ".join(f'"g{i}"' for i in range(33)) + "]", "device.groups: at most 32 groups, got 33"),
+])
+def test_bad_device_groups(toml, message):
+    with pytest.raises(ConfigError) as info:
+        config.loads(f"[device]\n{toml}\n")
+    assert info.value.key_path == "device.groups" and message in str(info.value)
+
+
+def test_device_groups():
+    assert Config().device.groups == ()
+    cfg = config.loads('[device]\ngroups = ["site-a", "ring_1", "' + "A" * 64 + '"]\n')
+    assert cfg.device.groups == ("site-a", "ring_1", "A" * 64)  # kept as a tuple: the section stays frozen
+    assert config.from_mapping(cfg.to_dict()) == cfg and hash(cfg)
+    assert cfg.with_overrides({"device.groups": ["x"]}).device.groups == ("x",)
+    assert 'groups = []' in config.render_toml()
+
+
 def test_good_device_id():
     assert config.from_mapping({"device": {"id": "Pi-4_b" + "x" * 58}}).device.id == "Pi-4_b" + "x" * 58
 
@@ -424,7 +451,7 @@ def test_describe_lists_every_key():
                 yield path
 
     assert sorted(described) == sorted(leaves(Config().to_dict()))
-    assert len(described) == len(set(described)) == 109
+    assert len(described) == len(set(described)) == 110
     by_path = {path: (type_text, default, doc) for path, type_text, default, doc in rows}
     assert by_path["runtime.threads"][:2] == ("an integer from 1 to 64", 2)
     assert by_path["runtime.delegate"][0] == "one of 'auto', 'cpu', 'edgetpu', 'gpu'"
