@@ -121,7 +121,7 @@ ANNOTATED ?= device/linux.py device/cliargs.py device/configfiles.py device/link
 	device/link/cmdargs.py device/diag/runner.py device/runtime/launch.py tools/diag/report.py tools/provision_renew.py \
 	tests/waiting.py tests/hostpaths.py power/planner.py power/scenarios.py drivers/powermeter.py \
 	drivers/sim/kernelgov.py drivers/sim/solar.py drivers/sim/workload.py device/threads.py tests/benchmarks/summary.py \
-	device/link/groups.py device/link/presence.py device/agent/summary.py
+	device/link/groups.py device/link/presence.py device/agent/summary.py power/harvest.py
 lint: venv
 	$(VENV)/bin/ruff check device drivers power tools tests
 	$(VENV)/bin/ruff check --select ANN001,ANN201,ANN202 $(ANNOTATED)

@@ -24,6 +24,11 @@ which level it calls for, and applies the timing rules:
   onto it (a solar board: its longest night); :meth:`Governor.set_target` (the signed ``governor.target``
   command) sets one deadline from now. The planner spends the battery's charge left over the time left, and
   the plan says whether the target will be met.
+* **Harvest** (a board with a runtime target whose battery is recharged by day): once a whole day of the
+  battery's gain has been observed (:mod:`power.harvest`, from the gauge and the power drawn), the budget is the
+  constant power that day's harvest sustains, re-planned every minute from the charge left, instead of the
+  target's night guard; a full battery that the harvest covers spends what it is given. An operator's deadline
+  still binds. The planner meets a budget between two points by alternating them.
 
 The output is a :class:`Plan`. The governor never touches the runtime, the link or sysfs itself: the agent
 applies the plan. Every level change and override is reported through ``on_event(kind, data)``.
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from device.clock import SYSTEM_CLOCK
+from power.harvest import HarvestLog
 from power.planner import Planner, Point, Work
 from power.policy import Level, Policy
 from power.snapshot import PowerSnapshot
@@ -135,6 +141,7 @@ class Governor:
         self._charging_since: float | None = None
         self._learned_w_per_drain: float | None = None
         self._fuel: deque[tuple[float, float, float]] = deque()  # (t, charge Ah or energy Wh left, metered W)
+        self.harvest = HarvestLog(full_pct=self._FULL_PCT)
         self.changes = 0
         self.plan = self._make_plan(now)
 
@@ -220,6 +227,8 @@ class Governor:
              "snapshot": None if self.snapshot is None else self.snapshot.to_dict()}
         if self.planner is not None:
             d["planner"] = self.planner.status()
+        if self.runtime_target_h:
+            d["harvest"] = self.harvest.status(self.clock.monotonic())
         if self._override is not None:
             level, until, by = self._override
             d["override"] = {"level": level.label, "by": by,
@@ -315,6 +324,9 @@ class Governor:
             self._fuel.append((now, fuel, power))
             while len(self._fuel) > 2 and now - self._fuel[1][0] >= self._DRAIN_SPAN_S:
                 self._fuel.popleft()
+            self._learn_w_per_drain(snap)
+            if self.runtime_target_h:
+                self.harvest.add(now, fuel, power, self._w_per_drain(snap), snap.battery_pct)
 
     _DRAIN_SPAN_S = 1200.0  # the battery's drain is measured over the last 20 minutes
     _DRAIN_MIN_S = 300.0  # ... and trusted once it spans 5 minutes
@@ -351,9 +363,22 @@ class Governor:
         if measured is None:
             return allowed * self._w_per_drain(snap)
         drain, metered, _ = measured
-        if drain > 0 and snap.charging is False and not (snap.on_external_power is True):
-            self._learned_w_per_drain = metered / drain  # the battery alone: watts per unit of drain
         return max(0.0, metered + (allowed * 0.99 - drain) * self._w_per_drain(snap))
+
+    def _learn_w_per_drain(self, snap: PowerSnapshot) -> None:
+        measured = self._drain()
+        if measured is not None and measured[0] > 0 and snap.charging is False and snap.on_external_power is not True:
+            self._learned_w_per_drain = measured[1] / measured[0]  # the battery alone: watts per unit of drain
+
+    def _harvest_budget_w(self, now: float) -> float | None:
+        """The constant power the last day's harvest sustains (:mod:`power.harvest`), for a board told to last on
+        its battery; None before a whole day was observed or without a harvest."""
+        snap = self.snapshot
+        fuel = None if snap is None else snap.charge_left_ah if snap.charge_left_ah is not None else snap.energy_left_wh
+        if not self.runtime_target_h or fuel is None:
+            return None
+        most = max((e.power_w for e in self.planner.table.values() if e.samples), default=0.0)
+        return self.harvest.budget_w(now, fuel, self._w_per_drain(snap), 2.0 * most)
 
     def _drain(self) -> tuple[float, float, float] | None:
         """The battery's drain per second over the last minutes (net of any charge), the mean metered power over
@@ -401,9 +426,19 @@ class Governor:
             top = self._level_index(max(thermal_level, Level.PERFORMANCE))
             cap = self.frequencies[max(0, top - self._trim)]
         budget = self._budget_w(now)
-        # A board told to last on its battery (runtime_target_h) stores what it is given: while it charges it
-        # runs at its most efficient point until the battery is full, so the next discharge starts full.
-        storing = bool(self.runtime_target_h) and snap.battery_pct is not None and snap.battery_pct < self._FULL_PCT
+        full = snap.battery_pct is not None and snap.battery_pct >= self._FULL_PCT
+        harvest = self._harvest_budget_w(now)
+        if harvest is not None and (self._target is None or self._target[2] == "config"):
+            # A day of harvest observed: its sustainable power replaces the night guard of the configured target
+            # (an operator's deadline still binds); a full battery that the panel covers spends what it is given.
+            # Where today falls short of the day learned, the target's night guard binds as well.
+            guard = budget if self.harvest.repeat_share() < 1.0 else None
+            budget = None if full and not discharging else harvest if guard is None else min(harvest, guard)
+            storing = False
+        else:
+            # A board told to last on its battery (runtime_target_h) stores what it is given: while it charges it
+            # runs at its most efficient point until the battery is full, so the next discharge starts full.
+            storing = bool(self.runtime_target_h) and snap.battery_pct is not None and not full
         objective = ("budget" if budget is not None else "efficiency" if discharging or storing else "throughput")
         allowed = self.planner.candidates(max_khz=cap)
         current = self._point or Point(self.policy.spec(Level.PERFORMANCE).variant, self.cpus, cap or 0)
@@ -435,7 +470,7 @@ class Governor:
         est = self.planner.table.get(point)
         if budget_w is None or est is None or est.samples == 0:
             return self._interval_ms
-        if est.power_w > budget_w:
+        if est.power_w > budget_w and not self.planner.mixing:  # a mix of two points meets the budget by itself
             floor = int(1000 * (est.service_s or 0.01))
             self._interval_ms = min(60000, max(int(self._interval_ms * 1.25), floor, 10))
         elif est.power_w < 0.95 * budget_w and self._interval_ms:

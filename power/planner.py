@@ -22,6 +22,11 @@ frequency step) by what it has measured on this board, never by a model of one b
     dynamic power balance.
   - ``budget`` (on battery with a runtime target): the most quality-weighted windows per second whose power
     fits the budget (the energy left over the time left); below the cheapest point, the point is duty-cycled.
+    Between two points the budget is met on average: the planner takes the points measured on the upper
+    concave frontier of windows against power (a point under the chord of two others is never worth running)
+    and alternates between the two that bracket the budget, by the energy it has drawn over or under the
+    budget so far (a sigma-delta modulator, with a band of ``mix_band_s`` seconds at the budget so a point
+    is held for minutes, not switched every step).
 
 * **How it searches.** Hill climbing from the incumbent (the best point measured): an unmeasured or stale
   neighbour (one frequency step and a stride of a third of the table, one thread, another variant) is tried
@@ -112,10 +117,13 @@ class Planner:
         late_max: The share of late windows a point may have and still count as keeping up.
         stale_s: A point measured longer ago than this is measured again before it is trusted.
         weight: Weight of a new sample in the means (0..1].
+        mix_band_s: Between two points under a budget, the energy over or under it (in seconds at the budget)
+            that makes the planner switch from one to the other.
     """
 
     def __init__(self, variants: Sequence[Variant], frequencies_khz: Sequence[int], cpus: int, *,
-                 hysteresis: float = 0.01, late_max: float = 0.01, stale_s: float = 1800.0, weight: float = 0.5):
+                 hysteresis: float = 0.01, late_max: float = 0.01, stale_s: float = 1800.0, weight: float = 0.5,
+                 mix_band_s: float = 120.0):
         if not variants:
             raise ValueError("the planner needs at least one variant")
         self.variants = {v.name: v for v in variants}
@@ -125,6 +133,10 @@ class Planner:
         self.table: dict[Point, Estimate] = {}
         self._probing: Point | None = None
         self._rate_per_s = 0.0  # windows arriving per second, as last measured
+        self.mix_band_s = mix_band_s
+        self._credit = 0.0  # joules drawn under the budget (negative: over it) while mixing two points
+        self._credit_t: float | None = None
+        self.mixing = False  # the last choice alternates between two points that bracket the budget
 
     # ------------------------------------------------------------------------------------------ learning
 
@@ -255,11 +267,67 @@ class Planner:
                 self._probing = n
                 return n, f"measuring {n.label()} next to the best so far, {incumbent.label()}"
         self._probing = None
+        self.mixing = False
+        if objective == "budget" and budget_w is not None:
+            mixed = self._mix(t, current, known, budget_w)
+            if mixed is not None:
+                return mixed
+        else:
+            self._credit_t = None
         if current in known and current != incumbent:
             s_inc, s_cur = (self._score(incumbent, objective, budget_w), self._score(current, objective, budget_w))
             if s_cur > 0 and s_inc <= s_cur * (1.0 + self.hysteresis):
                 return current, f"holding {current.label()} (within {self.hysteresis:.0%} of {incumbent.label()})"
         return incumbent, self._why(incumbent, objective, budget_w)
+
+    def frontier(self, points: Iterable[Point]) -> list[Point]:
+        """The measured points that keep up on the upper concave frontier of weighted windows per second against
+        power, by ascending power: each draws more than the one before and is worth it."""
+        def xy(p: Point) -> tuple[float, float]:
+            return self.table[p].power_w, self.weighted_rate(p)
+
+        hull: list[Point] = []
+        for p in sorted((p for p in points if self.keeps_up(p) and self.weighted_rate(p) > 0),
+                        key=lambda p: (self.table[p].power_w, -self.weighted_rate(p))):
+            x, y = xy(p)
+            if hull and y <= xy(hull[-1])[1]:
+                continue  # more power for no more windows
+            while len(hull) >= 2:
+                (x1, y1), (x2, y2) = xy(hull[-2]), xy(hull[-1])
+                if (y2 - y1) * (x - x1) <= (y - y1) * (x2 - x1):
+                    hull.pop()  # under the chord from the one before to this one
+                else:
+                    break
+            hull.append(p)
+        return hull
+
+    def _mix(self, t: float, current: Point, known: Sequence[Point], budget_w: float) -> tuple[Point, str] | None:
+        """The frontier point to run under ``budget_w``: the one under it and the one over it in turn, so that the
+        power drawn meets the budget on average; None when no two frontier points bracket the budget."""
+        hull = self.frontier(known)
+        under = [p for p in hull if self.table[p].power_w <= budget_w]
+        if not under or len(under) == len(hull):
+            self._credit_t = None
+            return None
+        lo, hi = under[-1], hull[len(under)]
+        band = budget_w * self.mix_band_s
+        if self._credit_t is not None and current in self.table:
+            self._credit += (budget_w - self.table[current].power_w) * max(0.0, t - self._credit_t)
+            self._credit = max(-2.0 * band, min(2.0 * band, self._credit))
+        else:
+            self._credit = 0.0
+        self._credit_t = t
+        if current == hi:
+            point = hi if self._credit > -band else lo
+        elif current == lo:
+            point = hi if self._credit >= band else lo
+        else:
+            point = hi if self._credit >= 0 else lo
+        self.mixing = True
+        p_lo, p_hi = self.table[lo].power_w, self.table[hi].power_w
+        share = (budget_w - p_lo) / (p_hi - p_lo)
+        return point, (f"{point.label()}: {hi.label()} ({p_hi:.2f} W) {share:.0%} of the time and {lo.label()} "
+                       f"({p_lo:.2f} W) the rest, to draw {budget_w:.2f} W on average")
 
     def _why(self, point: Point, objective: str, budget_w: float | None) -> str:
         est = self.table[point]

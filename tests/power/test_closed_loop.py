@@ -75,6 +75,24 @@ def test_a_solar_board_told_its_night_gets_through_it():
     assert untold.died  # spending the day's harvest as it comes leaves too little for the night
 
 
+def test_after_a_day_a_solar_board_spends_what_its_harvest_sustains():
+    # The solar scenario's rpi4 board for two days: the first day teaches the governor its harvest (from the
+    # gauge and the power drawn, not the sun's curve); on the second it spends what that harvest sustains.
+    kw = dict(hours=48.0, ambient_c=20.0, battery_mah=15919.0, soc_pct=60.0, mains=False,
+              board_options=dict(solar_peak_w=14.7, sunrise_h=6.0, sunset_h=18.0, start_hour=6.0))
+    governed = simulate(POLICY, dt=5.0, target_h=16.0, **kw)
+    best_static = simulate(StaticPlan(900000, 4, "lite"), dt=20.0, **kw)  # the best static plan without brown-out
+    assert not governed.died and not best_static.died
+    harvest = governed.governor.status()["harvest"]
+    assert harvest["ready"] and harvest["daily_gain"] > 0 and harvest["sustainable_w"] > 0
+    assert min(governed.soc_pct) > 2.0  # the plan keeps its reserve
+    assert governed.weighted >= best_static.weighted
+    # An operator's deadline still binds over the harvest plan.
+    plan = governed.governor.set_target(2.0)
+    assert plan.mode == "budget" and plan.target["by"] == "operator"
+    assert abs(plan.target["budget_w"] - harvest["sustainable_w"]) > 0.05  # the budget planned with is the target's
+
+
 def test_plugging_mains_returns_to_performance_within_one_dwell():
     governed = simulate(POLICY, hours=0.25, ambient_c=25.0, battery_mah=5000.0, soc_pct=9.0, mains=False,
                         plug_at_s=30.0, record_every_s=5.0)
