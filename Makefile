@@ -121,7 +121,9 @@ ANNOTATED ?= device/linux.py device/cliargs.py device/configfiles.py device/link
 	device/link/cmdargs.py device/diag/runner.py device/runtime/launch.py tools/diag/report.py tools/provision_renew.py \
 	tests/waiting.py tests/hostpaths.py power/planner.py power/scenarios.py drivers/powermeter.py \
 	drivers/sim/kernelgov.py drivers/sim/solar.py drivers/sim/workload.py device/threads.py tests/benchmarks/summary.py \
-	device/link/groups.py device/link/presence.py device/agent/summary.py power/harvest.py
+	device/link/groups.py device/link/presence.py device/agent/summary.py power/harvest.py \
+	tools/fleet/states.py tools/fleet/where.py tools/fleet/status.py tools/fleet/groupsend.py tools/fleet/cli.py \
+	tests/fleet/boards.py tests/fleet/conftest.py
 lint: venv
 	$(VENV)/bin/ruff check device drivers power tools tests
 	$(VENV)/bin/ruff check --select ANN001,ANN201,ANN202 $(ANNOTATED)

@@ -122,6 +122,7 @@ _lazy("tools.power", "power", "the power governor: read this board's state, or s
 _lazy("tools.keys", "keys", "operator keys for signed commands: generate, id, sign")
 _lazy("device.agent.daemon", "run", "run the agent in the foreground: sensor, inference, governor, MQTT link")
 _lazy("tools.send", "send", "send one command to a board and print its reply")
+_lazy("tools.fleet.cli", "fleet", "the fleet: count and list boards by their retained states (fleet status)")
 _lazy("tools.repo.cli", "repo", "the operator's update repository: init, add-model, grant, publish, rotate, export")
 _lazy("tools.update", "update", "model updates on this board: check, install, status, rollback")
 _lazy("tools.status", "status", "ask the running agent what it is doing (local control socket, no broker)")

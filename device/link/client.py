@@ -352,7 +352,8 @@ class Link:
         c.max_queued_messages_set(window)
         # A new session per connection attempt, persisted before the will that carries it reaches the broker.
         self.session = self.sessions.next()
-        c.will_set(self.topics.state, _json(presence.will(self.device_id, self.session)), qos=1, retain=True)
+        c.will_set(self.topics.state, _json(presence.will(self.device_id, self.session, self._groups_now())), qos=1,
+                   retain=True)
         return c
 
     def _connect(self) -> bool:
@@ -510,8 +511,8 @@ class Link:
         if c is None:
             return
         if self._connected:
-            info = c.publish(self.topics.state, _json(presence.offline(self.device_id, self.session, self.clock.time())),
-                             qos=1, retain=True)
+            info = c.publish(self.topics.state, _json(presence.offline(self.device_id, self.session, self.clock.time(),
+                                                                       self._groups_now())), qos=1, retain=True)
             deadline = self.clock.monotonic() + getattr(self, "_stop_timeout", 5.0)
             while not info.is_published() and self._lost is None and self.clock.monotonic() < deadline:
                 c.loop(timeout=0.05)
@@ -634,6 +635,9 @@ class Link:
             log.info("link: the retained state was replaced by an older session's (%.80r); publishing online again",
                      payload)
             self._rebirth = True
+
+    def _groups_now(self) -> tuple[str, ...]:
+        return tuple(self.groups.current) if self.groups is not None else ()
 
     def _subscribe_groups(self, client: mqtt.Client) -> None:
         """Subscribes to the command topics of the groups in force, and unsubscribes from the ones left."""

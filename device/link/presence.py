@@ -103,14 +103,22 @@ def parse_counter(raw: bytes) -> int:
     return value
 
 
-def will(device_id: str, session: int) -> dict:
-    """The last will of a connection: ``{"state": "lost", "device", "session"}``."""
-    return {"state": "lost", "device": device_id, "session": session}
+def will(device_id: str, session: int, groups: tuple[str, ...] = ()) -> dict:
+    """The last will of a connection: ``{"state": "lost", "device", "session"}``, and ``groups`` (the board's
+    groups when it connected) when it has any, so a fleet tool expects a lost member of a group."""
+    out = {"state": "lost", "device": device_id, "session": session}
+    if groups:
+        out["groups"] = list(groups)
+    return out
 
 
-def offline(device_id: str, session: int, time: float) -> dict:
-    """The clean stop's state: ``{"state": "offline", "device", "session", "time"}``."""
-    return {"state": "offline", "device": device_id, "session": session, "time": time}
+def offline(device_id: str, session: int, time: float, groups: tuple[str, ...] = ()) -> dict:
+    """The clean stop's state: ``{"state": "offline", "device", "session", "time"}``, and ``groups`` when the board
+    has any (a fleet tool counts a member that is away as missing)."""
+    out = {"state": "offline", "device": device_id, "session": session, "time": time}
+    if groups:
+        out["groups"] = list(groups)
+    return out
 
 
 def online(device_id: str, session: int, time: float, birth: dict) -> dict:
