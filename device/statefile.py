@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import json
 import os
 import tempfile
 
@@ -228,3 +229,18 @@ def write_new(path: str, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def parse_versioned(raw: bytes, fmt: int) -> dict:
+    """The JSON object of a small state file that says its ``format``.
+
+    Raises:
+        ValueError: Not JSON, not an object, or another format; the message says which.
+    """
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"expected an object with format {fmt}")
+    return doc

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 
 from device.clock import Clock
 from device.link import wire
-from device.statefile import set_aside, short_error, write_atomic
+from device.statefile import parse_versioned, set_aside, short_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +188,7 @@ def parse_groups_file(raw: bytes) -> tuple[tuple[str, ...], dict | None]:
     Raises:
         ValueError: Not what :meth:`Groups.set` writes; the message says what is wrong.
     """
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-        raise ValueError(f"expected an object with format {_FORMAT}")
+    doc = parse_versioned(raw, _FORMAT)
     problem = groups_problem(doc.get("groups"))
     if problem is not None:
         raise ValueError(f"'groups': {problem}")

@@ -27,7 +27,7 @@ import os
 
 from device.clock import Clock
 from device.link import wire
-from device.statefile import set_aside, short_error, write_atomic
+from device.statefile import parse_versioned, set_aside, short_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ def parse_counter(raw: bytes) -> int:
     Raises:
         ValueError: Not the JSON object this module writes; the message says what is wrong.
     """
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-        raise ValueError(f"expected an object with format {_FORMAT}")
+    doc = parse_versioned(raw, _FORMAT)
     value = doc.get("session")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"'session': expected an integer >= 0, got {value!r}")
