@@ -122,6 +122,14 @@ class Accelerators:
         """Whether any Edge TPU (USB or PCIe) is present."""
         return bool(self.edgetpu_usb or self.edgetpu_pci)
 
+    def kinds(self) -> list[str]:
+        """The accelerators present, by kind (``edgetpu``, ``jetson-gpu``): what a fleet counts boards by, a few
+        bytes in the retained state (:meth:`summary` is for people)."""
+        out = ["edgetpu"] if self.has_edgetpu else []
+        if self.jetson is not None and self.jetson.gpu:
+            out.append("jetson-gpu")
+        return out
+
     def summary(self) -> list[str]:
         """One line per finding, for people (diag, status)."""
         lines = []

@@ -156,7 +156,7 @@ class Agent:
                 "variant": st["variant"], "backend": st["backend"], "backend_version": st["backend_version"],
                 "delegate": st["delegate"], "serving": self.serving, "level": self.governor.level.label,
                 "faults": summary.faults(self._faults()), "groups": list(self.groups.current),
-                "accelerators": self.accelerators.summary(), "update": update, **self._simulation()}
+                "accelerators": self.accelerators.kinds(), "update": update, **self._simulation()}
 
     def event(self, kind: str, data: dict) -> None:
         """Every event of every part: logged, and published on ``events`` when there is a link."""

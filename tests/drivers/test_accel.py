@@ -95,6 +95,7 @@ def test_pi4_without_accelerators(tmp_path):
     link_usb(tmp_path, "1-1", busnum=1)
     found = discover(fs)
     assert found.edgetpu_usb == () and found.edgetpu_pci == () and found.jetson is None and not found.has_edgetpu
+    assert found.kinds() == []
     cpu = found.cpu
     assert (cpu.arch, cpu.cores, cpu.features) == ("aarch64", 4, ("asimd",))
     assert cpu.model == "Raspberry Pi 4 Model B Rev 1.4" and cpu.board == "Raspberry Pi 4 Model B Rev 1.4"
@@ -139,6 +140,7 @@ def test_coral_pcie_apex_node(tmp_path):
     fs = build(tmp_path, {"proc/cpuinfo": PI5_CPUINFO, "dev/apex_0": "", "dev/apex_1": ""})
     found = discover(fs)
     assert found.edgetpu_pci == ("/dev/apex_0", "/dev/apex_1") and found.has_edgetpu
+    assert found.kinds() == ["edgetpu"]
     assert "Edge TPU on PCIe: /dev/apex_0" in found.summary()
 
 
@@ -152,6 +154,7 @@ def test_jetson_orin_nano(tmp_path):
     found = discover(fs)
     assert found.jetson is not None
     assert (found.jetson.model, found.jetson.l4t, found.jetson.gpu) == ("NVIDIA Jetson Orin Nano Developer Kit", "36.3.0", True)
+    assert found.kinds() == ["jetson-gpu"]
     assert (found.cpu.arch, found.cpu.cores) == ("aarch64", 6)
     assert found.cpu.model == "NVIDIA Jetson Orin Nano Developer Kit"  # the device tree beats "ARMv8 Processor"
     assert found.summary() == [

@@ -73,3 +73,5 @@ def test_trigger_input_classifies_the_latest_window_now(agent):
 def test_the_agent_reports_accelerators(agent):
     assert agent.accelerators.summary()
     assert agent.status()["accelerators"] == agent.accelerators.summary()
+    # the retained state (held and replayed by the broker for every board) says only the kinds
+    assert agent.birth()["accelerators"] == agent.accelerators.kinds() == []  # the virtual rpi4 has none
