@@ -123,7 +123,8 @@ class Agent:
         self.sensor, self.io, self.accelerators = p.sensor, p.io, p.accelerators
         self.updates, self.runtime, self.reader, self.governor, self.applier = (p.updates, p.runtime, p.reader,
                                                                                p.governor, p.applier)
-        self.update_state = UpdateState(self.updates.status().get("store"))
+        self.update_state = UpdateState(self.updates.status().get("store"),
+                                        os.path.join(p.state_dir, "update-summary.json"))
         self.spool, self.link, self.dispatcher, self.trust = p.spool, p.link, p.dispatcher, p.trust
         self.groups = p.groups
         self.groups.on_change(lambda groups: self.event("groups_changed", {"groups": list(groups),

@@ -223,6 +223,33 @@ def test_the_update_state_at_start_comes_from_the_store():
     assert UpdateState({"active": None}).summary() == {"state": "idle"}
 
 
+def test_a_failure_the_store_does_not_keep_is_said_again_after_a_restart(tmp_path):
+    path = str(tmp_path / "update-summary.json")
+    committed = {"active": {"version": 2, "state": "committed"}}
+    u = UpdateState(committed, path)
+    assert u.on_event("update_install", {"state": "failed", "version": 3, "code": "hash_mismatch"})
+    again = UpdateState(committed, path)  # the store still serves version 2; the failed install of 3 is kept
+    assert again.summary() == {"state": "failed", "version": 3, "code": "hash_mismatch"} and again.problem is None
+    again.on_event("update_committed", {"version": 3})
+    assert UpdateState(committed, path).summary() == {"state": "committed", "version": 2}  # the store's again
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"{", "not JSON"),
+    (b'{"format": 1, "state": "melted"}', "'state': expected one of idle, downloading"),
+    (b'{"format": 1, "state": "failed", "code": 7}', "'code': expected a string, got 7"),
+    (b'{"format": 1, "state": "failed", "version": true}', "'version': expected a number or a string"),
+    (b'{"state": "failed"}', "format 1"),
+])
+def test_a_corrupt_update_summary_is_set_aside_and_the_store_says_the_state(tmp_path, raw, why):
+    path = tmp_path / "update-summary.json"
+    path.write_bytes(raw)
+    u = UpdateState({"active": {"version": 2, "state": "committed"}}, str(path))
+    assert u.summary() == {"state": "committed", "version": 2}
+    assert why in u.problem and not path.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("update-summary.json.corrupt-")]
+
+
 @pytest.fixture
 def agent(tmp_path, broker):
     cfg = config.load(write_config(tmp_path, broker)).with_overrides({"device.groups": ["site-a", "ring-canary"]})
