@@ -198,6 +198,37 @@ def test_watch_prints_changes_and_ignores_a_stale_lost(broker, tmp_path, mqtt_cl
     assert codes == [0]
 
 
+def test_watch_connects_again_after_a_broker_restart(broker, tmp_path, capsys):
+    board = Board(broker.url, tmp_path, "dev-a", ["site-a"], tmp_path / "trust")
+    parser = argparse.ArgumentParser()
+    status.add_arguments(parser)
+    args = parser.parse_args(["--broker", broker.url, "--watch", "--timeout", "20"])
+    out, stop = io.StringIO(), threading.Event()
+    codes: list[int] = []
+    t = threading.Thread(target=lambda: codes.append(status.run(args, out=out, stop=stop)), daemon=True)
+    t.start()
+    try:
+        eventually(lambda: out.getvalue().startswith("1 board\n"), what="the first view")
+        session = board.link.session
+        broker.restart()  # no persistence: the retained states are gone until the boards say them again
+        # Each attempt to connect takes a session number, so the new one is higher, not necessarily the next. The
+        # old broker may publish the board's will as it shuts down: the watcher then saw lost before the new online.
+        def back() -> bool:
+            n = board.link.session
+            return n > session and (f"dev-a: online again (session {n})" in out.getvalue()
+                                    or f"dev-a: lost -> online (session {n})" in out.getvalue())
+
+        eventually(back, timeout=60.0, what="the board's new session, seen after the watcher connected again",
+                   detail=out.getvalue)
+    finally:
+        stop.set()
+        t.join(10)
+        board.link.stop()
+    assert codes == [0]
+    err = capsys.readouterr().err
+    assert "connecting again" in err and "connected again" in err
+
+
 @pytest.mark.parametrize("content, why", [
     ("{", "not JSON"),
     ('{"format": 2, "boards": {}}', 'expected {"format": 1, "boards": {id: state}}'),

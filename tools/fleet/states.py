@@ -243,6 +243,7 @@ class StateReader:
         self._token = secrets.token_hex(8).encode("ascii")
         self.cond = threading.Condition()
         self.complete = False
+        self.replay_is_news = False  # a watcher that connected again: what the replay changes is printed too
         self.connack: object = None
         self.dropped: object = None
         self.error: str | None = None
@@ -357,7 +358,7 @@ class StateReader:
                 self.complete = self.complete or bytes(msg.payload) == self._token
             elif device_of(msg.topic) is not None:
                 change = self.view.apply(msg.topic, bytes(msg.payload))
-                if change is not None and self.complete:
+                if change is not None and (self.complete or self.replay_is_news):
                     self._changes.append(change)
             elif self.on_other is not None:
                 self.on_other(msg)
@@ -376,9 +377,10 @@ class StateReader:
 
 
 def read_fleet(endpoint: Endpoint, *, deadline: float, known: dict[str, dict] | None = None,
-               clock: Clock = SYSTEM_CLOCK, on_other: Callable[[mqtt.MQTTMessage], None] | None = None
-               ) -> tuple[StateReader, bool]:
-    """Connects and reads every retained state into a new :class:`FleetView` (seeded with ``known``).
+               clock: Clock = SYSTEM_CLOCK, on_other: Callable[[mqtt.MQTTMessage], None] | None = None,
+               view: FleetView | None = None) -> tuple[StateReader, bool]:
+    """Connects and reads every retained state into a new :class:`FleetView` (seeded with ``known``), or into
+    ``view`` (a watcher that connects again: what changed meanwhile comes as changes).
 
     Returns:
         ``(reader, complete)``: the connected reader (close it) and whether the marker came back by the deadline.
@@ -386,7 +388,9 @@ def read_fleet(endpoint: Endpoint, *, deadline: float, known: dict[str, dict] | 
     Raises:
         ConnectError, SubscribeError: The broker could not be reached, or refused the subscription.
     """
-    reader = StateReader(endpoint, FleetView(known=dict(known or {})), clock=clock, on_other=on_other)
+    view = view if view is not None else FleetView(known=dict(known or {}))  # (known boards are not news)
+    reader = StateReader(endpoint, view, clock=clock, on_other=on_other)
+    reader.replay_is_news = bool(view.boards or view.unreadable)
     try:
         reader.connect(deadline)
         complete = reader.replay(deadline)

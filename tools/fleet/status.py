@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 from typing import TextIO
 
 from device.clock import SYSTEM_CLOCK, Clock
@@ -82,13 +83,48 @@ def run(args: argparse.Namespace, *, clock: Clock = SYSTEM_CLOCK, out: TextIO | 
                   f"the view may be incomplete", file=sys.stderr)
         if args.known:
             save_known(args.known, reader.view)
-        if args.watch:
-            _watch(args, reader, out, stop)
+        while args.watch:
+            try:
+                _watch(args, reader, out, stop)
+                break
+            except ConnectError as exc:  # a broker restart, a network gap: connect again and go on watching
+                reader.close()
+                reader = _rejoin(args, reader, exc, stop, clock)
+                if reader is None:
+                    break
     except (ConnectError, LinkError) as exc:
         return _fail(args, exc)
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
     return Exit.OK if complete else Exit.TIMEOUT
+
+
+_REJOIN_S = (0.5, 30.0)  # the first and the longest wait between two attempts to connect again
+
+
+def _rejoin(args: argparse.Namespace, old: StateReader, why: ConnectError, stop: threading.Event | None,
+            clock: Clock) -> StateReader | None:
+    """Connects again, with a doubling wait, until it works or ``stop`` is set (None then); the states read again
+    go into the same view, so what changed while away is printed as changes."""
+    print(f"fieldnode fleet status: {why}; connecting again", file=sys.stderr, flush=True)
+    wait, last = _REJOIN_S[0], None
+    while stop is None or not stop.is_set():
+        try:
+            reader, complete = read_fleet(old.endpoint, deadline=clock.monotonic() + args.timeout, view=old.view,
+                                          clock=clock)
+        except (ConnectError, SubscribeError) as exc:
+            if stop is not None:
+                stop.wait(wait)
+            else:
+                time.sleep(wait)
+            wait = min(wait * 2, _REJOIN_S[1])
+            last = exc
+            continue
+        print("fieldnode fleet status: connected again" + ("" if complete else " (the replay did not end in time)")
+              + (f" (the last failed attempt: {last})" if last is not None else ""), file=sys.stderr, flush=True)
+        return reader
+    return None
 
 
 def connect_fleet(args: argparse.Namespace, *, deadline: float, clock: Clock = SYSTEM_CLOCK
