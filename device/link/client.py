@@ -642,7 +642,7 @@ class Link:
     def _subscribe_groups(self, client: mqtt.Client) -> None:
         """Subscribes to the command topics of the groups in force, and unsubscribes from the ones left."""
         self._regroup = False
-        want = frozenset(self.groups.current) if self.groups is not None else frozenset()
+        want = frozenset(self._groups_now())
         gone, new = self._subscribed_groups - want, want - self._subscribed_groups
         if gone:
             client.unsubscribe([GroupTopics.cmd_filter(g) for g in sorted(gone)])

@@ -6,6 +6,7 @@ and every bad ``--where`` refused naming what is wrong."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import threading
@@ -168,7 +169,10 @@ def test_an_unreachable_broker_exits_4(capsys):
     assert "could not connect" in capsys.readouterr().err
 
 
-def test_watch_prints_changes_and_ignores_a_stale_lost(broker, tmp_path, mqtt_client):
+@contextlib.contextmanager
+def watching(broker, tmp_path):
+    """A board ``dev-a`` in ``site-a`` and ``fleet status --watch`` on a thread, after its first view: yields
+    ``(board, out)``; on the way out the watch is stopped, must have exited 0, and the board is stopped."""
     board = Board(broker.url, tmp_path, "dev-a", ["site-a"], tmp_path / "trust")
     parser = argparse.ArgumentParser()
     status.add_arguments(parser)
@@ -179,6 +183,16 @@ def test_watch_prints_changes_and_ignores_a_stale_lost(broker, tmp_path, mqtt_cl
     t.start()
     try:
         eventually(lambda: out.getvalue().startswith("1 board\n"), what="the first view")
+        yield board, out
+    finally:
+        stop.set()
+        t.join(10)
+        board.link.stop()
+    assert codes == [0]
+
+
+def test_watch_prints_changes_and_ignores_a_stale_lost(broker, tmp_path, mqtt_client):
+    with watching(broker, tmp_path) as (board, out):
         session = board.link.session
         # A stale will of an older session, as the broker may publish it late: ignored by the rule. (The board heals
         # its retained state too, which the watcher sees as a new online.)
@@ -191,26 +205,13 @@ def test_watch_prints_changes_and_ignores_a_stale_lost(broker, tmp_path, mqtt_cl
         board.close()
         eventually(lambda: f"dev-a: online -> offline (session {session})" in out.getvalue(), what="offline")
         assert "online -> online" not in out.getvalue()  # the healed state (the same online again) is no news
-    finally:
-        stop.set()
-        t.join(10)
-        board.link.stop()
-    assert codes == [0]
 
 
 def test_watch_connects_again_after_a_broker_restart(broker, tmp_path, capsys):
-    board = Board(broker.url, tmp_path, "dev-a", ["site-a"], tmp_path / "trust")
-    parser = argparse.ArgumentParser()
-    status.add_arguments(parser)
-    args = parser.parse_args(["--broker", broker.url, "--watch", "--timeout", "20"])
-    out, stop = io.StringIO(), threading.Event()
-    codes: list[int] = []
-    t = threading.Thread(target=lambda: codes.append(status.run(args, out=out, stop=stop)), daemon=True)
-    t.start()
-    try:
-        eventually(lambda: out.getvalue().startswith("1 board\n"), what="the first view")
+    with watching(broker, tmp_path) as (board, out):
         session = board.link.session
         broker.restart()  # no persistence: the retained states are gone until the boards say them again
+
         # Each attempt to connect takes a session number, so the new one is higher, not necessarily the next. The
         # old broker may publish the board's will as it shuts down: the watcher then saw lost before the new online.
         def back() -> bool:
@@ -220,11 +221,6 @@ def test_watch_connects_again_after_a_broker_restart(broker, tmp_path, capsys):
 
         eventually(back, timeout=60.0, what="the board's new session, seen after the watcher connected again",
                    detail=out.getvalue)
-    finally:
-        stop.set()
-        t.join(10)
-        board.link.stop()
-    assert codes == [0]
     err = capsys.readouterr().err
     assert "connecting again" in err and "connected again" in err
 

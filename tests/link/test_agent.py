@@ -57,16 +57,21 @@ def operator_key(tmp_path):
     return key
 
 
-@pytest.fixture
-def agent(tmp_path, broker, operator_key):
-    cfg = config.load(write_config(tmp_path, broker))
-    a = Agent(cfg)
+def running_agent(cfg, **kw):
+    """An agent running on a thread, connected to its broker; stopped when the generator is closed (a fixture's
+    body)."""
+    a = Agent(cfg, **kw)
     t = threading.Thread(target=a.run, daemon=True)
     t.start()
     assert a.link.wait_connected(30)
     yield a
     a.stop()
     t.join(30)
+
+
+@pytest.fixture
+def agent(tmp_path, broker, operator_key):
+    yield from running_agent(config.load(write_config(tmp_path, broker)))
 
 
 class Operator:

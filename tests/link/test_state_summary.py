@@ -7,19 +7,17 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device import config
-from device.agent.agent import Agent
 from device.agent.summary import UPDATE_STATES, UpdateState
 from device.link import presence, wire
 from device.link.client import Link
 from device.link.spool.spool import Spool
-from tests.link.test_agent import DEV, PREFIX, write_config
+from tests.link.test_agent import DEV, PREFIX, running_agent, write_config
 from tests.waiting import eventually
 
 STATE = "fieldnode/v1/dev-a/state"
@@ -253,13 +251,7 @@ def test_a_corrupt_update_summary_is_set_aside_and_the_store_says_the_state(tmp_
 @pytest.fixture
 def agent(tmp_path, broker):
     cfg = config.load(write_config(tmp_path, broker)).with_overrides({"device.groups": ["site-a", "ring-canary"]})
-    a = Agent(cfg, control=False)
-    t = threading.Thread(target=a.run, daemon=True)
-    t.start()
-    assert a.link.wait_connected(30)
-    yield a
-    a.stop()
-    t.join(30)
+    yield from running_agent(cfg, control=False)
 
 
 def test_the_agents_retained_state_is_a_small_fleet_summary(agent, broker, mqtt_client):
